@@ -1,0 +1,125 @@
+"""Plain torch implementation of the per-chunk GMM and k-means operations.
+
+This module is three things at once:
+
+* the CPU fallback (and a correct GPU fallback) of :class:`flashgmm_faiss.GaussianMixture`;
+* the reference the Triton kernels in ``flashgmm_faiss.kernels`` are tested against;
+* the *contract* every backend implements. The Triton backend (``flashgmm_faiss._triton_backend``) exposes the
+  same functions with the same signatures, shapes and meaning.
+
+All functions work on one chunk of rows that already lives on the compute device, as float32:
+
+* ``x``           : (n, D) float32, contiguous. The caller has already subtracted the data centre
+                    (see ``GaussianMixture.center_``), which keeps fp32 distance expansions accurate on
+                    uncentred data such as SIFT (values 0..255).
+* ``means``       : (K, D) float32, in the same centred frame.
+* ``var``         : (K,) float32 for ``"spherical"`` or (K, D) float32 for ``"diag"``: the covariance type is
+                    read from ``var.ndim``. Variances are already floored (``reg_covar``) by the caller.
+* ``log_weights`` : (K,) float32, log mixture weights.
+
+They return per-chunk float32 results; the caller accumulates sufficient statistics across chunks in float64,
+so nothing here ever sees more than one chunk and memory stays O(chunk * K + K * D).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class EStepStats(NamedTuple):
+    """Sufficient statistics of one E-step over a chunk of n rows.
+
+    log_norm : (n,)  log sum_k w_k N(x_i | mu_k, var_k), i.e. the per-sample log-likelihood (logZ).
+    nk       : (K,)  sum_i r_ik.
+    sx       : (K,D) sum_i r_ik x_i.
+    sq       : (K,) sum_i r_ik ||x_i - mu_k||^2 (spherical) or (K,D) sum_i r_ik (x_i - mu_k)^2 (diag), measured
+               around the *current* means, which avoids the E[x^2] - mu^2 cancellation in the M-step.
+    """
+
+    log_norm: torch.Tensor
+    nk: torch.Tensor
+    sx: torch.Tensor
+    sq: torch.Tensor
+
+
+def _sq_dist(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """(n, K) squared Euclidean distances through one GEMM, clamped at 0."""
+    x2 = (x * x).sum(1, keepdim=True)
+    m2 = (means * means).sum(1)
+    return (x2 - 2.0 * (x @ means.T) + m2).clamp_min_(0.0)
+
+
+def log_prob(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted log densities log w_k + log N(x_i | mu_k, var_k), shape (n, K)."""
+    d = x.shape[1]
+    if var.ndim == 1:
+        dist = _sq_dist(x, means)
+        return log_weights - 0.5 * (d * (LOG_2PI + torch.log(var))) - 0.5 * dist / var
+    prec = 1.0 / var
+    quad = (x * x) @ prec.T - 2.0 * (x @ (means * prec).T) + (means * means * prec).sum(1)
+    quad = quad.clamp_min_(0.0)
+    return log_weights - 0.5 * (d * LOG_2PI + torch.log(var).sum(1)) - 0.5 * quad
+
+
+def estep(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor) -> EStepStats:
+    """One E-step over a chunk: log-likelihoods and responsibility-weighted sufficient statistics."""
+    lp = log_prob(x, means, var, log_weights)
+    log_norm = torch.logsumexp(lp, dim=1)
+    r = torch.exp(lp - log_norm[:, None])
+    nk = r.sum(0)
+    sx = r.T @ x
+    if var.ndim == 1:
+        sq = (r * _sq_dist(x, means)).sum(0)
+    else:
+        sq = (r.T @ (x * x)) - 2.0 * means * sx + nk[:, None] * means * means
+        sq = sq.clamp_min_(0.0)
+    return EStepStats(log_norm, nk, sx, sq)
+
+
+def score(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor):
+    """Per-row log-likelihood and most responsible component.
+
+    Returns (log_norm (n,) float32, best (n,) int64).
+    """
+    lp = log_prob(x, means, var, log_weights)
+    return torch.logsumexp(lp, dim=1), lp.argmax(dim=1)
+
+
+def kmeans_step(x: torch.Tensor, centroids: torch.Tensor):
+    """Assign each row to its nearest centroid and return per-cluster sums.
+
+    Returns (labels (n,) int64, min_sq_dist (n,) float32, counts (K,) float32, sums (K, D) float32).
+    """
+    dist = _sq_dist(x, centroids)
+    min_dist, labels = dist.min(dim=1)
+    k = centroids.shape[0]
+    counts = torch.zeros(k, dtype=torch.float32, device=x.device).index_add_(
+        0, labels, torch.ones_like(min_dist))
+    sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+    return labels, min_dist, counts, sums
+
+
+def assign(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor,
+           tau: float, max_assign: int):
+    """Multi-assignment of a chunk: per row, the components with responsibility > tau, best first.
+
+    The most responsible component is always kept, even when its responsibility is <= tau, and at most
+    ``max_assign`` components are kept per row.
+
+    Returns a chunk-local CSR triple:
+    counts (n,) int64, lists (nnz,) int64 and resp (nnz,) float32, rows concatenated in order, and within a
+    row the components sorted by decreasing responsibility.
+    """
+    lp = log_prob(x, means, var, log_weights)
+    log_norm = torch.logsumexp(lp, dim=1, keepdim=True)
+    r = torch.exp(lp - log_norm)
+    m = min(int(max_assign), r.shape[1])
+    top_r, top_k = torch.topk(r, m, dim=1, sorted=True)
+    keep = top_r > tau
+    keep[:, 0] = True
+    counts = keep.sum(1)
+    return counts.to(torch.int64), top_k[keep].to(torch.int64), top_r[keep].to(torch.float32)

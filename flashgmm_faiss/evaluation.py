@@ -1,0 +1,185 @@
+"""Deduplicating IVF search with distance-computation (DCO) counts, recall, and nprobe sweeps.
+
+DCO is the number of vector-to-vector distances a query costs:
+
+* ``scan``: distances computed while scanning the probed posting lists. Copies of a multi-assigned vector are
+  each scanned, so they are counted -- this is what FAISS reports in ``faiss.cvar.indexIVF_stats.ndis``.
+* ``routing``: distances to coarse centroids to choose the lists (``nlist`` per query for a flat quantizer).
+
+Everything works the same for a :class:`~flashgmm_faiss.ivf.GMMIVFIndex` and for a plain FAISS ``IndexIVF``
+(k-means or spilled), so baselines and GMM indexes are measured by one code path.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+
+from ._validation import as_float32_matrix, check_positive_int
+from .ivf import GMMIVFIndex, _as_ivf, list_sizes, max_copies, normalize_rows
+
+
+class DCO(NamedTuple):
+    """Per-query distance computations: ``scan`` and ``routing`` are arrays of shape (nq,), int64."""
+
+    scan: np.ndarray
+    routing: np.ndarray
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.scan + self.routing
+
+
+def _routing_cost(ivf, nq: int) -> np.ndarray:
+    q = faiss.downcast_index(ivf.quantizer)
+    if isinstance(q, faiss.IndexHNSW):
+        cost = faiss.cvar.hnsw_stats.ndis / max(nq, 1)
+        return np.full(nq, int(round(cost)), dtype=np.int64)
+    return np.full(nq, ivf.nlist, dtype=np.int64)
+
+
+def dedup_topk(D: np.ndarray, I: np.ndarray, k: int, larger_is_better: bool = False):
+    """Keep the best occurrence of each id per row and return the top k.
+
+    D, I : arrays of shape (nq, kk) (kk >= k), as returned by FAISS (-1 ids are padding).
+    Returns D, I of shape (nq, k), padded with (+inf or -inf, -1).
+    """
+    nq, kk = I.shape
+    key = -D if larger_is_better else D
+    key = np.where(I < 0, np.inf, key)
+    order = np.lexsort((key, I), axis=1)  # by id, then by distance
+    Is = np.take_along_axis(I, order, axis=1)
+    Ks = np.take_along_axis(key, order, axis=1)
+    dup = np.zeros_like(Is, dtype=bool)
+    dup[:, 1:] = Is[:, 1:] == Is[:, :-1]
+    dup |= Is < 0
+    Ks = np.where(dup, np.inf, Ks)
+    Is = np.where(dup, -1, Is)
+    best = np.argsort(Ks, axis=1, kind="stable")[:, :k]
+    Ko = np.take_along_axis(Ks, best, axis=1)
+    Io = np.take_along_axis(Is, best, axis=1)
+    if kk < k:
+        Ko = np.pad(Ko, ((0, 0), (0, k - kk)), constant_values=np.inf)
+        Io = np.pad(Io, ((0, 0), (0, k - kk)), constant_values=-1)
+    Do = (-Ko if larger_is_better else Ko).astype(np.float32)
+    return Do, Io.astype(np.int64)
+
+
+def search_with_dco(index, xq, k: int = 10, nprobe: int = 1, *, copies: int | None = None):
+    """Deduplicated IVF search that also counts distance computations.
+
+    Parameters
+    ----------
+    index : GMMIVFIndex or faiss.IndexIVF
+    xq : array of shape (nq, d) -- queries (normalised here for an angular GMMIVFIndex)
+    k : int -- neighbours per query
+    nprobe : int -- posting lists scanned per query
+    copies : int, optional
+        The largest number of copies of one vector in the index; read from the index when omitted (for a plain
+        FAISS index that costs a pass over its ids: pass it when calling in a loop).
+
+    Returns
+    -------
+    D : ndarray (nq, k), float32 -- distances (squared L2, or inner products for an IP index), best first
+    I : ndarray (nq, k), int64 -- ids, each at most once per row; -1 pads when fewer than k were scanned
+    dco : DCO -- per-query ``scan`` (copies included) and ``routing`` distance computations
+
+    Notes
+    -----
+    A vector stored c times can fill c slots of FAISS's top list, so FAISS is asked for
+    ``k * min(copies, nprobe)`` results, which provably contains the k best distinct vectors of the scanned
+    lists; the duplicates are then removed.
+    """
+    ivf = _as_ivf(index)
+    k = check_positive_int(k, "k")
+    nprobe = check_positive_int(nprobe, "nprobe")
+    xq = as_float32_matrix(xq, "xq", d=ivf.d)
+    if isinstance(index, GMMIVFIndex) and index.metric == "angular":
+        xq = normalize_rows(xq, "xq")
+    nprobe = min(nprobe, ivf.nlist)
+    c = max_copies(index) if copies is None else int(copies)
+    kk = k * max(1, min(c, nprobe))
+    nq = xq.shape[0]
+
+    faiss.cvar.hnsw_stats.reset()
+    Dq, Iq = ivf.quantizer.search(xq, nprobe)
+    routing = _routing_cost(ivf, nq)
+    sizes = list_sizes(ivf)
+    scan = np.where(Iq >= 0, sizes[np.maximum(Iq, 0)], 0).sum(1).astype(np.int64)
+
+    old_nprobe = ivf.nprobe
+    ivf.nprobe = nprobe
+    try:
+        faiss.cvar.indexIVF_stats.reset()
+        D, I = ivf.search_preassigned(xq, kk, Iq, Dq)
+        ndis = int(faiss.cvar.indexIVF_stats.ndis)
+    finally:
+        ivf.nprobe = old_nprobe
+    if ndis != int(scan.sum()) and ivf.max_codes == 0:
+        raise RuntimeError(f"DCO bookkeeping mismatch: FAISS scanned {ndis} codes, list sizes say {int(scan.sum())}.")
+    larger = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+    if kk > k or c > 1:
+        D, I = dedup_topk(D, I, k, larger_is_better=larger)
+    return D, I, DCO(scan, routing)
+
+
+def recall_at_k(I, gt, k: int = 10) -> float:
+    """Recall@k: the fraction of the true k nearest neighbours found among the first k results, averaged.
+
+    I : (nq, >=k) result ids; gt : (nq, >=k) ground-truth ids, nearest first.
+    """
+    I = np.asarray(I)
+    gt = np.asarray(gt)
+    if I.ndim != 2 or gt.ndim != 2 or I.shape[0] != gt.shape[0]:
+        raise ValueError(f"I and gt must be 2-D with one row per query, got {I.shape} and {gt.shape}.")
+    if I.shape[1] < k or gt.shape[1] < k:
+        raise ValueError(f"recall@{k} needs at least {k} columns in I ({I.shape[1]}) and gt ({gt.shape[1]}).")
+    hits = 0
+    for row_i, row_g in zip(I[:, :k], gt[:, :k]):
+        hits += np.intersect1d(row_i[row_i >= 0], row_g).size
+    return hits / (k * I.shape[0])
+
+
+def default_nprobes(nlist: int) -> list[int]:
+    out, p = [], 1
+    while p < nlist:
+        out.append(p)
+        p *= 2
+    out.append(nlist)
+    return out
+
+
+def sweep(index, xq, gt, k: int = 10, nprobes=None, *, verbose: bool = False) -> list[dict]:
+    """Recall@k against DCO for a list of nprobe values.
+
+    Parameters
+    ----------
+    index : GMMIVFIndex or faiss.IndexIVF
+    xq : array of shape (nq, d); gt : array of shape (nq, >=k), true neighbour ids
+    k : int
+    nprobes : iterable of int, default 1, 2, 4, ..., nlist
+
+    Returns
+    -------
+    list of dict, one per nprobe, with ``nprobe``, ``recall_at_10`` (recall@k for the given k), ``k``,
+    ``dco_scan_per_query``, ``dco_routing_per_query``, ``dco_total_per_query``, ``qps`` and ``seconds``.
+    """
+    ivf = _as_ivf(index)
+    nprobes = default_nprobes(ivf.nlist) if nprobes is None else [int(p) for p in nprobes]
+    c = max_copies(index)
+    rows = []
+    for p in nprobes:
+        t0 = time.perf_counter()
+        _, I, dco = search_with_dco(index, xq, k=k, nprobe=p, copies=c)
+        dt = time.perf_counter() - t0
+        r = recall_at_k(I, gt, k)
+        rows.append({"nprobe": p, "k": k, "recall_at_10": r,
+                     "dco_scan_per_query": float(dco.scan.mean()),
+                     "dco_routing_per_query": float(dco.routing.mean()),
+                     "dco_total_per_query": float(dco.total.mean()),
+                     "qps": xq.shape[0] / dt if dt > 0 else float("inf"), "seconds": dt})
+        if verbose:
+            print(f"  nprobe={p:5d} recall@{k}={r:.4f} scan DCO/q={rows[-1]['dco_scan_per_query']:.0f}", flush=True)
+    return rows

@@ -1,0 +1,625 @@
+"""The :class:`GaussianMixture` estimator: streaming EM with a k-means warm start.
+
+The API follows ``sklearn.mixture.GaussianMixture``: ``__init__`` only stores arguments, ``fit`` validates and
+returns ``self``, fitted attributes end in ``_``. The differences are what large-scale vector search needs:
+
+* ``fit`` streams ``X`` (numpy, memmap, torch tensor or h5py dataset) in chunks of ``chunk_size`` rows and never
+  materialises the (N, K) responsibility matrix: memory is O(K * D + chunk_size * K) with the torch backend and
+  O(K * D + chunk_size) with the fused Triton backend.
+* Sufficient statistics are accumulated per chunk in float32 and across chunks in float64, so sums stay exact
+  at N = 1e8.
+* Data are centred (the global mean is subtracted on the device) before any distance expansion, which keeps
+  ``||x||^2 - 2 x.mu + ||mu||^2`` accurate in float32 on uncentred data such as SIFT.
+* ``assign`` returns the multi-assignment (components with responsibility > tau, best first, capped) as CSR.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from . import _torch_backend
+from ._data import ChunkedMatrix
+from ._validation import as_float32_matrix, check_positive_int, check_shape
+
+_COVARIANCE_TYPES = ("spherical", "diag")
+_BACKENDS = ("auto", "torch", "triton")
+_PRECISIONS = ("tf32", "bf16", "ieee")
+# predict_proba materialises (n, K): refuse past this many float32 elements (1 GiB).
+PREDICT_PROBA_MAX_ELEMENTS = 2 ** 28
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before the log-likelihood gain fell under ``tol``."""
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The estimator is used before ``fit``."""
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        from . import _triton_backend  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False; "
+                         "use device='cpu' (the torch backend runs there).")
+    return device
+
+
+def resolve_backend(backend: str, device: torch.device, precision: str = "tf32"):
+    """Return (name, implementation) for a backend name. The implementation exposes the functions of
+    :mod:`flashgmm_faiss._torch_backend` (estep, score, kmeans_step, assign, log_prob)."""
+    import os
+
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "torch":
+        return "torch", _torch_backend
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type != "cuda" and not interpret:
+        raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU "
+                         "interpreter); use backend='torch' on CPU.")
+    if not _triton_available():
+        raise ValueError("backend='triton' was requested but triton (or flashgmm_faiss.kernels) cannot be imported; "
+                         "install triton or use backend='torch'.")
+    from ._triton_backend import TritonBackend
+
+    return "triton", TritonBackend(precision=precision)
+
+
+def _default_chunk_size(backend: str, device: torch.device, n_components: int, d: int) -> int:
+    if backend == "triton":
+        # One centred float32 copy of a chunk is the only O(chunk * D) buffer: cap it at 64 MiB.
+        return max(1024, 2 ** 24 // d)
+    budget = 2 ** 27 if device.type == "cuda" else 2 ** 24  # elements of one (chunk, K) matrix
+    return max(256, budget // max(n_components, 1))
+
+
+class GaussianMixture:
+    """Gaussian mixture with spherical or diagonal covariances, fitted by streaming EM.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of mixture components K (the ``nlist`` of the IVF index built from it).
+    covariance_type : {"spherical", "diag"}
+        One variance per component, or one per component and feature.
+    max_iter : int
+        Maximum number of EM iterations (after the k-means warm start).
+    kmeans_iter : int
+        Lloyd iterations run before EM to place the means (0 disables the warm start).
+    tol : float
+        EM stops when the mean per-sample log-likelihood improves by less than ``tol``.
+    reg_covar : float
+        Added to every variance: the floor that keeps collapsing components finite.
+    init : {"k-means++", "random"} or array of shape (K, D)
+        Seeding of the means before k-means / EM. k-means++ runs on a random subsample of at most
+        ``max(50 * K, 10000)`` rows.
+    backend : {"auto", "torch", "triton"}
+        "auto" uses the fused Triton kernels on CUDA when they are available, the torch backend otherwise.
+    device : str or torch.device, optional
+        Compute device; defaults to CUDA when available.
+    chunk_size : int, optional
+        Rows per streamed chunk; the default bounds the working memory (see ``_default_chunk_size``).
+    seed : int
+        Seed for the initialisation and re-seeding.
+    verbose : bool or int
+        Print progress to stderr (1: every 10 iterations, 2: every iteration).
+    precision : {"tf32", "bf16", "ieee"}
+        Dot-product precision of the Triton backend (ignored by the torch backend, which is float32).
+    weights_init : array of shape (K,), optional
+    covariances_init : array of shape (K,) or (K, D), optional
+        With ``init`` given as means and ``kmeans_iter=0``, EM starts exactly from these parameters.
+
+    Attributes
+    ----------
+    means_ : ndarray of shape (K, D), float32
+    covariances_ : ndarray of shape (K,) (spherical) or (K, D) (diag), float32
+    weights_ : ndarray of shape (K,), float32
+    converged_ : bool
+    n_iter_ : int
+        EM iterations run.
+    lower_bound_ : float
+        Mean per-sample log-likelihood at the last EM iteration.
+    history_ : list of dict
+        One dict per EM iteration: ``iteration``, ``log_likelihood``, ``seconds``, ``n_reseeded``.
+    kmeans_history_ : list of dict
+        One dict per warm-start iteration: ``iteration``, ``inertia`` (mean squared distance), ``seconds``.
+    center_ : ndarray of shape (D,), float64
+        Mean of the training data; every computation runs on centred data.
+    n_features_in_ : int
+    backend_ : str
+        The backend that was used ("torch" or "triton").
+    """
+
+    def __init__(self, n_components, covariance_type="spherical", max_iter=100, kmeans_iter=10, tol=1e-4,
+                 reg_covar=1e-6, init="k-means++", backend="auto", device=None, chunk_size=None, seed=0,
+                 verbose=False, precision="tf32", weights_init=None, covariances_init=None):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.max_iter = max_iter
+        self.kmeans_iter = kmeans_iter
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.init = init
+        self.backend = backend
+        self.device = device
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self.verbose = verbose
+        self.precision = precision
+        self.weights_init = weights_init
+        self.covariances_init = covariances_init
+
+    # ------------------------------------------------------------------ parameter checks
+    def _check_params(self, n: int, d: int):
+        K = check_positive_int(self.n_components, "n_components")
+        if K > n:
+            raise ValueError(f"n_components={K} is larger than the number of training vectors n={n}: "
+                             "use fewer components or more training data.")
+        if self.covariance_type not in _COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of {_COVARIANCE_TYPES}, got {self.covariance_type!r} "
+                             "(full covariances are not supported: they cost O(K * D^2)).")
+        check_positive_int(self.max_iter, "max_iter", minimum=0)
+        check_positive_int(self.kmeans_iter, "kmeans_iter", minimum=0)
+        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
+            raise ValueError(f"tol must be a non-negative number, got {self.tol!r}.")
+        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar >= 0):
+            raise ValueError(f"reg_covar must be a non-negative number, got {self.reg_covar!r}.")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}.")
+        if isinstance(self.init, str):
+            if self.init not in ("k-means++", "random"):
+                raise ValueError(f"init must be 'k-means++', 'random' or an array of shape (K, D), got {self.init!r}.")
+        else:
+            m = as_float32_matrix(self.init, "init (initial means)", d=d)
+            if m.shape[0] != K:
+                raise ValueError(f"init has {m.shape[0]} means but n_components={K}.")
+        if self.chunk_size is not None:
+            check_positive_int(self.chunk_size, "chunk_size")
+        return K
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None):
+        """Fit the mixture to X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            numpy array, np.memmap, torch tensor or h5py dataset; any real dtype (converted to float32 chunk by
+            chunk), any strides. Must be finite.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        n, d = check_shape(X, "X")
+        K = self._check_params(n, d)
+        device = resolve_device(self.device)
+        self.backend_, impl = resolve_backend(self.backend, device, self.precision)
+        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, K, d)
+        self._impl, self._device = impl, device
+        gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        rng = np.random.default_rng(self.seed)
+
+        # Pass 0: validate every chunk (NaN/Inf) and compute the data centre in float64.
+        data = ChunkedMatrix(X, device, chunk, name="X")
+        total = torch.zeros(d, dtype=torch.float64, device=device)
+        for _, x in data.chunks(check=True):
+            total += x.sum(0, dtype=torch.float64)
+        center64 = total / n
+        center = center64.to(torch.float32)
+        data.center = center
+        self.center_ = center64.cpu().numpy()
+        self.n_features_in_ = d
+        self._log(1, f"[flashgmm] fit: n={n} d={d} K={K} cov={self.covariance_type} backend={self.backend_} "
+                     f"device={device} chunk={chunk}")
+
+        means = self._initial_means(data, K, gen, rng)
+        self.kmeans_history_ = []
+        if self.kmeans_iter > 0:
+            means, counts, sse = self._kmeans(data, means, rng)
+            weights = counts / counts.sum()
+            var = self._kmeans_variances(data, means, counts)
+        else:
+            weights = torch.full((K,), 1.0 / K, dtype=torch.float64, device=device)
+            var = None
+        if self.weights_init is not None:
+            w = np.asarray(self.weights_init, dtype=np.float64)
+            if w.shape != (K,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(f"weights_init must be a finite non-negative array of shape ({K},).")
+            weights = torch.as_tensor(w / w.sum(), device=device)
+        if self.covariances_init is not None:
+            shape = (K,) if self.covariance_type == "spherical" else (K, d)
+            v = np.asarray(self.covariances_init, dtype=np.float64)
+            if v.shape != shape or not np.all(np.isfinite(v)) or np.any(v <= 0):
+                raise ValueError(f"covariances_init must be a positive finite array of shape {shape}.")
+            var = torch.as_tensor(v, device=device)
+        if var is None:
+            var = self._global_variances(data, n, d, K)
+        if self.covariance_type == "diag" and var.ndim == 1:
+            var = var[:, None].expand(K, d).clone()
+
+        self._em(data, means, var, weights, n, rng)
+        return self
+
+    def fit_predict(self, X, y=None):
+        return self.fit(X).predict(X)
+
+    # ------------------------------------------------------------------ initialisation
+    def _initial_means(self, data: ChunkedMatrix, K: int, gen, rng) -> torch.Tensor:
+        n, d, device = data.n, data.d, data.device
+        if not isinstance(self.init, str):
+            m = as_float32_matrix(self.init, "init", d=d)
+            return torch.as_tensor(m, device=device, dtype=torch.float64) - data.center.double()
+        if self.init == "random":
+            idx = rng.choice(n, size=K, replace=False)
+            return (data.rows(idx) - data.center).double()
+        m = min(n, max(50 * K, 10000))
+        idx = rng.choice(n, size=m, replace=False) if m < n else np.arange(n)
+        sample = data.rows(idx) - data.center
+        return kmeans_plusplus(sample, K, rng).double()
+
+    def _global_variances(self, data, n, d, K):
+        sq = torch.zeros(d, dtype=torch.float64, device=data.device)
+        for _, x in data.chunks():
+            sq += (x.double() ** 2).sum(0)
+        v = sq / n + self.reg_covar
+        if self.covariance_type == "spherical":
+            return v.mean().expand(K).clone()
+        return v[None, :].expand(K, d).clone()
+
+    # ------------------------------------------------------------------ k-means warm start
+    def _kmeans(self, data: ChunkedMatrix, means: torch.Tensor, rng):
+        K, d, n = means.shape[0], data.d, data.n
+        device = data.device
+        counts = None
+        for it in range(self.kmeans_iter):
+            t0 = time.perf_counter()
+            c32 = means.to(torch.float32).contiguous()
+            counts = torch.zeros(K, dtype=torch.float64, device=device)
+            sums = torch.zeros(K, d, dtype=torch.float64, device=device)
+            sse = 0.0
+            far = _FarthestRows(k=K)
+            for start, x in data.chunks():
+                _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32)
+                counts += cnt.double()
+                sums += sm.double()
+                sse += float(min_dist.double().sum())
+                far.update(min_dist, start, x)
+            empty = torch.nonzero(counts == 0).flatten()
+            means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], means)
+            if empty.numel():
+                means, counts = self._reseed_empty_clusters(means, counts, empty, far)
+            self.kmeans_history_.append({"iteration": it + 1, "inertia": sse / n,
+                                         "n_reseeded": int(empty.numel()),
+                                         "seconds": time.perf_counter() - t0})
+            self._log(2 if it + 1 < self.kmeans_iter else 1,
+                      f"[flashgmm] k-means {it + 1}/{self.kmeans_iter} inertia={sse / n:.6g} "
+                      f"empty={int(empty.numel())} {time.perf_counter() - t0:.2f}s")
+        return means, counts, sse
+
+    def _reseed_empty_clusters(self, means, counts, empty, far):
+        """Move empty centroids onto the rows farthest from their centroid (distinct rows, best first)."""
+        rows = far.rows()
+        for j, idx in enumerate(empty.tolist()):
+            if j < rows.shape[0]:
+                means[idx] = rows[j].double()
+            counts[idx] = 1.0
+        return means, counts
+
+    def _kmeans_variances(self, data, means, counts):
+        """Per-cluster variances of the hard k-means partition (one pass), floored by reg_covar."""
+        K, d = means.shape
+        c32 = means.to(torch.float32).contiguous()
+        sq = torch.zeros(K, d, dtype=torch.float64, device=data.device)
+        cnt = torch.zeros(K, dtype=torch.float64, device=data.device)
+        for _, x in data.chunks():
+            labels, _, c, _ = self._impl.kmeans_step(x, c32)
+            diff = x - c32[labels]
+            sq.index_add_(0, labels, (diff * diff).double())
+            cnt += c.double()
+        pooled = sq.sum(0) / max(float(cnt.sum()), 1.0)
+        var = torch.where(cnt[:, None] > 1, sq / cnt.clamp_min(1)[:, None], pooled[None, :])
+        var = var + self.reg_covar
+        if self.covariance_type == "spherical":
+            return var.mean(1)
+        return var
+
+    # ------------------------------------------------------------------ EM
+    def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
+        K, d = means.shape
+        device = data.device
+        self.history_ = []
+        self.converged_ = False
+        prev = -math.inf
+        ll = -math.inf
+        gain = math.inf
+        it = 0
+        for it in range(1, self.max_iter + 1):
+            t0 = time.perf_counter()
+            m32 = means.to(torch.float32).contiguous()
+            v32 = var.to(torch.float32).contiguous()
+            lw32 = torch.log(weights.clamp_min(1e-300)).to(torch.float32)
+            nk = torch.zeros(K, dtype=torch.float64, device=device)
+            sx = torch.zeros(K, d, dtype=torch.float64, device=device)
+            sq = torch.zeros(var.shape, dtype=torch.float64, device=device)
+            ll_sum = 0.0
+            worst = _FarthestRows(k=K)
+            for start, x in data.chunks():
+                st = self._impl.estep(x, m32, v32, lw32)
+                nk += st.nk.double()
+                sx += st.sx.double()
+                sq += st.sq.double()
+                ll_sum += float(st.log_norm.double().sum())
+                worst.update(-st.log_norm, start, x)
+            ll = ll_sum / n
+            if not math.isfinite(ll):
+                raise FloatingPointError(
+                    f"EM produced a non-finite log-likelihood at iteration {it}; try a larger reg_covar "
+                    f"(now {self.reg_covar}) or check the input scale.")
+            # M-step (float64, on the device).
+            nk_safe = nk.clamp_min(1e-12)
+            new_means = sx / nk_safe[:, None]
+            shift = new_means - means
+            if var.ndim == 1:
+                new_var = (sq / nk_safe - (shift * shift).sum(1)) / d
+            else:
+                new_var = sq / nk_safe[:, None] - shift * shift
+            new_var = new_var.clamp_min(0.0) + self.reg_covar
+            degenerate = nk < 1.0  # less than one vector's worth of responsibility: re-seed
+            n_reseeded = int(degenerate.sum())
+            means = torch.where(degenerate[:, None], means, new_means)
+            var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
+            weights = nk / n
+            if n_reseeded:
+                means, var, weights = self._reseed_components(means, var, weights, degenerate, worst, n)
+            elapsed = time.perf_counter() - t0
+            gain = ll - prev
+            self.history_.append({"iteration": it, "log_likelihood": ll, "seconds": elapsed,
+                                  "n_reseeded": n_reseeded})
+            every = 1 if self.verbose and int(self.verbose) >= 2 else 10
+            if it % every == 0 or it == 1:
+                self._log(1, f"[flashgmm] EM {it}/{self.max_iter} log-likelihood={ll:.6f} "
+                             f"gain={gain:+.3g} reseeded={n_reseeded} {elapsed:.2f}s")
+            if abs(gain) < self.tol and n_reseeded == 0:
+                self.converged_ = True
+                break
+            prev = ll
+        self.n_iter_ = it if self.max_iter > 0 else 0
+        self.lower_bound_ = ll
+        if self.max_iter > 0 and not self.converged_:
+            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last gain "
+                          f"{gain:.3g} >= tol={self.tol}); increase max_iter or tol.", ConvergenceWarning,
+                          stacklevel=3)
+        self._set_params(means, var, weights)
+
+    def _reseed_components(self, means, var, weights, degenerate, worst, n):
+        """Move degenerate components onto the worst-explained rows, with the median variance."""
+        rows = worst.rows()
+        idx = torch.nonzero(degenerate).flatten().tolist()
+        med_var = var[~degenerate].median(0).values if (~degenerate).any() else var.median(0).values
+        for j, k in enumerate(idx):
+            if j < rows.shape[0]:
+                means[k] = rows[j].double()
+            var[k] = med_var
+            weights[k] = 1.0 / n
+        weights = weights / weights.sum()
+        return means, var, weights
+
+    def _set_params(self, means, var, weights):
+        center = torch.as_tensor(self.center_, device=means.device)
+        self.means_ = (means + center).to(torch.float32).cpu().numpy()
+        self.covariances_ = var.to(torch.float32).cpu().numpy()
+        self.weights_ = weights.to(torch.float32).cpu().numpy()
+        self._dev_params = None
+
+    # ------------------------------------------------------------------ inference
+    def _check_fitted(self):
+        if not hasattr(self, "means_"):
+            raise NotFittedError("This GaussianMixture is not fitted yet: call fit(X) first.")
+
+    def _inference_setup(self, X):
+        self._check_fitted()
+        d = self.means_.shape[1]
+        n, _ = check_shape(X, "X", d=d)
+        if getattr(self, "_impl", None) is None or getattr(self, "_device", None) is None:
+            device = resolve_device(self.device)
+            self.backend_, self._impl = resolve_backend(self.backend, device, self.precision)
+            self._device = device
+        device = self._device
+        if getattr(self, "_dev_params", None) is None:
+            center = torch.as_tensor(self.center_, device=device, dtype=torch.float64)
+            means = (torch.as_tensor(self.means_, device=device, dtype=torch.float64) - center).float().contiguous()
+            var = torch.as_tensor(self.covariances_, device=device, dtype=torch.float32).contiguous()
+            lw = torch.log(torch.as_tensor(self.weights_, device=device, dtype=torch.float64).clamp_min(1e-300))
+            self._dev_params = (center.float(), means, var, lw.float())
+        center, means, var, lw = self._dev_params
+        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, self.n_components, d)
+        data = ChunkedMatrix(X, device, chunk, center=center, name="X", d=d)
+        return data, means, var, lw
+
+    def score_samples(self, X) -> np.ndarray:
+        """Per-sample log-likelihood log p(x).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), float64
+        """
+        data, means, var, lw = self._inference_setup(X)
+        out = np.empty(data.n, dtype=np.float64)
+        for start, x in data.chunks(check=True):
+            log_norm, _ = self._impl.score(x, means, var, lw)
+            out[start:start + x.shape[0]] = log_norm.double().cpu().numpy()
+        return out
+
+    def score(self, X, y=None) -> float:
+        """Mean per-sample log-likelihood of X."""
+        return float(self.score_samples(X).mean())
+
+    def predict(self, X) -> np.ndarray:
+        """Most responsible component of each row: ndarray of shape (n_samples,), int64."""
+        data, means, var, lw = self._inference_setup(X)
+        out = np.empty(data.n, dtype=np.int64)
+        for start, x in data.chunks(check=True):
+            _, best = self._impl.score(x, means, var, lw)
+            out[start:start + x.shape[0]] = best.cpu().numpy()
+        return out
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Responsibilities, ndarray of shape (n_samples, K), float32. Only for small inputs: it materialises
+        (n, K); use :meth:`assign` (sparse) or :meth:`predict` for large n."""
+        self._check_fitted()
+        n, _ = check_shape(X, "X", d=self.means_.shape[1])
+        K = self.means_.shape[0]
+        if n * K > PREDICT_PROBA_MAX_ELEMENTS:
+            raise ValueError(f"predict_proba would materialise a {n} x {K} matrix ({n * K * 4 / 2**30:.1f} GiB), "
+                             f"over the {PREDICT_PROBA_MAX_ELEMENTS * 4 / 2**30:.0f} GiB bound: use assign(X) for "
+                             "the sparse responsibilities above a threshold, or predict(X), or call predict_proba "
+                             "on slices of X.")
+        data, means, var, lw = self._inference_setup(X)
+        out = np.empty((n, K), dtype=np.float32)
+        for start, x in data.chunks(check=True):
+            lp = _torch_backend.log_prob(x, means, var, lw)
+            out[start:start + x.shape[0]] = torch.softmax(lp, dim=1).cpu().numpy()
+        return out
+
+    def assign(self, X, tau=None, max_assign=None):
+        """Multi-assignment: for every row, the components whose responsibility exceeds ``tau``.
+
+        The most responsible component is always included (even if its responsibility is <= tau); a row keeps at
+        most ``max_assign`` components, the most responsible first.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        tau : float in [0, 1), default 1 / K
+        max_assign : int >= 1, default K (no cap)
+
+        Returns
+        -------
+        offsets : ndarray of shape (n_samples + 1,), int64
+            Row i owns entries ``offsets[i]:offsets[i + 1]``.
+        lists : ndarray of shape (nnz,), int64
+            Component (posting list) ids, per row by decreasing responsibility.
+        resp : ndarray of shape (nnz,), float32
+            The responsibilities of those components.
+        """
+        self._check_fitted()
+        K = self.means_.shape[0]
+        tau = 1.0 / K if tau is None else tau
+        if not isinstance(tau, (int, float)) or not (0.0 <= float(tau) < 1.0):
+            raise ValueError(f"tau must be a number in [0, 1), got {tau!r}.")
+        max_assign = K if max_assign is None else check_positive_int(max_assign, "max_assign")
+        data, means, var, lw = self._inference_setup(X)
+        counts, lists, resp = [], [], []
+        for _, x in data.chunks(check=True):
+            c, li, r = self._impl.assign(x, means, var, lw, float(tau), int(max_assign))
+            counts.append(c.cpu().numpy())
+            lists.append(li.cpu().numpy())
+            resp.append(r.cpu().numpy())
+        counts = np.concatenate(counts)
+        offsets = np.zeros(data.n + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return offsets, np.concatenate(lists).astype(np.int64), np.concatenate(resp).astype(np.float32)
+
+    # ------------------------------------------------------------------ model selection
+    def _n_parameters(self) -> int:
+        K, d = self.means_.shape
+        cov = K if self.covariance_type == "spherical" else K * d
+        return int(K * d + cov + K - 1)
+
+    def bic(self, X) -> float:
+        """Bayesian information criterion on X (lower is better)."""
+        n = check_shape(X, "X", d=self.means_.shape[1] if hasattr(self, "means_") else None)[0]
+        return float(-2.0 * self.score(X) * n + self._n_parameters() * math.log(n))
+
+    def aic(self, X) -> float:
+        """Akaike information criterion on X (lower is better)."""
+        n = check_shape(X, "X", d=self.means_.shape[1] if hasattr(self, "means_") else None)[0]
+        return float(-2.0 * self.score(X) * n + 2 * self._n_parameters())
+
+    # ------------------------------------------------------------------ misc
+    def _log(self, level: int, msg: str):
+        if self.verbose and int(self.verbose) >= level:
+            print(msg, file=sys.stderr, flush=True)
+
+    def get_params(self, deep=True) -> dict:
+        return {k: getattr(self, k) for k in (
+            "n_components", "covariance_type", "max_iter", "kmeans_iter", "tol", "reg_covar", "init", "backend",
+            "device", "chunk_size", "seed", "verbose", "precision", "weights_init", "covariances_init")}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in ("_impl", "_dev_params", "_device"):
+            state.pop(k, None)
+        return state
+
+    def __repr__(self) -> str:
+        return (f"GaussianMixture(n_components={self.n_components}, covariance_type={self.covariance_type!r}, "
+                f"backend={self.backend!r})")
+
+
+def kmeans_plusplus(x: torch.Tensor, K: int, rng) -> torch.Tensor:
+    """Greedy-free k-means++ seeding on the rows of x (n, D): returns (K, D) seeds (distinct rows)."""
+    n = x.shape[0]
+    first = int(rng.integers(n))
+    seeds = [first]
+    d2 = ((x - x[first]) ** 2).sum(1).double()
+    for _ in range(1, K):
+        total = float(d2.sum())
+        if total <= 0:  # all remaining points coincide with seeds: take unused rows
+            remaining = np.setdiff1d(np.arange(n), np.array(seeds))
+            idx = int(rng.choice(remaining))
+        else:
+            p = (d2 / total).cpu().numpy()
+            idx = int(rng.choice(n, p=p / p.sum()))
+        seeds.append(idx)
+        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1).double())
+    return x[torch.as_tensor(seeds, device=x.device)].clone()
+
+
+class _FarthestRows:
+    """Keeps the k rows with the largest score seen across chunks (for re-seeding empty components)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.scores = None
+        self.vecs = None
+
+    def update(self, score: torch.Tensor, start: int, x: torch.Tensor):
+        m = min(self.k, score.shape[0])
+        s, i = torch.topk(score.float(), m)
+        v = x[i]
+        if self.scores is None:
+            self.scores, self.vecs = s, v
+        else:
+            s = torch.cat([self.scores, s])
+            v = torch.cat([self.vecs, v])
+            m = min(self.k, s.shape[0])
+            s, i = torch.topk(s, m)
+            self.scores, self.vecs = s, v[i]
+
+    def rows(self) -> torch.Tensor:
+        return self.vecs if self.vecs is not None else torch.empty(0)
