@@ -56,6 +56,8 @@ class ChunkedMatrix:
         else:
             x = X[start:stop]
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if not x.flags.writeable:  # read-only memmap: torch refuses to alias it, copy the chunk
+            x = x.copy()
         t = torch.from_numpy(x)
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 

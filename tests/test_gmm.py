@@ -1,0 +1,317 @@
+"""GaussianMixture (torch backend) against a float64 numpy EM and scikit-learn."""
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from sklearn.mixture import GaussianMixture as SkGMM
+
+from flashgmm_faiss import ConvergenceWarning, GaussianMixture, NotFittedError
+from flashgmm_faiss import gmm as gmm_module
+
+from conftest import assert_close, make_blobs
+
+
+# ----------------------------------------------------------------------------- float64 reference
+def _ref_log_prob(X, means, weights, var):
+    d = X.shape[1]
+    if var.ndim == 1:
+        sq = ((X[:, None, :] - means[None]) ** 2).sum(-1)
+        return np.log(weights) - 0.5 * d * np.log(2 * np.pi * var) - 0.5 * sq / var
+    sq = (((X[:, None, :] - means[None]) ** 2) / var[None]).sum(-1)
+    return np.log(weights) - 0.5 * np.log(2 * np.pi * var).sum(1) - 0.5 * sq
+
+
+def _logsumexp(a):
+    m = a.max(1, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(1, keepdims=True)))[:, 0]
+
+
+def ref_em(X, means, weights, var, n_iter, reg_covar):
+    """Textbook EM in float64 (broadcasting, no GEMM tricks). Returns params and per-iteration mean log-lik."""
+    X = X.astype(np.float64)
+    means, weights, var = (np.array(a, dtype=np.float64) for a in (means, weights, var))
+    lls = []
+    for _ in range(n_iter):
+        lp = _ref_log_prob(X, means, weights, var)
+        lse = _logsumexp(lp)
+        lls.append(lse.mean())
+        r = np.exp(lp - lse[:, None])
+        nk = r.sum(0)
+        means = (r.T @ X) / nk[:, None]
+        diag = np.einsum("nk,nkd->kd", r, (X[:, None, :] - means[None]) ** 2) / nk[:, None]
+        var = diag.mean(1) + reg_covar if var.ndim == 1 else diag + reg_covar
+        weights = nk / X.shape[0]
+    return means, weights, var, lls
+
+
+def _start(X, K, cov, seed=0):
+    r = np.random.default_rng(seed)
+    means = X[r.choice(X.shape[0], K, replace=False)].astype(np.float64)
+    weights = r.uniform(0.5, 1.5, K)
+    weights /= weights.sum()
+    var = r.uniform(1.0, 3.0, K) if cov == "spherical" else r.uniform(1.0, 3.0, (K, X.shape[1]))
+    return means, weights, var
+
+
+def _fit_from(X, means, weights, var, cov, n_iter, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return GaussianMixture(means.shape[0], covariance_type=cov, init=means, weights_init=weights,
+                               covariances_init=var, kmeans_iter=0, max_iter=n_iter, tol=0.0, reg_covar=1e-6,
+                               backend="torch", device="cpu", **kw).fit(X)
+
+
+# ----------------------------------------------------------------------------- EM correctness
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+@pytest.mark.parametrize("offset", [0.0, 200.0])  # uncentred data exercises the centring
+def test_em_matches_float64_reference(cov, offset):
+    X, _ = make_blobs(n=401, d=7, k=5, seed=1, offset=offset)
+    means, weights, var = _start(X, 5, cov)
+    g = _fit_from(X, means, weights, var, cov, n_iter=8)
+    rm, rw, rv, lls = ref_em(X, means, weights, var, 8, 1e-6)
+    assert_close(g.means_, rm, rtol=1e-4, atol=1e-4 * max(1.0, offset), what="means")
+    assert_close(g.weights_, rw, rtol=1e-4, atol=1e-7, what="weights")
+    assert_close(g.covariances_, rv, rtol=1e-4, what="variances")
+    assert_close([h["log_likelihood"] for h in g.history_], lls, rtol=1e-5, what="log-likelihood history")
+    assert g.covariances_.shape == ((5,) if cov == "spherical" else (5, 7))
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_em_matches_sklearn_from_same_start(cov):
+    X, _ = make_blobs(n=500, d=6, k=4, seed=2)
+    means, weights, var = _start(X, 4, cov, seed=3)
+    n_iter = 12
+    ours = _fit_from(X, means, weights, var, cov, n_iter=n_iter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = SkGMM(4, covariance_type=cov, means_init=means, weights_init=weights, precisions_init=1.0 / var,
+                   max_iter=n_iter, tol=0.0, reg_covar=1e-6, random_state=0).fit(X.astype(np.float64))
+    assert_close(ours.score_samples(X), sk.score_samples(X), rtol=1e-4, what="per-sample log-likelihood")
+    assert_close(ours.means_, sk.means_, rtol=1e-4, atol=1e-5, what="means")
+    assert_close(ours.covariances_, sk.covariances_, rtol=1e-4, what="covariances")
+    assert_close(ours.weights_, sk.weights_, rtol=1e-4, what="weights")
+    assert_close(ours.lower_bound_, sk.lower_bound_, rtol=1e-5, what="lower bound")
+    assert_close(ours.predict_proba(X), sk.predict_proba(X), rtol=1e-3, atol=1e-5, what="predict_proba")
+    np.testing.assert_array_equal(ours.predict(X), sk.predict(X))
+    assert_close(ours.bic(X), sk.bic(X), rtol=1e-5, what="bic")
+    assert_close(ours.aic(X), sk.aic(X), rtol=1e-5, what="aic")
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_log_likelihood_never_decreases(cov):
+    X, _ = make_blobs(n=2000, d=8, k=12, seed=4, spread=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        g = GaussianMixture(12, covariance_type=cov, max_iter=60, tol=0.0, kmeans_iter=2, chunk_size=333,
+                            backend="torch", device="cpu", seed=1).fit(X)
+    ll = np.array([h["log_likelihood"] for h in g.history_])
+    assert len(ll) == 60 and g.n_iter_ == 60
+    drops = np.diff(ll)
+    assert drops.min() >= -1e-6 * np.abs(ll).max(), f"log-likelihood decreased by {drops.min()}"
+    assert all(h["seconds"] >= 0 for h in g.history_)
+
+
+def test_fit_defaults_kmeans_warm_start_and_attributes():
+    X, labels = make_blobs(n=1200, d=4, k=3, seed=5, spread=10.0)
+    g = GaussianMixture(3, backend="torch", device="cpu").fit(X)
+    assert g.converged_ and 1 <= g.n_iter_ <= 100
+    assert len(g.kmeans_history_) == 10
+    assert g.means_.shape == (3, 4) and g.weights_.shape == (3,) and g.covariances_.shape == (3,)
+    assert abs(g.weights_.sum() - 1) < 1e-5
+    # well separated blobs: the fitted partition equals the generating one up to relabelling
+    pred = g.predict(X)
+    agree = max(np.mean(pred == perm[labels]) for perm in map(np.array, __import__("itertools").permutations(range(3))))
+    assert agree > 0.99
+    assert np.isclose(g.lower_bound_, g.history_[-1]["log_likelihood"])
+    assert np.isclose(g.score(X), g.score_samples(X).mean())
+
+
+def test_chunking_does_not_change_the_result():
+    X, _ = make_blobs(n=777, d=5, k=6, seed=6)
+    kw = dict(backend="torch", device="cpu", max_iter=15, tol=0.0, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = GaussianMixture(6, chunk_size=100, **kw).fit(X)
+        b = GaussianMixture(6, chunk_size=10_000, **kw).fit(X)
+    assert_close(a.means_, b.means_, rtol=1e-4, atol=1e-4, what="means across chunk sizes")
+    assert_close(a.lower_bound_, b.lower_bound_, rtol=1e-6, what="lower bound across chunk sizes")
+
+
+# ----------------------------------------------------------------------------- input types
+def _fit_quick(X, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return GaussianMixture(4, max_iter=5, kmeans_iter=2, backend="torch", device="cpu", seed=0, chunk_size=128,
+                               **kw).fit(X)
+
+
+def test_accepts_memmap_torch_h5py_float64_and_noncontiguous(tmp_path):
+    X, _ = make_blobs(n=300, d=6, k=4, seed=7)
+    ref = _fit_quick(X)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["train"] = X
+    wide = np.zeros((300, 12), dtype=np.float32)
+    wide[:, ::2] = X
+    inputs = {
+        "memmap": np.load(tmp_path / "x.npy", mmap_mode="r"),
+        "torch": torch.from_numpy(X.copy()),
+        "float64": X.astype(np.float64),
+        "noncontiguous": wide[:, ::2],
+        "fortran": np.asfortranarray(X),
+    }
+    for name, data in inputs.items():
+        g = _fit_quick(data)
+        assert_close(g.means_, ref.means_, rtol=1e-5, atol=1e-5, what=f"means from {name} input")
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        g = _fit_quick(f["train"])
+        assert_close(g.means_, ref.means_, rtol=1e-5, atol=1e-5, what="means from h5py input")
+        assert_close(g.score_samples(f["train"]), ref.score_samples(X), rtol=1e-6, what="score from h5py")
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (np.array([[1.0, np.nan], [0.0, 1.0]] * 5, dtype=np.float32), ValueError, "NaN"),
+    (np.array([[1.0, np.inf], [0.0, 1.0]] * 5, dtype=np.float32), ValueError, "Inf"),
+    (np.arange(10, dtype=np.float32), ValueError, "Expected 2D array"),
+    (np.zeros((0, 3), dtype=np.float32), ValueError, "empty"),
+    (np.ones((10, 2), dtype=np.complex64), TypeError, "dtype"),
+    (np.array([["a", "b"]] * 10), TypeError, "dtype"),
+    ([[1.0, 2.0]] * 10, TypeError, "2-D array"),
+])
+def test_bad_input_has_clear_errors(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        GaussianMixture(2, backend="torch", device="cpu").fit(bad)
+
+
+def test_nan_in_later_chunk_names_the_row():
+    X = np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32)
+    X[321, 1] = np.nan
+    with pytest.raises(ValueError, match="row: 321"):
+        GaussianMixture(2, chunk_size=100, backend="torch", device="cpu").fit(X)
+
+
+def test_k_larger_than_n_and_bad_params():
+    X = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="larger than the number of training vectors"):
+        GaussianMixture(6, backend="torch").fit(X)
+    with pytest.raises(ValueError, match="covariance_type"):
+        GaussianMixture(2, covariance_type="full", backend="torch").fit(X)
+    with pytest.raises(ValueError, match="backend"):
+        GaussianMixture(2, backend="cuda-magic").fit(X)
+    with pytest.raises(TypeError, match="n_components"):
+        GaussianMixture(2.5, backend="torch").fit(X)
+
+
+def test_dimension_mismatch_and_not_fitted():
+    X, _ = make_blobs(n=100, d=4, k=2)
+    g = GaussianMixture(2, backend="torch", device="cpu")
+    with pytest.raises(NotFittedError):
+        g.predict(X)
+    g.fit(X)
+    with pytest.raises(ValueError, match="Dimension mismatch"):
+        g.predict(np.zeros((3, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        g.score_samples(np.full((3, 4), np.nan, dtype=np.float32))
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    X, _ = make_blobs(n=50, d=3, k=2)
+    with pytest.raises(ValueError, match="CUDA"):
+        GaussianMixture(2, backend="triton", device="cpu").fit(X)
+
+
+# ----------------------------------------------------------------------------- degenerate components
+def test_empty_component_is_reseeded_not_nan():
+    X, _ = make_blobs(n=400, d=3, k=3, seed=8)
+    means = np.concatenate([X[:3], np.full((1, 3), 1e4, dtype=np.float32)])  # one mean far from all data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        g = GaussianMixture(4, init=means, kmeans_iter=0, max_iter=20, backend="torch", device="cpu").fit(X)
+    assert sum(h["n_reseeded"] for h in g.history_) >= 1
+    for a in (g.means_, g.covariances_, g.weights_):
+        assert np.all(np.isfinite(a))
+    assert np.all(g.weights_ > 0) and np.all(g.covariances_ > 0)
+    assert np.abs(g.means_).max() < 1e3  # the far mean was moved onto the data
+
+
+def test_kmeans_empty_cluster_is_reseeded():
+    X, _ = make_blobs(n=300, d=2, k=3, seed=9)
+    means = np.stack([X[0], X[0], X[1]])  # duplicate seeds: one cluster starts empty
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        g = GaussianMixture(3, init=means, kmeans_iter=5, max_iter=3, backend="torch", device="cpu").fit(X)
+    assert g.kmeans_history_[0]["n_reseeded"] == 1
+    assert np.all(np.isfinite(g.means_)) and len(np.unique(g.means_.round(4), axis=0)) == 3
+
+
+def test_duplicate_points_and_variance_floor():
+    X = np.repeat(np.eye(3, dtype=np.float32) * 5, 40, axis=0)  # three exact point masses
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = GaussianMixture(3, reg_covar=1e-3, backend="torch", device="cpu", max_iter=10).fit(X)
+    assert np.all(np.isfinite(g.means_)) and np.all(g.covariances_ >= 1e-3 * 0.999)
+    assert np.isfinite(g.lower_bound_)
+
+
+# ----------------------------------------------------------------------------- inference API
+def test_predict_proba_bound_and_rows_sum_to_one(monkeypatch):
+    X, _ = make_blobs(n=200, d=3, k=3)
+    g = GaussianMixture(3, backend="torch", device="cpu").fit(X)
+    p = g.predict_proba(X)
+    assert p.shape == (200, 3)
+    assert_close(p.sum(1), np.ones(200), rtol=1e-5, what="row sums")
+    monkeypatch.setattr(gmm_module, "PREDICT_PROBA_MAX_ELEMENTS", 100)
+    with pytest.raises(ValueError, match="assign"):
+        g.predict_proba(X)
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+@pytest.mark.parametrize("tau,cap", [(None, None), (0.05, 2), (0.0, 3), (0.9, None)])
+def test_assign_matches_float64_responsibilities(cov, tau, cap):
+    X, _ = make_blobs(n=300, d=4, k=6, seed=10, spread=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        g = GaussianMixture(6, covariance_type=cov, max_iter=10, backend="torch", device="cpu",
+                            chunk_size=64).fit(X)
+    offsets, lists, resp = g.assign(X, tau=tau, max_assign=cap)
+    lp = _ref_log_prob(X.astype(np.float64), g.means_.astype(np.float64), g.weights_.astype(np.float64),
+                       g.covariances_.astype(np.float64))
+    R = np.exp(lp - _logsumexp(lp)[:, None])
+    t = 1 / 6 if tau is None else tau
+    m = 6 if cap is None else cap
+    assert offsets.shape == (301,) and offsets[0] == 0 and offsets[-1] == lists.size == resp.size
+    for i in range(300):
+        li, ri = lists[offsets[i]:offsets[i + 1]], resp[offsets[i]:offsets[i + 1]]
+        order = np.argsort(-R[i], kind="stable")
+        expected = [c for c in order[:m] if R[i, c] > t] or [order[0]]
+        if order[0] not in expected:
+            expected = [order[0]] + expected
+        assert li[0] == R[i].argmax(), f"row {i}: argmax list missing"
+        assert 1 <= li.size <= m and len(set(li.tolist())) == li.size
+        assert np.all(np.diff(ri) <= 1e-7), "not sorted by responsibility"
+        # components whose responsibility is clearly above / below tau are decided the same way
+        clear = np.abs(R[i] - t) > 1e-5
+        assert set(li.tolist()) & set(np.nonzero(clear)[0]) == set(expected) & set(np.nonzero(clear)[0]), f"row {i}"
+        assert_close(ri, R[i, li], rtol=1e-4, atol=1e-6, what=f"responsibilities of row {i}")
+
+
+def test_assign_validates_arguments():
+    X, _ = make_blobs(n=100, d=3, k=2)
+    g = GaussianMixture(2, backend="torch", device="cpu").fit(X)
+    with pytest.raises(ValueError, match="tau"):
+        g.assign(X, tau=1.5)
+    with pytest.raises(ValueError, match="max_assign"):
+        g.assign(X, max_assign=0)
+
+
+def test_convergence_warning_and_verbose_progress(capsys):
+    X, _ = make_blobs(n=500, d=3, k=5, spread=1.0)
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        GaussianMixture(5, max_iter=2, tol=0.0, backend="torch", device="cpu", verbose=2).fit(X)
+    err = capsys.readouterr().err
+    assert "EM 1/2" in err and "EM 2/2" in err and "k-means" in err
