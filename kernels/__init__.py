@@ -1,0 +1,15 @@
+"""Fused Triton kernels of flashgmm-faiss (installed as ``flashgmm_faiss.kernels``).
+
+One module per kernel family, each with its ``@triton.jit`` kernels, a thin launcher and a design docstring:
+
+* :mod:`.estep`  -- two-pass E-step (logZ, then Nk / Sx / Sq per component block x row slab);
+* :mod:`.kmeans` -- k-means step (online argmin assignment, sort-based contention-free update);
+* :mod:`.assign` -- scoring (logZ + argmax) and multi-assignment (per-row top components above tau).
+
+Set ``TRITON_INTERPRET=1`` *before* importing this package to run the kernels on CPU tensors.
+"""
+from .assign import assign, score, topk_responsibilities
+from .estep import PRECISIONS, estep
+from .kmeans import kmeans_step
+
+__all__ = ["PRECISIONS", "assign", "estep", "kmeans_step", "score", "topk_responsibilities"]

@@ -1,0 +1,135 @@
+"""Fused multi-assignment and scoring: per-row top components without an n x K matrix.
+
+What it computes
+----------------
+* ``score`` (``predict`` / ``score_samples``): ``logZ_i`` and ``argmax_k l_ik``, the E-step's pass 1 with the
+  argmax switched on (``estep._logz_kernel``).
+* ``assign``: the contract of ``flashgmm_faiss._torch_backend.assign``: per row the components with
+  responsibility ``r_ik = exp(l_ik - logZ_i) > tau``, best first, at most ``max_assign``, and always the best
+  one. Pass 1 writes logZ; ``_topk_kernel`` then splits the rows, streams the components in BLOCK_K blocks and
+  keeps, per row, a running top-M list (M = min(max_assign, K)) of logits and indices in registers: each block
+  is merged by M rounds of "largest candidate replaces the smallest kept entry if larger". The rows' top-M
+  lists (n x M responsibilities and indices) are then compacted to CSR by the launcher; memory is O(n M).
+
+Cost: two logit GEMMs (``2 * 2 n K D`` FLOPs) + ``n K`` exps + ``O(n K M)`` compare/select work for the
+merge (which dominates for large M: keep max_assign small, as IVF multi-assignment does); bytes: X twice,
+outputs ``12 n M``.
+
+Precision: as the E-step (``"ieee"``, ``"tf32"``, ``"bf16"``, ``"bf16x3"``); responsibilities within ~1e-3
+relative of float64 in tf32 on centred data, so a component whose responsibility is within that of tau may
+flip. Exact ties between components are broken by the lower index, as ``torch.topk`` usually does.
+
+Caveats: D <= 256, M <= 64. Tested on: CPU interpreter at tiny odd shapes (``tests/test_kernels.py``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _interpret, _prepare, _prune_row,
+                    launch_logz)
+
+MAX_ASSIGN = 64
+
+
+def _topk_configs():
+    if _interpret():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=2)
+            for bm in (64, 128) for bk in (64,) for w in (4, 8)]
+
+
+@triton.autotune(configs=_topk_configs(), key=["K", "D", "DIAG", "MODE", "M"],
+                 prune_configs_by={"early_config_prune": _prune_row})
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _topk_kernel(
+    # pointers: data, logZ, component parameters; outputs (n, M) responsibilities and indices
+    X, LOGZ, A, P, BIAS, COEF, CST,
+    TOP_R, TOP_I,
+    # sizes
+    N, K,
+    # compile-time: dims, flags, kept entries (M real, M_PAD = next power of 2), tiles
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    xsq = x * x
+    x2 = tl.sum(xsq, axis=1)
+    lz = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0)
+
+    slots = tl.arange(0, M_PAD)
+    # kept logits: -inf in the M real slots (to be replaced), +inf in the padding (never replaced)
+    keep_v = tl.where(slots[None, :] < M, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, M_PAD], tl.float32)
+    keep_i = tl.zeros([BLOCK_M, M_PAD], tl.int32)
+    cols = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + cols
+        mask_k = offs_k < K
+        cand, dist = _component_logits(x, xsq, x2, A, P, BIAS, COEF, CST, offs_k, mask_k, offs_d, mask_d,
+                                       D, DIAG, MODE, EVEN_K)
+        for _ in tl.static_range(M):
+            c_max = tl.max(cand, axis=1)
+            c_arg = tl.argmax(cand, axis=1)
+            k_min = tl.min(keep_v, axis=1)
+            k_slot = tl.argmin(keep_v, axis=1)
+            put = (slots[None, :] == k_slot[:, None]) & (c_max > k_min)[:, None]
+            keep_v = tl.where(put, c_max[:, None], keep_v)
+            keep_i = tl.where(put, (c_arg + k0)[:, None], keep_i)
+            cand = tl.where(cols[None, :] == c_arg[:, None], float("-inf"), cand)
+
+    # emit best first: M rounds of extract-max over the kept list
+    keep_v = tl.where(slots[None, :] < M, keep_v, float("-inf"))
+    out_ptrs = offs_m * M
+    for j in tl.static_range(M):
+        v = tl.max(keep_v, axis=1)
+        s = tl.argmax(keep_v, axis=1)
+        sel = slots[None, :] == s[:, None]
+        idx = tl.sum(tl.where(sel, keep_i, 0), axis=1)
+        tl.store(TOP_R + out_ptrs + j, tl.exp2((v - lz) * LOG2E), mask=mask_m)
+        tl.store(TOP_I + out_ptrs + j, idx.to(tl.int64), mask=mask_m)
+        keep_v = tl.where(sel, float("-inf"), keep_v)
+
+
+def score(x, means, var, log_weights, precision="tf32"):
+    """Returns ``(log_norm (n,) float32, best (n,) int64)`` as ``_torch_backend.score``."""
+    n, d, k = _check_inputs(x, means, var, log_weights, precision)
+    params = _prepare(means, var, log_weights)
+    return launch_logz(x, params, k, var.ndim == 2, precision, with_argmax=True)
+
+
+def topk_responsibilities(x, means, var, log_weights, max_assign, precision="tf32"):
+    """Per row the M = min(max_assign, K) largest responsibilities, best first: ((n, M) float32, (n, M) int64)."""
+    n, d, k = _check_inputs(x, means, var, log_weights, precision)
+    m = min(int(max_assign), k)
+    if not 1 <= m <= MAX_ASSIGN:
+        raise ValueError(f"max_assign must be in [1, {MAX_ASSIGN}], got {max_assign}")
+    diag = var.ndim == 2
+    params = _prepare(means, var, log_weights)
+    logz, _ = launch_logz(x, params, k, diag, precision)
+    top_r = torch.empty((n, m), dtype=torch.float32, device=x.device)
+    top_i = torch.empty((n, m), dtype=torch.int64, device=x.device)
+    a, p, bias, coef, cst = params
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]),)
+
+    _topk_kernel[grid](x, logz, a, p, bias, coef, cst, top_r, top_i, n, k,
+                       D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, MODE=_MODES[precision][0],
+                       M=m, M_PAD=max(2, triton.next_power_of_2(m)))
+    return top_r, top_i
+
+
+def assign(x, means, var, log_weights, tau, max_assign, precision="tf32"):
+    """CSR multi-assignment ``(counts (n,) int64, lists (nnz,) int64, resp (nnz,) float32)``."""
+    top_r, top_i = topk_responsibilities(x, means, var, log_weights, max_assign, precision)
+    keep = top_r > tau
+    keep[:, 0] = True
+    return keep.sum(1).to(torch.int64), top_i[keep], top_r[keep]

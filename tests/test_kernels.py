@@ -1,0 +1,324 @@
+"""Fused Triton kernels (``flashgmm_faiss.kernels``) against float64 references.
+
+Without CUDA the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` has to be set before
+``flashgmm_faiss.kernels`` is imported, which this module does at collection time (other test modules never
+import the kernels at import time). The interpreter has no bf16 and is slow, so those tests use tiny odd shapes
+and the "ieee"/"tf32" modes (the interpreter computes both as fp32). Realistic sizes, tf32/bf16 error bounds
+and bitwise reproducibility are checked by the ``gpu`` tests, which need a CUDA device.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    if "flashgmm_faiss.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("flashgmm_faiss.kernels was imported before TRITON_INTERPRET=1 could be set",
+                    allow_module_level=True)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from flashgmm_faiss import _torch_backend as tb  # noqa: E402
+from flashgmm_faiss._triton_backend import TritonBackend  # noqa: E402
+# the package re-exports the launchers under the module names, so fetch the modules themselves
+kassign = importlib.import_module("flashgmm_faiss.kernels.assign")
+kestep = importlib.import_module("flashgmm_faiss.kernels.estep")
+kkmeans = importlib.import_module("flashgmm_faiss.kernels.kmeans")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# (N, K, D): odd, non-power-of-2 sizes; one case where K and D divide the tiles evenly
+SHAPES = [(37, 5, 3), (37, 13, 20), (50, 7, 17), (64, 16, 16)]
+
+
+def _problem(n, k, d, diag, seed, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * 1.5
+    means = x[torch.randperm(n, generator=g)[:k]] + 0.3 * torch.randn(k, d, generator=g) if k <= n else \
+        torch.randn(k, d, generator=g)
+    var = (0.5 + torch.rand((k, d) if diag else (k,), generator=g)) * (1.0 if diag else 1.0)
+    log_weights = torch.log_softmax(torch.randn(k, generator=g), 0)
+    return [t.float().contiguous().to(device) for t in (x, means, var, log_weights)]
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(name, got, ref, rtol):
+    got = got.double().cpu()
+    ref = ref.double().cpu()
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(got))[:5]}"
+    err = (got - ref).abs()
+    worst = int(err.argmax())
+    rel = _rel(got, ref)
+    assert rel <= rtol, (f"{name}: ||got - ref|| / ||ref|| = {rel:.3e} > {rtol:.1e}; worst element {worst}: "
+                         f"got {got.flatten()[worst].item():.8g}, ref {ref.flatten()[worst].item():.8g}")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the launchers allocate with torch.empty starts as NaN (floats) or -7 (ints)."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        t.fill_(float("nan") if t.is_floating_point() else -7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return empty
+
+
+def _ref_kmeans(x, c):
+    x, c = x.double().cpu(), c.double().cpu()
+    dist = torch.cdist(x, c) ** 2
+    min_dist, labels = dist.min(1)
+    k = c.shape[0]
+    counts = torch.bincount(labels, minlength=k).double()
+    sums = torch.zeros_like(c).index_add_(0, labels, x)
+    return labels, min_dist, counts, sums, dist
+
+
+# ------------------------------------------------------------------------------------------------ E-step
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("n,k,d", SHAPES)
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_estep_matches_float64(poisoned, n, k, d, diag, precision):
+    if precision == "tf32" and not HAS_CUDA and (n, k, d) != SHAPES[1]:
+        pytest.skip("the interpreter computes tf32 as fp32: one shape is enough")
+    x, means, var, lw = _problem(n, k, d, diag, seed=n * 1000 + k * 10 + d)
+    got = kestep.estep(x, means, var, lw, precision=precision)
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    rtol = 1e-5 if (precision == "ieee" or not HAS_CUDA) else 2e-3
+    for name, g, r in zip(("log_norm", "nk", "sx", "sq"), got, ref):
+        assert g.dtype == torch.float32
+        assert_close(name, g, r, rtol)
+
+
+def test_estep_slab_layout_covers_rows():
+    # a slab layout for many rows: every row in exactly one slab, slabs aligned to every BLOCK_M
+    for n in (1, 37, 2048, 2049, 1_000_003):
+        for k in (1, 13, 1024, 4096):
+            slabs, rows = kestep.slab_layout(n, k, torch.device("cpu"))
+            assert rows % 256 == 0 and slabs * rows >= n and (slabs - 1) * rows < n
+
+
+def test_estep_multislab_matches_float64(monkeypatch):
+    # force several slabs (partials reduced across programs) on a tiny problem
+    monkeypatch.setattr(kestep, "slab_layout", lambda n, k, dev: (3, 16))
+    x, means, var, lw = _problem(41, 9, 5, False, seed=3)
+    got = kestep.estep(x, means, var, lw, precision="ieee")
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    for name, g, r in zip(("log_norm", "nk", "sx", "sq"), got, ref):
+        assert_close(name, g, r, 1e-5)
+
+
+def test_estep_rejects_bad_inputs():
+    x, means, var, lw = _problem(10, 3, 4, False, seed=0)
+    with pytest.raises(TypeError, match="float32"):
+        kestep.estep(x.double(), means, var, lw)
+    with pytest.raises(ValueError, match="features"):
+        kestep.estep(x[:, :3].contiguous(), means, var, lw)
+    with pytest.raises(ValueError, match="contiguous"):
+        kestep.estep(x.t().contiguous().t(), means, var, lw)
+    with pytest.raises(ValueError, match="var must have shape"):
+        kestep.estep(x, means, var[:2], lw)
+    with pytest.raises(ValueError, match="precision"):
+        kestep.estep(x, means, var, lw, precision="fp8")
+
+
+# ------------------------------------------------------------------------------------------ score / assign
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("n,k,d", SHAPES)
+def test_score_matches_float64(poisoned, n, k, d, diag):
+    x, means, var, lw = _problem(n, k, d, diag, seed=7 + n + k + d)
+    log_norm, best = kassign.score(x, means, var, lw, precision="ieee")
+    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
+    assert_close("log_norm", log_norm, torch.logsumexp(lp, 1), 1e-6)
+    assert best.dtype == torch.int64
+    top2 = lp.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4         # rows whose argmax is not a float32 near-tie
+    assert clear.sum() > 0
+    assert torch.equal(best.cpu()[clear], lp.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("n,k,d", SHAPES)
+@pytest.mark.parametrize("tau,max_assign", [(0.05, 3), (0.0, 64), (0.2, 1), (1e-4, 5)])
+def test_assign_matches_float64(poisoned, n, k, d, diag, tau, max_assign):
+    x, means, var, lw = _problem(n, k, d, diag, seed=11 + n + k + d)
+    x = x * 0.3  # overlapping components: several per row above tau
+    counts, lists, resp = kassign.assign(x, means, var, lw, tau, max_assign, precision="ieee")
+    x64, m64, v64, w64 = (t.double().cpu() for t in (x, means, var, lw))
+    lp = tb.log_prob(x64, m64, v64, w64)
+    r = torch.exp(lp - torch.logsumexp(lp, 1, keepdim=True))
+    m = min(max_assign, k)
+    top_r, top_k = r.topk(m, dim=1)
+    # invariants of the contract
+    counts, lists, resp = counts.cpu(), lists.cpu(), resp.cpu()
+    assert counts.dtype == torch.int64 and lists.dtype == torch.int64 and resp.dtype == torch.float32
+    assert counts.shape == (n,) and int(counts.sum()) == lists.numel() == resp.numel()
+    assert (counts >= 1).all() and (counts <= m).all()
+    assert ((lists >= 0) & (lists < k)).all()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    for i in range(n):
+        li, ri = lists[offsets[i]:offsets[i + 1]], resp[offsets[i]:offsets[i + 1]]
+        assert (ri[1:] > tau).all(), f"row {i}: kept a component at or below tau"
+        assert (ri[:-1] >= ri[1:]).all(), f"row {i}: not sorted best first"
+        assert li.unique().numel() == li.numel(), f"row {i}: duplicate component"
+        # against float64: same components, unless the reference has a float32-level tie or tau-crossing
+        ref_keep = (top_r[i] > tau)
+        ref_keep[0] = True
+        ambiguous = ((top_r[i] - tau).abs() < 1e-5).any() or (top_r[i][:-1] - top_r[i][1:] < 1e-5).any()
+        if not ambiguous:
+            assert torch.equal(li, top_k[i][ref_keep]), f"row {i}: {li.tolist()} != {top_k[i][ref_keep].tolist()}"
+            assert torch.allclose(ri.double(), top_r[i][ref_keep], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ k-means
+@pytest.mark.parametrize("n,k,d", SHAPES + [(37, 1, 9)])
+def test_kmeans_step_matches_float64(poisoned, n, k, d):
+    x, c, _, _ = _problem(n, k, d, False, seed=5 + n + k + d)
+    labels, min_dist, counts, sums = kkmeans.kmeans_step(x, c, precision="ieee")
+    r_labels, r_min, r_counts, r_sums, dist = _ref_kmeans(x, c)
+    assert labels.dtype == torch.int64 and counts.dtype == torch.float32 and sums.dtype == torch.float32
+    srt = dist.sort(1).values
+    clear = (srt[:, 1] - srt[:, 0] > 1e-4) if k > 1 else torch.ones(n, dtype=torch.bool)
+    assert torch.equal(labels.cpu()[clear], r_labels[clear])
+    assert_close("min_dist", min_dist, r_min, 1e-5)
+    if bool(clear.all()):
+        assert torch.equal(counts.cpu().double(), r_counts)
+        assert_close("sums", sums, r_sums, 1e-6)
+    # whatever the labels, counts and sums must describe them exactly
+    lab = labels.cpu()
+    assert torch.equal(counts.cpu().double(), torch.bincount(lab, minlength=k).double())
+    own = torch.zeros(k, d, dtype=torch.float64).index_add_(0, lab, x.double().cpu())
+    assert_close("sums vs own labels", sums, own, 1e-6)
+
+
+def test_kmeans_step_split_pieces(monkeypatch):
+    # one huge cluster split over several programs: force small pieces
+    x, c, _, _ = _problem(45, 3, 6, False, seed=9)
+    c[0] = x.mean(0)  # most rows land in cluster 0
+    real_cdiv = kkmeans.triton.cdiv
+    monkeypatch.setattr(kkmeans.triton, "cdiv", lambda a, b: real_cdiv(a, 8) if b == 2048 else real_cdiv(a, b))
+    labels, _, counts, sums = kkmeans.kmeans_step(x, c, precision="ieee")
+    own = torch.zeros(3, 6, dtype=torch.float64).index_add_(0, labels.cpu(), x.double().cpu())
+    assert_close("sums", sums, own, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------ backend class
+def test_backend_signatures_match_torch_contract():
+    be = TritonBackend("ieee")
+    for name in ("log_prob", "estep", "score", "kmeans_step", "assign"):
+        ref = list(inspect.signature(getattr(tb, name)).parameters)
+        got = list(inspect.signature(getattr(be, name)).parameters)
+        assert got == ref, f"{name}: {got} != {ref}"
+    with pytest.raises(ValueError, match="precision"):
+        TritonBackend("fp16")
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_backend_methods_match_torch_backend(diag):
+    be = TritonBackend("ieee")
+    x, means, var, lw = _problem(29, 6, 11, diag, seed=21)
+    st = be.estep(x, means, var, lw)
+    assert isinstance(st, tb.EStepStats)
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    for name in st._fields:
+        assert_close(name, getattr(st, name), getattr(ref, name), 1e-5)
+    log_norm, best = be.score(x, means, var, lw)
+    assert_close("score", log_norm, ref.log_norm, 1e-6)
+    counts, lists, resp = be.assign(x, means, var, lw, 0.1, 2)
+    assert counts.shape == (29,) and lists.shape == resp.shape
+    lp = be.log_prob(x, means, var, lw)
+    assert lp.shape == (29, 6)
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+def _sift_like(n, d, k, seed, device="cuda"):
+    """Uncentred non-negative integer data (0..255) with cluster structure, like SIFT descriptors."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    centres = torch.rand(256, d, generator=g) * 60 * (torch.rand(256, d, generator=g) < 0.4)
+    lab = torch.randint(0, 256, (n,), generator=g)
+    x = (centres[lab] + torch.randn(n, d, generator=g) * 15).clamp_(0, 255).round_()
+    return x.to(device)
+
+
+def _fit_params(xc, k, diag, seed):
+    """Means/variances from a few float64 Lloyd steps: the kind of parameters an E-step sees mid-fit."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x64 = xc.double()
+    c = x64[torch.randperm(xc.shape[0], generator=g)[:k].to(xc.device)].clone()
+    for _ in range(3):
+        lab = torch.cat([torch.cdist(x64[i:i + 65536], c).argmin(1) for i in range(0, len(x64), 65536)])
+        cnt = torch.bincount(lab, minlength=k).clamp_min(1).double()
+        c = torch.zeros_like(c).index_add_(0, lab, x64) / cnt[:, None]
+    lab = torch.cat([torch.cdist(x64[i:i + 65536], c).argmin(1) for i in range(0, len(x64), 65536)])
+    cnt = torch.bincount(lab, minlength=k).clamp_min(1).double()
+    sq = torch.zeros_like(c).index_add_(0, lab, (x64 - c[lab]) ** 2) / cnt[:, None]
+    var = sq.clamp_min(1.0) if diag else sq.mean(1).clamp_min(1.0)
+    lw = torch.log(cnt / cnt.sum())
+    return c.float(), var.float(), lw.float()
+
+
+def _ref_estep_chunked(x, means, var, lw, chunk=65536):
+    out = [tb.estep(x[i:i + chunk].double(), means.double(), var.double(), lw.double())
+           for i in range(0, x.shape[0], chunk)]
+    return (torch.cat([o.log_norm for o in out]), sum(o.nk for o in out), sum(o.sx for o in out),
+            sum(o.sq for o in out))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("precision,rtol", [("tf32", 1e-3), ("bf16", 5e-3), ("ieee", 1e-5)])
+def test_gpu_estep_error_on_sift_like(diag, precision, rtol):
+    n, k, d = 1 << 20, 1000, 128
+    x = _sift_like(n, d, k, seed=1)
+    xc = (x - x.double().mean(0).float()).contiguous()      # the estimator centres the data
+    means, var, lw = _fit_params(xc, k, diag, seed=2)
+    got = kestep.estep(xc, means, var, lw, precision=precision)
+    ref = _ref_estep_chunked(xc, means, var, lw)
+    for name, g, r in zip(("log_norm", "nk", "sx", "sq"), got, ref):
+        assert_close(f"{precision} {name}", g, r, rtol)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [100, 96])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_gpu_odd_shapes_and_reproducible(d, diag):
+    n, k = 300_001, 1000
+    x, means, var, lw = _problem(n, k, d, diag, seed=d, device="cuda")
+    a = kestep.estep(x, means, var, lw, precision="tf32")
+    b = kestep.estep(x, means, var, lw, precision="tf32")
+    for name, u, v in zip(("log_norm", "nk", "sx", "sq"), a, b):
+        assert torch.equal(u, v), f"{name} differs between two identical runs"
+    ref = _ref_estep_chunked(x, means, var, lw)
+    for name, g, r in zip(("log_norm", "nk", "sx", "sq"), a, ref):
+        assert_close(name, g, r, 2e-3)
+    ka = kkmeans.kmeans_step(x, means, precision="tf32")
+    kb = kkmeans.kmeans_step(x, means, precision="tf32")
+    for u, v in zip(ka, kb):
+        assert torch.equal(u, v)
+    own = torch.zeros(k, d, dtype=torch.float64, device="cuda").index_add_(0, ka[0], x.double())
+    assert_close("kmeans sums", ka[3], own, 1e-6)
+    log_norm, best = kassign.score(x, means, var, lw, precision="tf32")
+    assert_close("score", log_norm, ref[0], 1e-4)
+    counts, lists, resp = kassign.assign(x[:4096].contiguous(), means, var, lw, 0.01, 8, precision="tf32")
+    assert (counts >= 1).all() and (counts <= 8).all() and int(counts.sum()) == lists.numel()
