@@ -122,6 +122,8 @@ def search_with_dco(index, xq, k: int = 10, nprobe: int = 1, *, copies: int | No
     larger = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
     if kk > k or c > 1:
         D, I = dedup_topk(D, I, k, larger_is_better=larger)
+    else:  # FAISS pads with +-FLT_MAX: use +-inf, as dedup_topk does
+        D = np.where(I < 0, -np.inf if larger else np.inf, D).astype(np.float32)
     return D, I, DCO(scan, routing)
 
 
