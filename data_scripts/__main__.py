@@ -1,0 +1,6 @@
+"""``python -m data_scripts`` is ``python -m data_scripts.prepare``."""
+import sys
+
+from .prepare import main
+
+sys.exit(main())
