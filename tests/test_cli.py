@@ -1,0 +1,106 @@
+"""The command line: demo on the bundled data, build/search/sweep on user files of each format."""
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from flashgmm_faiss import cli, recall_at_k
+from flashgmm_faiss.io import read_vectors, write_ann_hdf5, write_vectors
+
+from conftest import REPO, SHARED_DATA, make_blobs
+
+
+def test_bundled_siftsmall_matches_the_shared_texmex_files():
+    xb, xq, gt = cli.load_siftsmall()
+    assert xb.shape == (10000, 128) and xq.shape == (100, 128) and gt.shape == (100, 100)
+    # exact top-1 by brute force (independent of the stored ground truth)
+    index = faiss.IndexFlatL2(128)
+    index.add(xb)
+    _, I = index.search(xq, 1)
+    assert np.mean(I[:, 0] == gt[:, 0]) == 1.0
+    src = SHARED_DATA / "siftsmall"
+    if not src.exists():
+        pytest.skip("shared siftsmall files not present")
+    np.testing.assert_array_equal(xb, np.load(src / "siftsmall_base.u8.npy").astype(np.float32))
+    np.testing.assert_array_equal(xq, read_vectors(src / "siftsmall_query.fvecs"))
+    np.testing.assert_array_equal(gt, read_vectors(src / "siftsmall_groundtruth.ivecs"))
+
+
+def test_demo_writes_table_json_and_png(tmp_path, capsys):
+    payload = cli.run_demo(tmp_path, K=16, max_iter=15, quiet=True)
+    out = capsys.readouterr().out
+    assert "| nprobe |" in out and "gmm-multi" in out and "kmeans" in out
+    data = json.loads((tmp_path / "demo_siftsmall.json").read_text())
+    assert set(data["methods"]) == {"kmeans", "gmm-single", "gmm-multi", "gmm-multi-cap2"}
+    assert (tmp_path / "demo_siftsmall.png").stat().st_size > 10_000
+    for m, res in payload["methods"].items():
+        last = res["sweep"][-1]
+        assert last["nprobe"] == 16 and last["recall_at_10"] == 1.0, m  # full probe = exhaustive
+        assert last["dco_scan_per_query"] == pytest.approx(10000 * res["inflation"])
+    assert payload["methods"]["gmm-multi-cap2"]["max_copies"] <= 2
+
+
+def test_dco_at_recall_interpolates():
+    rows = [{"dco_scan_per_query": 100, "recall_at_10": 0.5}, {"dco_scan_per_query": 400, "recall_at_10": 0.9},
+            {"dco_scan_per_query": 200, "recall_at_10": 0.7}]
+    assert cli.dco_at_recall(rows, 0.9) == pytest.approx(400)
+    assert cli.dco_at_recall(rows, 0.8) == pytest.approx(np.sqrt(200 * 400))
+    assert cli.dco_at_recall(rows, 0.95) is None
+
+
+@pytest.mark.parametrize("fmt", [".npy", ".fvecs", ".fbin", ".bvecs", ".u8bin", ".hdf5"])
+def test_build_search_sweep_on_files(tmp_path, fmt, capsys):
+    xb, _ = make_blobs(n=1500, d=12, k=20, seed=3, spread=20.0, offset=100.0)
+    xb = np.clip(xb, 0, 255)
+    xq = xb[:40] + 0.5
+    if fmt in (".bvecs", ".u8bin"):
+        xb, xq = xb.round().astype(np.uint8), xq.round().astype(np.uint8)
+    flat = faiss.IndexFlatL2(12)
+    flat.add(xb.astype(np.float32))
+    _, gt = flat.search(xq.astype(np.float32), 20)
+    if fmt == ".hdf5":
+        base = queries = tmp_path / "data.hdf5"
+        write_ann_hdf5(base, xb, xq, gt.astype(np.int32), metric="l2")
+        gt_args = []
+    else:
+        base, queries, gtf = tmp_path / f"base{fmt}", tmp_path / f"q{fmt}", tmp_path / "gt.ivecs"
+        write_vectors(base, xb)
+        write_vectors(queries, xq)
+        write_vectors(gtf, gt.astype(np.int32))
+        gt_args = ["--gt", str(gtf)]
+    idx = str(tmp_path / "index.faiss")
+    assert cli.main(["build", "--base", str(base), "--out", idx, "--K", "8", "--max-iter", "10",
+                     "--backend", "torch", "--device", "cpu"]) == 0
+    built = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert built["ntotal"] == 1500 and built["nlist"] == 8 and built["inflation"] >= 1.0
+    res = tmp_path / "res.npz"
+    assert cli.main(["search", "--index", idx, "--queries", str(queries), "--k", "10", "--nprobe", "8",
+                     "--out", str(res)] + gt_args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["recall_at_10"] == 1.0  # nprobe = K: exhaustive
+    with np.load(res) as z:
+        assert z["I"].shape == (40, 10) and recall_at_k(z["I"], gt, 10) == 1.0
+    sweep_json = tmp_path / "sweep.json"
+    assert cli.main(["sweep", "--index", idx, "--queries", str(queries), "--nprobes", "1,2,8", "--out",
+                     str(sweep_json), "--plot", str(tmp_path / "s.png")] + gt_args) == 0
+    rows = json.loads(sweep_json.read_text())["sweep"]
+    assert [r["nprobe"] for r in rows] == [1, 2, 8] and rows[-1]["recall_at_10"] == 1.0
+    assert (tmp_path / "s.png").exists()
+    assert cli.main(["info", "--index", idx]) == 0
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["build", "--base", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "i")]) == 2
+    assert "nope.npy" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros((5, 3), dtype=np.float32))
+    assert cli.main(["build", "--base", str(tmp_path / "x.npy"), "--out", str(tmp_path / "i"), "--K", "8"]) == 2
+    assert "larger than the number of training vectors" in capsys.readouterr().err
+    assert cli.main(["sweep", "--index", "i", "--queries", str(tmp_path / "x.npy")]) == 2
+    assert "--gt is required" in capsys.readouterr().err
+
+
+def test_console_script_is_declared():
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'flashgmm-faiss = "flashgmm_faiss.cli:main"' in text
+    assert '"flashgmm_faiss.kernels" = "kernels"' in text
