@@ -452,29 +452,30 @@ def convert_texmex_tar(tar_path, out_path, *, prefix: str = "sift", expect: dict
                 name = Path(m.name).name
                 if m.isfile() and name in want:
                     dst = workdir / name
-                    if not (dst.exists() and dst.stat().st_size == m.size):
-                        with tar.extractfile(m) as src, open(dst, "wb") as out:
-                            shutil.copyfileobj(src, out, 8 * MiB)
+                    with tar.extractfile(m) as src, open(dst, "wb") as out:
+                        shutil.copyfileobj(src, out, 8 * MiB)
                     found[name] = dst
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ValueError(f"{tar_path}: cannot read the tar archive ({e}); truncated download? delete it and "
                          "run again") from e
-    missing = sorted(want - set(found) - {f"{prefix}_learn.fvecs"})
-    if missing:
-        raise ValueError(f"{tar_path}: missing {missing} in the archive (found {sorted(found)})")
-    xb = io.read_vectors(found[f"{prefix}_base.fvecs"])
-    xq = io.read_vectors(found[f"{prefix}_query.fvecs"], mmap=False)
-    gt = io.read_vectors(found[f"{prefix}_groundtruth.ivecs"], mmap=False)
-    xt = io.read_vectors(found[f"{prefix}_learn.fvecs"]) if f"{prefix}_learn.fvecs" in found else None
-    for key, arr in (("base", xb), ("query", xq), ("groundtruth", gt), ("learn", xt)):
-        if arr is not None:
-            expect_shape(f"{tar_path.name}:{prefix}_{key}", arr, (expect or {}).get(key))
-    check_groundtruth(xb, xq, gt, "l2", check_queries, what=f"{prefix}_groundtruth.ivecs")
-    _finish(out_path, xb, xq, gt, None, "l2",
-            {"source": str(tar_path.name), "groundtruth": "shipped (texmex), distances recomputed"}, xt=xt)
-    if not keep_extracted:
-        del xb, xt
-        shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        missing = sorted(want - set(found) - {f"{prefix}_learn.fvecs"})
+        if missing:
+            raise ValueError(f"{tar_path}: missing {missing} in the archive (found {sorted(found)})")
+        xb = io.read_vectors(found[f"{prefix}_base.fvecs"])
+        xq = io.read_vectors(found[f"{prefix}_query.fvecs"], mmap=False)
+        gt = io.read_vectors(found[f"{prefix}_groundtruth.ivecs"], mmap=False)
+        xt = io.read_vectors(found[f"{prefix}_learn.fvecs"]) if f"{prefix}_learn.fvecs" in found else None
+        for key, arr in (("base", xb), ("query", xq), ("groundtruth", gt), ("learn", xt)):
+            if arr is not None:
+                expect_shape(f"{tar_path.name}:{prefix}_{key}", arr, (expect or {}).get(key))
+        check_groundtruth(xb, xq, gt, "l2", check_queries, what=f"{prefix}_groundtruth.ivecs")
+        _finish(out_path, xb, xq, gt, None, "l2",
+                {"source": str(tar_path.name), "groundtruth": "shipped (texmex), distances recomputed"}, xt=xt)
+    finally:
+        xb = xt = None  # drop the memory maps before deleting their files
+        if not keep_extracted:
+            shutil.rmtree(workdir, ignore_errors=True)
     return out_path
 
 
@@ -704,16 +705,16 @@ def _ann_runner(ann_name, expect, metric):
     return run
 
 
-DEEP_NB, DEEP_D, DEEP_NQ = 10_000_000, 96, 10_000
+DEEP_NB, DEEP_D, DEEP_NQ, DEEP_ORIGINAL_N = 10_000_000, 96, 10_000, 1_000_000_000
 
 
 def _run_deep_bigann(args, out_path, cache):
-    base = cache / f"deep_base.1B.fbin.crop_nb_{DEEP_NB}"
+    base = cache / f"base.1B.first{DEEP_NB}.fbin"  # must keep the .fbin extension
     size = 8 + DEEP_NB * DEEP_D * 4
     if not base.exists():
         download(args.url or DEEP_BASE_URL, base, max_bytes=size, expected_size=size,
                  sha256=_sha_for(args, base.name), retries=args.retries, quiet=args.quiet)
-    crop_bigann_file(base, DEEP_NB, original_n=1_000_000_000, d=DEEP_D)
+    crop_bigann_file(base, DEEP_NB, original_n=DEEP_ORIGINAL_N, d=DEEP_D)
     query = download(DEEP_QUERY_URL, cache / "query.public.10K.fbin", expected_size=8 + DEEP_NQ * DEEP_D * 4,
                      sha256=_sha_for(args, "query.public.10K.fbin"), retries=args.retries, quiet=args.quiet)
     gt = args.gt
@@ -721,9 +722,9 @@ def _run_deep_bigann(args, out_path, cache):
         fn = Path(urllib.parse.urlparse(gt).path).name
         gt = download(gt, cache / fn, expected_size=8 + DEEP_NQ * GT_K * 8, sha256=_sha_for(args, fn),
                       retries=args.retries, quiet=args.quiet)
-    return convert_bigann(base, query, out_path, metric="l2", gt=gt, check_queries=args.check_queries,
+    return convert_bigann(base, query, out_path, metric="l2", gt=gt, k=GT_K, check_queries=args.check_queries,
                           expect={"base": (DEEP_NB, DEEP_D), "query": (DEEP_NQ, DEEP_D)},
-                          attrs={"source": f"{DEEP_BASE_URL} (first {DEEP_NB:,} rows), {DEEP_QUERY_URL}"})
+                          attrs={"source": f"{args.url or DEEP_BASE_URL} (first {DEEP_NB:,} rows), {DEEP_QUERY_URL}"})
 
 
 def _local(fn):
