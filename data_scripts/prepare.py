@@ -387,7 +387,7 @@ def check_groundtruth(xb, xq, gt, metric: str, n_queries: int | None = 10, seed:
         q, r = np.argwhere(bad)[0]
         raise ValueError(f"{what}: query {sample[q]} rank {r}: shipped neighbour {gt[sample[q], r]} is at "
                          f"distance {D_shipped[q, r]:.6g} but the exact rank-{r} distance is {D[q, r]:.6g} "
-                         f"({bad.any(axis=1).sum()}/{sample.size} sampled queries differ)")
+                         f"({bad.any(axis=1).sum()}/{sample.size} sampled queries differ; --check-queries 0 skips this check)")
     report = {"queries_checked": int(sample.size), "id_agreement": float((I == gt[sample]).mean())}
     if gt_distances is not None:
         stored = np.asarray(gt_distances[sample], dtype=np.float64)
