@@ -247,7 +247,8 @@ def _ftp_fetch(url: str, part: Path, max_bytes: int | None, timeout: float, labe
     """One FTP attempt, resuming with REST from the partial file's size."""
     u = urllib.parse.urlparse(url)
     have = part.stat().st_size if part.exists() else 0
-    with ftplib.FTP(u.hostname, timeout=timeout) as ftp:
+    with ftplib.FTP(timeout=timeout) as ftp:
+        ftp.connect(u.hostname, u.port or 21)
         ftp.login(u.username or "anonymous", u.password or "anonymous@")
         ftp.voidcmd("TYPE I")
         path = urllib.parse.unquote(u.path)

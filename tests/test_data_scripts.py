@@ -6,6 +6,8 @@ import hashlib
 import io as pyio
 import os
 import re
+import socket
+import socketserver
 import struct
 import tarfile
 import threading
@@ -198,6 +200,80 @@ def test_download_wrong_size(server, tmp_path):
 def test_download_rejects_unknown_scheme(tmp_path):
     with pytest.raises(ValueError, match="unsupported URL scheme"):
         prepare.download("gopher://x/y", tmp_path / "y", quiet=True)
+
+
+class _FTPHandler(socketserver.StreamRequestHandler):
+    """Just enough of an FTP server for ftplib: USER/PASS/TYPE/SIZE/PASV/REST/RETR/QUIT."""
+
+    def reply(self, text):
+        self.wfile.write(text.encode() + b"\r\n")
+
+    def handle(self):
+        srv, rest, pasv = self.server, 0, None
+        self.reply("220 test server")
+        for line in self.rfile:
+            cmd, _, arg = line.decode().strip().partition(" ")
+            cmd = cmd.upper()
+            srv.log.append((cmd, arg))
+            if cmd in ("USER", "PASS", "TYPE"):
+                self.reply({"USER": "331 ok", "PASS": "230 ok", "TYPE": "200 ok"}[cmd])
+            elif cmd == "SIZE":
+                self.reply(f"213 {len(srv.files[arg])}" if arg in srv.files else "550 no such file")
+            elif cmd == "PASV":
+                pasv = socket.create_server(("127.0.0.1", 0))
+                port = pasv.getsockname()[1]
+                self.reply(f"227 Entering Passive Mode (127,0,0,1,{port >> 8},{port & 255})")
+            elif cmd == "REST":
+                rest = int(arg)
+                self.reply("350 restarting")
+            elif cmd == "RETR":
+                if arg not in srv.files:
+                    self.reply("550 no such file")
+                    continue
+                self.reply("150 sending")
+                conn, _ = pasv.accept()
+                data = srv.files[arg][rest:]
+                cut = srv.cut_after.pop(0) if srv.cut_after else None
+                conn.sendall(data if cut is None else data[:cut])
+                conn.close()
+                pasv.close()
+                rest = 0
+                self.reply("226 done" if cut is None else "426 connection closed; transfer aborted")
+            elif cmd == "QUIT":
+                self.reply("221 bye")
+                return
+            else:
+                self.reply("502 not implemented")
+
+
+@pytest.fixture
+def ftp_server():
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FTPHandler)
+    srv.daemon_threads = True
+    srv.files, srv.log, srv.cut_after = {}, [], []
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    srv.url = f"ftp://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    t.join(5)
+
+
+def test_ftp_download_resumes_with_rest(ftp_server, tmp_path):
+    ftp_server.files["/local/texmex/corpus/sift.tar.gz"] = PAYLOAD
+    ftp_server.cut_after = [70_000]
+    (tmp_path / "sift.tar.gz.part").write_bytes(PAYLOAD[:10_000])  # an earlier interrupted run
+    out = prepare.download(ftp_server.url + "/local/texmex/corpus/sift.tar.gz", tmp_path / "sift.tar.gz",
+                           quiet=True, backoff=0.0, sha256=PAYLOAD_SHA)
+    assert out.read_bytes() == PAYLOAD
+    rests = [arg for cmd, arg in ftp_server.log if cmd == "REST"]
+    assert rests == ["10000", "80000"]
+
+
+def test_ftp_missing_file_is_a_clear_error(ftp_server, tmp_path):
+    with pytest.raises(prepare.DownloadError, match="FTP error 550"):
+        prepare.download(ftp_server.url + "/nope.tar.gz", tmp_path / "nope.tar.gz", quiet=True, backoff=0.0)
 
 
 def _fbin_bytes(x):
