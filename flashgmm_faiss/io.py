@@ -600,8 +600,8 @@ def load_dataset(path_or_name, data_dir=None, mmap: bool = True) -> Dataset:
     creates these files.
     """
     p = Path(path_or_name)
-    if p.suffix.lower() in _HDF5_EXTENSIONS or p.exists():
-        if p.exists() and _ext(p) not in _HDF5_EXTENSIONS:
+    if p.suffix.lower() in _HDF5_EXTENSIONS or p.is_file():
+        if p.is_file() and _ext(p) not in _HDF5_EXTENSIONS:
             raise ValueError(f"{p}: load_dataset expects an ann-benchmarks .hdf5 file; "
                              f"use read_vectors for single {_ext(p) or 'extension-less'} files")
         return read_ann_hdf5(p, mmap=mmap)

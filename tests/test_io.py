@@ -325,6 +325,9 @@ def test_load_dataset_by_name(tmp_path, monkeypatch):
     D, I = io.compute_ground_truth(xb, xq, k=5)
     io.write_ann_hdf5(tmp_path / "toy.hdf5", xb, xq, I, D, "l2")
     assert io.load_dataset("toy", data_dir=tmp_path).name == "toy"
+    (tmp_path / "cwd" / "toy").mkdir(parents=True)  # a directory named like the data set is not a file
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert io.load_dataset("toy", data_dir=tmp_path).nq == 4
     monkeypatch.setenv("FLASHGMM_DATA", str(tmp_path))
     assert io.load_dataset("toy").nb == 50
     with pytest.raises(FileNotFoundError, match="data_scripts.prepare --dataset missing"):
