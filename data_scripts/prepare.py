@@ -694,7 +694,8 @@ def _sha_for(args, filename):
 def _run_texmex_sift(args, out_path, cache):
     tar = download(args.url or TEXMEX_SIFT_URL, cache / "sift.tar.gz", sha256=_sha_for(args, "sift.tar.gz"),
                    retries=args.retries, quiet=args.quiet)
-    return convert_texmex_tar(tar, out_path, workdir=cache / "sift_extracted", check_queries=args.check_queries)
+    return convert_texmex_tar(tar, out_path, expect=SIFT1M_SHAPES, workdir=cache / "sift_extracted",
+                              check_queries=args.check_queries)
 
 
 def _ann_runner(ann_name, expect, metric):
@@ -743,7 +744,7 @@ DATASETS = {
         "sift1m", "texmex SIFT1M: 1M SIFT descriptors, 10k queries, L2", "l2", "1,000,000 x 128 (+100k learn)",
         _hdf5_bytes(1_000_000, 10_000, 128, nt=100_000),
         {"texmex": Source("texmex sift.tar.gz (fvecs/ivecs; learn set kept as `learn`)", [TEXMEX_SIFT_URL],
-                          f"tar.gz, {_fmt_bytes(1_100_000 * 516 + 10_000 * 516 + 10_000 * 404)} unpacked",
+                          f"~161 MB tar.gz ({_fmt_bytes(1_100_000 * 516 + 10_000 * 516 + 10_000 * 404)} unpacked)",
                           _run_texmex_sift),
          "ann-benchmarks": Source("ann-benchmarks sift-128-euclidean.hdf5",
                                   [ANN_BENCHMARKS_URL.format(name="sift-128-euclidean")],

@@ -386,6 +386,20 @@ def test_texmex_tar_converter(tmp_path):
         prepare.convert_texmex_tar(tar, tmp_path / "y.hdf5")
 
 
+def test_sift1m_cli_from_a_file_url(tmp_path, monkeypatch):
+    """--dataset sift1m end to end, with --url pointing at a local tiny tar.gz (file:// mirror)."""
+    rng = np.random.default_rng(10)
+    xb, xq, gt = _sift_like(rng, nb=120, nq=4, k=10)
+    tar = tmp_path / "mirror" / "sift.tar.gz"
+    tar.parent.mkdir()
+    _texmex_tar(tar, xb, xq, gt, learn=xb[:16])
+    monkeypatch.setattr(prepare, "SIFT1M_SHAPES", {"base": (120, 8), "query": (4, 8), "groundtruth": (4, 10)})
+    assert prepare.main(["--dataset", "sift1m", "--out", str(tmp_path / "o"), "--url", tar.as_uri(), "--quiet"]) == 0
+    data, attrs = check_hdf5_against(tmp_path / "o" / "sift1m.hdf5", xb, xq, 10, "l2", gt=gt)
+    assert (tmp_path / "o" / "downloads" / "sift.tar.gz").read_bytes() == tar.read_bytes()
+    assert not (tmp_path / "o" / "downloads" / "sift_extracted").exists()
+
+
 def test_texmex_tar_errors(tmp_path):
     rng = np.random.default_rng(4)
     xb, xq, gt = _sift_like(rng)
