@@ -160,7 +160,7 @@ def nearest_assign(xb, centroids, *, chunk_size=None):
 
 
 def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max_inflation=None, *,
-                   chunk_size=None, return_info: bool = False):
+                   rank_by: str = "gap", chunk_size=None, return_info: bool = False):
     """SOAR spilling adapted to L2 (as in RAIRS): at most one secondary list per vector.
 
     With ``r = x - c_p`` the residual to the nearest centroid ``c_p`` (the primary) and ``r' = x - c_j`` the
@@ -179,6 +179,9 @@ def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max
     max_inflation : float in [1, 2], optional
         Keep only the spills with the most negative loss gap ``L_j - L_p`` (the vectors SOAR helps most), at
         most ``round((max_inflation - 1) * n)`` of them. None keeps every spill.
+    rank_by : {"gap", "relative"}
+        How the budget ranks the spills: the loss gap ``L_j - L_p``, or the relative gap ``(L_j - L_p) / L_p``
+        (scale-free: vectors of wide lists do not crowd out those of tight lists).
     chunk_size : int, optional
     return_info : bool -- also return a dict with ``gap`` (n,) float64 (inf where no spill is possible)
 
@@ -191,6 +194,8 @@ def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}.")
     if not isinstance(n_candidates, (int, np.integer)) or n_candidates < 1:
         raise ValueError(f"n_candidates must be an integer >= 1, got {n_candidates!r}.")
+    if rank_by not in ("gap", "relative"):
+        raise ValueError(f"rank_by must be 'gap' or 'relative', got {rank_by!r}.")
     c = _check_centroids(centroids)
     n = _check_xb(xb, c.shape[1])
     K, d = c.shape
@@ -215,6 +220,8 @@ def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max
         best = loss[np.arange(e - s), j]
         g = best - loss_p
         spill = g < 0
+        if rank_by == "relative":
+            g = g / np.maximum(loss_p, np.finfo(np.float64).tiny)
         second[s:e] = np.where(spill, idx[np.arange(e - s), j + 1], -1)
         gap[s:e] = np.where(spill, g, np.inf)
     chosen = _select_smallest(gap, n if budget is None else budget)
@@ -426,3 +433,4 @@ def responsibility_spill_assign(xb, centroids, variance, inflation, weights=None
             r2[s:e] = pr[:, 1]
     chosen = _select_smallest(-r2, budget) if m > 1 else np.zeros(0, dtype=np.int64)
     return _csr(top[:, 0], [(chosen, np.ones_like(chosen), top[chosen, 1])] if m > 1 else [])
+

@@ -275,3 +275,16 @@ def test_clear_errors():
         bad = x.copy()
         bad[5, 0] = np.nan
         nearest_assign(bad, c)
+
+
+def test_soar_relative_ranking_divides_the_gap_by_the_primary_loss():
+    # Gaps from test_soar_budget_keeps_the_most_negative_gaps: x0: -1.21 / 1.9075 = -0.634; x1: -0.605 / 1.421875
+    # = -0.425. Scale x1's problem by 3 (all coordinates): its absolute gap becomes -5.445 (most negative), its
+    # relative gap stays -0.425, so "gap" keeps the scaled x1 and "relative" keeps x0. (The scaled copy is moved
+    # by (100, 0): SOAR is translation invariant.)
+    c = np.concatenate([C3, 3 * C3 + [100.0, 0.0]]).astype(np.float32)
+    x = np.array([[1.0, 0.3], [102.7, 0.15]], dtype=np.float32)
+    off, li = soar_l2_assign(x, c, max_inflation=1.5, n_candidates=2)
+    assert rows_of(off, li) == [[0], [3, 5]]
+    off, li = soar_l2_assign(x, c, max_inflation=1.5, n_candidates=2, rank_by="relative")
+    assert rows_of(off, li) == [[0, 2], [3]]
