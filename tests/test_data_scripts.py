@@ -101,8 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
         if srv.cut_after:  # drop the connection mid-body, once per entry
             body = body[:srv.cut_after.pop(0)]
             self.close_connection = True
+        srv.sent += len(body)  # before writing: the client may check it as soon as the bytes arrive
         self.wfile.write(body)
-        srv.sent += len(body)
 
     def log_message(self, *args):
         pass
