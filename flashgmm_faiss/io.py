@@ -375,14 +375,14 @@ def read_vectors(path, start: int = 0, count: int | None = None, mmap: bool = Tr
     if dataset is not None:
         raise ValueError(f"{path}: dataset={dataset!r} only applies to HDF5 files")
     if ext == ".npy":
-        try:
-            a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        try:  # always map first, so that mmap=False with a row range reads only those rows
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as e:
-            raise ValueError(f"{path}: not a valid .npy file or truncated ({e})") from e
+            raise ValueError(f"{path}: not a valid .npy file, or truncated ({e})") from e
         if a.ndim != 2:
             raise ValueError(f"{path}: .npy array has shape {a.shape}, expected 2-D (n, d)")
         start, stop = _row_range(a.shape[0], start, count, path)
-        return a[start:stop]
+        return a[start:stop] if mmap else np.array(a[start:stop], order="C")
     dtype, family = _FORMATS[ext]
     reader = _read_vecs if family == "vecs" else _read_bin
     return reader(path, dtype, start, count, mmap)

@@ -193,6 +193,14 @@ def test_row_range_errors(tmp_path):
         io.read_vectors(p, start=6)
 
 
+def test_npy_truncated(tmp_path):
+    p = tmp_path / "x.npy"
+    np.save(p, np.ones((100, 4), np.float32))
+    p.write_bytes(p.read_bytes()[:-16])
+    with pytest.raises(ValueError, match="x.npy: not a valid .npy file, or truncated"):
+        io.read_vectors(p)
+
+
 def test_npy_not_2d(tmp_path):
     p = tmp_path / "x.npy"
     np.save(p, np.zeros(3))
