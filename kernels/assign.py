@@ -15,7 +15,7 @@ Cost: two logit GEMMs (``2 * 2 n K D`` FLOPs) + ``n K`` exps + ``O(n K M)`` comp
 merge (which dominates for large M: keep max_assign small, as IVF multi-assignment does); bytes: X twice,
 outputs ``12 n M``.
 
-Precision: as the E-step (``"ieee"``, ``"tf32"``, ``"bf16"``, ``"bf16x3"``); responsibilities within ~1e-3
+Precision: as the E-step (``"ieee"``, ``"tf32"``, ``"bf16"``); responsibilities within ~1e-3
 relative of float64 in tf32 on centred data, so a component whose responsibility is within that of tau may
 flip. Exact ties between components are broken by the lower index, as ``torch.topk`` usually does.
 
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _interpret, _prepare, _prune_row,
+from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _hi, _interpret, _lo, _prepare, _prune_row,
                     launch_logz)
 
 MAX_ASSIGN = 64
@@ -46,12 +46,12 @@ def _topk_configs():
 @triton.jit
 def _topk_kernel(
     # pointers: data, logZ, component parameters; outputs (n, M) responsibilities and indices
-    X, LOGZ, A, P, BIAS, COEF, CST,
+    X, LOGZ, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
     TOP_R, TOP_I,
     # sizes
     N, K,
     # compile-time: dims, flags, kept entries (M real, M_PAD = next power of 2), tiles
-    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
     M: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -63,7 +63,15 @@ def _topk_kernel(
     x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     xsq = x * x
     x2 = tl.sum(xsq, axis=1)
-    lz = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0)
+    xh = _hi(x, MODE, EMU)
+    xl = _lo(x, xh, MODE, EMU)
+    if DIAG:
+        xsh = _hi(xsq, MODE, EMU)
+        xsl = _lo(xsq, xsh, MODE, EMU)
+    else:
+        xsh = xh
+        xsl = xl
+    lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0) * LOG2E
 
     slots = tl.arange(0, M_PAD)
     # kept logits: -inf in the M real slots (to be replaced), +inf in the padding (never replaced)
@@ -73,8 +81,8 @@ def _topk_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + cols
         mask_k = offs_k < K
-        cand, dist = _component_logits(x, xsq, x2, A, P, BIAS, COEF, CST, offs_k, mask_k, offs_d, mask_d,
-                                       D, DIAG, MODE, EVEN_K)
+        cand, dist = _component_logits(xh, xl, xsh, xsl, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+                                       offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
         for _ in tl.static_range(M):
             c_max = tl.max(cand, axis=1)
             c_arg = tl.argmax(cand, axis=1)
@@ -93,7 +101,7 @@ def _topk_kernel(
         s = tl.argmax(keep_v, axis=1)
         sel = slots[None, :] == s[:, None]
         idx = tl.sum(tl.where(sel, keep_i, 0), axis=1)
-        tl.store(TOP_R + out_ptrs + j, tl.exp2((v - lz) * LOG2E), mask=mask_m)
+        tl.store(TOP_R + out_ptrs + j, tl.exp2(v - lz2), mask=mask_m)
         tl.store(TOP_I + out_ptrs + j, idx.to(tl.int64), mask=mask_m)
         keep_v = tl.where(sel, float("-inf"), keep_v)
 
@@ -101,7 +109,7 @@ def _topk_kernel(
 def score(x, means, var, log_weights, precision="tf32"):
     """Returns ``(log_norm (n,) float32, best (n,) int64)`` as ``_torch_backend.score``."""
     n, d, k = _check_inputs(x, means, var, log_weights, precision)
-    params = _prepare(means, var, log_weights)
+    params = _prepare(means, var, log_weights, precision)
     return launch_logz(x, params, k, var.ndim == 2, precision, with_argmax=True)
 
 
@@ -112,17 +120,18 @@ def topk_responsibilities(x, means, var, log_weights, max_assign, precision="tf3
     if not 1 <= m <= MAX_ASSIGN:
         raise ValueError(f"max_assign must be in [1, {MAX_ASSIGN}], got {max_assign}")
     diag = var.ndim == 2
-    params = _prepare(means, var, log_weights)
+    params = _prepare(means, var, log_weights, precision)
     logz, _ = launch_logz(x, params, k, diag, precision)
     top_r = torch.empty((n, m), dtype=torch.float32, device=x.device)
     top_i = torch.empty((n, m), dtype=torch.int64, device=x.device)
-    a, p, bias, coef, cst = params
+    a, a_lo, p, p_lo, bias, coef, cst = params
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _topk_kernel[grid](x, logz, a, p, bias, coef, cst, top_r, top_i, n, k,
-                       D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, MODE=_MODES[precision][0],
+    _topk_kernel[grid](x, logz, a, a_lo, p, p_lo, bias, coef, cst, top_r, top_i, n, k,
+                       D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, MODE=_MODES[precision],
+                       EMU=_interpret(),
                        M=m, M_PAD=max(2, triton.next_power_of_2(m)))
     return top_r, top_i
 

@@ -59,12 +59,14 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_D = 256
-PRECISIONS = ("ieee", "tf32", "bf16", "bf16x3")
-# (logit GEMM mode, accumulation GEMM mode) per precision: 0 ieee, 1 tf32, 2 bf16, 3 bf16x3 split
-_MODES = {"ieee": (0, 0), "tf32": (1, 1), "bf16": (2, 2), "bf16x3": (3, 1)}
+# GEMM modes: 0 exact fp32 ("ieee"); 1 one tf32 product with round-to-nearest operands ("tf32-mma");
+# 2 one bf16 product ("bf16"); 3 split bf16 products, 3 terms for the logits and 2 for R^T X ("tf32", the
+# default: tf32-class accuracy or better, see the module docstring for why it is not a tf32 product).
+PRECISIONS = ("ieee", "tf32", "bf16", "tf32-mma")
+_MODES = {"ieee": 0, "tf32-mma": 1, "bf16": 2, "tf32": 3}
 
 
 def _interpret() -> bool:
@@ -75,105 +77,175 @@ def _interpret() -> bool:
 # shared device helpers
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _mm(a, b, MODE: tl.constexpr):
-    """a (M, C) @ b (C, N) with fp32 accumulation; MODE 0 ieee, 1 tf32, 2 bf16, 3 bf16x3 split."""
-    if MODE == 0:
+def _round_tf32(x):
+    """fp32 -> nearest tf32 value (as fp32). The tensor cores truncate fp32 operands to tf32, a bias of
+    ~2^-11 per operand that does not average out over a sum."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x1000) & 0xFFFFE000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest bf16 value (as fp32): bf16 arithmetic for the interpreter, which has no bf16."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x8000) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hi(x, MODE: tl.constexpr, EMU: tl.constexpr):
+    """GEMM operand of an fp32 tile: as is (0), tf32-rounded (1), bf16 (2, 3; bf16-valued fp32 if EMU)."""
+    if MODE == 1:
+        out = _round_tf32(x)
+    elif MODE >= 2:
+        if EMU:
+            out = _round_bf16(x)
+        else:
+            out = x.to(tl.bfloat16)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def _lo(x, hi, MODE: tl.constexpr, EMU: tl.constexpr):
+    """Second bf16 term of the split x = hi + lo (MODE 3); other modes return hi (unused)."""
+    if MODE == 3:
+        if EMU:
+            out = _round_bf16(x - hi)
+        else:
+            out = (x - hi.to(tl.float32)).to(tl.bfloat16)
+    else:
+        out = hi
+    return out
+
+
+@triton.jit
+def _dot(a, b, MODE: tl.constexpr, EMU: tl.constexpr):
+    """a (M, C) @ b (C, N) of operands from _hi/_lo, fp32 accumulation (exact fp32 products if EMU)."""
+    if MODE == 0 or EMU:
         out = tl.dot(a, b, input_precision="ieee")
     elif MODE == 1:
         out = tl.dot(a, b, input_precision="tf32")
-    elif MODE == 2:
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
-        a_hi = a.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        b_hi = b.to(tl.bfloat16)
-        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-        out = tl.dot(a_lo, b_hi)
-        out = tl.dot(a_hi, b_lo, out)
-        out = tl.dot(a_hi, b_hi, out)
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _dot3(a_hi, a_lo, b_hi, b_lo, MODE: tl.constexpr, EMU: tl.constexpr):
+    """a @ b; for MODE 3 the split product hi.hi + hi.lo + lo.hi (~16 mantissa bits of each operand)."""
+    out = _dot(a_hi, b_hi, MODE, EMU)
+    if MODE == 3:
+        out += _dot(a_hi, b_lo, MODE, EMU)
+        out += _dot(a_lo, b_hi, MODE, EMU)
     return out
 
 
 @triton.jit
 def _component_logits(
-    x, xsq, x2,                     # row tile (BM, BD), its square, and row norms (BM,)
-    A, P, BIAS, COEF, CST,          # component parameters (see _prepare)
+    xh, xl, xsh, xsl, x2,           # row tile as GEMM operands (hi, lo), its square (diag only), ||x||^2
+    A, A_LO, P, P_LO,               # component parameters in operand form (see _prepare)
+    BIAS2, COEF2, CST,
     offs_k, mask_k, offs_d, mask_d,
-    D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
+    D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Logits l (BM, BK) and distances dist (BM, BK) of a row tile against one block of components.
+    """Base-2 logits s = l * log2(e) (BM, BK) and distances (BM, BK) of a row tile against one component block.
 
-    Invalid components (k >= K) get l = -inf so that exp(l - logZ) = 0 there.
+    Invalid components (k >= K) get s = -inf so that 2^(s - logZ2) = 0 there.
     """
     t_ptrs = offs_d[:, None] + offs_k[None, :] * D            # (BD, BK): parameters read transposed
     if EVEN_K:
         t_mask = mask_d[:, None]
-        bias = tl.load(BIAS + offs_k)
-        coef = tl.load(COEF + offs_k)
+        bias = tl.load(BIAS2 + offs_k)
+        coef = tl.load(COEF2 + offs_k)
         cst = tl.load(CST + offs_k)
     else:
         t_mask = mask_d[:, None] & mask_k[None, :]
-        bias = tl.load(BIAS + offs_k, mask=mask_k, other=0.0)
-        coef = tl.load(COEF + offs_k, mask=mask_k, other=0.0)
+        bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=0.0)
+        coef = tl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
         cst = tl.load(CST + offs_k, mask=mask_k, other=0.0)
     a_t = tl.load(A + t_ptrs, mask=t_mask, other=0.0)
-    cross = _mm(x, a_t, MODE)
+    if MODE == 3:
+        a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
+    else:
+        a_lo_t = a_t
+    cross = _dot3(xh, xl, a_t, a_lo_t, MODE, EMU)
     if DIAG:
         p_t = tl.load(P + t_ptrs, mask=t_mask, other=0.0)
-        base = _mm(xsq, p_t, MODE)
+        if MODE == 3:
+            p_lo_t = tl.load(P_LO + t_ptrs, mask=t_mask, other=0.0)
+        else:
+            p_lo_t = p_t
+        base = _dot3(xsh, xsl, p_t, p_lo_t, MODE, EMU)
     else:
         base = x2[:, None]
     dist = tl.maximum(base + cst[None, :] - 2.0 * cross, 0.0)
-    logit = bias[None, :] + coef[None, :] * dist
+    s = bias[None, :] + coef[None, :] * dist
     if not EVEN_K:
-        logit = tl.where(mask_k[None, :], logit, float("-inf"))
-    return logit, dist
+        s = tl.where(mask_k[None, :], s, float("-inf"))
+    return s, dist
 
 
 # ----------------------------------------------------------------------------------------------------------
 # autotune configs: a small generator plus pruning (never keyed on n)
 # ----------------------------------------------------------------------------------------------------------
+_SMEM_BUDGET = 200 * 1024
+
+
+def _esize(mode):
+    return 4 if mode in (0, 1) else (2 if mode == 2 else 4)   # mode 3: two bf16 terms
+
+
 def _row_configs():
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm in (128, 256) for bk in (64, 128) for w in (8,) for s in (2, 3)]
+            for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))]
 
 
 def _prune_row(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}           # constexprs arrive as keyword arguments
     D, K = named_args["D"], named_args["K"]
+    diag, es = bool(named_args.get("DIAG", False)), _esize(named_args.get("MODE", 1))
     bd = triton.next_power_of_2(D)
     keep = []
     for c in configs:
-        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        if bk > max(16, triton.next_power_of_2(K)):
+        bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
+        ops = 2 if diag else 1
+        smem = ops * bm * bd * es + st * ops * bk * bd * es
+        if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
             continue
-        if bm * bd > 256 * 128 or (bm == 256 and bd > 64 and bk > 64):  # register budget of the X tile
+        if bm * bd * ops > 256 * 128 or (bm == 256 and diag):  # register budget of the row tile
             continue
         keep.append(c)
-    return keep or configs[:1]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * c.num_stages)]
 
 
 def _stats_configs():
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for bk in (64, 128) for w in (8,) for s in (2, 3)]
+            for bm, bk, w, s in ((64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2))]
 
 
 def _prune_stats(configs, named_args, **kwargs):
-    D, K, diag = named_args["D"], named_args["K"], named_args["DIAG"]
+    named_args = {**named_args, **kwargs}
+    D, K, diag, es = named_args["D"], named_args["K"], named_args["DIAG"], _esize(named_args["MODE"])
     bd = triton.next_power_of_2(D)
     keep = []
     for c in configs:
-        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        if bk > max(16, triton.next_power_of_2(K)):
+        bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
+        ops = 2 if diag else 1
+        smem = ops * bk * bd * es + st * bm * bd * 4 + ops * bm * bd * es
+        if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
             continue
-        n_acc = 2 if diag else 1                           # Sx (and Sxx) accumulators in registers
-        if n_acc * bk * bd > 128 * 128 or (bm * bd > 128 * 128):
+        regs = (ops * bk * bd + bk * bm + bm * bd * ops) / (32 * c.num_warps)   # accumulators + tiles
+        if regs > 200:
             continue
         keep.append(c)
-    return keep or configs[:1]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * c.num_stages)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,13 +257,13 @@ def _prune_stats(configs, named_args, **kwargs):
 @triton.jit
 def _logz_kernel(
     # pointers: data, component parameters, outputs
-    X, A, P, BIAS, COEF, CST,
-    LOGZ, BEST,
+    X, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+    LOGZ, X2, BEST,
     # sizes (rows are contiguous, stride D)
     N, K,
     # compile-time: feature dims, flags, tiles
     D: tl.constexpr, BLOCK_D: tl.constexpr,
-    DIAG: tl.constexpr, WITH_ARGMAX: tl.constexpr, MODE: tl.constexpr,
+    DIAG: tl.constexpr, WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -202,16 +274,23 @@ def _logz_kernel(
     x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     xsq = x * x
     x2 = tl.sum(xsq, axis=1)
+    xh = _hi(x, MODE, EMU)
+    xl = _lo(x, xh, MODE, EMU)
+    if DIAG:
+        xsh = _hi(xsq, MODE, EMU)
+        xsl = _lo(xsq, xsh, MODE, EMU)
+    else:
+        xsh = xh
+        xsl = xl
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max, base-2 units
-    l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of 2^(l - m)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of 2^(s - m)
     best = tl.zeros([BLOCK_M], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        logit, dist = _component_logits(x, xsq, x2, A, P, BIAS, COEF, CST, offs_k, mask_k, offs_d, mask_d,
-                                        D, DIAG, MODE, EVEN_K)
-        s = logit * LOG2E
+        s, dist = _component_logits(xh, xl, xsh, xsl, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+                                    offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
         s_max = tl.max(s, axis=1)
         if WITH_ARGMAX:
             s_arg = tl.argmax(s, axis=1) + k0
@@ -221,6 +300,8 @@ def _logz_kernel(
         m_i = m_new
     logz = (m_i + tl.log2(l_i)) * LN2
     tl.store(LOGZ + offs_m, logz, mask=mask_m)
+    if WRITE_X2:
+        tl.store(X2 + offs_m, x2, mask=mask_m)
     if WITH_ARGMAX:
         tl.store(BEST + offs_m, best.to(tl.int64), mask=mask_m)
 
@@ -228,23 +309,25 @@ def _logz_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # pass 2: responsibilities and statistics, split over component blocks x row slabs
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "ACC_MODE"],
+@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE"],
                  prune_configs_by={"early_config_prune": _prune_stats})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _estep_stats_kernel(
-    # pointers: data, logZ, component parameters
-    X, LOGZ, A, P, BIAS, COEF, CST,
+    # pointers: data, logZ and ||x||^2 from pass 1, component parameters (A, P in operand form)
+    X, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
     # outputs: one partial per slab, (S, K), (S, K, D), (S, K) or (S, K, D)
     NK_PART, SX_PART, SQ_PART,
     # sizes
     N, K, SLAB_ROWS,
     # compile-time
     D: tl.constexpr, BLOCK_D: tl.constexpr,
-    DIAG: tl.constexpr, MODE: tl.constexpr, ACC_MODE: tl.constexpr,
+    DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    # component block varies fastest: the programs sharing a slab of X run side by side (L2 reuse)
+    # Flash-attention-forward shape: the component block plays the queries, the rows of X the keys and
+    # the values. Tiles are (BLOCK_K, BLOCK_M) so that R feeds the second GEMM without a transpose.
+    # The component block varies fastest: programs sharing a slab of X run side by side (L2 reuse).
     pid = tl.program_id(0)
     num_kb = tl.cdiv(K, BLOCK_K)
     pid_k = pid % num_kb
@@ -253,6 +336,20 @@ def _estep_stats_kernel(
     mask_k = offs_k < K
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    kd_mask = mask_k[:, None] & mask_d[None, :]
+    kd_ptrs = offs_k[:, None] * D + offs_d[None, :]
+    a = tl.load(A + kd_ptrs, mask=kd_mask, other=0.0)
+    a_lo = a
+    if MODE == 3:
+        a_lo = tl.load(A_LO + kd_ptrs, mask=kd_mask, other=0.0)
+    if DIAG:
+        p = tl.load(P + kd_ptrs, mask=kd_mask, other=0.0)
+        p_lo = p
+        if MODE == 3:
+            p_lo = tl.load(P_LO + kd_ptrs, mask=kd_mask, other=0.0)
+    bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=0.0)
+    coef = tl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
+    cst = tl.load(CST + offs_k, mask=mask_k, other=0.0)
 
     acc_nk = tl.zeros([BLOCK_K], tl.float32)
     acc_sx = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
@@ -261,35 +358,50 @@ def _estep_stats_kernel(
     else:
         acc_sq = tl.zeros([BLOCK_K], tl.float32)            # sum r ||x - mu||^2
 
-    row_lo = pid_s.to(tl.int64) * SLAB_ROWS
+    row_lo = pid_s * SLAB_ROWS
     row_hi = tl.minimum(row_lo + SLAB_ROWS, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_hi
-        x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                    other=0.0)
-        lz = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0)
-        xsq = x * x
-        x2 = tl.sum(xsq, axis=1)
-        logit, dist = _component_logits(x, xsq, x2, A, P, BIAS, COEF, CST, offs_k, mask_k, offs_d, mask_d,
-                                        D, DIAG, MODE, EVEN_K)
-        r = tl.exp2((logit - lz[:, None]) * LOG2E)
-        r = tl.where(mask_m[:, None], r, 0.0)
-        acc_nk += tl.sum(r, axis=0)
-        r_t = tl.trans(r)
-        acc_sx += _mm(r_t, x, ACC_MODE)
+        x = tl.load(X + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0) * LOG2E
+        xh = _hi(x, MODE, EMU)
+        xl = _lo(x, xh, MODE, EMU)
+        cross = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), MODE, EMU)          # (BK, BM)
         if DIAG:
-            acc_sq += _mm(r_t, xsq, ACC_MODE)
+            xsq = x * x
+            xsh = _hi(xsq, MODE, EMU)
+            xsl = _lo(xsq, xsh, MODE, EMU)
+            base = _dot3(p, p_lo, tl.trans(xsh), tl.trans(xsl), MODE, EMU)
         else:
-            acc_sq += tl.sum(r * dist, axis=0)
+            base = tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]
+        dist = tl.maximum(base + cst[:, None] - 2.0 * cross, 0.0)
+        r = tl.exp2(bias[:, None] + coef[:, None] * dist - lz2[None, :])
+        if EVEN_K:
+            r = tl.where(mask_m[None, :], r, 0.0)
+        else:
+            r = tl.where(mask_m[None, :] & mask_k[:, None], r, 0.0)
+        acc_nk += tl.sum(r, axis=1)
+        # R^T X: r in the operand precision (mode 3: bf16, unbiased rounding that averages out over rows)
+        # against x (mode 3: both split terms, so x keeps ~16 bits)
+        ro = _hi(r, MODE, EMU)
+        acc_sx += _dot(ro, xh, MODE, EMU)
+        if MODE == 3:
+            acc_sx += _dot(ro, xl, MODE, EMU)
+        if DIAG:
+            acc_sq += _dot(ro, xsh, MODE, EMU)
+            if MODE == 3:
+                acc_sq += _dot(ro, xsl, MODE, EMU)
+        else:
+            acc_sq += tl.sum(r * dist, axis=1)
 
     base_k = pid_s.to(tl.int64) * K + offs_k
     tl.store(NK_PART + base_k, acc_nk, mask=mask_k)
-    kd_ptrs = base_k[:, None] * D + offs_d[None, :]
-    kd_mask = mask_k[:, None] & mask_d[None, :]
-    tl.store(SX_PART + kd_ptrs, acc_sx, mask=kd_mask)
+    out_ptrs = base_k[:, None] * D + offs_d[None, :]
+    tl.store(SX_PART + out_ptrs, acc_sx, mask=kd_mask)
     if DIAG:
-        tl.store(SQ_PART + kd_ptrs, acc_sq, mask=kd_mask)
+        tl.store(SQ_PART + out_ptrs, acc_sq, mask=kd_mask)
     else:
         tl.store(SQ_PART + base_k, acc_sq, mask=mask_k)
 
@@ -327,27 +439,57 @@ def _check_inputs(x, means, var, log_weights, precision):
     return n, d, k
 
 
-def _prepare(means, var, log_weights):
-    """Per-component parameters of the shared logit form (O(K D), float64 math then float32)."""
+def _bf16_values(t):
+    bits = t.view(torch.int32)
+    return ((bits + 0x8000) & ~0xFFFF).view(torch.float32)
+
+
+def as_operand(t, mode, emu=None):
+    """Host-side operand form (hi, lo) of a parameter matrix, matching the kernels' _hi/_lo."""
+    emu = _interpret() if emu is None else emu
+    t = t.float().contiguous()
+    if mode == 1:
+        hi = ((t.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+        return hi, hi
+    if mode >= 2:
+        hi = _bf16_values(t) if emu else t.to(torch.bfloat16)
+        if mode == 2:
+            return hi, hi
+        res = t - hi.float()
+        lo = _bf16_values(res) if emu else res.to(torch.bfloat16)
+        return hi, lo
+    return t, t
+
+
+def _prepare(means, var, log_weights, precision):
+    """Per-component parameters of the shared logit form (O(K D), float64 math).
+
+    Returns (A, A_lo, P, P_lo, bias2, coef2, cst): A and P in the GEMM operand form of ``precision`` (the lo
+    terms are only read in the split mode), base-2 bias and
+    coefficient, so that ``s = bias2 + coef2 * max(base + cst - 2 x.A, 0)`` is ``log2(e)`` times the logit.
+    """
+    mode = _MODES[precision]
     d = means.shape[1]
     mu = means.double()
     v = var.double()
     lw = log_weights.double()
     log2pi = math.log(2.0 * math.pi)
     if var.ndim == 1:
-        a = means.contiguous()
-        p = a                                                # unused placeholder
+        a = as_operand(means, mode)
+        p = a                                                # unused placeholders
         bias = lw - 0.5 * d * (log2pi + torch.log(v))
         coef = -0.5 / v
         cst = (mu * mu).sum(1)
     else:
         prec = 1.0 / v
-        a = (mu * prec).float().contiguous()
-        p = prec.float().contiguous()
+        a = as_operand(mu * prec, mode)
+        p = as_operand(prec, mode)
         bias = lw - 0.5 * (d * log2pi + torch.log(v).sum(1))
         coef = torch.full_like(bias, -0.5)
         cst = (mu * mu * prec).sum(1)
-    return a, p, bias.float().contiguous(), coef.float().contiguous(), cst.float().contiguous()
+    log2e = 1.0 / math.log(2.0)
+    return (a[0], a[1], p[0], p[1], (bias * log2e).float().contiguous(), (coef * log2e).float().contiguous(),
+            cst.float().contiguous())
 
 
 _SM_COUNT = {}
@@ -362,20 +504,20 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def launch_logz(x, params, k, diag, precision, with_argmax=False):
-    """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64."""
+def launch_logz(x, params, k, diag, precision, with_argmax=False, x2=None):
+    """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64; fills ``x2`` with ||x||^2 if given."""
     n, d = x.shape
-    a, p, bias, coef, cst = params
+    a, a_lo, p, p_lo, bias, coef, cst = params
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     best = torch.empty(n if with_argmax else 1, dtype=torch.int64, device=x.device)
-    mode = _MODES[precision][0]
+    mode = _MODES[precision]
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _logz_kernel[grid](x, a, p, bias, coef, cst, logz, best, n, k,
+    _logz_kernel[grid](x, a, a_lo, p, p_lo, bias, coef, cst, logz, logz if x2 is None else x2, best, n, k,
                        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                       DIAG=diag, WITH_ARGMAX=with_argmax, MODE=mode)
+                       DIAG=diag, WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, MODE=mode, EMU=_interpret())
     return logz, (best if with_argmax else None)
 
 
@@ -391,24 +533,25 @@ def estep(x, means, var, log_weights, precision="tf32"):
     """Fused E-step over one chunk; returns ``(log_norm, nk, sx, sq)`` as in ``_torch_backend.estep``."""
     n, d, k = _check_inputs(x, means, var, log_weights, precision)
     diag = var.ndim == 2
-    params = _prepare(means, var, log_weights)
-    logz, _ = launch_logz(x, params, k, diag, precision)
+    params = _prepare(means, var, log_weights, precision)
+    x2 = None if diag else torch.empty(n, dtype=torch.float32, device=x.device)
+    logz, _ = launch_logz(x, params, k, diag, precision, x2=x2)
 
     slabs, slab_rows = slab_layout(n, k, x.device)
     dev = x.device
     nk_part = torch.empty((slabs, k), dtype=torch.float32, device=dev)
     sx_part = torch.empty((slabs, k, d), dtype=torch.float32, device=dev)
     sq_part = torch.empty((slabs, k, d) if diag else (slabs, k), dtype=torch.float32, device=dev)
-    a, p, bias, coef, cst = params
-    lmode, amode = _MODES[precision]
+    a, a_lo, p, p_lo, bias, coef, cst = params
 
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
-    _estep_stats_kernel[grid](x, logz, a, p, bias, coef, cst, nk_part, sx_part, sq_part,
+    _estep_stats_kernel[grid](x, logz, logz if x2 is None else x2, a, a_lo, p, p_lo, bias, coef, cst,
+                              nk_part, sx_part, sq_part,
                               n, k, slab_rows,
                               D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                              DIAG=diag, MODE=lmode, ACC_MODE=amode)
+                              DIAG=diag, MODE=_MODES[precision], EMU=_interpret())
 
     # fixed-order reduction of the partials, cast on the fly (no float64 copy of the partials)
     nk64 = nk_part.sum(0, dtype=torch.float64)

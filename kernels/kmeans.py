@@ -20,8 +20,8 @@ Cost: one GEMM of ``2 n K D`` FLOPs; bytes: X twice (the assignment, then the ga
 plus the sort of n int64 labels and ``16 n`` bytes of labels/permutation traffic; extra memory
 ``O(n + SPLIT K D)``.
 
-Precision: the distances use the same dot modes as the E-step (``"ieee"``, ``"tf32"``, ``"bf16"``;
-``"bf16x3"`` is a split product). With tf32 a near-tie between two centroids may resolve differently from
+Precision: the distances use the same dot modes as the E-step (``"ieee"``, ``"tf32"`` with operands rounded
+to nearest, ``"bf16"``). With tf32 a near-tie between two centroids may resolve differently from
 float64; the sums are exact fp32 sums of the assigned rows.
 
 Caveats: D <= 256. Tested on: CPU interpreter at tiny odd shapes (``tests/test_kernels.py``).
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import MAX_D, PRECISIONS, _MODES, _interpret, _mm, _prune_row, _row_configs
+from .estep import MAX_D, PRECISIONS, _MODES, _dot3, _hi, _interpret, _lo, _prune_row, _row_configs, as_operand
 
 
 @triton.autotune(configs=_row_configs(), key=["K", "D", "MODE"],
@@ -41,12 +41,12 @@ from .estep import MAX_D, PRECISIONS, _MODES, _interpret, _mm, _prune_row, _row_
 @triton.jit
 def _kmeans_assign_kernel(
     # pointers: data, centroids, their squared norms; outputs
-    X, C, C2,
+    X, C, C_LO, C2,
     LABELS, MIN_DIST,
     # sizes
     N, K,
     # compile-time
-    D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -56,6 +56,8 @@ def _kmeans_assign_kernel(
     mask_d = offs_d < D
     x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     x2 = tl.sum(x * x, axis=1)
+    xh = _hi(x, MODE, EMU)
+    xl = _lo(x, xh, MODE, EMU)
 
     best_v = tl.full([BLOCK_M], float("inf"), tl.float32)
     best_k = tl.zeros([BLOCK_M], tl.int32)
@@ -64,12 +66,17 @@ def _kmeans_assign_kernel(
         mask_k = offs_k < K
         t_ptrs = offs_d[:, None] + offs_k[None, :] * D
         if EVEN_K:
-            c_t = tl.load(C + t_ptrs, mask=mask_d[:, None], other=0.0)
+            t_mask = mask_d[:, None]
             c2 = tl.load(C2 + offs_k)
         else:
-            c_t = tl.load(C + t_ptrs, mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+            t_mask = mask_d[:, None] & mask_k[None, :]
             c2 = tl.load(C2 + offs_k, mask=mask_k, other=float("inf"))
-        s = c2[None, :] - 2.0 * _mm(x, c_t, MODE)           # ||x - c||^2 - ||x||^2
+        c_t = tl.load(C + t_ptrs, mask=t_mask, other=0.0)
+        if MODE == 3:
+            c_lo_t = tl.load(C_LO + t_ptrs, mask=t_mask, other=0.0)
+        else:
+            c_lo_t = c_t
+        s = c2[None, :] - 2.0 * _dot3(xh, xl, c_t, c_lo_t, MODE, EMU)   # ||x - c||^2 - ||x||^2
         s_min = tl.min(s, axis=1)
         s_arg = tl.argmin(s, axis=1) + k0
         better = s_min < best_v                               # strict: the first minimum wins, as torch.min
@@ -126,8 +133,9 @@ def kmeans_step(x, centroids, precision="tf32"):
     if x.device.type != "cuda" and not _interpret():
         raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
 
-    c = centroids.contiguous()
-    c2 = (c.double() * c.double()).sum(1).float()
+    mode = _MODES[precision]
+    c, c_lo = as_operand(centroids, mode)
+    c2 = (centroids.double() ** 2).sum(1).float()
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     min_dist = torch.empty(n, dtype=torch.float32, device=x.device)
     block_d = max(16, triton.next_power_of_2(d))
@@ -135,8 +143,8 @@ def kmeans_step(x, centroids, precision="tf32"):
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _kmeans_assign_kernel[grid](x, c, c2, labels, min_dist, n, k, D=d, BLOCK_D=block_d,
-                                MODE=_MODES[precision][0])
+    _kmeans_assign_kernel[grid](x, c, c_lo, c2, labels, min_dist, n, k, D=d, BLOCK_D=block_d,
+                                MODE=mode, EMU=_interpret())
 
     counts_i = torch.bincount(labels, minlength=k)
     perm = torch.argsort(labels, stable=True)

@@ -1,0 +1,328 @@
+"""Kernel benchmark: fused Triton EM against torch/cuBLAS baselines, in one process on one GPU.
+
+For each shape (N, K, D) it times
+
+* ``ours E-step``        : ``flashgmm_faiss.kernels.estep`` on the whole X (chunks of ``--chunk`` rows when N is larger),
+                           tf32 and bf16, spherical and diag;
+* ``ours EM iter``       : the same over chunks, float64 accumulation and the M-step in torch (what
+                           ``GaussianMixture(backend="triton")`` does per iteration);
+* ``torch chunked``      : ``_torch_backend.estep`` on 131072-row chunks with tf32 GEMMs, eager and under
+                           ``torch.compile`` (the strongest simple alternative);
+* ``torch materialising``: the same on the whole N x K matrix at once (skipped when it cannot fit);
+* ``torch k-means``      : ``_torch_backend.kmeans_step`` on 131072-row chunks (GEMM + argmin + index_add);
+* ``ours k-means``       : ``flashgmm_faiss.kernels.kmeans_step`` (tf32).
+
+Columns: median ms, TFLOP/s of the GEMM work the method must do (spherical E-step 3 GEMMs of 2NKD, diag 6;
+k-means 1), fraction of the GEMM ceiling measured in the same run (torch.matmul 8192^3, tf32 and bf16),
+peak memory beyond X and the parameters (``torch.cuda.max_memory_allocated`` deltas), and the relative error
+of Nk, Sx, Sq (the max of the three) against float64 on the first ``--err-rows`` rows.
+
+The data are SIFT-like (non-negative integers 0..255 with cluster structure) and centred, as the estimator
+centres them; the parameters come from a few k-means steps on a subsample, so responsibilities look like
+mid-fit ones. Results go to ``bench_ann/results/kernels_<device>.json`` and ``.md``.
+
+Usage (a quick run): ``python -m bench_ann.bench_kernels --shapes 1e6,1024,128 --rep 200``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_SHAPES = "1e6,1024,128;1e6,1024,96;1e7,1024,128;1e6,4096,128;1e8,1024,128"
+TORCH_CHUNK = 131072
+
+
+def parse_shapes(s):
+    out = []
+    for item in s.split(";"):
+        n, k, d = item.split(",")
+        out.append((int(float(n)), int(k), int(d)))
+    return out
+
+
+def bench(fn, rep_ms):
+    """Median ms: triton's do_bench for fast ops, a few event-timed runs for ops over 100 ms."""
+    import triton
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    if est < 100:
+        return triton.testing.do_bench(fn, warmup=min(25, rep_ms), rep=rep_ms, return_mode="median")
+    times = []
+    for _ in range(3 if est < 2000 else 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def peak_extra(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def gemm_ceiling():
+    n = 8192
+    a = torch.randn(n, n, device="cuda")
+    b = torch.randn(n, n, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_tf32 = bench(lambda: a @ b, 300)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    t_bf16 = bench(lambda: ab @ bb, 300)
+    del a, b, ab, bb
+    fl = 2 * n ** 3
+    return fl / t_tf32 / 1e9, fl / t_bf16 / 1e9
+
+
+def make_data(n, d, seed=0, chunk=1 << 22):
+    """SIFT-like uint8-range data, generated on the GPU chunk by chunk, then centred (in place)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    centres = torch.rand(256, d, device="cuda", generator=g) * 60
+    centres *= torch.rand(256, d, device="cuda", generator=g) < 0.4
+    x = torch.empty(n, d, device="cuda")
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        lab = torch.randint(0, 256, (m,), device="cuda", generator=g)
+        x[i:i + m] = (centres[lab] + 15 * torch.randn(m, d, device="cuda", generator=g)).clamp_(0, 255).round_()
+    mean = torch.zeros(d, dtype=torch.float64, device="cuda")
+    for i in range(0, n, chunk):
+        mean += x[i:i + chunk].sum(0, dtype=torch.float64)
+    mean = (mean / n).float()
+    for i in range(0, n, chunk):
+        x[i:i + chunk] -= mean
+    return x
+
+
+def make_params(x, k, kernels, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    sub = x[: min(len(x), 1 << 20)]
+    c = sub[torch.randint(0, len(sub), (k,), device="cuda", generator=g)].clone()
+    for _ in range(3):
+        lab, _, cnt, sums = kernels.kmeans_step(sub, c, precision="tf32")
+        nz = cnt > 0
+        c[nz] = sums[nz] / cnt[nz, None]
+    lab, mind, cnt, _ = kernels.kmeans_step(sub, c, precision="tf32")
+    cnt64 = cnt.double().clamp_min(1)
+    d = x.shape[1]
+    sq = torch.zeros(k, d, dtype=torch.float64, device="cuda").index_add_(0, lab, (sub - c[lab]).double() ** 2)
+    var_diag = (sq / cnt64[:, None]).clamp_min(1.0).float()
+    var_sph = (sq.sum(1) / cnt64 / d).clamp_min(1.0).float()
+    lw = torch.log(cnt64 / cnt64.sum()).float()
+    return c.contiguous(), var_sph, var_diag, lw
+
+
+def ref_stats(x, means, var, lw, tb, chunk=65536):
+    nk = sx = sq = 0
+    for i in range(0, len(x), chunk):
+        st = tb.estep(x[i:i + chunk].double(), means.double(), var.double(), lw.double())
+        nk, sx, sq = nk + st.nk, sx + st.sx, sq + st.sq
+    return nk, sx, sq
+
+
+def rel_err(got, ref):
+    return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="'N,K,D;N,K,D;...' (N may be written 1e6)")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms per measurement")
+    ap.add_argument("--chunk", type=int, default=1 << 22, help="rows per fused E-step call in the EM iteration")
+    ap.add_argument("--err-rows", type=int, default=1 << 20, help="rows of the float64 error subsample")
+    ap.add_argument("--methods", default="all",
+                    help="comma list among ours_estep,ours_em,torch_chunked,torch_compile,torch_material,"
+                         "torch_kmeans,ours_kmeans (default all)")
+    ap.add_argument("--precisions", default="tf32,bf16")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--breakdown", action="store_true", help="also time pass 1 of the E-step alone")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
+    args = ap.parse_args(argv)
+
+    import triton
+    from flashgmm_faiss import _torch_backend as tb
+    from flashgmm_faiss import kernels
+
+    methods = set(args.methods.split(",")) if args.methods != "all" else {
+        "ours_estep", "ours_em", "torch_chunked", "torch_compile", "torch_material", "torch_kmeans", "ours_kmeans"}
+    precisions = args.precisions.split(",")
+    dev_name = torch.cuda.get_device_name()
+    free_total = torch.cuda.mem_get_info()[1]
+    ceil_tf32, ceil_bf16 = gemm_ceiling()
+    print(f"# {dev_name}: GEMM ceiling tf32 {ceil_tf32:.0f} TFLOP/s, bf16 {ceil_bf16:.0f} TFLOP/s", flush=True)
+    rows = []
+
+    def record(shape, method, cov, prec, ms, gemms, mem, err, note=""):
+        n, k, d = shape
+        fl = gemms * 2.0 * n * k * d
+        tflops = fl / ms / 1e9 if ms else None
+        ceil = ceil_bf16 if prec == "bf16" else ceil_tf32
+        row = dict(N=n, K=k, D=d, method=method, cov=cov, precision=prec, ms=ms, tflops=tflops,
+                   frac_ceiling=(tflops / ceil) if tflops else None, extra_mib=mem, rel_err=err, note=note)
+        rows.append(row)
+        print(f"{n:>11} {k:>5} {d:>4} {method:<20} {cov:<9} {prec:<5} "
+              f"{(f'{ms:10.3f}' if ms else '         -')} {(f'{tflops:7.1f}' if tflops else '      -')} "
+              f"{(f'{tflops / ceil:6.2f}' if tflops else '     -')} {(f'{mem:9.1f}' if mem is not None else '        -')} "
+              f"{(f'{err:9.2e}' if err is not None else '        -')} {note}", flush=True)
+
+    print(f"{'N':>11} {'K':>5} {'D':>4} {'method':<20} {'cov':<9} {'prec':<5} {'ms':>10} {'TFLOP/s':>7} "
+          f"{'ceil':>6} {'extraMiB':>9} {'rel_err':>9} note", flush=True)
+    for shape in parse_shapes(args.shapes):
+        n, k, d = shape
+        need = n * d * 4
+        if need > 0.9 * free_total:
+            record(shape, "all", "-", "-", None, 0, None, None, f"skipped: X needs {need / 2**30:.0f} GiB")
+            continue
+        torch.cuda.empty_cache()
+        x = make_data(n, d)
+        means, var_sph, var_diag, lw = make_params(x, k, kernels)
+        xe = x[: min(n, args.err_rows)]
+        chunk = args.chunk
+
+        def em_iter(var, prec):
+            nk = torch.zeros(k, dtype=torch.float64, device="cuda")
+            sx = torch.zeros(k, d, dtype=torch.float64, device="cuda")
+            sq = torch.zeros_like(var, dtype=torch.float64)
+            ll = 0.0
+            for i in range(0, n, chunk):
+                st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec)
+                nk += st[1]
+                sx += st[2]
+                sq += st[3]
+                ll = ll + st[0].sum(dtype=torch.float64)
+            nk_c = nk.clamp_min(1e-10)
+            new_means = sx / nk_c[:, None]
+            shift = (new_means - means.double()) ** 2
+            if var.ndim == 1:
+                new_var = (sq / nk_c - shift.sum(1)) / d
+            else:
+                new_var = sq / nk_c[:, None] - shift
+            new_var = new_var.clamp_min(1e-6)
+            return torch.log(nk / n), new_means.float(), new_var.float(), ll
+
+        for cov, var in (("spherical", var_sph), ("diag", var_diag)):
+            gem = 3 if cov == "spherical" else 6
+            ref = ref_stats(xe, means, var, lw, tb) if ("ours_estep" in methods or "ours_em" in methods) else None
+            for prec in precisions:
+                if "ours_estep" in methods:
+                    if n <= chunk:
+                        fn = lambda: kernels.estep(x, means, var, lw, precision=prec)  # noqa: E731
+                        err = rel_err(kernels.estep(xe, means, var, lw, precision=prec)[1:], ref)
+                        ms = bench(fn, args.rep)
+                        record(shape, "ours E-step", cov, prec, ms, gem, peak_extra(fn), err)
+                        if args.breakdown:  # pass 1 alone (logZ), to split the time between the passes
+                            from flashgmm_faiss.kernels import estep as _ke  # noqa: F401
+                            ke = sys.modules["flashgmm_faiss.kernels.estep"]
+                            params = ke._prepare(means, var, lw, prec)
+                            fn1 = lambda: ke.launch_logz(x, params, k, var.ndim == 2, prec)  # noqa: E731
+                            record(shape, "  pass 1 (logZ)", cov, prec, bench(fn1, args.rep), gem // 3, None, None)
+                    else:
+                        record(shape, "ours E-step", cov, prec, None, gem, None, None,
+                               f"N > chunk: see EM iter ({chunk} rows per call)")
+                if "ours_em" in methods:
+                    fn = lambda: em_iter(var, prec)  # noqa: E731
+                    ms = bench(fn, args.rep)
+                    err = rel_err(kernels.estep(xe, means, var, lw, precision=prec)[1:], ref)
+                    record(shape, "ours EM iter", cov, prec, ms, gem, peak_extra(fn), err)
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+        def torch_chunked(fn_chunk):
+            nk = sx = sq = 0
+            for i in range(0, n, TORCH_CHUNK):
+                st = fn_chunk(x[i:i + TORCH_CHUNK], means, var_sph, lw)
+                nk, sx, sq = nk + st[1].double(), sx + st[2].double(), sq + st[3].double()
+            return nk, sx, sq
+
+        slow = n >= 50_000_000
+        if "torch_chunked" in methods:
+            fn = lambda: torch_chunked(tb.estep)  # noqa: E731
+            ref = ref_stats(xe, means, var_sph, lw, tb)
+            err = rel_err([sum(t) for t in zip(*[tb.estep(xe[i:i + TORCH_CHUNK], means, var_sph, lw)[1:]
+                                                  for i in range(0, len(xe), TORCH_CHUNK)])], ref)
+            ms = bench(fn, args.rep)
+            record(shape, "torch chunked", "spherical", "tf32", ms, 3, peak_extra(fn), err)
+        if "torch_compile" in methods and not slow:
+            try:
+                comp = torch.compile(tb.estep, dynamic=False)
+                fn = lambda: torch_chunked(comp)  # noqa: E731
+                ms = bench(fn, args.rep)
+                record(shape, "torch.compile chunk", "spherical", "tf32", ms, 3, peak_extra(fn), None)
+            except Exception as e:  # noqa: BLE001
+                record(shape, "torch.compile chunk", "spherical", "tf32", None, 3, None, None,
+                       f"failed: {type(e).__name__}")
+        if "torch_material" in methods:
+            need_m = 4 * n * k * 4 + need
+            if need_m < 0.8 * torch.cuda.mem_get_info()[0]:
+                fn = lambda: tb.estep(x, means, var_sph, lw)  # noqa: E731
+                ms = bench(fn, args.rep)
+                record(shape, "torch materialising", "spherical", "tf32", ms, 3, peak_extra(fn), None)
+            else:
+                record(shape, "torch materialising", "spherical", "tf32", None, 3, None, None,
+                       f"skipped: needs ~{need_m / 2**30:.0f} GiB")
+        if "torch_kmeans" in methods:
+            def tk():
+                cnt = sums = 0
+                for i in range(0, n, TORCH_CHUNK):
+                    _, _, c_, s_ = tb.kmeans_step(x[i:i + TORCH_CHUNK], means)
+                    cnt, sums = cnt + c_, sums + s_
+                return cnt, sums
+            ms = bench(tk, args.rep)
+            record(shape, "torch k-means", "-", "tf32", ms, 1, peak_extra(tk), None)
+        if "ours_kmeans" in methods:
+            def ok():
+                cnt = sums = 0
+                for i in range(0, n, chunk):
+                    _, _, c_, s_ = kernels.kmeans_step(x[i:i + chunk], means, precision="tf32")
+                    cnt, sums = cnt + c_, sums + s_
+                return cnt, sums
+            ms = bench(ok, args.rep)
+            record(shape, "ours k-means", "-", "tf32", ms, 1, peak_extra(ok), None)
+        del x, xe
+        torch.cuda.empty_cache()
+
+    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=" ".join([os.path.basename(sys.executable), "-m", "bench_ann.bench_kernels"] + sys.argv[1:]),
+                gemm_ceiling_tflops=dict(tf32=ceil_tf32, bf16=ceil_bf16), rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = dev_name.lower().replace("nvidia ", "").replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
+    (out / f"kernels_{slug}.json").write_text(json.dumps(meta, indent=1))
+    lines = [f"# Kernel benchmark on {dev_name}", "",
+             f"torch {torch.__version__}, triton {triton.__version__}, {meta['date']}, `{meta['command']}`", "",
+             f"GEMM ceilings measured in the same run: tf32 {ceil_tf32:.0f} TFLOP/s, bf16 {ceil_bf16:.0f} TFLOP/s.",
+             "TFLOP/s counts the GEMM work the method does (spherical E-step 3 GEMMs of 2NKD, "
+             "for ours and for torch alike; diag 6; k-means 1); rel_err is the max over Nk, Sx, Sq vs float64 "
+             f"on the first {args.err_rows} rows; extra MiB is the peak beyond X and the parameters.", "",
+             "| N | K | D | method | cov | prec | ms | TFLOP/s | frac of ceiling | extra MiB | rel err | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
+        lines.append(f"| {r['N']:.0e} | {r['K']} | {r['D']} | {r['method']} | {r['cov']} | {r['precision']} | "
+                     f"{f(r['ms'], '%.3f')} | {f(r['tflops'], '%.1f')} | {f(r['frac_ceiling'], '%.2f')} | "
+                     f"{f(r['extra_mib'], '%.1f')} | {f(r['rel_err'], '%.1e')} | {r['note']} |")
+    (out / f"kernels_{slug}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}/kernels_{slug}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
