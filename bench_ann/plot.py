@@ -135,6 +135,9 @@ def plot_copies(records, dataset, K, path):
         c = np.arange(len(h))
         ax.bar(c[1:], h[1:], color=STYLE.get(m, ("tab:blue",))[0] or "tab:blue")
         ax.set_yscale("log")
+        ax.set_ylim(0.5, max(h.max(), 1) * 2)  # bars start below 1 vector: heights are comparable
+        step = max(1, int(np.ceil((len(h) - 1) / 12)))
+        ax.set_xticks(c[1::step])
         ax.set_title(f"{m}\ninflation {run['inflation']:.2f}, max {run['max_copies']}", fontsize=9)
         ax.set_xlabel("copies per vector")
         ax.set_ylabel("vectors (log)")

@@ -204,13 +204,42 @@ def write_csv(path: Path, records: list[dict]):
                                 f"{row['qps']:.1f}"])
 
 
+def headline_markdown(out: Path, pairs, methods=None) -> str:
+    """Cross-data-set table (scan DCO): per data set and method, inflation, k-means/method DCO ratio at recall@10
+    0.90 and 0.95, and the recall gain at k-means' DCO for those recalls (mean ± std over seeds)."""
+    lines = ["| data set | method | inflation | DCO ratio k-means/method @0.90 | @0.95 | Δrecall@10 at k-means DCO "
+             "(0.90) | (0.95) | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for dataset, K in pairs:
+        tab = summarize(load_runs(out, dataset, K))["dco_scan_per_query"]
+        for m in (methods or list(tab)):
+            if m not in tab:
+                continue
+            s = tab[m]
+            cells = [f"{dataset} K={K}", m, _fmt(s["inflation"], 2), _fmt(s["ratio@0.90"], 3),
+                     _fmt(s["ratio@0.95"], 3)]
+            for t in (0.90, 0.95):
+                r = s[f"recall_at_baseline_cost@{t:.2f}"]
+                cells.append("—" if r["n"] == 0 else f"{100 * (r['mean'] - t):+.2f} ± {100 * r['std']:.2f}")
+            cells.append(str(len(s["seeds"])))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Summarise bench_ann sweeps (all seeds) into JSON/CSV/markdown.")
-    p.add_argument("dataset")
-    p.add_argument("--K", type=int, required=True)
+    p.add_argument("dataset", help="data set name, or DATASET:K,DATASET:K,... with --headline")
+    p.add_argument("--K", type=int, default=None)
     p.add_argument("--out", default="bench_ann/results")
+    p.add_argument("--headline", action="store_true", help="print the cross-data-set headline table only")
+    p.add_argument("--methods", nargs="*", default=None, help="with --headline: methods to show")
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.headline:
+        pairs = [(x.split(":")[0], int(x.split(":")[1])) for x in a.dataset.split(",")]
+        print(headline_markdown(out, pairs, a.methods))
+        return
+    if a.K is None:
+        p.error("--K is required")
     records = load_runs(out, a.dataset, a.K)
     summ = summarize(records)
     stem = out / f"{a.dataset}_K{a.K}"

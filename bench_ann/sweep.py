@@ -11,8 +11,9 @@ total DCO adds the ``K`` routing distances). Angular data are unit-normalised an
 
 Build-time choices, identical for every method of a seed:
 
-* training sample: at most ``max_points_per_centroid * K`` base rows (FAISS's rule, 256 by default), drawn
-  without replacement with ``numpy.random.default_rng(seed)``;
+* training sample: at most ``max_points_per_centroid * K`` rows (FAISS's rule, 256 by default) of the learn set
+  when the data set has one (SIFT1M), else of the base, drawn without replacement with
+  ``numpy.random.default_rng(seed)``;
 * ``kmeans``: ``faiss.Kmeans(niter=kmeans_niter)`` (default 100: the same number of passes as the GMM's
   10 k-means + 90 EM iterations) -- its centroids also serve every k-means-based rule (SOAR, naive spilling,
   kmeans-tau, km-resp-spill);
@@ -160,9 +161,11 @@ def load_data(name: str, data_dir=None) -> dict:
     xb = np.ascontiguousarray(ds.get_database(), dtype=np.float32)
     xq = ds.get_queries()
     gt = ds.get_groundtruth()
+    xt = None if ds.xt is None else np.ascontiguousarray(ds.xt, dtype=np.float32)  # e.g. SIFT1M's learn set
     if ds.metric == "angular":
         xb, xq = _unit(xb), _unit(xq)
-    return dict(xb=xb, xq=xq, gt=gt, metric=ds.metric, source=str(ds.path))
+        xt = None if xt is None else _unit(xt)
+    return dict(xb=xb, xq=xq, gt=gt, xt=xt, metric=ds.metric, source=str(ds.path))
 
 
 # ---------------------------------------------------------------------------------------------- fits
@@ -356,12 +359,15 @@ def run_seed(data: dict, dataset: str, K: int, seed: int, methods: list[str], ar
     record = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     xb, xq, gt = data["xb"], data["xq"], data["gt"]
     nb = xb.shape[0]
-    n_train = min(nb, args.max_points_per_centroid * K)
+    pool = data.get("xt") if data.get("xt") is not None else xb  # a dedicated learn set when there is one
+    n_train = min(pool.shape[0], args.max_points_per_centroid * K)
     rng = np.random.default_rng(seed)
-    train_ids = np.sort(rng.choice(nb, n_train, replace=False)) if n_train < nb else np.arange(nb)
-    xt = np.ascontiguousarray(xb[train_ids])
+    train_ids = np.sort(rng.choice(pool.shape[0], n_train, replace=False)) if n_train < pool.shape[0] else \
+        np.arange(pool.shape[0])
+    xt = np.ascontiguousarray(pool[train_ids])
     record.update({"dataset": dataset, "K": K, "seed": seed, "metric": data["metric"], "source": data["source"],
                    "nb": nb, "d": int(xb.shape[1]), "nq": int(xq.shape[0]), "n_train": int(n_train),
+                   "train_pool": "learn set" if pool is not xb else "base",
                    "settings": {k: v for k, v in vars(args).items() if k not in ("seeds", "methods")}})
     fits = {}
     inflations = {m: r["inflation"] for m, r in record["runs"].items()}

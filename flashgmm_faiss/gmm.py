@@ -296,14 +296,15 @@ class GaussianMixture:
             c32 = means.to(torch.float32).contiguous()
             counts = torch.zeros(K, dtype=torch.float64, device=device)
             sums = torch.zeros(K, d, dtype=torch.float64, device=device)
-            sse = 0.0
+            sse = torch.zeros((), dtype=torch.float64, device=device)
             far = _FarthestRows(k=K)
             for start, x in data.chunks():
                 _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32)
                 counts += cnt.double()
                 sums += sm.double()
-                sse += float(min_dist.double().sum())
+                sse += min_dist.sum(dtype=torch.float64)
                 far.update(min_dist, start, x)
+            sse = float(sse)
             empty = torch.nonzero(counts == 0).flatten()
             means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], means)
             if empty.numel():
@@ -361,16 +362,16 @@ class GaussianMixture:
             nk = torch.zeros(K, dtype=torch.float64, device=device)
             sx = torch.zeros(K, d, dtype=torch.float64, device=device)
             sq = torch.zeros(var.shape, dtype=torch.float64, device=device)
-            ll_sum = 0.0
+            ll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per chunk
             worst = _FarthestRows(k=K)
             for start, x in data.chunks():
                 st = self._impl.estep(x, m32, v32, lw32)
                 nk += st.nk.double()
                 sx += st.sx.double()
                 sq += st.sq.double()
-                ll_sum += float(st.log_norm.double().sum())
+                ll_sum += st.log_norm.sum(dtype=torch.float64)
                 worst.update(-st.log_norm, start, x)
-            ll = ll_sum / n
+            ll = float(ll_sum) / n
             if not math.isfinite(ll):
                 raise FloatingPointError(
                     f"EM produced a non-finite log-likelihood at iteration {it}; try a larger reg_covar "
