@@ -142,6 +142,37 @@ def rel_err(got, ref):
     return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
 
 
+def markdown(metas):
+    """One markdown table for one or several result files of the same device."""
+    m0 = metas[0]
+    lines = [f"# Kernel benchmark on {m0['device']}", "",
+             f"torch {m0['torch']}, triton {m0['triton']}. Runs (each row below comes from one of them):", ""]
+    for m in metas:
+        c = m["gemm_ceiling_tflops"]
+        lines.append(f"- {m['date']}: `{m['command']}` (GEMM ceilings measured in that run: tf32 {c['tf32']:.0f}, "
+                     f"bf16 {c['bf16']:.0f} TFLOP/s)")
+    lines += ["",
+              "TFLOP/s counts the GEMM work the method must do (spherical E-step 3 GEMMs of 2NKD, for ours and for "
+              "torch alike; diag 6; k-means 1), whatever the kernel really executes (the split-bf16 'tf32' mode runs "
+              "8 bf16 products where 3 are counted); 'frac of ceiling' divides by the measured tf32 GEMM rate (bf16 "
+              "rate for bf16 rows). rel err is the max over Nk, Sx, Sq of ||got - ref|| / ||ref|| against float64 on "
+              f"the first {m0.get('err_rows', 1 << 20)} rows; extra MiB is the peak allocation beyond X and the "
+              "parameters. 'ours EM iter' runs the fused E-step over chunks of 4194304 rows (2097152 in the run "
+              "with --chunk 2097152), accumulates in float64 and does the M-step in torch.", "",
+              "| N | K | D | method | cov | prec | ms | TFLOP/s | frac of ceiling | extra MiB | rel err | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in metas:
+        chunk_note = " (chunk 2097152)" if "--chunk 2097152" in m["command"] else ""
+        for r in m["rows"]:
+            f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
+            note = r["note"] + (chunk_note if r["method"] in ("ours EM iter", "ours k-means") else "")
+            lines.append(f"| {r['N']:.0e} | {r['K']} | {r['D']} | {r['method'].strip()} | {r['cov']} | "
+                         f"{r['precision']} | {f(r['ms'], '%.3f')} | {f(r['tflops'], '%.1f')} | "
+                         f"{f(r['frac_ceiling'], '%.2f')} | {f(r['extra_mib'], '%.1f')} | {f(r['rel_err'], '%.1e')} | "
+                         f"{note} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="'N,K,D;N,K,D;...' (N may be written 1e6)")
@@ -154,8 +185,15 @@ def main(argv=None):
     ap.add_argument("--precisions", default="tf32,bf16")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--breakdown", action="store_true", help="also time pass 1 of the E-step alone")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no benchmark: write one markdown table from these result files to --merge-md")
+    ap.add_argument("--merge-md", default=None)
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     args = ap.parse_args(argv)
+    if args.merge:
+        metas = [json.loads(Path(p).read_text()) for p in args.merge]
+        Path(args.merge_md).write_text(markdown(metas))
+        return
 
     import triton
     from flashgmm_faiss import _torch_backend as tb
@@ -306,21 +344,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = dev_name.lower().replace("nvidia ", "").replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
+    meta["err_rows"] = args.err_rows
     (out / f"kernels_{slug}.json").write_text(json.dumps(meta, indent=1))
-    lines = [f"# Kernel benchmark on {dev_name}", "",
-             f"torch {torch.__version__}, triton {triton.__version__}, {meta['date']}, `{meta['command']}`", "",
-             f"GEMM ceilings measured in the same run: tf32 {ceil_tf32:.0f} TFLOP/s, bf16 {ceil_bf16:.0f} TFLOP/s.",
-             "TFLOP/s counts the GEMM work the method does (spherical E-step 3 GEMMs of 2NKD, "
-             "for ours and for torch alike; diag 6; k-means 1); rel_err is the max over Nk, Sx, Sq vs float64 "
-             f"on the first {args.err_rows} rows; extra MiB is the peak beyond X and the parameters.", "",
-             "| N | K | D | method | cov | prec | ms | TFLOP/s | frac of ceiling | extra MiB | rel err | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
-        lines.append(f"| {r['N']:.0e} | {r['K']} | {r['D']} | {r['method']} | {r['cov']} | {r['precision']} | "
-                     f"{f(r['ms'], '%.3f')} | {f(r['tflops'], '%.1f')} | {f(r['frac_ceiling'], '%.2f')} | "
-                     f"{f(r['extra_mib'], '%.1f')} | {f(r['rel_err'], '%.1e')} | {r['note']} |")
-    (out / f"kernels_{slug}.md").write_text("\n".join(lines) + "\n")
+    (out / f"kernels_{slug}.md").write_text(markdown([meta]))
     print(f"wrote {out}/kernels_{slug}.json and .md")
 
 
