@@ -57,6 +57,7 @@ from flashgmm_faiss.spilling import (
     nearest_assign,
     responsibility_spill_assign,
     second_nearest_assign,
+    second_responsibility,
     soar_l2_assign,
     tau_assign_spherical,
 )
@@ -81,6 +82,7 @@ METHODS = {
     "gmm-resp-spill@1.6": ("gmm", "resp-spill", {"budget": 1.6}),
     "km-resp-spill@1.6": ("kmeans", "resp-spill", {"budget": 1.6}),
     "soar-gmm@1.6": ("gmm", "soar", {"lam": 0.75, "n_candidates": 10, "budget": 1.6}),
+    "soar-resp@1.6": ("kmeans", "soar", {"lam": 0.75, "n_candidates": 10, "budget": 1.6, "priority": "resp"}),
     "kmeans-tau": ("kmeans", "tau-spherical", {}),
     "gmm-nowarm-tau": ("gmm-nowarm", "gmm-assign", {}),
     "gmm-nowarm-single": ("gmm-nowarm", "gmm-assign", {"max_assign": 1}),
@@ -256,7 +258,12 @@ def build_assignment(name: str, fit: dict, xb, xt, inflations: dict):
         info["tau"] = params.get("tau") or 1.0 / c.shape[0]
     elif rule == "soar":
         mi = None if budget is None else min(float(budget), 2.0)
-        off, li = soar_l2_assign(xb, c, lam=params["lam"], n_candidates=params["n_candidates"], max_inflation=mi)
+        prio = None
+        if params.get("priority") == "resp":  # spill the SOAR candidates with the most ambiguous membership first
+            var, w = (fit["covariances"], fit["weights"]) if "covariances" in fit else fit_spherical_variance(xt, c)
+            prio = -second_responsibility(xb, c, var, w)
+        off, li = soar_l2_assign(xb, c, lam=params["lam"], n_candidates=params["n_candidates"], max_inflation=mi,
+                                 priority=prio)
         info.update(lam=params["lam"], n_candidates=params["n_candidates"])
     elif rule == "naive":
         stats = inflations.get("_max_copies_" + str(METHODS[name][2]["budget"]), 2)

@@ -30,6 +30,7 @@ __all__ = [
     "second_nearest_assign",
     "tau_assign_spherical",
     "responsibility_spill_assign",
+    "second_responsibility",
     "fit_spherical_variance",
     "csr_stats",
 ]
@@ -160,7 +161,7 @@ def nearest_assign(xb, centroids, *, chunk_size=None):
 
 
 def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max_inflation=None, *,
-                   rank_by: str = "gap", chunk_size=None, return_info: bool = False):
+                   rank_by: str = "gap", priority=None, chunk_size=None, return_info: bool = False):
     """SOAR spilling adapted to L2 (as in RAIRS): at most one secondary list per vector.
 
     With ``r = x - c_p`` the residual to the nearest centroid ``c_p`` (the primary) and ``r' = x - c_j`` the
@@ -182,6 +183,9 @@ def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max
     rank_by : {"gap", "relative"}
         How the budget ranks the spills: the loss gap ``L_j - L_p``, or the relative gap ``(L_j - L_p) / L_p``
         (scale-free: vectors of wide lists do not crowd out those of tight lists).
+    priority : array of shape (n,), optional
+        An external budget ranking (smaller = spilled first), e.g. minus the 2nd GMM responsibility
+        (:func:`second_responsibility`): the budget then goes to the rows SOAR would spill that rank best by it.
     chunk_size : int, optional
     return_info : bool -- also return a dict with ``gap`` (n,) float64 (inf where no spill is possible)
 
@@ -200,6 +204,10 @@ def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max
     n = _check_xb(xb, c.shape[1])
     K, d = c.shape
     budget = None if max_inflation is None else _inflation_budget(n, max_inflation, "max_inflation", 2)
+    if priority is not None:
+        priority = np.asarray(priority, dtype=np.float64)
+        if priority.shape != (n,) or np.isnan(priority).any():
+            raise ValueError(f"priority must be an array of shape ({n},) without NaN.")
     m = min(int(n_candidates) + 1, K)
     index = _flat_index(c)
     primary = np.empty(n, dtype=np.int64)
@@ -224,7 +232,8 @@ def soar_l2_assign(xb, centroids, lam: float = 0.75, n_candidates: int = 10, max
             g = g / np.maximum(loss_p, np.finfo(np.float64).tiny)
         second[s:e] = np.where(spill, idx[np.arange(e - s), j + 1], -1)
         gap[s:e] = np.where(spill, g, np.inf)
-    chosen = _select_smallest(gap, n if budget is None else budget)
+    score = gap if priority is None else np.where(np.isfinite(gap), priority, np.inf)
+    chosen = _select_smallest(score, n if budget is None else budget, tiebreak=None if priority is None else gap)
     offsets, lists = _csr(primary, [(chosen, np.ones_like(chosen), second[chosen])])
     if return_info:
         return offsets, lists, {"gap": gap}
@@ -392,6 +401,24 @@ def tau_assign_spherical(xb, centroids, variance, tau=None, max_assign=None, wei
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.concatenate(counts), out=offsets[1:])
     return offsets, np.concatenate(lists).astype(np.int64)
+
+
+def second_responsibility(xb, centroids, variance, weights=None, *, chunk_size=None) -> np.ndarray:
+    """Second-largest responsibility of every row under a spherical mixture, shape (n,), float64 (the
+    ambiguity of the row's list membership: 0 = certain, 0.5 = tied between two lists)."""
+    c = _check_centroids(centroids)
+    n = _check_xb(xb, c.shape[1])
+    K = c.shape[0]
+    var, w = _check_var_weights(variance, weights, K)
+    if K < 2:
+        return np.zeros(n)
+    center = c.astype(np.float64).mean(0)
+    logw = np.log(np.maximum(w, 1e-300))
+    out = np.empty(n)
+    for s, e in _chunks(n, 3 * K, chunk_size):
+        pr, _ = _responsibility_topk(_rows(xb, s, e), c, center, var, logw, 2)
+        out[s:e] = pr[:, 1]
+    return out
 
 
 def responsibility_spill_assign(xb, centroids, variance, inflation, weights=None, *, chunk_size=None):

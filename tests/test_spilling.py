@@ -7,6 +7,7 @@ from flashgmm_faiss.spilling import (
     fit_spherical_variance,
     nearest_assign,
     responsibility_spill_assign,
+    second_responsibility,
     second_nearest_assign,
     soar_l2_assign,
     tau_assign_spherical,
@@ -288,3 +289,18 @@ def test_soar_relative_ranking_divides_the_gap_by_the_primary_loss():
     assert rows_of(off, li) == [[0], [3, 5]]
     off, li = soar_l2_assign(x, c, max_inflation=1.5, n_candidates=2, rank_by="relative")
     assert rows_of(off, li) == [[0, 2], [3]]
+
+
+def test_soar_priority_reorders_the_budget_among_soar_spills():
+    # x0 and x1 both spill to B (gaps -1.21 and -0.605, see above), x2 does not. A priority that prefers x1 and
+    # x2 gives the single copy to x1: x2 is not a SOAR spill, so its priority is ignored.
+    x = np.array([[1.0, 0.3], [0.9, 0.05], [0.1, 0.0]], dtype=np.float32)
+    off, li = soar_l2_assign(x, C3, max_inflation=4 / 3, priority=[0.0, -1.0, -2.0])
+    assert rows_of(off, li) == [[0], [0, 2], [0]]
+
+
+def test_second_responsibility_hand_case():
+    # Centroids (0,0), (2,0), variance 1: (0.9,0) -> 0.4502, (0.5,0) -> 0.2689, (0.1,0) -> 0.1419 (see above).
+    c = np.array([[0.0, 0.0], [2.0, 0.0]], dtype=np.float32)
+    x = np.array([[0.9, 0], [0.5, 0], [0.1, 0]], dtype=np.float32)
+    np.testing.assert_allclose(second_responsibility(x, c, 1.0), [0.450166, 0.268941, 0.141851], rtol=1e-5)
