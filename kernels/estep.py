@@ -10,7 +10,8 @@ For one chunk ``x`` (n, D) of centred float32 rows and K components, the contrac
 
 Both covariance types share one logit form, prepared once per call on the host side in O(K D):
 
-* spherical: ``dist_ik = max(||x_i||^2 + ||mu_k||^2 - 2 x_i . mu_k, 0)``, ``l_ik = b_k - dist_ik / (2 var_k)``;
+* spherical: ``dist_ik = max(||x_i||^2 + ||mu_k||^2 - 2 x_i . mu_k, 0)``, ``l_ik = b_k - dist_ik / (2 var_k)``
+  (the GEMM accumulates ``x_i . (-2 mu_k)`` onto ``||x_i||^2 + ||mu_k||^2`` in place);
 * diag:      ``dist_ik = max((x_i * x_i) . p_k - 2 x_i . (mu_k * p_k) + sum_j mu_kj^2 p_kj, 0)`` with
   ``p = 1 / var``, ``l_ik = b_k - dist_ik / 2``.
 
@@ -18,37 +19,49 @@ Pass 1 (``_logz_kernel``) splits the rows: a program keeps a BLOCK_M x D tile of
 component parameters in BLOCK_K blocks, and runs an online (base-2) log-sum-exp; it writes logZ (n floats),
 optionally with the argmax (``score``/``predict``).
 
-Pass 2 (``_estep_stats_kernel``) splits components x row slabs: a program owns BLOCK_K components, keeps
-their parameters and its accumulators (Nk, Sx, and Sq or Sxx = sum r x^2) in fp32 registers, and streams
-its slab of X and logZ; ``R^T X`` (and ``R^T (X*X)`` for diag) run on the tensor cores. Each program writes
-one partial, and the partials are summed in a fixed order by the launcher (float64, then cast): no
-floating-point atomics, so two runs on the same device, shapes and autotuned config are bitwise identical.
-Programs are ordered component-block-fastest so the programs sharing a slab run together and X is read
-from HBM about once per pass, the re-reads coming from L2. For diag, ``Sq = Sxx - 2 mu Sx + Nk mu^2`` is
-formed in float64 from the fp32 partials (the cancellation is mild once the caller has centred the data).
+Pass 2 (``_estep_stats_kernel``) splits components x row slabs, in the shape of flash-attention's forward
+pass: a program owns BLOCK_K components (the "queries"), keeps their parameters on chip and its accumulators
+(Nk, Sx, and Sq or Sxx = sum r x^2) in fp32 registers, and streams its slab of X (the "keys" and "values"),
+logZ and ||x||^2 (both written by pass 1). Tiles are (BLOCK_K, BLOCK_M), so R feeds ``R X`` straight from
+registers. Each program writes one partial; the launcher sums the partials in a fixed order (in float64):
+no floating-point atomics, so two runs with the same device, n and autotuned config are bitwise identical.
+Programs are ordered component-block-fastest so that those sharing a slab run together and X comes from HBM
+about once per pass, its re-reads from L2. For diag, ``Sq = Sxx - 2 mu Sx + Nk mu^2`` is formed in float64
+from the partials (the cancellation is mild once the caller has centred the data).
 
 Cost (spherical; diag doubles the GEMM work): 3 GEMMs of ``2 n K D`` FLOPs (logits twice, ``R^T X`` once)
-plus ``2 n K`` exponentials; bytes: X twice (``2 * 4 n D``) + logZ write and read (``8 n``) + the
-partials (``slabs * K * D * 4`` per statistic, ~17 MB at K=1024, D=128 on 132 SMs).
+plus ``2 n K`` exponentials; bytes: X twice (``2 * 4 n D``) + logZ and ||x||^2 (``16 n``) + the partials
+(``slabs * K * D * 4`` per statistic, ~17 MB at K=1024, D=128 on 132 SMs). At n=1e6, K=1024, D=128 that is
+805 GFLOP (2.2 ms at the measured 364 TFLOP/s tf32 ceiling, 1.2 ms at 690 bf16) against 1 GB (0.25 ms at
+4 TB/s): arithmetic-bound.
 
 Precision (``precision`` argument of the launchers)
 ---------------------------------------------------
-* ``"ieee"``: exact fp32 dot products; the mode the CPU interpreter tests use.
-* ``"tf32"``: tf32 operands (10-bit mantissa), fp32 accumulation. The logit error grows like
-  ``|x| |mu| 2^-11 / var``, hence the caller's centring. Emulated on SIFT-like data (0..255, centred) the
-  relative error of Nk, Sx, Sq vs float64 is ~3e-4 at ~600 rows per component and ~1.3e-3 at ~80.
-* ``"bf16"``: bf16 operands for both GEMMs, fp32 accumulation; ~5e-3 in the same emulation.
-* ``"bf16x3"``: logits from a three-term bf16 split product (``hi.hi + hi.lo + lo.hi``, ~16 mantissa bits,
-  1.5x the tf32 logit cost) and tf32 ``R^T X``: ~1e-5 on Nk and Sq, ~2e-4 on Sx.
+Measured on SIFT-like data (integers 0..255 with cluster structure, centred), n=2^20, K=1024, D=128, means from
+k-means: max relative error of Nk, Sx, Sq vs float64 (bench_ann/results/kernels_h200.md).
+
+* ``"tf32"`` (default): split-bf16 products. Logits use ``x.mu ~ hi.hi + hi.lo + lo.hi`` with
+  ``x = hi + lo`` in two bf16 terms (~16 mantissa bits per operand, fp32 accumulation), and ``R^T X`` uses r in
+  bf16 (unbiased rounding that averages out over rows) against both terms of x. 6e-5 (spherical), 1.2e-4
+  (diag). This is not a tf32 product, on purpose: a single tf32 product gives 3e-3 on this data (cuBLAS tf32
+  in the torch baseline gives the same 3e-3), over the issue's 1e-3 bound, because the logit error grows like
+  ``|x| |mu| 2^-11 / var``; and Triton's tf32 wgmma path ran pass 2 2.5x slower than one bf16 product here.
+* ``"tf32-mma"``: one tf32 product per GEMM with operands rounded to nearest (the tensor cores truncate fp32
+  operands, a bias that does not average out: 4e-3 before the rounding, 3e-3 after). For comparison.
+* ``"bf16"``: one bf16 product per GEMM, fp32 accumulation: 2e-2 (spherical), 2e-2 (diag); the issue's 5e-3
+  is missed on this data.
+* ``"ieee"``: exact fp32 products (slow); the interpreter tests' reference mode.
 
 Caveats
 -------
 * D <= 256 (the whole padded row stays in one tile); larger D should use the torch backend.
 * Autotuning is keyed on (K, D, covariance type, precision), never on n. The slab layout depends on n, K and
   the SM count only, so bitwise reproducibility holds for fixed (device, n, autotuned config).
+* Diag in the split mode runs 10 bf16 products per pass-2 tile and spills registers: 3.8x the spherical time.
 
-Tested on: CPU interpreter (TRITON_INTERPRET=1, "ieee") at tiny odd shapes against float64 torch; see
-``tests/test_kernels.py`` and ``kernels/NOTES.md`` for the GPU runs.
+Tested on: the CPU interpreter (TRITON_INTERPRET=1; the operand rounding of every mode is emulated in fp32,
+since the interpreter has no bf16) at tiny odd shapes against float64 torch, and an NVIDIA H200 (torch 2.11,
+triton 3.6) at n=2^20, K=1000/1024, D=96/100/128; see ``tests/test_kernels.py`` and ``kernels/NOTES.md``.
 """
 from __future__ import annotations
 
@@ -122,25 +135,29 @@ def _lo(x, hi, MODE: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, MODE: tl.constexpr, EMU: tl.constexpr):
-    """a (M, C) @ b (C, N) of operands from _hi/_lo, fp32 accumulation (exact fp32 products if EMU)."""
+def _dot(a, b, acc, MODE: tl.constexpr, EMU: tl.constexpr):
+    """acc + a (M, C) @ b (C, N) of operands from _hi/_lo, fp32 accumulation (exact fp32 products if EMU).
+
+    Accumulating in place (rather than ``acc += dot``) keeps one register accumulator per GEMM: a fresh
+    product per term cost a second accumulator, layout conversions and register spills (seen in the SASS
+    resource report: 255 registers and 164-1100 bytes of spills per thread before, see NOTES.md)."""
     if MODE == 0 or EMU:
-        out = tl.dot(a, b, input_precision="ieee")
+        out = tl.dot(a, b, acc, input_precision="ieee")
     elif MODE == 1:
-        out = tl.dot(a, b, input_precision="tf32")
+        out = tl.dot(a, b, acc, input_precision="tf32")
     else:
-        out = tl.dot(a, b)
+        out = tl.dot(a, b, acc)
     return out
 
 
 @triton.jit
-def _dot3(a_hi, a_lo, b_hi, b_lo, MODE: tl.constexpr, EMU: tl.constexpr):
-    """a @ b; for MODE 3 the split product hi.hi + hi.lo + lo.hi (~16 mantissa bits of each operand)."""
-    out = _dot(a_hi, b_hi, MODE, EMU)
+def _dot3(a_hi, a_lo, b_hi, b_lo, acc, MODE: tl.constexpr, EMU: tl.constexpr):
+    """acc + a @ b; for MODE 3 the split product lo.hi + hi.lo + hi.hi (~16 mantissa bits of each operand),
+    small terms first."""
     if MODE == 3:
-        out += _dot(a_hi, b_lo, MODE, EMU)
-        out += _dot(a_lo, b_hi, MODE, EMU)
-    return out
+        acc = _dot(a_lo, b_hi, acc, MODE, EMU)
+        acc = _dot(a_hi, b_lo, acc, MODE, EMU)
+    return _dot(a_hi, b_hi, acc, MODE, EMU)
 
 
 @triton.jit
@@ -166,22 +183,24 @@ def _component_logits(
         bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=0.0)
         coef = tl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
         cst = tl.load(CST + offs_k, mask=mask_k, other=0.0)
-    a_t = tl.load(A + t_ptrs, mask=t_mask, other=0.0)
-    if MODE == 3:
-        a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
-    else:
-        a_lo_t = a_t
-    cross = _dot3(xh, xl, a_t, a_lo_t, MODE, EMU)
+    # dist = cst + (x2 | xsq . p) - 2 x . mu(p), accumulated in place on the tensor cores (A holds -2 mu(p))
     if DIAG:
         p_t = tl.load(P + t_ptrs, mask=t_mask, other=0.0)
         if MODE == 3:
             p_lo_t = tl.load(P_LO + t_ptrs, mask=t_mask, other=0.0)
         else:
             p_lo_t = p_t
-        base = _dot3(xsh, xsl, p_t, p_lo_t, MODE, EMU)
+        acc = tl.zeros([xh.shape[0], p_t.shape[1]], tl.float32) + cst[None, :]
+        acc = _dot3(xsh, xsl, p_t, p_lo_t, acc, MODE, EMU)
     else:
-        base = x2[:, None]
-    dist = tl.maximum(base + cst[None, :] - 2.0 * cross, 0.0)
+        acc = x2[:, None] + cst[None, :]
+    a_t = tl.load(A + t_ptrs, mask=t_mask, other=0.0)
+    if MODE == 3:
+        a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
+    else:
+        a_lo_t = a_t
+    acc = _dot3(xh, xl, a_t, a_lo_t, acc, MODE, EMU)
+    dist = tl.maximum(acc, 0.0)
     s = bias[None, :] + coef[None, :] * dist
     if not EVEN_K:
         s = tl.where(mask_k[None, :], s, float("-inf"))
@@ -202,7 +221,7 @@ def _row_configs():
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))]
+            for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2))]
 
 
 def _prune_row(configs, named_args, **kwargs):
@@ -227,7 +246,8 @@ def _stats_configs():
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in ((64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2))]
+            for bm, bk, w, s in ((64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2),
+                                 (16, 128, 8, 3), (16, 64, 4, 3))]
 
 
 def _prune_stats(configs, named_args, **kwargs):
@@ -368,15 +388,16 @@ def _estep_stats_kernel(
         lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0) * LOG2E
         xh = _hi(x, MODE, EMU)
         xl = _lo(x, xh, MODE, EMU)
-        cross = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), MODE, EMU)          # (BK, BM)
         if DIAG:
             xsq = x * x
             xsh = _hi(xsq, MODE, EMU)
             xsl = _lo(xsq, xsh, MODE, EMU)
-            base = _dot3(p, p_lo, tl.trans(xsh), tl.trans(xsl), MODE, EMU)
+            acc = tl.zeros([BLOCK_K, BLOCK_M], tl.float32) + cst[:, None]
+            acc = _dot3(p, p_lo, tl.trans(xsh), tl.trans(xsl), acc, MODE, EMU)
         else:
-            base = tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]
-        dist = tl.maximum(base + cst[:, None] - 2.0 * cross, 0.0)
+            acc = cst[:, None] + tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]
+        acc = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), acc, MODE, EMU)      # (BK, BM), A = -2 mu(p)
+        dist = tl.maximum(acc, 0.0)
         r = tl.exp2(bias[:, None] + coef[:, None] * dist - lz2[None, :])
         if EVEN_K:
             r = tl.where(mask_m[None, :], r, 0.0)
@@ -386,13 +407,13 @@ def _estep_stats_kernel(
         # R^T X: r in the operand precision (mode 3: bf16, unbiased rounding that averages out over rows)
         # against x (mode 3: both split terms, so x keeps ~16 bits)
         ro = _hi(r, MODE, EMU)
-        acc_sx += _dot(ro, xh, MODE, EMU)
         if MODE == 3:
-            acc_sx += _dot(ro, xl, MODE, EMU)
+            acc_sx = _dot(ro, xl, acc_sx, MODE, EMU)
+        acc_sx = _dot(ro, xh, acc_sx, MODE, EMU)
         if DIAG:
-            acc_sq += _dot(ro, xsh, MODE, EMU)
             if MODE == 3:
-                acc_sq += _dot(ro, xsl, MODE, EMU)
+                acc_sq = _dot(ro, xsl, acc_sq, MODE, EMU)
+            acc_sq = _dot(ro, xsh, acc_sq, MODE, EMU)
         else:
             acc_sq += tl.sum(r * dist, axis=1)
 
@@ -475,14 +496,14 @@ def _prepare(means, var, log_weights, precision):
     lw = log_weights.double()
     log2pi = math.log(2.0 * math.pi)
     if var.ndim == 1:
-        a = as_operand(means, mode)
+        a = as_operand(-2.0 * means, mode)              # scaling by -2 is exact in every operand format
         p = a                                                # unused placeholders
         bias = lw - 0.5 * d * (log2pi + torch.log(v))
         coef = -0.5 / v
         cst = (mu * mu).sum(1)
     else:
         prec = 1.0 / v
-        a = as_operand(mu * prec, mode)
+        a = as_operand(-2.0 * mu * prec, mode)
         p = as_operand(prec, mode)
         bias = lw - 0.5 * (d * log2pi + torch.log(v).sum(1))
         coef = torch.full_like(bias, -0.5)

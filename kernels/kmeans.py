@@ -20,8 +20,8 @@ Cost: one GEMM of ``2 n K D`` FLOPs; bytes: X twice (the assignment, then the ga
 plus the sort of n int64 labels and ``16 n`` bytes of labels/permutation traffic; extra memory
 ``O(n + SPLIT K D)``.
 
-Precision: the distances use the same dot modes as the E-step (``"ieee"``, ``"tf32"`` with operands rounded
-to nearest, ``"bf16"``). With tf32 a near-tie between two centroids may resolve differently from
+Precision: the distances use the same GEMM modes as the E-step (``"tf32"``: split-bf16 products, ~16 bits
+per operand; ``"tf32-mma"``, ``"bf16"``, ``"ieee"``). With the reduced modes a near-tie between two centroids may resolve differently from
 float64; the sums are exact fp32 sums of the assigned rows.
 
 Caveats: D <= 256. Tested on: CPU interpreter at tiny odd shapes (``tests/test_kernels.py``).
@@ -76,7 +76,7 @@ def _kmeans_assign_kernel(
             c_lo_t = tl.load(C_LO + t_ptrs, mask=t_mask, other=0.0)
         else:
             c_lo_t = c_t
-        s = c2[None, :] - 2.0 * _dot3(xh, xl, c_t, c_lo_t, MODE, EMU)   # ||x - c||^2 - ||x||^2
+        s = c2[None, :] - 2.0 * _dot3(xh, xl, c_t, c_lo_t, tl.zeros([BLOCK_M, BLOCK_K], tl.float32), MODE, EMU)   # ||x - c||^2 - ||x||^2
         s_min = tl.min(s, axis=1)
         s_arg = tl.argmin(s, axis=1) + k0
         better = s_min < best_v                               # strict: the first minimum wins, as torch.min
