@@ -27,7 +27,7 @@ PANELS = (
     ("Equal index size (budgeted spilling)", ["kmeans", "gmm-tau-cap2", "naive-spill@gmm-tau-cap2",
                                               "soar-l2@gmm-tau-cap2", "gmm-resp-spill@gmm-tau-cap2",
                                               "naive-spill@1.6", "soar-l2@1.6", "gmm-resp-spill@1.6",
-                                              "km-resp-spill@1.6", "soar-gmm@1.6"]),
+                                              "km-resp-spill@1.6", "soar-gmm@1.6", "soar-resp@1.6", "soar-gmm"]),
     ("Ablations: centroids vs assignment", ["kmeans", "gmm-single", "gmm-tau", "kmeans-tau", "gmm-nowarm-tau",
                                             "gmm-nowarm-single"]),
 )
@@ -38,7 +38,8 @@ STYLE = {
     "soar-l2@gmm-tau-cap2": ("tab:red", "--", "d"), "gmm-resp-spill@gmm-tau-cap2": ("tab:green", "--", "P"),
     "naive-spill@1.6": ("tab:orange", "-", "+"), "soar-l2@1.6": ("tab:red", ":", "D"),
     "gmm-resp-spill@1.6": ("tab:green", "-", "P"), "km-resp-spill@1.6": ("tab:olive", "-", "*"),
-    "soar-gmm@1.6": ("tab:purple", "-", "h"), "kmeans-tau": ("tab:gray", "-", "<"),
+    "soar-gmm@1.6": ("tab:purple", "-", "h"), "soar-gmm": ("tab:purple", ":", "h"),
+    "soar-resp@1.6": ("tab:pink", "-", "X"), "kmeans-tau": ("tab:gray", "-", "<"),
     "gmm-nowarm-tau": ("tab:brown", "-", ">"), "gmm-nowarm-single": ("tab:brown", "--", "p"),
 }
 
@@ -67,7 +68,7 @@ def mean_curve(records, method, key):
 def _log_axis(ax):
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 

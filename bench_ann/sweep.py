@@ -82,6 +82,7 @@ METHODS = {
     "gmm-resp-spill@1.6": ("gmm", "resp-spill", {"budget": 1.6}),
     "km-resp-spill@1.6": ("kmeans", "resp-spill", {"budget": 1.6}),
     "soar-gmm@1.6": ("gmm", "soar", {"lam": 0.75, "n_candidates": 10, "budget": 1.6}),
+    "soar-gmm": ("gmm", "soar", {"lam": 0.75, "n_candidates": 10}),
     "soar-resp@1.6": ("kmeans", "soar", {"lam": 0.75, "n_candidates": 10, "budget": 1.6, "priority": "resp"}),
     "kmeans-tau": ("kmeans", "tau-spherical", {}),
     "gmm-nowarm-tau": ("gmm-nowarm", "gmm-assign", {}),
