@@ -86,6 +86,10 @@ def summarize(records: list[dict]) -> dict:
         for m in rec["runs"]:
             if m not in methods:
                 methods.append(m)
+    from .sweep import METHODS  # canonical order, whatever order the runs were made in
+
+    order = {m: i for i, m in enumerate(METHODS)}
+    methods.sort(key=lambda m: order.get(m, len(order)))
     out = {}
     for key in ("dco_scan_per_query", "dco_total_per_query"):
         table = {}
