@@ -24,7 +24,10 @@ Precision: the distances use the same GEMM modes as the E-step (``"tf32"``: spli
 per operand; ``"tf32-mma"``, ``"bf16"``, ``"ieee"``). With the reduced modes a near-tie between two centroids may resolve differently from
 float64; the sums are exact fp32 sums of the assigned rows.
 
-Caveats: D <= 256. Tested on: CPU interpreter at tiny odd shapes (``tests/test_kernels.py``).
+Caveats: D <= 256; one host sync per call (the largest cluster sizes the pieces). Tested on: the CPU
+interpreter at tiny odd shapes and an NVIDIA H200 at n=1e6..1e8, K=1000..4096, D=96..128 (bitwise-identical
+reruns; ``tests/test_kernels.py``). Measured (H200, n=1e6, K=1024, D=128): 2.38 ms per step in "tf32" (see
+``kernels/NOTES.md``).
 """
 from __future__ import annotations
 
