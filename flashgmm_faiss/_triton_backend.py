@@ -16,7 +16,11 @@ from ._torch_backend import EStepStats
 
 PRECISIONS = ("tf32", "bf16", "ieee")
 MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
-MAX_ASSIGN = 64    # kernels.assign.MAX_ASSIGN: top-M list kept in registers
+# The fused top-M kernel keeps M entries per row in registers and merges each block in M unrolled rounds: it is
+# the right tool for IVF copy caps (1..16); past that its compile time and O(n K M) merge cost exceed the torch
+# path (one chunk-sized GEMM + topk), which is used instead. The kernel itself accepts up to
+# kernels.assign.MAX_ASSIGN = 64.
+MAX_ASSIGN = 16
 
 
 class TritonBackend:

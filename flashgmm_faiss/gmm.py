@@ -223,7 +223,7 @@ class GaussianMixture:
         data = ChunkedMatrix(X, device, chunk, name="X")
         total = torch.zeros(d, dtype=torch.float64, device=device)
         for _, x in data.chunks(check=True):
-            total += x.sum(0, dtype=torch.float64)
+            total += x.sum(0).double()  # float32 pairwise sum per chunk: no float64 copy of the chunk
         center64 = total / n
         center = center64.to(torch.float32)
         data.center = center
@@ -327,22 +327,34 @@ class GaussianMixture:
         return means, counts
 
     def _kmeans_variances(self, data, means, counts):
-        """Per-cluster variances of the hard k-means partition (one pass), floored by reg_covar."""
+        """Per-cluster variances of the hard k-means partition (one pass), floored by reg_covar.
+
+        Spherical variances come from the k-means step's own squared distances (no extra buffer); diagonal ones
+        are accumulated over sub-chunks so the temporaries stay under 16 MiB whatever the chunk size.
+        """
         K, d = means.shape
+        dev = data.device
         c32 = means.to(torch.float32).contiguous()
-        sq = torch.zeros(K, d, dtype=torch.float64, device=data.device)
-        cnt = torch.zeros(K, dtype=torch.float64, device=data.device)
+        cnt = torch.zeros(K, dtype=torch.float64, device=dev)
+        spherical = self.covariance_type == "spherical"
+        sq = torch.zeros(K if spherical else (K, d), dtype=torch.float64, device=dev)
+        sub = max(1, 2 ** 21 // d)
         for _, x in data.chunks():
-            labels, _, c, _ = self._impl.kmeans_step(x, c32)
-            diff = x - c32[labels]
-            sq.index_add_(0, labels, (diff * diff).double())
+            labels, min_dist, c, _ = self._impl.kmeans_step(x, c32)
             cnt += c.double()
+            if spherical:
+                sq.index_add_(0, labels, min_dist.double())
+                continue
+            for s in range(0, x.shape[0], sub):
+                ls = labels[s:s + sub]
+                diff = x[s:s + sub] - c32[ls]
+                sq.index_add_(0, ls, (diff * diff).double())
+        if spherical:
+            sq = sq / d  # mean over features of the per-feature variances
+            pooled = sq.sum() / max(float(cnt.sum()), 1.0)
+            return torch.where(cnt > 1, sq / cnt.clamp_min(1), pooled) + self.reg_covar
         pooled = sq.sum(0) / max(float(cnt.sum()), 1.0)
-        var = torch.where(cnt[:, None] > 1, sq / cnt.clamp_min(1)[:, None], pooled[None, :])
-        var = var + self.reg_covar
-        if self.covariance_type == "spherical":
-            return var.mean(1)
-        return var
+        return torch.where(cnt[:, None] > 1, sq / cnt.clamp_min(1)[:, None], pooled[None, :]) + self.reg_covar
 
     # ------------------------------------------------------------------ EM
     def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
