@@ -53,12 +53,15 @@ def _sq_dist(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return (x2 - 2.0 * (x @ means.T) + m2).clamp_min_(0.0)
 
 
+def _spherical_log_prob(dist: torch.Tensor, d: int, var: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    return log_weights - 0.5 * (d * (LOG_2PI + torch.log(var))) - 0.5 * dist / var
+
+
 def log_prob(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
     """Weighted log densities log w_k + log N(x_i | mu_k, var_k), shape (n, K)."""
     d = x.shape[1]
     if var.ndim == 1:
-        dist = _sq_dist(x, means)
-        return log_weights - 0.5 * (d * (LOG_2PI + torch.log(var))) - 0.5 * dist / var
+        return _spherical_log_prob(_sq_dist(x, means), d, var, log_weights)
     prec = 1.0 / var
     quad = (x * x) @ prec.T - 2.0 * (x @ (means * prec).T) + (means * means * prec).sum(1)
     quad = quad.clamp_min_(0.0)
@@ -67,13 +70,18 @@ def log_prob(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weight
 
 def estep(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor) -> EStepStats:
     """One E-step over a chunk: log-likelihoods and responsibility-weighted sufficient statistics."""
-    lp = log_prob(x, means, var, log_weights)
+    spherical = var.ndim == 1
+    if spherical:  # the distances serve both the logits and sum r ||x - mu||^2: one GEMM saved
+        dist = _sq_dist(x, means)
+        lp = _spherical_log_prob(dist, x.shape[1], var, log_weights)
+    else:
+        lp = log_prob(x, means, var, log_weights)
     log_norm = torch.logsumexp(lp, dim=1)
-    r = torch.exp(lp - log_norm[:, None])
+    r = torch.exp(lp.sub_(log_norm[:, None]))
     nk = r.sum(0)
     sx = r.T @ x
-    if var.ndim == 1:
-        sq = (r * _sq_dist(x, means)).sum(0)
+    if spherical:
+        sq = (r * dist).sum(0)
     else:
         sq = (r.T @ (x * x)) - 2.0 * means * sx + nk[:, None] * means * means
         sq = sq.clamp_min_(0.0)
