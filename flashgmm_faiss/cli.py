@@ -156,7 +156,7 @@ def run_demo(out_dir="flashgmm_demo", K=64, seed=0, max_iter=100, quiet=False) -
     say(f"[demo] siftsmall: xb {xb.shape}, xq {xq.shape}, gt {gt.shape}; K={K}; nprobe sweep {nprobes}")
     results = {}
 
-    say("[1/5] FAISS k-means IVF (IndexIVFFlat, 20 k-means iterations) ...")
+    say("[1/6] FAISS k-means IVF (IndexIVFFlat, 20 k-means iterations) ...")
     t0 = time.perf_counter()
     km = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, K)
     km.cp.seed = seed
@@ -167,7 +167,7 @@ def run_demo(out_dir="flashgmm_demo", K=64, seed=0, max_iter=100, quiet=False) -
                          "sweep": sweep(km, xq, gt, 10, nprobes)}
     say(f"      built in {results['kmeans']['build_seconds']:.1f}s")
 
-    say(f"[2/5] GMM (spherical, 10 k-means + up to {max_iter} EM iterations) ...")
+    say(f"[2/6] GMM (spherical, 10 k-means + up to {max_iter} EM iterations) ...")
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -175,13 +175,16 @@ def run_demo(out_dir="flashgmm_demo", K=64, seed=0, max_iter=100, quiet=False) -
     fit_s = time.perf_counter() - t0
     say(f"      fitted in {fit_s:.1f}s, {gmm.n_iter_} EM iterations, log-likelihood {gmm.lower_bound_:.3f}")
 
-    for step, (name, kw) in enumerate([("gmm-single", {"max_assign": 1}), ("gmm-multi", {}),
-                                       ("gmm-multi-cap2", {"max_assign": 2})], start=3):
-        say(f"[{step}/5] {name}: add + sweep ...")
+    variants = [("gmm-single", {"max_assign": 1}), ("gmm-multi", {}), ("gmm-multi-cap2", {"max_assign": 2}),
+                ("gmm-soar@1.6", {"assignment": "soar", "spill_budget": 1.6})]
+    for step, (name, kw) in enumerate(variants, start=3):
+        say(f"[{step}/{2 + len(variants)}] {name}: add + sweep ...")
         t0 = time.perf_counter()
         index = build_gmm_ivf(xb, gmm=gmm, **kw)
         results[name] = {"build_seconds": fit_s + time.perf_counter() - t0, "inflation": index.inflation,
-                         "max_copies": index.max_copies, "tau": index.tau_, "max_assign": kw.get("max_assign"),
+                         "max_copies": index.max_copies, "assignment": index.assignment,
+                         "tau": index.tau_ if index.assignment == "tau" else None,
+                         "max_assign": kw.get("max_assign"), "spill_budget": kw.get("spill_budget"),
                          "copies_histogram": index.copies_histogram.tolist(),
                          "sweep": sweep(index, xq, gt, 10, nprobes)}
 
@@ -219,13 +222,15 @@ def cmd_build(a):
     _log(f"[build] base {a.base}: {xb.shape} {xb.dtype}, metric={metric}, K={a.K}")
     t0 = time.perf_counter()
     index = build_gmm_ivf(np.asarray(xb), K=a.K, xt=None if xt is None else np.asarray(xt), metric=metric,
-                          tau=a.tau, max_assign=a.max_assign, covariance_type=a.covariance_type,
+                          tau=a.tau, max_assign=a.max_assign, assignment=a.assignment,
+                          spill_budget=a.spill_budget, soar_lambda=a.soar_lambda, covariance_type=a.covariance_type,
                           max_iter=a.max_iter, kmeans_iter=a.kmeans_iter, backend=a.backend, device=a.device,
                           seed=a.seed, verbose=1)
     index.save(a.out)
     st = index.stats()
     _log(f"[build] done in {time.perf_counter() - t0:.1f}s")
-    print(json.dumps({k: st[k] for k in ("ntotal", "n_postings", "inflation", "max_copies", "nlist", "metric")}))
+    print(json.dumps({k: st[k] for k in ("ntotal", "n_postings", "inflation", "max_copies", "nlist", "metric",
+                                          "assignment")}))
     print(f"wrote {a.out} and {a.out}.gmm.npz")
 
 
@@ -300,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metric", choices=("l2", "angular"), help="default: l2, or the HDF5 file's 'distance'")
     b.add_argument("--tau", type=float, default=None, help="responsibility threshold (default 1/K)")
     b.add_argument("--max-assign", type=int, default=None, help="copy cap per vector (1 = single assignment)")
+    b.add_argument("--assignment", choices=("tau", "soar"), default="tau",
+                   help="tau: lists with responsibility > tau (the paper's rule); soar: SOAR-L2 spilling on the GMM "
+                        "means (at most 2 copies)")
+    b.add_argument("--spill-budget", type=float, default=None, help="target inflation for --assignment soar, e.g. 1.6")
+    b.add_argument("--soar-lambda", type=float, default=0.75)
     b.add_argument("--covariance-type", choices=("spherical", "diag"), default="spherical")
     b.add_argument("--max-iter", type=int, default=100)
     b.add_argument("--kmeans-iter", type=int, default=10)

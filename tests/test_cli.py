@@ -32,13 +32,15 @@ def test_demo_writes_table_json_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| nprobe |" in out and "gmm-multi" in out and "kmeans" in out
     data = json.loads((tmp_path / "demo_siftsmall.json").read_text())
-    assert set(data["methods"]) == {"kmeans", "gmm-single", "gmm-multi", "gmm-multi-cap2"}
+    assert set(data["methods"]) == {"kmeans", "gmm-single", "gmm-multi", "gmm-multi-cap2", "gmm-soar@1.6"}
     assert (tmp_path / "demo_siftsmall.png").stat().st_size > 10_000
     for m, res in payload["methods"].items():
         last = res["sweep"][-1]
         assert last["nprobe"] == 16 and last["recall_at_10"] == 1.0, m  # full probe = exhaustive
         assert last["dco_scan_per_query"] == pytest.approx(10000 * res["inflation"])
     assert payload["methods"]["gmm-multi-cap2"]["max_copies"] <= 2
+    soar = payload["methods"]["gmm-soar@1.6"]
+    assert soar["max_copies"] <= 2 and 1.0 < soar["inflation"] <= 1.6 + 1e-4
 
 
 def test_dco_at_recall_interpolates():
@@ -70,10 +72,14 @@ def test_build_search_sweep_on_files(tmp_path, fmt, capsys):
         write_vectors(gtf, gt.astype(np.int32))
         gt_args = ["--gt", str(gtf)]
     idx = str(tmp_path / "index.faiss")
+    extra = ["--assignment", "soar", "--spill-budget", "1.5"] if fmt == ".fbin" else []
     assert cli.main(["build", "--base", str(base), "--out", idx, "--K", "8", "--max-iter", "10",
-                     "--backend", "torch", "--device", "cpu"]) == 0
+                     "--backend", "torch", "--device", "cpu"] + extra) == 0
     built = json.loads(capsys.readouterr().out.splitlines()[0])
     assert built["ntotal"] == 1500 and built["nlist"] == 8 and built["inflation"] >= 1.0
+    assert built["assignment"] == ("soar" if extra else "tau")
+    if extra:
+        assert built["inflation"] <= 1.5 + 1e-3
     res = tmp_path / "res.npz"
     assert cli.main(["search", "--index", idx, "--queries", str(queries), "--k", "10", "--nprobe", "8",
                      "--out", str(res)] + gt_args) == 0

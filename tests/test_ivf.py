@@ -255,3 +255,42 @@ def test_search_bad_input(data, gmm):
     D, I = index.search(xq.astype(np.float64), k=3, nprobe=2)  # float64 accepted
     D2, I2 = index.search(np.asfortranarray(xq), k=3, nprobe=2)  # non-contiguous accepted
     np.testing.assert_array_equal(I, I2)
+
+
+# ----------------------------------------------------------------------------- SOAR spilling on GMM means
+@pytest.mark.parametrize("budget", [None, 1.3])
+def test_soar_assignment_on_gmm_means(data, gmm, budget, tmp_path):
+    from flashgmm_faiss.spilling import soar_l2_assign
+
+    xb, xq = data
+    index = build_gmm_ivf(xb, gmm=gmm, assignment="soar", spill_budget=budget)
+    ids, lists = _postings(index)
+    offsets, expected = soar_l2_assign(xb, gmm.means_, lam=0.75, max_inflation=budget)
+    rows = np.repeat(np.arange(len(xb)), np.diff(offsets))
+    assert set(zip(ids.tolist(), lists.tolist())) == set(zip(rows.tolist(), expected.tolist()))
+    # primary = the L2-nearest GMM mean (independent float64 check), at most one extra copy
+    d2 = ((xb[:, None, :].astype(np.float64) - gmm.means_[None].astype(np.float64)) ** 2).sum(-1)
+    nearest = d2.argmin(1)
+    stored = set(zip(ids.tolist(), lists.tolist()))
+    assert all((i, int(c)) in stored for i, c in enumerate(nearest))
+    counts = np.bincount(ids, minlength=len(xb))
+    assert counts.min() == 1 and counts.max() <= 2 and index.max_copies <= 2
+    assert index.inflation > 1.0
+    if budget is not None:
+        assert index.n_postings <= round(budget * len(xb))
+    # search stays exact at full probe; the settings survive save/load
+    _, I = index.search(xq, k=10, nprobe=K)
+    assert recall_at_k(I, _brute_force(xb, xq, 10)[1], 10) == 1.0
+    index.save(str(tmp_path / "soar.ivf"))
+    loaded = GMMIVFIndex.load(str(tmp_path / "soar.ivf"))
+    assert loaded.assignment == "soar" and loaded.spill_budget == budget
+    np.testing.assert_array_equal(loaded.search(xq, 10, 3)[1], index.search(xq, 10, 3)[1])
+
+
+def test_assignment_argument_checks(gmm):
+    with pytest.raises(ValueError, match="assignment"):
+        GMMIVFIndex(gmm, assignment="both")
+    with pytest.raises(ValueError, match="spill_budget"):
+        GMMIVFIndex(gmm, assignment="soar", spill_budget=3.0)
+    with pytest.raises(ValueError, match="tau and max_assign"):
+        GMMIVFIndex(gmm, assignment="soar", tau=0.1)
