@@ -100,13 +100,12 @@ def score(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: 
 def kmeans_step(x: torch.Tensor, centroids: torch.Tensor):
     """Assign each row to its nearest centroid and return per-cluster sums.
 
-    Returns (labels (n,) int64, min_sq_dist (n,) float32, counts (K,) float32, sums (K, D) float32).
+    Returns (labels (n,) int64, min_sq_dist (n,), counts (K,), sums (K, D)), floats in the dtype of x.
     """
     dist = _sq_dist(x, centroids)
     min_dist, labels = dist.min(dim=1)
     k = centroids.shape[0]
-    counts = torch.zeros(k, dtype=torch.float32, device=x.device).index_add_(
-        0, labels, torch.ones_like(min_dist))
+    counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, labels, torch.ones_like(min_dist))
     sums = torch.zeros_like(centroids).index_add_(0, labels, x)
     return labels, min_dist, counts, sums
 
