@@ -211,7 +211,7 @@ def write_csv(path: Path, records: list[dict]):
 def headline_markdown(out: Path, pairs, methods=None) -> str:
     """Cross-data-set table (scan DCO): per data set and method, inflation, k-means/method DCO ratio at recall@10
     0.90 and 0.95, and the recall gain at k-means' DCO for those recalls (mean ± std over seeds)."""
-    lines = ["| data set | method | inflation | DCO ratio k-means/method @0.90 | @0.95 | Δrecall@10 at k-means DCO "
+    lines = ["| data set | method | inflation | DCO ratio k-means/method @0.90 | @0.95 | Δrecall@10 (points) at k-means DCO "
              "(0.90) | (0.95) | seeds |", "|---|---|---|---|---|---|---|---|"]
     for dataset, K in pairs:
         tab = summarize(load_runs(out, dataset, K))["dco_scan_per_query"]
