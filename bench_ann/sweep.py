@@ -182,9 +182,11 @@ def fit_centroids(what: str, xt, K: int, seed: int, args, dataset: str) -> dict:
     if what == "kmeans":
         sig = f"n{xt.shape[0]}_it{args.kmeans_niter}"
     elif what == "gmm":
-        sig = f"n{xt.shape[0]}_km{args.gmm_kmeans_iter}_em{args.gmm_em_iter}"
+        sig = f"n{xt.shape[0]}_km{args.gmm_kmeans_iter}_em{args.gmm_em_iter}" + ("" if args.device == "cpu" else
+                                                                                 f"_{args.device}")
     else:
-        sig = f"n{xt.shape[0]}_km0_em{args.gmm_kmeans_iter + args.gmm_em_iter}"
+        sig = f"n{xt.shape[0]}_km0_em{args.gmm_kmeans_iter + args.gmm_em_iter}" + ("" if args.device == "cpu" else
+                                                                                   f"_{args.device}")
     path = _cache_path(args.cache, dataset, K, seed, what, sig) if args.cache else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
@@ -206,7 +208,8 @@ def fit_centroids(what: str, xt, K: int, seed: int, args, dataset: str) -> dict:
         warm = what == "gmm"
         g = GaussianMixture(K, covariance_type="spherical", kmeans_iter=args.gmm_kmeans_iter if warm else 0,
                             max_iter=args.gmm_em_iter if warm else args.gmm_kmeans_iter + args.gmm_em_iter,
-                            init="k-means++", seed=seed, device="cpu", backend="torch", verbose=1)
+                            init="k-means++", seed=seed, device=args.device,
+                            backend="torch" if args.device == "cpu" else "auto", verbose=1)
         import warnings
 
         with warnings.catch_warnings():
@@ -434,6 +437,8 @@ def main(argv=None):
     p.add_argument("--kmeans-niter", type=int, default=100)
     p.add_argument("--gmm-kmeans-iter", type=int, default=10)
     p.add_argument("--gmm-em-iter", type=int, default=90)
+    p.add_argument("--device", default="cpu", help="GMM fitting device: cpu (torch backend) or cuda (Triton kernels "
+                   "when available); search always runs on the FAISS CPU index")
     p.add_argument("--grid", choices=("half", "pow2"), default="half")
     p.add_argument("--stop-recall", type=float, default=0.999)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
