@@ -408,6 +408,8 @@ def run_seed(data: dict, dataset: str, K: int, seed: int, methods: list[str], ar
             "fit": fit_info, "fit_seconds": fit["fit_seconds"], "assign_seconds": t_assign, "add_seconds": t_add,
             "build_seconds": fit["fit_seconds"] + t_assign + t_add, "sweep_seconds": time.perf_counter() - t0,
             "stopped_at_recall": args.stop_recall if rows[-1]["recall_at_10"] >= args.stop_recall else None,
+            "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "bench_ann.sweep"] + sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "rows": rows}
         inflations[name] = st["inflation"]
         inflations["_max_copies_" + name] = st["max_copies"]
@@ -430,7 +432,11 @@ def main(argv=None):
     p.add_argument("--K", type=int, default=None, help="nlist (default per data set)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"subset of {list(METHODS)}")
-    p.add_argument("--nq", type=int, default=None, help="use only the first nq queries")
+    p.add_argument("--nq", type=int, default=None, help="use only nq of the queries (see --nq-mode)")
+    p.add_argument("--nq-mode", choices=("random", "first"), default="random",
+                   help="which nq queries: a fixed random subset (default_rng(0)), or the first nq. 'first' is "
+                        "biased on ordered query sets: GloVe rows are sorted by word frequency, and the first 5,000 "
+                        "MNIST test images are the easier half")
     p.add_argument("--out", default="bench_ann/results")
     p.add_argument("--data-dir", default=None, help="where NAME.hdf5 lives (default $FLASHGMM_DATA, ./data)")
     p.add_argument("--max-points-per-centroid", type=int, default=256)
@@ -460,8 +466,12 @@ def main(argv=None):
     K = args.K or DEFAULT_K.get(dataset, 1024)
     t0 = time.perf_counter()
     data = load_data(args.dataset, args.data_dir)
-    if args.nq:
-        data["xq"], data["gt"] = data["xq"][:args.nq], data["gt"][:args.nq]
+    if args.nq and args.nq < data["xq"].shape[0]:
+        if args.nq_mode == "first":
+            sel = np.arange(args.nq)
+        else:
+            sel = np.sort(np.random.default_rng(0).choice(data["xq"].shape[0], args.nq, replace=False))
+        data["xq"], data["gt"] = data["xq"][sel], data["gt"][sel]
     _log(f"loaded {dataset}: nb={data['xb'].shape[0]} nq={data['xq'].shape[0]} d={data['xb'].shape[1]} "
          f"metric={data['metric']} from {data['source']} ({time.perf_counter() - t0:.1f}s)")
     for seed in args.seeds:
