@@ -138,7 +138,11 @@ def add_preassigned(index, xb, offsets, lists, ids=None) -> int:
                          "or it could never be found.")
     if lists.size and (lists.min() < 0 or lists.max() >= ivf.nlist):
         raise ValueError(f"list ids must lie in [0, nlist={ivf.nlist}).")
-    ids = np.arange(_next_free_id(ivf), _next_free_id(ivf) + n, dtype=np.int64) if ids is None else check_ids(ids, n)
+    if ids is None:
+        start = _next_free_id(ivf)
+        ids = np.arange(start, start + n, dtype=np.int64)
+    else:
+        ids = check_ids(ids, n)
     rows = np.repeat(np.arange(n, dtype=np.int64), counts)
     for s in range(0, n, _ADD_BATCH):
         e = min(n, s + _ADD_BATCH)
