@@ -553,36 +553,39 @@ def convert_bigann(base_path, query_path, out_path, *, metric: str = "l2", gt=No
 # local converters -------------------------------------------------------------------------------
 
 
+def _convert_local_triplet(src, out_path, name: str, files: tuple[str, str, str], attrs: dict, *, verify: bool,
+                           check_queries: int | None) -> Path:
+    """A local set stored as (base, queries, ground truth) files under SRC/name: 10k x 128, 100 x 128, 100 x 100."""
+    src = Path(src)
+    paths = [_check_local_sha256(src, f"{name}/{f}", verify) for f in files]
+    xb = io.read_vectors(paths[0])  # memory-mapped; the small query and GT files are read whole
+    xq, gt = (io.read_vectors(p, mmap=False) for p in paths[1:])
+    if verify:
+        expect_shape(f"{name} base", xb, (10_000, 128))
+        expect_shape(f"{name} query", xq, (100, 128))
+        expect_shape(f"{name} groundtruth", gt, (100, 100))
+    check_groundtruth(xb, xq, gt, "l2", check_queries, what=files[2])
+    return _finish(Path(out_path), xb, xq, gt, None, "l2", attrs)
+
+
 def convert_siftsmall(src, out_path, *, verify: bool = True, check_queries: int | None = None) -> Path:
     """texmex ANN_SIFT10K from ../shared/data/siftsmall (uint8 .npy base, fvecs queries, ivecs GT)."""
-    src = Path(src)
-    xb = io.read_vectors(_check_local_sha256(src, "siftsmall/siftsmall_base.u8.npy", verify))
-    xq = io.read_vectors(_check_local_sha256(src, "siftsmall/siftsmall_query.fvecs", verify), mmap=False)
-    gt = io.read_vectors(_check_local_sha256(src, "siftsmall/siftsmall_groundtruth.ivecs", verify), mmap=False)
-    if verify:
-        expect_shape("siftsmall base", xb, (10_000, 128))
-        expect_shape("siftsmall query", xq, (100, 128))
-        expect_shape("siftsmall groundtruth", gt, (100, 100))
-    check_groundtruth(xb, xq, gt, "l2", check_queries, what="siftsmall_groundtruth.ivecs")
-    return _finish(Path(out_path), xb, xq, gt, None, "l2",
-                   {"source": "texmex ANN_SIFT10K (siftsmall), see shared/data/PROVENANCE.md",
-                    "groundtruth": "shipped (texmex), distances recomputed"})
+    return _convert_local_triplet(
+        src, out_path, "siftsmall",
+        ("siftsmall_base.u8.npy", "siftsmall_query.fvecs", "siftsmall_groundtruth.ivecs"),
+        {"source": "texmex ANN_SIFT10K (siftsmall), see shared/data/PROVENANCE.md",
+         "groundtruth": "shipped (texmex), distances recomputed"},
+        verify=verify, check_queries=check_queries)
 
 
 def convert_bigann10k(src, out_path, *, verify: bool = True, check_queries: int | None = None) -> Path:
     """10k BIGANN (SIFT1B) uint8 vectors; the 100 queries are base[0:100] (self-queries, see PROVENANCE)."""
-    src = Path(src)
-    xb = io.read_vectors(_check_local_sha256(src, "bigann10k/bigann10k_base.u8.npy", verify))
-    xq = io.read_vectors(_check_local_sha256(src, "bigann10k/bigann10k_query.u8.npy", verify), mmap=False)
-    gt = io.read_vectors(_check_local_sha256(src, "bigann10k/bigann10k_groundtruth.i32.npy", verify), mmap=False)
-    if verify:
-        expect_shape("bigann10k base", xb, (10_000, 128))
-        expect_shape("bigann10k query", xq, (100, 128))
-        expect_shape("bigann10k groundtruth", gt, (100, 100))
-    check_groundtruth(xb, xq, gt, "l2", check_queries, what="bigann10k_groundtruth")
-    return _finish(Path(out_path), xb, xq, gt, None, "l2",
-                   {"source": "BIGANN 10k subset (queries = base[0:100]), see shared/data/PROVENANCE.md",
-                    "groundtruth": "shipped, distances recomputed"})
+    return _convert_local_triplet(
+        src, out_path, "bigann10k",
+        ("bigann10k_base.u8.npy", "bigann10k_query.u8.npy", "bigann10k_groundtruth.i32.npy"),
+        {"source": "BIGANN 10k subset (queries = base[0:100]), see shared/data/PROVENANCE.md",
+         "groundtruth": "shipped, distances recomputed"},
+        verify=verify, check_queries=check_queries)
 
 
 def read_idx_images(path, expected_md5: str | None = None) -> np.ndarray:
