@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flashgmm_faiss.evaluation import cost_on_frontier, pareto_frontier
+
 TARGETS = (0.80, 0.90, 0.95, 0.99)
 BASELINE = "kmeans"
 HEADLINE = ("gmm-tau", "gmm-tau-cap2")
@@ -35,29 +37,17 @@ def load_runs(out: Path, dataset: str, K: int) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
-def frontier(rows, key="dco_scan_per_query"):
-    """Pareto frontier (cost ascending, recall strictly increasing) as two arrays."""
-    pts = sorted((r[key], r["recall_at_10"]) for r in rows)
-    xs, ys, best = [], [], -1.0
-    for x, y in pts:
-        if y > best:
-            xs.append(x)
-            ys.append(y)
-            best = y
-    return np.array(xs), np.array(ys)
+frontier = pareto_frontier  # (cost, recall) arrays of a run's Pareto frontier
 
 
 def cost_at(front, target):
     """DCO needed to reach recall ``target`` on the frontier (nan when never reached, or when the cheapest
     point, nprobe=1, already exceeds it: the cost is then unknown, below that point)."""
     xs, ys = front
-    if ys.size == 0 or ys[-1] < target or ys[0] > target:
+    if ys.size == 0 or ys[0] > target:
         return math.nan
-    i = int(np.searchsorted(ys, target))  # first point with recall >= target
-    if i == 0:
-        return float(xs[0])
-    t = (target - ys[i - 1]) / (ys[i] - ys[i - 1])
-    return float(np.exp(np.log(xs[i - 1]) + t * (np.log(xs[i]) - np.log(xs[i - 1]))))
+    cost = cost_on_frontier(xs, ys, target)
+    return math.nan if cost is None else cost
 
 
 def recall_at(front, cost):

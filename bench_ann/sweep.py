@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import os
 import platform
@@ -49,8 +48,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from data_scripts.prepare import read_idx_images
 from flashgmm_faiss.evaluation import sweep as eval_sweep
-from flashgmm_faiss.ivf import add_preassigned
+from flashgmm_faiss.io import read_vectors
+from flashgmm_faiss.ivf import add_preassigned, normalize_rows
 from flashgmm_faiss.spilling import (
     csr_stats,
     fit_spherical_variance,
@@ -95,24 +96,6 @@ DEFAULT_METHODS = [m for m in METHODS if m != "gmm-resp-spill@gmm-tau-cap2"]
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _read_idx_images(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic, n, rows, cols = np.frombuffer(raw[:16], dtype=">i4")
-    if magic != 0x803:
-        raise ValueError(f"{path}: not an IDX image file (magic {magic:#x})")
-    return np.frombuffer(raw[16:], dtype=np.uint8).reshape(n, rows * cols)
-
-
-def _read_vecs(path: Path, dtype) -> np.ndarray:
-    a = np.fromfile(path, dtype=np.int32)
-    d = int(a[0])
-    a = a.reshape(-1, d + 1)
-    if not (a[:, 0] == d).all():
-        raise ValueError(f"{path}: inconsistent per-row dimensions")
-    return a[:, 1:].view(dtype).copy()
-
-
 def _exact_gt(xb, xq, k=100):
     index = faiss.IndexFlatL2(xb.shape[1])
     index.add(xb)
@@ -125,8 +108,8 @@ def load_local(name: str, root: Path = SHARED_DATA) -> dict:
     root = Path(root)
     if name == "siftsmall":
         xb = np.load(root / "siftsmall/siftsmall_base.u8.npy").astype(np.float32)
-        xq = _read_vecs(root / "siftsmall/siftsmall_query.fvecs", np.float32)
-        gt = _read_vecs(root / "siftsmall/siftsmall_groundtruth.ivecs", np.int32).astype(np.int64)
+        xq = read_vectors(root / "siftsmall/siftsmall_query.fvecs", mmap=False)
+        gt = read_vectors(root / "siftsmall/siftsmall_groundtruth.ivecs", mmap=False).astype(np.int64)
         return dict(xb=xb, xq=xq, gt=gt, metric="l2", source=str(root / "siftsmall"))
     if name == "bigann10k":
         xb = np.load(root / "bigann10k/bigann10k_base.u8.npy").astype(np.float32)
@@ -134,8 +117,8 @@ def load_local(name: str, root: Path = SHARED_DATA) -> dict:
         gt = np.load(root / "bigann10k/bigann10k_groundtruth.i32.npy").astype(np.int64)
         return dict(xb=xb, xq=xq, gt=gt, metric="l2", source=str(root / "bigann10k"))
     if name == "mnist":
-        xb = _read_idx_images(root / "mnist/train-images-idx3-ubyte.gz").astype(np.float32)
-        xq = _read_idx_images(root / "mnist/t10k-images-idx3-ubyte.gz").astype(np.float32)
+        xb = read_idx_images(root / "mnist/train-images-idx3-ubyte.gz").astype(np.float32)
+        xq = read_idx_images(root / "mnist/t10k-images-idx3-ubyte.gz").astype(np.float32)
         return dict(xb=xb, xq=xq, gt=_exact_gt(xb, xq), metric="l2", source=str(root / "mnist"))
     if name == "glove-6b-50d":
         x = np.load(root / "glove-6b-50d/glove_6B_50d.f32.npy")
@@ -148,8 +131,7 @@ def load_local(name: str, root: Path = SHARED_DATA) -> dict:
 
 
 def _unit(x):
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return normalize_rows(np.asarray(x, dtype=np.float32))
 
 
 def load_data(name: str, data_dir=None) -> dict:

@@ -37,7 +37,7 @@ def _is_hdf5(path) -> bool:
     return Path(path).suffix.lower() in (".hdf5", ".h5")
 
 
-def _read(path, hdf5_dataset: str, what: str):
+def _read(path, hdf5_dataset: str):
     from .io import read_vectors
 
     if _is_hdf5(path):
@@ -70,25 +70,6 @@ def format_table(results: dict, k: int = 10) -> str:
             cells.append("" if row is None else f"{row['recall_at_10']:.3f} / {row['dco_scan_per_query']:.0f}")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def dco_at_recall(rows, target: float):
-    """Scan DCO per query needed to reach recall ``target``, interpolated (log-linear) on the sweep; None if the
-    sweep never reaches it."""
-    pts = sorted((r["dco_scan_per_query"], r["recall_at_10"]) for r in rows)
-    best = -1.0
-    prev = None
-    for dco, rec in pts:
-        if rec > best:
-            if rec >= target:
-                if prev is None or prev[1] >= target:
-                    return dco
-                (d0, r0), (d1, r1) = prev, (dco, rec)
-                t = (target - r0) / (r1 - r0)
-                return float(np.exp(np.log(d0) + t * (np.log(d1) - np.log(d0))))
-            best = rec
-            prev = (dco, rec)
-    return None
 
 
 def plot_sweeps(results: dict, path, title: str, k: int = 10) -> bool:
@@ -145,7 +126,7 @@ def run_demo(out_dir="flashgmm_demo", K=64, seed=0, max_iter=100, quiet=False) -
     import faiss
 
     from . import GaussianMixture, build_gmm_ivf
-    from .evaluation import sweep
+    from .evaluation import dco_at_recall, sweep
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,8 +197,8 @@ def run_demo(out_dir="flashgmm_demo", K=64, seed=0, max_iter=100, quiet=False) -
 def cmd_build(a):
     from . import build_gmm_ivf
 
-    xb = _read(a.base, "train", "base")
-    xt = _read(a.train, "train", "train") if a.train else None
+    xb = _read(a.base, "train")
+    xt = _read(a.train, "train") if a.train else None
     metric = _metric_of(a.base, a.metric)
     _log(f"[build] base {a.base}: {xb.shape} {xb.dtype}, metric={metric}, K={a.K}")
     t0 = time.perf_counter()
@@ -239,12 +220,12 @@ def cmd_search(a):
     from .ivf import GMMIVFIndex
 
     index = GMMIVFIndex.load(a.index)
-    xq = np.asarray(_read(a.queries, "test", "queries"))
+    xq = np.asarray(_read(a.queries, "test"))
     D, I, dco = search_with_dco(index, xq, k=a.k, nprobe=a.nprobe)
     info = {"nq": int(xq.shape[0]), "k": a.k, "nprobe": a.nprobe, "dco_scan_per_query": float(dco.scan.mean()),
             "dco_total_per_query": float(dco.total.mean())}
     if a.gt or _is_hdf5(a.queries):
-        gt = np.asarray(_read(a.gt or a.queries, "neighbors", "ground truth"))
+        gt = np.asarray(_read(a.gt or a.queries, "neighbors"))
         info[f"recall_at_{a.k}"] = recall_at_k(I, gt, a.k)
     if a.out:
         if a.out.endswith(".npz"):
@@ -262,8 +243,8 @@ def cmd_sweep(a):
     from .ivf import GMMIVFIndex
 
     index = GMMIVFIndex.load(a.index)
-    xq = np.asarray(_read(a.queries, "test", "queries"))
-    gt = np.asarray(_read(a.gt or a.queries, "neighbors", "ground truth"))
+    xq = np.asarray(_read(a.queries, "test"))
+    gt = np.asarray(_read(a.gt or a.queries, "neighbors"))
     nprobes = [int(p) for p in a.nprobes.split(",")] if a.nprobes else None
     rows = sweep(index, xq, gt, k=a.k, nprobes=nprobes, verbose=True)
     results = {"gmm-ivf": {"inflation": index.inflation, "sweep": rows}}

@@ -144,6 +144,35 @@ def recall_at_k(I, gt, k: int = 10) -> float:
     return hits / (k * I.shape[0])
 
 
+def pareto_frontier(rows, key: str = "dco_scan_per_query"):
+    """Pareto frontier of sweep rows: (cost, recall) arrays, cost ascending and recall strictly increasing."""
+    xs, ys, best = [], [], -1.0
+    for x, y in sorted((r[key], r["recall_at_10"]) for r in rows):
+        if y > best:
+            xs.append(x)
+            ys.append(y)
+            best = y
+    return np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64)
+
+
+def cost_on_frontier(xs: np.ndarray, ys: np.ndarray, target: float):
+    """Cost needed to reach recall ``target`` on a frontier from :func:`pareto_frontier`, interpolating log(cost)
+    linearly in recall between neighbouring points. None when the frontier never reaches ``target``; the cheapest
+    point's cost when it already does."""
+    if ys.size == 0 or ys[-1] < target:
+        return None
+    i = int(np.searchsorted(ys, target))  # first point with recall >= target
+    if i == 0:
+        return float(xs[0])
+    t = (target - ys[i - 1]) / (ys[i] - ys[i - 1])
+    return float(np.exp(np.log(xs[i - 1]) + t * (np.log(xs[i]) - np.log(xs[i - 1]))))
+
+
+def dco_at_recall(rows, target: float, key: str = "dco_scan_per_query"):
+    """DCO per query needed to reach recall@10 ``target`` on a :func:`sweep`'s rows (None if never reached)."""
+    return cost_on_frontier(*pareto_frontier(rows, key), target)
+
+
 def default_nprobes(nlist: int) -> list[int]:
     out, p = [], 1
     while p < nlist:

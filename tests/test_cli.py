@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flashgmm_faiss import cli, recall_at_k
+from flashgmm_faiss.evaluation import dco_at_recall
 from flashgmm_faiss.io import read_vectors, write_ann_hdf5, write_vectors
 
 from conftest import REPO, SHARED_DATA, make_blobs
@@ -46,9 +47,9 @@ def test_demo_writes_table_json_and_png(tmp_path, capsys):
 def test_dco_at_recall_interpolates():
     rows = [{"dco_scan_per_query": 100, "recall_at_10": 0.5}, {"dco_scan_per_query": 400, "recall_at_10": 0.9},
             {"dco_scan_per_query": 200, "recall_at_10": 0.7}]
-    assert cli.dco_at_recall(rows, 0.9) == pytest.approx(400)
-    assert cli.dco_at_recall(rows, 0.8) == pytest.approx(np.sqrt(200 * 400))
-    assert cli.dco_at_recall(rows, 0.95) is None
+    assert dco_at_recall(rows, 0.9) == pytest.approx(400)
+    assert dco_at_recall(rows, 0.8) == pytest.approx(np.sqrt(200 * 400))
+    assert dco_at_recall(rows, 0.95) is None
 
 
 @pytest.mark.parametrize("fmt", [".npy", ".fvecs", ".fbin", ".bvecs", ".u8bin", ".hdf5"])

@@ -1,32 +1,24 @@
 """Real data (MNIST 60k x 784 from ../shared/data): GMM-IVF against FAISS k-means IVF at the same K."""
-import gzip
 import warnings
 
 import faiss
 import numpy as np
 import pytest
 
+from data_scripts.prepare import read_idx_images
 from flashgmm_faiss import build_gmm_ivf, sweep
-from flashgmm_faiss.cli import dco_at_recall
+from flashgmm_faiss.evaluation import dco_at_recall
 
 from conftest import SHARED_DATA
 
 MNIST = SHARED_DATA / "mnist"
 
 
-def _idx_images(path):
-    with gzip.open(path) as f:
-        raw = f.read()
-    assert int.from_bytes(raw[:4], "big") == 0x803, f"{path} is not an IDX image file"
-    n, rows, cols = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows * cols).astype(np.float32)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST not in ../shared/data")
 def test_mnist_gmm_multi_needs_fewer_dco_than_kmeans_at_recall_09():
-    xb = _idx_images(MNIST / "train-images-idx3-ubyte.gz")   # (60000, 784)
-    xq = _idx_images(MNIST / "t10k-images-idx3-ubyte.gz")    # (10000, 784)
+    xb = read_idx_images(MNIST / "train-images-idx3-ubyte.gz").astype(np.float32)   # (60000, 784)
+    xq = read_idx_images(MNIST / "t10k-images-idx3-ubyte.gz").astype(np.float32)    # (10000, 784)
     flat = faiss.IndexFlatL2(xb.shape[1])
     flat.add(xb)
     _, gt = flat.search(xq, 10)
