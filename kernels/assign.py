@@ -15,7 +15,7 @@ Cost: two logit GEMMs (``2 * 2 n K D`` FLOPs) + ``n K`` exps + ``O(n K M)`` comp
 merge (which dominates for large M: keep max_assign small, as IVF multi-assignment does); bytes: X twice,
 outputs ``12 n M``.
 
-Precision: as the E-step (``"ieee"``, ``"tf32"``, ``"bf16"``); responsibilities within ~1e-3
+Precision: as the E-step (``"tf32"``, ``"bf16"``, ``"bf16x3"``, ``"ieee"``); responsibilities within ~1e-3
 relative of float64 in tf32 on centred data, so a component whose responsibility is within that of tau may
 flip. Exact ties between components are broken by the lower index, as ``torch.topk`` usually does.
 
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _hi, _interpret, _lo, _prepare, _prune_row,
-                    launch_logz)
+from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _interpret, _load_rows, _prepare, _prune_row,
+                    _row_operands, absmax, launch_logz)
 
 MAX_ASSIGN = 64
 
@@ -46,13 +46,14 @@ def _topk_configs():
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _topk_kernel(
-    # pointers: data, logZ, component parameters; outputs (n, M) responsibilities and indices
-    X, LOGZ, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-    TOP_R, TOP_I,
+    # pointers: data and centre, logZ, component parameters; outputs (n, M) responsibilities and indices
+    X, CENTER, LOGZ, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+    TOP_R, TOP_I, SCALES,
     # sizes
     N, K,
     # compile-time: dims, flags, kept entries (M real, M_PAD = next power of 2), tiles
-    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr, MODE: tl.constexpr,
+    EMU: tl.constexpr,
     M: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -61,17 +62,8 @@ def _topk_kernel(
     mask_m = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    xsq = x * x
-    x2 = tl.sum(xsq, axis=1)
-    xh = _hi(x, MODE, EMU)
-    xl = _lo(x, xh, MODE, EMU)
-    if DIAG:
-        xsh = _hi(xsq, MODE, EMU)
-        xsl = _lo(xsq, xsh, MODE, EMU)
-    else:
-        xsh = xh
-        xsl = xl
+    x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
+    xh, xl, xsh, xsl, x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
     lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0) * LOG2E
 
     slots = tl.arange(0, M_PAD)
@@ -107,39 +99,48 @@ def _topk_kernel(
         keep_v = tl.where(sel, float("-inf"), keep_v)
 
 
-def score(x, means, var, log_weights, precision="tf32"):
-    """Returns ``(log_norm (n,) float32, best (n,) int64)`` as ``_torch_backend.score``."""
-    n, d, k = _check_inputs(x, means, var, log_weights, precision)
-    params = _prepare(means, var, log_weights, precision)
-    return launch_logz(x, params, k, var.ndim == 2, precision, with_argmax=True)
+def _params(x, means, var, log_weights, precision, center, x_absmax):
+    if _MODES[precision] == 1 and x_absmax is None:
+        x_absmax = absmax(x, center)
+    return _prepare(means, var, log_weights, precision, x_absmax)
 
 
-def topk_responsibilities(x, means, var, log_weights, max_assign, precision="tf32"):
+def score(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None):
+    """Returns ``(log_norm (n,) float32, best (n,) int64)`` as ``_torch_backend.score``.
+
+    x (n, D), means (K, D), var (K,) or (K, D), log_weights (K,): float32; ``center`` (D,) is subtracted from
+    the rows in the kernel; ``x_absmax`` bounds ``|x - center|`` (computed when None)."""
+    n, d, k = _check_inputs(x, means, var, log_weights, precision, center)
+    params = _params(x, means, var, log_weights, precision, center, x_absmax)
+    return launch_logz(x, params, k, var.ndim == 2, precision, with_argmax=True, center=center)
+
+
+def topk_responsibilities(x, means, var, log_weights, max_assign, precision="tf32", center=None, x_absmax=None):
     """Per row the M = min(max_assign, K) largest responsibilities, best first: ((n, M) float32, (n, M) int64)."""
-    n, d, k = _check_inputs(x, means, var, log_weights, precision)
+    n, d, k = _check_inputs(x, means, var, log_weights, precision, center)
     m = min(int(max_assign), k)
     if not 1 <= m <= MAX_ASSIGN:
         raise ValueError(f"max_assign must be in [1, {MAX_ASSIGN}], got {max_assign}")
     diag = var.ndim == 2
-    params = _prepare(means, var, log_weights, precision)
-    logz, _ = launch_logz(x, params, k, diag, precision)
+    params = _params(x, means, var, log_weights, precision, center, x_absmax)
+    logz, _ = launch_logz(x, params, k, diag, precision, center=center)
     top_r = torch.empty((n, m), dtype=torch.float32, device=x.device)
     top_i = torch.empty((n, m), dtype=torch.int64, device=x.device)
-    a, a_lo, p, p_lo, bias, coef, cst = params
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _topk_kernel[grid](x, logz, a, a_lo, p, p_lo, bias, coef, cst, top_r, top_i, n, k,
-                       D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, MODE=_MODES[precision],
-                       EMU=_interpret(),
+    _topk_kernel[grid](x, x if center is None else center, logz, params.a, params.a_lo, params.p, params.p_lo,
+                       params.bias2, params.coef2, params.cst, top_r, top_i, params.scales, n, k,
+                       D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
+                       MODE=_MODES[precision], EMU=_interpret(),
                        M=m, M_PAD=max(2, triton.next_power_of_2(m)))
     return top_r, top_i
 
 
-def assign(x, means, var, log_weights, tau, max_assign, precision="tf32"):
+def assign(x, means, var, log_weights, tau, max_assign, precision="tf32", center=None, x_absmax=None):
     """CSR multi-assignment ``(counts (n,) int64, lists (nnz,) int64, resp (nnz,) float32)``."""
-    top_r, top_i = topk_responsibilities(x, means, var, log_weights, max_assign, precision)
+    top_r, top_i = topk_responsibilities(x, means, var, log_weights, max_assign, precision, center, x_absmax)
     keep = top_r > tau
     keep[:, 0] = True
     return keep.sum(1).to(torch.int64), top_i[keep], top_r[keep]

@@ -2,71 +2,80 @@
 
 What it computes
 ----------------
-For one chunk ``x`` (n, D) of centred float32 rows and K components, the contract of
-``flashgmm_faiss._torch_backend.estep``: the per-row log-likelihood ``logZ_i = logsumexp_k l_ik`` with
-``l_ik = log w_k + log N(x_i | mu_k, var_k)``, and the sufficient statistics ``Nk = sum_i r_ik``,
-``Sx = sum_i r_ik x_i`` and ``Sq = sum_i r_ik ||x_i - mu_k||^2`` (spherical) or ``sum_i r_ik (x_i - mu_k)^2``
-(diag), with ``r_ik = exp(l_ik - logZ_i)``. Nothing of size n x K ever touches device memory.
+For one chunk ``x`` (n, D) of float32 rows (centred in the kernels when ``center`` (D,) is given) and K
+components, the contract of ``flashgmm_faiss._torch_backend.estep``: the per-row log-likelihood
+``logZ_i = logsumexp_k l_ik`` with ``l_ik = log w_k + log N(x_i | mu_k, var_k)``, and the sufficient statistics
+``Nk = sum_i r_ik``, ``Sx = sum_i r_ik x_i`` and ``Sq = sum_i r_ik ||x_i - mu_k||^2`` (spherical) or
+``sum_i r_ik (x_i - mu_k)^2`` (diag), with ``r_ik = exp(l_ik - logZ_i)``. Nothing of size n x K ever touches
+device memory.
 
-Both covariance types share one logit form, prepared once per call on the host side in O(K D):
+Both covariance types share one logit form, prepared once per call on the host in O(K D) (``_prepare``):
 
-* spherical: ``dist_ik = max(||x_i||^2 + ||mu_k||^2 - 2 x_i . mu_k, 0)``, ``l_ik = b_k - dist_ik / (2 var_k)``
-  (the GEMM accumulates ``x_i . (-2 mu_k)`` onto ``||x_i||^2 + ||mu_k||^2`` in place);
-* diag:      ``dist_ik = max((x_i * x_i) . p_k - 2 x_i . (mu_k * p_k) + sum_j mu_kj^2 p_kj, 0)`` with
-  ``p = 1 / var``, ``l_ik = b_k - dist_ik / 2``.
+* spherical: ``dist_ik = ||x_i||^2 + cst_k + x_i . A_k`` with ``A = -2 mu``, ``cst = ||mu||^2``,
+  ``l_ik = b_k - dist_ik / (2 var_k)``; the GEMM accumulates ``x . A`` onto ``||x||^2 + cst`` in place;
+* diag: ``dist_ik = (x_i * x_i) . P_k + x_i . A_k + cst_k`` with ``P = 1 / var``, ``A = -2 mu P``,
+  ``cst = sum_j mu_kj^2 P_kj``, ``l_ik = b_k - dist_ik / 2``.
 
 Pass 1 (``_logz_kernel``) splits the rows: a program keeps a BLOCK_M x D tile of X on chip, streams the
-component parameters in BLOCK_K blocks, and runs an online (base-2) log-sum-exp; it writes logZ (n floats),
-optionally with the argmax (``score``/``predict``).
+component parameters in BLOCK_K blocks and runs an online (base-2) log-sum-exp; it writes logZ (n floats) and
+||x||^2, optionally the argmax (``score``/``predict``) and, in the 16-bit modes, the tile in its GEMM operand form
+(``xo``: n x D 16-bit values, and the squares for diag), so that pass 2 streams half the bytes and spends no
+instructions on conversions in its inner loop.
 
-Pass 2 (``_estep_stats_kernel``) splits components x row slabs, in the shape of flash-attention's forward
-pass: a program owns BLOCK_K components (the "queries"), keeps their parameters on chip and its accumulators
-(Nk, Sx, and Sq or Sxx = sum r x^2) in fp32 registers, and streams its slab of X (the "keys" and "values"),
-logZ and ||x||^2 (both written by pass 1). Tiles are (BLOCK_K, BLOCK_M), so R feeds ``R X`` straight from
-registers. Each program writes one partial; the launcher sums the partials in a fixed order (in float64):
-no floating-point atomics, so two runs with the same device, n and autotuned config are bitwise identical.
-Programs are ordered component-block-fastest so that those sharing a slab run together and X comes from HBM
-about once per pass, its re-reads from L2. For diag, ``Sq = Sxx - 2 mu Sx + Nk mu^2`` is formed in float64
-from the partials (the cancellation is mild once the caller has centred the data).
+Pass 2 (``_estep_stats_kernel``) splits components x row slabs, in the shape of flash-attention's forward pass:
+a program owns BLOCK_K components (the "queries"), keeps their parameters on chip and its accumulators (Nk, Sx,
+and Sq or Sxx = sum r x^2) in fp32 registers, and streams its slab of rows (the "keys" and the "values" at
+once), logZ and ||x||^2. Tiles are (BLOCK_K, BLOCK_M), so R feeds ``R X`` straight from registers. Each
+program writes one partial; the launcher sums the partials in a fixed order (in float64): no floating-point
+atomics, so two runs with the same device, n and autotuned config are bitwise identical. Programs are ordered
+component-block-fastest so that those sharing a slab run together and its rows come from HBM about once.
 
-Cost (spherical; diag doubles the GEMM work): 3 GEMMs of ``2 n K D`` FLOPs (logits twice, ``R^T X`` once)
-plus ``2 n K`` exponentials; bytes: X twice (``2 * 4 n D``) + logZ and ||x||^2 (``16 n``) + the partials
-(``slabs * K * D * 4`` per statistic, ~17 MB at K=1024, D=128 on 132 SMs). At n=1e6, K=1024, D=128 that is
-805 GFLOP (2.2 ms at the measured 364 TFLOP/s tf32 ceiling, 1.2 ms at 690 bf16) against 1 GB (0.25 ms at
-4 TB/s): arithmetic-bound.
+Cost (spherical; diag doubles the GEMM work): 3 GEMMs of ``2 n K D`` FLOPs (logits twice, ``R^T X`` once) plus
+``2 n K`` exponentials; bytes: X once in fp32, the 16-bit operand copy written once and read once per slab
+(from L2 after the first component block), logZ and ||x||^2, and the partials (``slabs * K * D * 4`` bytes per
+statistic). At n=1e6, K=1024, D=128: 805 GFLOP against ~1 GB, arithmetic-bound.
 
 Precision (``precision`` argument of the launchers)
 ---------------------------------------------------
-Measured on SIFT-like data (integers 0..255 with cluster structure, centred), n=2^20, K=1024, D=128, means from
-k-means: max relative error of Nk, Sx, Sq vs float64 (bench_ann/results/kernels_h200.md).
+Every reduced mode computes the E-step *exactly* (up to fp32 accumulation) for the parameters and rows its
+operands represent: ``cst`` is computed from the rounded means (``mu~ = A~ / -2``) and ||x||^2 from the rounded
+rows, so that ``dist = ||x~ - mu~||^2``. The alternative (``cst`` from the exact means) shifts every component's
+logit by a constant ``~ mu . dmu / var``, a bias that does not average out: it is what made a plain tf32 or bf16
+product 3e-3 and 2.5e-2 off on centred SIFT-like data, against 3.2e-4 and 2.5e-3 with the consistent form
+(H100, n=2^20, K=1024, D=128; diag 6.1e-4 and 4.5e-3; ``kernels/NOTES.md``).
 
-* ``"tf32"`` (default): split-bf16 products. Logits use ``x.mu ~ hi.hi + hi.lo + lo.hi`` with
-  ``x = hi + lo`` in two bf16 terms (~16 mantissa bits per operand, fp32 accumulation), and ``R^T X`` uses r in
-  bf16 (unbiased rounding that averages out over rows) against both terms of x. 6e-5 (spherical), 1.2e-4
-  (diag). This is not a tf32 product, on purpose: a single tf32 product gives 3e-3 on this data (cuBLAS tf32
-  in the torch baseline gives the same 3e-3), over the issue's 1e-3 bound, because the logit error grows like
-  ``|x| |mu| 2^-11 / var``; and Triton's tf32 wgmma path ran pass 2 2.5x slower than one bf16 product here.
-* ``"tf32-mma"``: one tf32 product per GEMM with operands rounded to nearest (the tensor cores truncate fp32
-  operands, a bias that does not average out: 4e-3 before the rounding, 3e-3 after). For comparison.
-* ``"bf16"``: one bf16 product per GEMM, fp32 accumulation: 2e-2 (spherical), 2e-2 (diag); the issue's 5e-3
-  is missed on this data.
+* ``"tf32"`` (default): tf32-class operands, i.e. rounded to nearest with 11 significant bits, and fp32
+  accumulation. They are executed as fp16 tensor-core products (fp16 has tf32's 11-bit significand and runs at
+  twice tf32's rate): the launcher scales the rows and the parameters by a power of two (exact) so that every
+  operand lies below 2^14 in magnitude, well inside fp16's range, and undoes the scale on the fp32 results.
+  Components of ``|x|`` more than 2^24 below the largest lose relative precision (fp16 subnormals); their
+  contribution to a dot product is below 2^-24 of the largest term.
+* ``"bf16"``: bf16 operands (8 significant bits), fp32 accumulation, no scaling needed. Same speed as
+  ``"tf32"`` (both are one 16-bit product per GEMM); kept for data whose dynamic range exceeds fp16's.
+* ``"bf16x3"``: split-bf16 products, ``x.mu ~ hi.hi + hi.lo + lo.hi`` with ``x = hi + lo`` (~16 bits per
+  operand), and ``R^T X`` against both terms of x: 6e-5 (measured on an H200 with the v3 kernels), at 2.7x the
+  products of ``"tf32"``; not re-measured with v4 (its diag variant needs the smaller autotune configs).
 * ``"ieee"``: exact fp32 products (slow); the interpreter tests' reference mode.
 
 Caveats
 -------
 * D <= 256 (the whole padded row stays in one tile); larger D should use the torch backend.
+* ``x_absmax`` (an upper bound of ``|x - center|``, used for the fp16 scale) is computed from the chunk when not
+  given (one extra read of it); a bound that is too small overflows fp16 and gives NaN.
 * Autotuning is keyed on (K, D, covariance type, precision), never on n. The slab layout depends on n, K and
   the SM count only, so bitwise reproducibility holds for fixed (device, n, autotuned config).
-* Diag in the split mode runs 10 bf16 products per pass-2 tile and spills registers: 3.8x the spherical time.
+* Extra memory per call: the 16-bit operand copy (``2 n D`` bytes, twice for diag), logZ and ||x||^2
+  (``8 n``), and the partials; callers bound it by the chunk size.
 
-Tested on: the CPU interpreter (TRITON_INTERPRET=1; the operand rounding of every mode is emulated in fp32,
-since the interpreter has no bf16) at tiny odd shapes against float64 torch, and an NVIDIA H200 (torch 2.11,
-triton 3.6) at n=2^20, K=1000/1024, D=96/100/128; see ``tests/test_kernels.py`` and ``kernels/NOTES.md``.
+Tested on: the CPU interpreter (TRITON_INTERPRET=1; the interpreter has no bf16, so every mode's operand
+rounding is emulated on fp32 values) at tiny odd shapes against float64 torch, and on an NVIDIA H200; see
+``tests/test_kernels.py`` and ``kernels/NOTES.md``.
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -75,11 +84,13 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_D = 256
-# GEMM modes: 0 exact fp32 ("ieee"); 1 one tf32 product with round-to-nearest operands ("tf32-mma");
-# 2 one bf16 product ("bf16"); 3 split bf16 products, 3 terms for the logits and 2 for R^T X ("tf32", the
-# default: tf32-class accuracy or better, see the module docstring for why it is not a tf32 product).
-PRECISIONS = ("ieee", "tf32", "bf16", "tf32-mma")
-_MODES = {"ieee": 0, "tf32-mma": 1, "bf16": 2, "tf32": 3}
+# GEMM modes: 0 exact fp32 ("ieee"); 1 one fp16 product of tf32-precision operands with power-of-two scaling
+# ("tf32", the default); 2 one bf16 product ("bf16"); 3 split bf16 products ("bf16x3"). Modes 1 and 2 write a
+# 16-bit operand copy of the rows in pass 1 ("copy modes").
+PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
+_MODES = {"ieee": 0, "tf32": 1, "bf16": 2, "bf16x3": 3}
+_COPY_MODES = (1, 2)
+FP16_BOUND_LOG2 = 14        # scaled fp16 operands stay below 2^14 (fp16 max 65504 ~ 2^16)
 
 
 def _interpret() -> bool:
@@ -90,15 +101,6 @@ def _interpret() -> bool:
 # shared device helpers
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _round_tf32(x):
-    """fp32 -> nearest tf32 value (as fp32). The tensor cores truncate fp32 operands to tf32, a bias of
-    ~2^-11 per operand that does not average out over a sum."""
-    b = x.to(tl.uint32, bitcast=True)
-    b = (b + 0x1000) & 0xFFFFE000
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _round_bf16(x):
     """fp32 -> nearest bf16 value (as fp32): bf16 arithmetic for the interpreter, which has no bf16."""
     b = x.to(tl.uint32, bitcast=True)
@@ -108,9 +110,13 @@ def _round_bf16(x):
 
 @triton.jit
 def _hi(x, MODE: tl.constexpr, EMU: tl.constexpr):
-    """GEMM operand of an fp32 tile: as is (0), tf32-rounded (1), bf16 (2, 3; bf16-valued fp32 if EMU)."""
+    """GEMM operand of an fp32 tile: as is (0), fp16 (1), bf16 (2, 3); in the interpreter (EMU) the rounded
+    values stay fp32 so that the dot product is exact over them."""
     if MODE == 1:
-        out = _round_tf32(x)
+        if EMU:
+            out = x.to(tl.float16).to(tl.float32)
+        else:
+            out = x.to(tl.float16)
     elif MODE >= 2:
         if EMU:
             out = _round_bf16(x)
@@ -138,13 +144,10 @@ def _lo(x, hi, MODE: tl.constexpr, EMU: tl.constexpr):
 def _dot(a, b, acc, MODE: tl.constexpr, EMU: tl.constexpr):
     """acc + a (M, C) @ b (C, N) of operands from _hi/_lo, fp32 accumulation (exact fp32 products if EMU).
 
-    Accumulating in place (rather than ``acc += dot``) keeps one register accumulator per GEMM: a fresh
-    product per term cost a second accumulator, layout conversions and register spills (seen in the SASS
-    resource report: 255 registers and 164-1100 bytes of spills per thread before, see NOTES.md)."""
+    Accumulating in place (rather than ``acc += dot``) keeps one register accumulator per GEMM (a fresh product
+    per term cost a second accumulator and register spills, see NOTES.md)."""
     if MODE == 0 or EMU:
         out = tl.dot(a, b, acc, input_precision="ieee")
-    elif MODE == 1:
-        out = tl.dot(a, b, acc, input_precision="tf32")
     else:
         out = tl.dot(a, b, acc)
     return out
@@ -152,8 +155,7 @@ def _dot(a, b, acc, MODE: tl.constexpr, EMU: tl.constexpr):
 
 @triton.jit
 def _dot3(a_hi, a_lo, b_hi, b_lo, acc, MODE: tl.constexpr, EMU: tl.constexpr):
-    """acc + a @ b; for MODE 3 the split product lo.hi + hi.lo + hi.hi (~16 mantissa bits of each operand),
-    small terms first."""
+    """acc + a @ b; for MODE 3 the split product lo.hi + hi.lo + hi.hi, small terms first."""
     if MODE == 3:
         acc = _dot(a_lo, b_hi, acc, MODE, EMU)
         acc = _dot(a_hi, b_lo, acc, MODE, EMU)
@@ -161,17 +163,60 @@ def _dot3(a_hi, a_lo, b_hi, b_lo, acc, MODE: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D: tl.constexpr, HAS_CENTER: tl.constexpr):
+    """(BLOCK_M, BLOCK_D) fp32 tile of rows, minus the centre if given; zero outside the masks."""
+    mask = mask_m[:, None] & mask_d[None, :]
+    x = tl.load(X + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    if HAS_CENTER:
+        c = tl.load(CENTER + offs_d, mask=mask_d, other=0.0)
+        x = tl.where(mask, x - c[None, :], 0.0)
+    return x
+
+
+@triton.jit
+def _row_operands(x, SCALE, SQ_SCALE, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr):
+    """GEMM operands of an fp32 row tile: (xh, xl, qh, ql, x2).
+
+    x is scaled by SCALE in the fp16 mode; ``x2 = ||x||^2`` (and the diag square ``q = x * x * SQ_SCALE``) are
+    formed from the rounded values in the 16-bit modes, so that the logits are exact for the rows the operands
+    represent; the lo terms are only meaningful in MODE 3."""
+    if MODE == 1:
+        x = x * SCALE
+    xh = _hi(x, MODE, EMU)
+    xl = _lo(x, xh, MODE, EMU)
+    if MODE == 1 or MODE == 2:
+        xv = xh.to(tl.float32)
+    else:
+        xv = x
+    x2 = tl.sum(xv * xv, axis=1)
+    if DIAG:
+        if MODE == 1:
+            q = xv * xv * SQ_SCALE
+        else:
+            q = xv * xv
+        qh = _hi(q, MODE, EMU)
+        if MODE == 2:
+            # bf16: a second term of the squares for R^T x^2 only (the diag Sq = Sxx - 2 mu Sx + Nk mu^2
+            # cancels, and one bf16 rounding of integer-valued squares is a bias, not noise)
+            ql = _hi(q - qh.to(tl.float32), MODE, EMU)
+        else:
+            ql = _lo(q, qh, MODE, EMU)
+    else:
+        qh = xh
+        ql = xl
+    return xh, xl, qh, ql, x2
+
+
+@triton.jit
 def _component_logits(
-    xh, xl, xsh, xsl, x2,           # row tile as GEMM operands (hi, lo), its square (diag only), ||x||^2
+    xh, xl, qh, ql, x2,             # row tile as GEMM operands (hi, lo), its square (diag only), ||x||^2
     A, A_LO, P, P_LO,               # component parameters in operand form (see _prepare)
     BIAS2, COEF2, CST,
     offs_k, mask_k, offs_d, mask_d,
     D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Base-2 logits s = l * log2(e) (BM, BK) and distances (BM, BK) of a row tile against one component block.
-
-    Invalid components (k >= K) get s = -inf so that 2^(s - logZ2) = 0 there.
-    """
+    """Base-2 logits s = l * log2(e) (BM, BK) and distances (BM, BK, in the accumulator's units) of a row tile
+    against one component block. Components k >= K get bias -inf, hence s = -inf and 2^(s - logZ2) = 0."""
     t_ptrs = offs_d[:, None] + offs_k[None, :] * D            # (BD, BK): parameters read transposed
     if EVEN_K:
         t_mask = mask_d[:, None]
@@ -180,10 +225,9 @@ def _component_logits(
         cst = tl.load(CST + offs_k)
     else:
         t_mask = mask_d[:, None] & mask_k[None, :]
-        bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=0.0)
+        bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=float("-inf"))
         coef = tl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
         cst = tl.load(CST + offs_k, mask=mask_k, other=0.0)
-    # dist = cst + (x2 | xsq . p) - 2 x . mu(p), accumulated in place on the tensor cores (A holds -2 mu(p))
     if DIAG:
         p_t = tl.load(P + t_ptrs, mask=t_mask, other=0.0)
         if MODE == 3:
@@ -191,7 +235,7 @@ def _component_logits(
         else:
             p_lo_t = p_t
         acc = tl.zeros([xh.shape[0], p_t.shape[1]], tl.float32) + cst[None, :]
-        acc = _dot3(xsh, xsl, p_t, p_lo_t, acc, MODE, EMU)
+        acc = _dot3(qh, ql, p_t, p_lo_t, acc, MODE, EMU)
     else:
         acc = x2[:, None] + cst[None, :]
     a_t = tl.load(A + t_ptrs, mask=t_mask, other=0.0)
@@ -199,29 +243,27 @@ def _component_logits(
         a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
     else:
         a_lo_t = a_t
-    acc = _dot3(xh, xl, a_t, a_lo_t, acc, MODE, EMU)
-    dist = tl.maximum(acc, 0.0)
+    dist = _dot3(xh, xl, a_t, a_lo_t, acc, MODE, EMU)
     s = bias[None, :] + coef[None, :] * dist
-    if not EVEN_K:
-        s = tl.where(mask_k[None, :], s, float("-inf"))
     return s, dist
 
 
 # ----------------------------------------------------------------------------------------------------------
 # autotune configs: a small generator plus pruning (never keyed on n)
 # ----------------------------------------------------------------------------------------------------------
-_SMEM_BUDGET = 200 * 1024
+_SMEM_BUDGET = 220 * 1024     # a rough estimate: configs that still do not fit fail and are skipped
 
 
 def _esize(mode):
-    return 4 if mode in (0, 1) else (2 if mode == 2 else 4)   # mode 3: two bf16 terms
+    return 4 if mode in (0, 3) else 2      # mode 3 keeps fp32 tiles and two bf16 terms
 
 
 def _row_configs():
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2))]
+            for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                                 (64, 128, 8, 2), (128, 64, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3))]
 
 
 def _prune_row(configs, named_args, **kwargs):
@@ -236,7 +278,7 @@ def _prune_row(configs, named_args, **kwargs):
         smem = ops * bm * bd * es + st * ops * bk * bd * es
         if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
             continue
-        if bm * bd * ops > 256 * 128 or (bm == 256 and diag):  # register budget of the row tile
+        if bm * bd * ops * es > 256 * 128 * 4 or (bm * bk) / (32 * c.num_warps) > 64:   # registers
             continue
         keep.append(c)
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * c.num_stages)]
@@ -246,22 +288,28 @@ def _stats_configs():
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in ((64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2),
-                                 (16, 128, 8, 3), (16, 64, 4, 3))]
+            for bm, bk, w, s in ((64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                                 (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3),
+                                 (32, 64, 4, 2), (16, 32, 4, 2))]
 
 
 def _prune_stats(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}
-    D, K, diag, es = named_args["D"], named_args["K"], named_args["DIAG"], _esize(named_args["MODE"])
+    D, K, diag, mode = named_args["D"], named_args["K"], named_args["DIAG"], named_args["MODE"]
+    es = _esize(mode)
     bd = triton.next_power_of_2(D)
     keep = []
     for c in configs:
         bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
         ops = 2 if diag else 1
-        smem = ops * bk * bd * es + st * bm * bd * 4 + ops * bm * bd * es
+        tiles = (3 if mode == 2 else 2) if diag else 1          # rows, squares (and their bf16 second term)
+        tile_bytes = 2 if named_args.get("COPY", False) else 4
+        smem = ops * bk * bd * es + st * tiles * bm * bd * tile_bytes
         if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
             continue
-        regs = (ops * bk * bd + bk * bm + bm * bd * ops) / (32 * c.num_warps)   # accumulators + tiles
+        regs = (ops * bk * bd + 2 * bk * bm) / (32 * c.num_warps)   # accumulators + logits/R tiles
+        if not named_args.get("COPY", False):
+            regs += ops * bm * bd * (1 if mode == 0 else 2) / (32 * c.num_warps)   # fp32 tiles converted in loop
         if regs > 200:
             continue
         keep.append(c)
@@ -269,39 +317,38 @@ def _prune_stats(configs, named_args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# pass 1: logZ (and argmax), split over rows
+# pass 1: logZ (and argmax, ||x||^2, the operand copy), split over rows
 # ----------------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_row_configs(), key=["K", "D", "DIAG", "MODE"],
                  prune_configs_by={"early_config_prune": _prune_row})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _logz_kernel(
-    # pointers: data, component parameters, outputs
-    X, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-    LOGZ, X2, BEST,
+    # pointers: data and centre, component parameters, outputs
+    X, CENTER, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+    LOGZ, X2, BEST, XO, XQ, XQL, SCALES,
     # sizes (rows are contiguous, stride D)
     N, K,
     # compile-time: feature dims, flags, tiles
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
-    DIAG: tl.constexpr, WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, WRITE_COPY: tl.constexpr, MODE: tl.constexpr,
+    EMU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    xsq = x * x
-    x2 = tl.sum(xsq, axis=1)
-    xh = _hi(x, MODE, EMU)
-    xl = _lo(x, xh, MODE, EMU)
-    if DIAG:
-        xsh = _hi(xsq, MODE, EMU)
-        xsl = _lo(xsq, xsh, MODE, EMU)
-    else:
-        xsh = xh
-        xsl = xl
+    x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
+    xh, xl, qh, ql, x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
+    if WRITE_COPY:
+        cp = offs_m[:, None] * D + offs_d[None, :]
+        cmask = mask_m[:, None] & mask_d[None, :]
+        tl.store(XO + cp, xh, mask=cmask)
+        if DIAG:
+            tl.store(XQ + cp, qh, mask=cmask)
+            if MODE == 2:
+                tl.store(XQL + cp, ql, mask=cmask)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max, base-2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of 2^(s - m)
@@ -309,7 +356,7 @@ def _logz_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        s, dist = _component_logits(xh, xl, xsh, xsl, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+        s, dist = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                     offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
         s_max = tl.max(s, axis=1)
         if WITH_ARGMAX:
@@ -329,25 +376,26 @@ def _logz_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # pass 2: responsibilities and statistics, split over component blocks x row slabs
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE"],
+@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY"],
                  prune_configs_by={"early_config_prune": _prune_stats})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _estep_stats_kernel(
-    # pointers: data, logZ and ||x||^2 from pass 1, component parameters (A, P in operand form)
-    X, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+    # pointers: data and centre (modes 0, 3) or its operand copy (modes 1, 2), logZ and ||x||^2 from pass 1,
+    # component parameters (A, P in operand form)
+    X, CENTER, XO, XQ, XQL, SCALES, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
     # outputs: one partial per slab, (S, K), (S, K, D), (S, K) or (S, K, D)
     NK_PART, SX_PART, SQ_PART,
     # sizes
     N, K, SLAB_ROWS,
     # compile-time
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
-    DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
+    MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    # Flash-attention-forward shape: the component block plays the queries, the rows of X the keys and
-    # the values. Tiles are (BLOCK_K, BLOCK_M) so that R feeds the second GEMM without a transpose.
-    # The component block varies fastest: programs sharing a slab of X run side by side (L2 reuse).
+    # Flash-attention-forward shape: the component block plays the queries, the rows the keys and the values.
+    # Tiles are (BLOCK_K, BLOCK_M) so that R feeds the second GEMM without a transpose. The component block
+    # varies fastest: programs sharing a slab run side by side (L2 reuse).
     pid = tl.program_id(0)
     num_kb = tl.cdiv(K, BLOCK_K)
     pid_k = pid % num_kb
@@ -367,55 +415,58 @@ def _estep_stats_kernel(
         p_lo = p
         if MODE == 3:
             p_lo = tl.load(P_LO + kd_ptrs, mask=kd_mask, other=0.0)
-    bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=0.0)
+    # invalid components: bias -inf, so r = 2^-inf = 0 there without a mask in the loop
+    bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=float("-inf"))
     coef = tl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
     cst = tl.load(CST + offs_k, mask=mask_k, other=0.0)
 
     acc_nk = tl.zeros([BLOCK_K], tl.float32)
     acc_sx = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     if DIAG:
-        acc_sq = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)   # sum r x^2
+        acc_sq = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)   # sum r x^2 (in the square's units)
     else:
-        acc_sq = tl.zeros([BLOCK_K], tl.float32)            # sum r ||x - mu||^2
+        acc_sq = tl.zeros([BLOCK_K], tl.float32)            # sum r ||x - mu||^2 (in the distance's units)
 
     row_lo = pid_s * SLAB_ROWS
     row_hi = tl.minimum(row_lo + SLAB_ROWS, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_hi
-        x = tl.load(X + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0) * LOG2E
-        xh = _hi(x, MODE, EMU)
-        xl = _lo(x, xh, MODE, EMU)
+        if COPY:                           # the operand copy written by pass 1
+            cp = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+            cmask = mask_m[:, None] & mask_d[None, :]
+            xh = tl.load(XO + cp, mask=cmask, other=0.0)
+            xl = xh
+            if DIAG:
+                qh = tl.load(XQ + cp, mask=cmask, other=0.0)
+                if MODE == 2:
+                    ql = tl.load(XQL + cp, mask=cmask, other=0.0)
+                else:
+                    ql = qh
+        else:
+            x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
+            xh, xl, qh, ql, _x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
+        # rows past the slab get logZ = +inf, hence r = 0, without a mask in the loop
+        lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=float("inf")) * LOG2E
         if DIAG:
-            xsq = x * x
-            xsh = _hi(xsq, MODE, EMU)
-            xsl = _lo(xsq, xsh, MODE, EMU)
             acc = tl.zeros([BLOCK_K, BLOCK_M], tl.float32) + cst[:, None]
-            acc = _dot3(p, p_lo, tl.trans(xsh), tl.trans(xsl), acc, MODE, EMU)
+            acc = _dot3(p, p_lo, tl.trans(qh), tl.trans(ql), acc, MODE, EMU)
         else:
             acc = cst[:, None] + tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]
-        acc = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), acc, MODE, EMU)      # (BK, BM), A = -2 mu(p)
-        dist = tl.maximum(acc, 0.0)
-        r = tl.exp2(bias[:, None] + coef[:, None] * dist - lz2[None, :])
-        if EVEN_K:
-            r = tl.where(mask_m[None, :], r, 0.0)
-        else:
-            r = tl.where(mask_m[None, :] & mask_k[:, None], r, 0.0)
+        acc = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), acc, MODE, EMU)      # (BK, BM) distances
+        r = tl.exp2(bias[:, None] + coef[:, None] * acc - lz2[None, :])
         acc_nk += tl.sum(r, axis=1)
-        # R^T X: r in the operand precision (mode 3: bf16, unbiased rounding that averages out over rows)
-        # against x (mode 3: both split terms, so x keeps ~16 bits)
+        # R^T X: r in the operand precision (unbiased rounding that averages out over rows)
         ro = _hi(r, MODE, EMU)
         if MODE == 3:
             acc_sx = _dot(ro, xl, acc_sx, MODE, EMU)
         acc_sx = _dot(ro, xh, acc_sx, MODE, EMU)
         if DIAG:
-            if MODE == 3:
-                acc_sq = _dot(ro, xsl, acc_sq, MODE, EMU)
-            acc_sq = _dot(ro, xsh, acc_sq, MODE, EMU)
+            if MODE == 3 or MODE == 2:
+                acc_sq = _dot(ro, ql, acc_sq, MODE, EMU)
+            acc_sq = _dot(ro, qh, acc_sq, MODE, EMU)
         else:
-            acc_sq += tl.sum(r * dist, axis=1)
+            acc_sq += tl.sum(r * acc, axis=1)
 
     base_k = pid_s.to(tl.int64) * K + offs_k
     tl.store(NK_PART + base_k, acc_nk, mask=mask_k)
@@ -428,12 +479,58 @@ def _estep_stats_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers
+# pass 3: fixed-order float64 reduction of the per-slab partials, units undone, one launch per statistic shape
 # ----------------------------------------------------------------------------------------------------------
-def _check_inputs(x, means, var, log_weights, precision):
+@triton.jit
+def _reduce_kd_kernel(SX_PART, SQ_PART, NK_PART, MEANS, INV, SX, SQ, S, K, D: tl.constexpr, DIAG: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Sx (K, D) and, for diag, Sq = Sxx - 2 mu Sx + Nk mu^2 (K, D): sums over the S slabs in slab order, in
+    float64; INV = [1 / x_scale, 1 / (sq_scale x_scale^2), 1 / dist_unit] (float64)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K * D
+    sx = tl.zeros([BLOCK], tl.float64)
+    sxx = tl.zeros([BLOCK], tl.float64)
+    nk = tl.zeros([BLOCK], tl.float64)
+    row = offs // D
+    for s in range(0, S):
+        sx += tl.load(SX_PART + s * K * D + offs, mask=mask, other=0.0).to(tl.float64)
+        if DIAG:
+            sxx += tl.load(SQ_PART + s * K * D + offs, mask=mask, other=0.0).to(tl.float64)
+            nk += tl.load(NK_PART + s * K + row, mask=mask, other=0.0).to(tl.float64)
+    sx = sx * tl.load(INV)
+    tl.store(SX + offs, sx.to(tl.float32), mask=mask)
+    if DIAG:
+        mu = tl.load(MEANS + offs, mask=mask, other=0.0).to(tl.float64)
+        sq = sxx * tl.load(INV + 1) - 2.0 * mu * sx + nk * mu * mu
+        tl.store(SQ + offs, tl.maximum(sq, 0.0).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _reduce_k_kernel(NK_PART, SQ_PART, INV, NK, SQ, S, K, DIAG: tl.constexpr, BLOCK: tl.constexpr):
+    """Nk (K,) and, for spherical, Sq (K,): sums over the S slabs in slab order, in float64."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    nk = tl.zeros([BLOCK], tl.float64)
+    sq = tl.zeros([BLOCK], tl.float64)
+    for s in range(0, S):
+        nk += tl.load(NK_PART + s * K + offs, mask=mask, other=0.0).to(tl.float64)
+        if not DIAG:
+            sq += tl.load(SQ_PART + s * K + offs, mask=mask, other=0.0).to(tl.float64)
+    tl.store(NK + offs, nk.to(tl.float32), mask=mask)
+    if not DIAG:
+        tl.store(SQ + offs, tl.maximum(sq * tl.load(INV + 2), 0.0).to(tl.float32), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side: checks, operand preparation, launchers
+# ----------------------------------------------------------------------------------------------------------
+def _check_inputs(x, means, var, log_weights, precision, center=None):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    for name, t in (("x", x), ("means", means), ("var", var), ("log_weights", log_weights)):
+    named = [("x", x), ("means", means), ("var", var), ("log_weights", log_weights)]
+    if center is not None:
+        named.append(("center", center))
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.float32:
@@ -453,6 +550,8 @@ def _check_inputs(x, means, var, log_weights, precision):
         raise ValueError(f"var must have shape ({k},) (spherical) or ({k}, {d}) (diag), got {tuple(var.shape)}")
     if log_weights.shape != (k,):
         raise ValueError(f"log_weights must have shape ({k},), got {tuple(log_weights.shape)}")
+    if center is not None and center.shape != (d,):
+        raise ValueError(f"center must have shape ({d},), got {tuple(center.shape)}")
     if not x.is_contiguous():
         raise ValueError("x must be contiguous: call x.contiguous() first")
     if x.device.type != "cuda" and not _interpret():
@@ -465,52 +564,137 @@ def _bf16_values(t):
     return ((bits + 0x8000) & ~0xFFFF).view(torch.float32)
 
 
-def as_operand(t, mode, emu=None):
-    """Host-side operand form (hi, lo) of a parameter matrix, matching the kernels' _hi/_lo."""
+def _operand_dtype(mode, emu=None):
     emu = _interpret() if emu is None else emu
-    t = t.float().contiguous()
+    if mode == 0 or emu:
+        return torch.float32
+    return torch.float16 if mode == 1 else torch.bfloat16
+
+
+def as_operand(t, mode, emu=None):
+    """Host-side operand form (hi, lo) of a float64/float32 parameter matrix, matching the kernels' _hi/_lo
+    (float32 tensors holding the rounded values in the interpreter)."""
+    emu = _interpret() if emu is None else emu
+    t32 = t.float().contiguous()
     if mode == 1:
-        hi = ((t.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+        hi = t32.half().float() if emu else t32.half()
         return hi, hi
     if mode >= 2:
-        hi = _bf16_values(t) if emu else t.to(torch.bfloat16)
+        hi = _bf16_values(t32) if emu else t32.to(torch.bfloat16)
         if mode == 2:
             return hi, hi
-        res = t - hi.float()
+        res = t32 - hi.float()
         lo = _bf16_values(res) if emu else res.to(torch.bfloat16)
         return hi, lo
-    return t, t
+    return t32, t32
 
 
-def _prepare(means, var, log_weights, precision):
-    """Per-component parameters of the shared logit form (O(K D), float64 math).
+def absmax(x, center=None) -> torch.Tensor:
+    """Upper bound of |x - center| over a chunk, as a 0-d device tensor (one read of the chunk, no host sync):
+    the input of :func:`operand_scale`."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    if center is None:
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(-lo, hi).double()
+    lo, hi = torch.aminmax(x, dim=0)
+    return torch.maximum((hi - center).abs(), (lo - center).abs()).max().double()
 
-    Returns (A, A_lo, P, P_lo, bias2, coef2, cst): A and P in the GEMM operand form of ``precision`` (the lo
-    terms are only read in the split mode), base-2 bias and
-    coefficient, so that ``s = bias2 + coef2 * max(base + cst - 2 x.A, 0)`` is ``log2(e)`` times the logit.
-    """
+
+def _at_least(t: torch.Tensor, bound) -> torch.Tensor:
+    """max(t, bound) for a python float or a 0-d tensor bound, without a host-to-device copy (no sync)."""
+    if isinstance(bound, torch.Tensor):
+        return torch.maximum(t, bound.to(t.dtype))
+    return t.clamp_min(float(bound))
+
+
+def operand_scale(bound, mode: int):
+    """Power of two that maps values of magnitude <= ``bound`` (a 0-d tensor) below 2^14 in the fp16 mode (1),
+    as a float64 0-d tensor on bound's device; 1 in the other modes. Computed on the device: no host sync."""
+    if mode != 1:
+        return torch.ones((), dtype=torch.float64, device=bound.device)
+    b = bound.double()
+    e = torch.ceil(torch.log2(torch.where(torch.isfinite(b) & (b > 0), b, torch.ones_like(b))))
+    return torch.exp2((FP16_BOUND_LOG2 - e).clamp(-100.0, 100.0))
+
+
+class Params(NamedTuple):
+    """Component parameters in kernel form (see :func:`prepare`): operands, per-component terms, unit factors.
+
+    The unit factors are float64 0-d device tensors (so that preparing never syncs with the host)."""
+    a: torch.Tensor          # (K, D) operand of -2 mu (spherical) or -2 mu / var (diag), scaled
+    a_lo: torch.Tensor       # (K, D) split remainder (mode 3) or a
+    p: torch.Tensor          # (K, D) operand of 1 / var (diag) or a placeholder
+    p_lo: torch.Tensor
+    bias2: torch.Tensor      # (K,) log2(e) * (log w - normaliser)
+    coef2: torch.Tensor      # (K,) log2(e) * (-1 / 2 var) in the accumulator's distance units
+    cst: torch.Tensor        # (K,) ||mu~||^2 (spherical) or sum mu~^2 / var~ (diag) in those units
+    scales: torch.Tensor     # (2,) float32 [x_scale, sq_scale], read by the kernels
+    inv: torch.Tensor        # (3,) float64 [1 / x_scale, 1 / (sq_scale x_scale^2), 1 / dist_unit] (reduction)
+    x_scale: torch.Tensor    # rows are multiplied by this before rounding
+    sq_scale: torch.Tensor   # diag: the squares are multiplied by this before rounding
+    dist_unit: torch.Tensor  # accumulator distance = dist_unit * true distance
+
+
+def prepare(means, var, log_weights, precision, x_bound=None) -> Params:
+    """Per-component parameters of the shared logit form (O(K D), float64 math, no host sync).
+
+    means (K, D), var (K,) or (K, D), log_weights (K,): float32 tensors; ``x_bound``: float, 0-d tensor or None,
+    an upper bound of the rows' magnitude (fp16 scale; the means' own magnitude is always included). In the
+    16-bit modes ``cst`` is formed from the rounded operands, so that the accumulator holds exactly
+    ``||x~ - mu~||^2`` (spherical) or ``sum_j P~_j (x~_j - mu~_j)^2`` (diag) for the represented values."""
     mode = _MODES[precision]
     d = means.shape[1]
+    dev = means.device
     mu = means.double()
     v = var.double()
     lw = log_weights.double()
     log2pi = math.log(2.0 * math.pi)
+    log2e = 1.0 / math.log(2.0)
+    bound = mu.abs().amax() if mu.numel() else torch.zeros((), dtype=torch.float64, device=dev)
+    if x_bound is not None:
+        bound = _at_least(bound, x_bound)
+    s = operand_scale(bound, mode)
+    sq_scale = torch.ones((), dtype=torch.float64, device=dev)
     if var.ndim == 1:
-        a = as_operand(-2.0 * means, mode)              # scaling by -2 is exact in every operand format
-        p = a                                                # unused placeholders
+        a, a_lo = as_operand(-2.0 * s * mu, mode)            # scaling by -2 s is exact in every operand format
+        p = p_lo = a                                           # unused placeholders
         bias = lw - 0.5 * d * (log2pi + torch.log(v))
-        coef = -0.5 / v
-        cst = (mu * mu).sum(1)
+        unit = s * s
+        coef = -0.5 / v / unit
+        if mode in _COPY_MODES:
+            mu_t = a.double() / -2.0
+            cst = (mu_t * mu_t).sum(1)
+        else:
+            cst = (mu * mu).sum(1) * unit
     else:
         prec = 1.0 / v
-        a = as_operand(-2.0 * mu * prec, mode)
-        p = as_operand(prec, mode)
         bias = lw - 0.5 * (d * log2pi + torch.log(v).sum(1))
-        coef = torch.full_like(bias, -0.5)
-        cst = (mu * mu * prec).sum(1)
-    log2e = 1.0 / math.log(2.0)
-    return (a[0], a[1], p[0], p[1], (bias * log2e).float().contiguous(), (coef * log2e).float().contiguous(),
-            cst.float().contiguous())
+        if mode == 1:
+            sq_scale = sq_scale * 2.0 ** -FP16_BOUND_LOG2      # (x s)^2 <= 2^28 -> squares below 2^14
+            pp = prec / (s * s)                                 # precision in the scaled rows' units
+            c_p = operand_scale(pp.amax(), 1)
+            unit = sq_scale * c_p
+            p, p_lo = as_operand(pp * c_p, mode)
+            a, a_lo = as_operand(-2.0 * (s * mu) * pp * unit, mode)
+        else:
+            unit = torch.ones((), dtype=torch.float64, device=dev)
+            p, p_lo = as_operand(prec, mode)
+            a, a_lo = as_operand(-2.0 * mu * prec, mode)
+        if mode in _COPY_MODES:
+            w = p.double() * sq_scale                           # weight of (x~ - mu~)^2 per feature
+            a64 = a.double()
+            cst = torch.where(w > 0, a64 * a64 / (4.0 * w.clamp_min(1e-300)), torch.zeros_like(a64)).sum(1)
+        else:
+            cst = (mu * mu * prec).sum(1)
+        coef = -0.5 / unit * torch.ones_like(bias)
+    scales = torch.stack([s, sq_scale]).float()
+    inv = torch.stack([1.0 / s, 1.0 / (sq_scale * s * s), 1.0 / unit]).double()
+    return Params(a, a_lo, p, p_lo, (bias * log2e).float().contiguous(), (coef * log2e).float().contiguous(),
+                  cst.float().contiguous(), scales, inv, s, sq_scale, unit)
+
+
+_prepare = prepare
 
 
 _SM_COUNT = {}
@@ -525,63 +709,104 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def launch_logz(x, params, k, diag, precision, with_argmax=False, x2=None):
-    """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64; fills ``x2`` with ||x||^2 if given."""
+def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None):
+    """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64; fills ``x2`` with ||x||^2 (in the
+    accumulator's units) and ``copy = (xo, xq, xql)`` with the operand copy (rows, squares and, bf16 diag, the
+    squares' second term) when given."""
     n, d = x.shape
-    a, a_lo, p, p_lo, bias, coef, cst = params
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     best = torch.empty(n if with_argmax else 1, dtype=torch.int64, device=x.device)
     mode = _MODES[precision]
+    xo, xq, xql = copy if copy is not None else (logz, logz, logz)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _logz_kernel[grid](x, a, a_lo, p, p_lo, bias, coef, cst, logz, logz if x2 is None else x2, best, n, k,
-                       D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                       DIAG=diag, WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, MODE=mode, EMU=_interpret())
+    _logz_kernel[grid](x, x if center is None else center, params.a, params.a_lo, params.p, params.p_lo,
+                       params.bias2, params.coef2, params.cst, logz, logz if x2 is None else x2, best, xo, xq, xql,
+                       params.scales, n, k,
+                       D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
+                       WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, WRITE_COPY=copy is not None, MODE=mode,
+                       EMU=_interpret())
     return logz, (best if with_argmax else None)
 
 
-def slab_layout(n: int, k: int, device) -> tuple[int, int]:
-    """(number of slabs, rows per slab): about two programs per SM, slabs a multiple of 256 rows."""
+PARTIAL_BYTES = 16 << 20    # bound of the Sx partials (S x K x D float32): caps the slab count for large K D
+
+
+def slab_layout(n: int, k: int, device, d: int = 128) -> tuple[int, int]:
+    """(number of slabs, rows per slab): about two programs per SM, slabs a multiple of 256 rows, and at most
+    ``PARTIAL_BYTES`` of Sx partials."""
     target = max(1, (2 * _sm_count(device)) // max(1, triton.cdiv(k, 128)))
+    target = min(target, max(1, PARTIAL_BYTES // (4 * k * d)))
     slabs = max(1, min(target, triton.cdiv(n, 2048)))
     slab_rows = triton.cdiv(triton.cdiv(n, slabs), 256) * 256
     return triton.cdiv(n, slab_rows), slab_rows
 
 
-def estep(x, means, var, log_weights, precision="tf32"):
-    """Fused E-step over one chunk; returns ``(log_norm, nk, sx, sq)`` as in ``_torch_backend.estep``."""
-    n, d, k = _check_inputs(x, means, var, log_weights, precision)
-    diag = var.ndim == 2
-    params = _prepare(means, var, log_weights, precision)
-    x2 = None if diag else torch.empty(n, dtype=torch.float32, device=x.device)
-    logz, _ = launch_logz(x, params, k, diag, precision, x2=x2)
+def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None, params=None, copy_rows=True):
+    """Fused E-step over one chunk; returns ``(log_norm, nk, sx, sq)`` as in ``_torch_backend.estep``.
 
-    slabs, slab_rows = slab_layout(n, k, x.device)
+    Parameters
+    ----------
+    x : (n, D) float32, contiguous, on the GPU (or the CPU under ``TRITON_INTERPRET=1``)
+    means : (K, D) float32, in the centred frame when ``center`` is given
+    var : (K,) spherical or (K, D) diag float32 variances
+    log_weights : (K,) float32
+    precision : {"tf32", "bf16", "bf16x3", "ieee"}
+    center : (D,) float32 or None; the kernels subtract it from every row (no centred copy of x is made)
+    x_absmax : float or None; an upper bound of ``|x - center|`` (fp16 operand scale); computed when None
+    params : :class:`Params` from :func:`prepare` for these means/var/log_weights/precision and a bound of this
+        chunk, to skip the O(K D) preparation when several chunks share the parameters
+    copy_rows : bool; in the 16-bit modes, pass 1 writes the rows' operand copy for pass 2 (``2 n D`` bytes,
+        twice for diag; fastest). False: pass 2 re-reads the float32 rows and converts them in its loop (no
+        O(n D) buffer at all, so huge chunks fit in a few MiB; slower per row)
+
+    Returns
+    -------
+    log_norm (n,), nk (K,), sx (K, D), sq (K,) or (K, D): float32, statistics in the centred frame
+    """
+    n, d, k = _check_inputs(x, means, var, log_weights, precision, center)
+    diag = var.ndim == 2
+    mode = _MODES[precision]
+    copy_mode = mode in _COPY_MODES and bool(copy_rows)
+    if params is None:
+        if mode == 1 and x_absmax is None:
+            x_absmax = absmax(x, center)
+        params = prepare(means, var, log_weights, precision, x_absmax)
     dev = x.device
+    x2 = torch.empty(n, dtype=torch.float32, device=dev)
+    copy = None
+    if copy_mode:
+        dt = _operand_dtype(mode)
+        copy = (torch.empty((n, d), dtype=dt, device=dev), torch.empty((n, d) if diag else (1,), dtype=dt, device=dev),
+                torch.empty((n, d) if diag and mode == 2 else (1,), dtype=dt, device=dev))
+    logz, _ = launch_logz(x, params, k, diag, precision, x2=x2, center=center, copy=copy)
+
+    slabs, slab_rows = slab_layout(n, k, dev, d)
     nk_part = torch.empty((slabs, k), dtype=torch.float32, device=dev)
     sx_part = torch.empty((slabs, k, d), dtype=torch.float32, device=dev)
     sq_part = torch.empty((slabs, k, d) if diag else (slabs, k), dtype=torch.float32, device=dev)
-    a, a_lo, p, p_lo, bias, coef, cst = params
+    xo, xq, xql = copy if copy is not None else (x, x, x)
 
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
-    _estep_stats_kernel[grid](x, logz, logz if x2 is None else x2, a, a_lo, p, p_lo, bias, coef, cst,
+    _estep_stats_kernel[grid](x, x if center is None else center, xo, xq, xql, params.scales, logz, x2, params.a, params.a_lo,
+                              params.p, params.p_lo, params.bias2, params.coef2, params.cst,
                               nk_part, sx_part, sq_part,
                               n, k, slab_rows,
-                              D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                              DIAG=diag, MODE=_MODES[precision], EMU=_interpret())
+                              D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
+                              HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret())
+    del copy, xo, xq, xql, x2          # the operand copy is dead: free it before the reduction
 
-    # fixed-order reduction of the partials, cast on the fly (no float64 copy of the partials)
-    nk64 = nk_part.sum(0, dtype=torch.float64)
-    sx64 = sx_part.sum(0, dtype=torch.float64)
-    if diag:
-        sxx64 = sq_part.sum(0, dtype=torch.float64)
-        mu = means.double()
-        sq = (sxx64 - 2.0 * mu * sx64 + nk64[:, None] * mu * mu).clamp_min_(0.0).float()
-    else:
-        sq = sq_part.sum(0, dtype=torch.float64).float()
-    return logz, nk64.float(), sx64.float(), sq
-
+    # fixed-order float64 reduction of the partials, units undone: two launches, no host sync
+    nk = torch.empty(k, dtype=torch.float32, device=dev)
+    sx = torch.empty((k, d), dtype=torch.float32, device=dev)
+    sq = torch.empty((k, d) if diag else (k,), dtype=torch.float32, device=dev)
+    block = 1024
+    _reduce_kd_kernel[(triton.cdiv(k * d, block),)](sx_part, sq_part, nk_part, means, params.inv, sx, sq, slabs, k,
+                                                     D=d, DIAG=diag, BLOCK=block, num_warps=4)
+    _reduce_k_kernel[(triton.cdiv(k, block),)](nk_part, sq_part, params.inv, nk, sq, slabs, k, DIAG=diag,
+                                               BLOCK=block, num_warps=4)
+    return logz, nk, sx, sq

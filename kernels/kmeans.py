@@ -10,19 +10,22 @@ Assignment (``_kmeans_assign_kernel``): split over rows; a program keeps its BLO
 streams the centroids in BLOCK_K blocks, and keeps a running (min, argmin) of ``||c||^2 - 2 x.c``; no n x K
 matrix exists.
 
-Update: rows are ordered by label with a stable sort (``torch.argsort``), which makes the update a segmented
-sum. ``_segment_sum_kernel`` gives each (cluster, piece) one program that sums its rows in a fixed order into
-fp32 registers; pieces are at most ``ceil(max_count / SPLIT)`` rows long so that a huge cluster does not
-serialise on one SM, and the SPLIT partials are summed in a fixed order. No atomics at all (the counts come
-from an integer ``bincount``), so the result is bitwise reproducible.
+Update: rows are ordered by label with a stable sort (int32 keys), which makes the update a segmented sum.
+``_segment_sum_kernel`` gives each (cluster, piece) one program that sums its rows in a fixed order into fp32
+registers; every cluster is cut into SPLIT equal pieces (SPLIT from n, K and the SM count, see
+``segment_split``) so that a huge cluster does not serialise on one SM, and the SPLIT partials are summed in a
+fixed order. No float atomics (the counts come from an integer ``bincount``) and no host sync, so the result
+is bitwise reproducible and the step can be queued behind the previous one.
 
 Cost: one GEMM of ``2 n K D`` FLOPs; bytes: X twice (the assignment, then the gathered rows: ``8 n D``),
 plus the sort of n int64 labels and ``16 n`` bytes of labels/permutation traffic; extra memory
 ``O(n + SPLIT K D)``.
 
-Precision: the distances use the same GEMM modes as the E-step (``"tf32"``: split-bf16 products, ~16 bits
-per operand; ``"tf32-mma"``, ``"bf16"``, ``"ieee"``). With the reduced modes a near-tie between two centroids may resolve differently from
-float64; the sums are exact fp32 sums of the assigned rows.
+Precision: the distances use the same GEMM modes as the E-step (``"tf32"``: one fp16 product of
+tf32-precision operands with power-of-two scaling; ``"bf16"``, ``"bf16x3"``, ``"ieee"``), with ||c||^2 formed from
+the rounded centroids so that the distances are exact for the represented values. With the reduced modes a
+near-tie between two centroids may resolve differently from float64; the sums are exact fp32 sums of the
+assigned (centred) rows.
 
 Caveats: D <= 256; one host sync per call (the largest cluster sizes the pieces). Tested on: the CPU
 interpreter at tiny odd shapes and an NVIDIA H200 at n=1e6..1e8, K=1000..4096, D=96..128 (bitwise-identical
@@ -35,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import MAX_D, PRECISIONS, _MODES, _dot3, _hi, _interpret, _lo, _prune_row, _row_configs, as_operand
+from .estep import (MAX_D, PRECISIONS, _COPY_MODES, _MODES, _dot3, _interpret, _load_rows, _prune_row,
+                    _at_least, _row_configs, _row_operands, _sm_count, absmax, as_operand, operand_scale)
 
 
 @triton.autotune(configs=_row_configs(), key=["K", "D", "MODE"],
@@ -43,13 +47,13 @@ from .estep import MAX_D, PRECISIONS, _MODES, _dot3, _hi, _interpret, _lo, _prun
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _kmeans_assign_kernel(
-    # pointers: data, centroids, their squared norms; outputs
-    X, C, C_LO, C2,
+    # pointers: data and centre, centroids in operand form (-2 c, scaled), their squared norms; outputs
+    X, CENTER, C, C_LO, C2,
     LABELS, MIN_DIST,
-    # sizes
-    N, K,
+    # [operand scale, 1 / distance unit] (device scalars), sizes
+    SCALES, N, K,
     # compile-time
-    D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CENTER: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -57,13 +61,14 @@ def _kmeans_assign_kernel(
     mask_m = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    x = tl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    x2 = tl.sum(x * x, axis=1)
-    xh = _hi(x, MODE, EMU)
-    xl = _lo(x, xh, MODE, EMU)
+    x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
+    xh, xl, _qh, _ql, x2 = _row_operands(x, tl.load(SCALES), 1.0, False, MODE, EMU)
 
-    best_v = tl.full([BLOCK_M], float("inf"), tl.float32)
-    best_k = tl.zeros([BLOCK_M], tl.int32)
+    # running minimum per (row, column slot) across the component blocks: elementwise compare/select only,
+    # one cross-column reduction at the end (an argmin per block costs shuffles on every block)
+    cols = tl.arange(0, BLOCK_K)
+    best_v = tl.full([BLOCK_M, BLOCK_K], float("inf"), tl.float32)
+    best_k = tl.zeros([BLOCK_M, BLOCK_K], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -79,31 +84,37 @@ def _kmeans_assign_kernel(
             c_lo_t = tl.load(C_LO + t_ptrs, mask=t_mask, other=0.0)
         else:
             c_lo_t = c_t
-        s = c2[None, :] - 2.0 * _dot3(xh, xl, c_t, c_lo_t, tl.zeros([BLOCK_M, BLOCK_K], tl.float32), MODE, EMU)   # ||x - c||^2 - ||x||^2
-        s_min = tl.min(s, axis=1)
-        s_arg = tl.argmin(s, axis=1) + k0
-        better = s_min < best_v                               # strict: the first minimum wins, as torch.min
-        best_k = tl.where(better, s_arg, best_k)
-        best_v = tl.where(better, s_min, best_v)
-    tl.store(LABELS + offs_m, best_k.to(tl.int64), mask=mask_m)
-    tl.store(MIN_DIST + offs_m, tl.maximum(x2 + best_v, 0.0), mask=mask_m)
+        # ||x - c||^2 - ||x||^2, accumulated onto ||c||^2 (C holds -2 c)
+        s = _dot3(xh, xl, c_t, c_lo_t, tl.zeros([BLOCK_M, BLOCK_K], tl.float32) + c2[None, :], MODE, EMU)
+        better = s < best_v                                   # strict: the first minimum wins, as torch.min
+        best_v = tl.where(better, s, best_v)
+        best_k = tl.where(better, k0, best_k)
+    v_min = tl.min(best_v, axis=1)
+    k_all = best_k + cols[None, :]
+    # among the slots holding the minimum, the smallest component index (ties resolved as torch.min)
+    best = tl.min(tl.where(best_v == v_min[:, None], k_all, 2147483647), axis=1)
+    tl.store(LABELS + offs_m, best.to(tl.int64), mask=mask_m)
+    tl.store(MIN_DIST + offs_m, tl.maximum(x2 + v_min, 0.0) * tl.load(SCALES + 1), mask=mask_m)
 
 
 @triton.jit
 def _segment_sum_kernel(
-    # pointers: data, rows sorted by label, cluster offsets into the sorted order (K + 1), output (SPLIT, K, D)
-    X, PERM, OFFSETS, OUT,
+    # pointers: data and centre, rows sorted by label, cluster offsets into the sorted order (K + 1),
+    # output (SPLIT, K, D)
+    X, CENTER, PERM, OFFSETS, OUT,
     # sizes
-    K, PIECE,
-    # compile-time
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    K,
+    # compile-time: the segment of cluster k is cut into SPLIT equal pieces, one program each
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CENTER: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     k = tl.program_id(0)
     piece = tl.program_id(1)
     seg_lo = tl.load(OFFSETS + k)
     seg_hi = tl.load(OFFSETS + k + 1)
-    lo = seg_lo + piece.to(tl.int64) * PIECE
-    hi = tl.minimum(lo + PIECE, seg_hi)
+    size = tl.cdiv(seg_hi - seg_lo, SPLIT)
+    lo = seg_lo + piece.to(tl.int64) * size
+    hi = tl.minimum(lo + size, seg_hi)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -111,13 +122,20 @@ def _segment_sum_kernel(
         offs = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs < hi
         rows = tl.load(PERM + offs, mask=mask_m, other=0)
-        acc += tl.load(X + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        acc += _load_rows(X, CENTER, rows, mask_m, offs_d, mask_d, D, HAS_CENTER)
     out = tl.sum(acc, axis=0)
     tl.store(OUT + (piece.to(tl.int64) * K + k) * D + offs_d, out, mask=mask_d)
 
 
-def kmeans_step(x, centroids, precision="tf32"):
-    """Returns ``(labels (n,) int64, min_sq_dist (n,) float32, counts (K,) float32, sums (K, D) float32)``."""
+def segment_split(n: int, k: int, device) -> int:
+    """Pieces per cluster in the update: enough programs for ~8 per SM (the gathers are latency-bound: several
+    programs in flight hide it), pieces of at least ~512 rows on average (a function of n, K and the device
+    only, so reruns are bitwise identical)."""
+    want = triton.cdiv(8 * _sm_count(device), max(1, k))
+    return int(max(1, min(64, want, triton.cdiv(n, 512 * max(1, k)))))
+
+
+def _check(x, centroids, precision, center):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     for name, t in (("x", x), ("centroids", centroids)):
@@ -131,34 +149,73 @@ def kmeans_step(x, centroids, precision="tf32"):
         raise ValueError(f"the fused kernels support D <= {MAX_D}, got D={d}; use the torch backend")
     if centroids.device != x.device:
         raise ValueError("x and centroids must be on the same device")
+    if center is not None and (not isinstance(center, torch.Tensor) or center.dtype != torch.float32
+                               or center.shape != (d,) or center.device != x.device):
+        raise ValueError(f"center must be a float32 tensor of shape ({d},) on {x.device}")
     if not x.is_contiguous():
         raise ValueError("x must be contiguous: call x.contiguous() first")
     if x.device.type != "cuda" and not _interpret():
         raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    return n, d, k
 
+
+def assign_labels(x, centroids, precision="tf32", center=None, x_absmax=None):
+    """Nearest centroid of every row: ``(labels (n,) int64, min_sq_dist (n,) float32)``; arguments as
+    :func:`kmeans_step`. One pass over x, no n x K matrix, no host sync."""
+    n, d, k = _check(x, centroids, precision, center)
     mode = _MODES[precision]
-    c, c_lo = as_operand(centroids, mode)
-    c2 = (centroids.double() ** 2).sum(1).float()
+    c64 = centroids.double()
+    if mode == 1 and x_absmax is None:
+        x_absmax = absmax(x, center)
+    bound = c64.abs().amax()
+    if x_absmax is not None:
+        bound = _at_least(bound, x_absmax)
+    s = operand_scale(bound, mode)                     # device scalar: no host sync
+    c, c_lo = as_operand(-2.0 * s * c64, mode)
+    if mode in _COPY_MODES:          # ||c~||^2 of the rounded centroids: exact distances to what C represents
+        c2 = ((c.double() / 2.0) ** 2).sum(1).float()
+    else:
+        c2 = ((c64 * s) ** 2).sum(1).float()
+    scales = torch.stack([s, 1.0 / (s * s)]).float()
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     min_dist = torch.empty(n, dtype=torch.float32, device=x.device)
-    block_d = max(16, triton.next_power_of_2(d))
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _kmeans_assign_kernel[grid](x, c, c_lo, c2, labels, min_dist, n, k, D=d, BLOCK_D=block_d,
+    _kmeans_assign_kernel[grid](x, x if center is None else center, c, c_lo, c2, labels, min_dist, scales, n, k,
+                                D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_CENTER=center is not None,
                                 MODE=mode, EMU=_interpret())
+    return labels, min_dist
 
-    counts_i = torch.bincount(labels, minlength=k)
-    perm = torch.argsort(labels, stable=True)
-    offsets = torch.zeros(k + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(counts_i, 0, out=offsets[1:])
-    max_count = int(counts_i.max().item())
-    split = max(1, min(64, triton.cdiv(max_count, 2048)))
-    piece = max(1, triton.cdiv(max_count, split))
+
+def kmeans_step(x, centroids, precision="tf32", center=None, x_absmax=None):
+    """One k-means step over a chunk.
+
+    Parameters
+    ----------
+    x : (n, D) float32, contiguous; centroids : (K, D) float32 (in the centred frame when ``center`` is given)
+    precision : {"tf32", "bf16", "bf16x3", "ieee"}; center : (D,) float32 or None (subtracted in the kernels)
+    x_absmax : float or None, an upper bound of ``|x - center|`` (fp16 operand scale; computed when None)
+
+    Returns
+    -------
+    ``(labels (n,) int64, min_sq_dist (n,) float32, counts (K,) float32, sums (K, D) float32)``, sums of the
+    centred rows.
+    """
+    n, d, k = _check(x, centroids, precision, center)
+    labels, min_dist = assign_labels(x, centroids, precision, center, x_absmax)
+
+    # update: a stable sort by label (int32 keys: half the radix passes of int64) makes it a segmented sum; the
+    # cluster offsets come from a search in the sorted labels (bincount would sync with the host to size itself)
+    sorted_labels, perm = torch.sort(labels.to(torch.int32), stable=True)
+    offsets = torch.searchsorted(sorted_labels, torch.arange(k + 1, dtype=torch.int32, device=x.device))
+    counts_i = offsets[1:] - offsets[:-1]
+    split = segment_split(n, k, x.device)
     part = torch.empty((split, k, d), dtype=torch.float32, device=x.device)
     block_m = 16 if _interpret() else 32
-    _segment_sum_kernel[(k, split)](x, perm, offsets, part, k, piece, D=d, BLOCK_D=block_d, BLOCK_M=block_m,
-                                    num_warps=4)
+    _segment_sum_kernel[(k, split)](x, x if center is None else center, perm, offsets, part, k, D=d,
+                                    BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_CENTER=center is not None,
+                                    SPLIT=split, BLOCK_M=block_m, num_warps=4)
     sums = part[0] if split == 1 else part.sum(0)
     return labels, min_dist, counts_i.to(torch.float32), sums
