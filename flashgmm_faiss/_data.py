@@ -61,14 +61,15 @@ class ChunkedMatrix:
         t = torch.from_numpy(x)
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
-    def chunks(self, check: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start_row, chunk) with chunk of shape (rows, d), float32, centred if a centre was given."""
+    def chunks(self, check: bool = False, centered: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start_row, chunk) with chunk of shape (rows, d), float32, centred if a centre was given and
+        ``centered`` (backends that centre inside their kernels take the raw chunk: no centred copy)."""
         for start in range(0, self.n, self.chunk_size):
             stop = min(self.n, start + self.chunk_size)
             x = self.raw_chunk(start, stop)
             if check:
                 check_finite(x, self.name, row_offset=start)
-            if self.center is not None:
+            if centered and self.center is not None:
                 x = x - self.center
             yield start, x
 

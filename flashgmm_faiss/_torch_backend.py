@@ -68,8 +68,16 @@ def log_prob(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weight
     return log_weights - 0.5 * (d * LOG_2PI + torch.log(var).sum(1)) - 0.5 * quad
 
 
-def estep(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor) -> EStepStats:
-    """One E-step over a chunk: log-likelihoods and responsibility-weighted sufficient statistics."""
+def _centred(x: torch.Tensor, center) -> torch.Tensor:
+    return x if center is None else x - center
+
+
+def estep(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor,
+          center=None) -> EStepStats:
+    """One E-step over a chunk: log-likelihoods and responsibility-weighted sufficient statistics.
+
+    ``center`` (D,), when given, is subtracted from the rows first (means are in the centred frame)."""
+    x = _centred(x, center)
     spherical = var.ndim == 1
     if spherical:  # the distances serve both the logits and sum r ||x - mu||^2: one GEMM saved
         dist = _sq_dist(x, means)
@@ -88,20 +96,23 @@ def estep(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: 
     return EStepStats(log_norm, nk, sx, sq)
 
 
-def score(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor):
-    """Per-row log-likelihood and most responsible component.
+def score(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor, center=None):
+    """Per-row log-likelihood and most responsible component (rows minus ``center`` when given).
 
     Returns (log_norm (n,) float32, best (n,) int64).
     """
+    x = _centred(x, center)
     lp = log_prob(x, means, var, log_weights)
     return torch.logsumexp(lp, dim=1), lp.argmax(dim=1)
 
 
-def kmeans_step(x: torch.Tensor, centroids: torch.Tensor):
-    """Assign each row to its nearest centroid and return per-cluster sums.
+def kmeans_step(x: torch.Tensor, centroids: torch.Tensor, center=None):
+    """Assign each row (minus ``center`` when given) to its nearest centroid and return per-cluster sums.
 
-    Returns (labels (n,) int64, min_sq_dist (n,), counts (K,), sums (K, D)), floats in the dtype of x.
+    Returns (labels (n,) int64, min_sq_dist (n,), counts (K,), sums (K, D) of the centred rows), floats in the
+    dtype of x.
     """
+    x = _centred(x, center)
     dist = _sq_dist(x, centroids)
     min_dist, labels = dist.min(dim=1)
     k = centroids.shape[0]
@@ -111,7 +122,7 @@ def kmeans_step(x: torch.Tensor, centroids: torch.Tensor):
 
 
 def assign(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights: torch.Tensor,
-           tau: float, max_assign: int):
+           tau: float, max_assign: int, center=None):
     """Multi-assignment of a chunk: per row, the components with responsibility > tau, best first.
 
     The most responsible component is always kept, even when its responsibility is <= tau, and at most
@@ -119,9 +130,9 @@ def assign(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights:
 
     Returns a chunk-local CSR triple:
     counts (n,) int64, lists (nnz,) int64 and resp (nnz,) float32, rows concatenated in order, and within a
-    row the components sorted by decreasing responsibility.
+    row the components sorted by decreasing responsibility. Rows minus ``center`` when given.
     """
-    lp = log_prob(x, means, var, log_weights)
+    lp = log_prob(_centred(x, center), means, var, log_weights)
     log_norm = torch.logsumexp(lp, dim=1, keepdim=True)
     r = torch.exp(lp - log_norm)
     m = min(int(max_assign), r.shape[1])

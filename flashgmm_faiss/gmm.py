@@ -28,7 +28,7 @@ from ._validation import as_float32_matrix, check_positive_int, check_shape
 
 _COVARIANCE_TYPES = ("spherical", "diag")
 _BACKENDS = ("auto", "torch", "triton")
-_PRECISIONS = ("tf32", "bf16", "ieee")
+_PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
 # predict_proba materialises (n, K): refuse past this many float32 elements (1 GiB).
 PREDICT_PROBA_MAX_ELEMENTS = 2 ** 28
 
@@ -85,7 +85,8 @@ def resolve_backend(backend: str, device: torch.device, precision: str = "tf32")
 
 def _default_chunk_size(backend: str, device: torch.device, n_components: int, d: int) -> int:
     if backend == "triton":
-        # One centred float32 copy of a chunk is the only O(chunk * D) buffer: cap it at 64 MiB.
+        # The kernels centre the rows themselves; the O(chunk * D) buffers are the chunk itself when X is not
+        # already a CUDA tensor (float32, 64 MiB) and the kernels' 16-bit operand copy (32 MiB, 64 for diag).
         return max(1024, 2 ** 24 // d)
     budget = 2 ** 27 if device.type == "cuda" else 2 ** 24  # elements of one (chunk, K) matrix
     return max(256, budget // max(n_components, 1))
@@ -121,8 +122,9 @@ class GaussianMixture:
         Seed for the initialisation and re-seeding.
     verbose : bool or int
         Print progress to stderr (1: every 10 iterations, 2: every iteration).
-    precision : {"tf32", "bf16", "ieee"}
-        Dot-product precision of the Triton backend (ignored by the torch backend, which is float32).
+    precision : {"tf32", "bf16", "bf16x3", "ieee"}
+        Dot-product precision of the Triton backend (ignored by the torch backend, which is float32): tf32-class
+        operands (default), bf16, split-bf16 (more accurate, slower) or exact fp32; see ``kernels/estep.py``.
     weights_init : array of shape (K,), optional
     covariances_init : array of shape (K,) or (K, D), optional
         With ``init`` given as means and ``kmeans_iter=0``, EM starts exactly from these parameters.
@@ -219,15 +221,23 @@ class GaussianMixture:
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
         rng = np.random.default_rng(self.seed)
 
-        # Pass 0: validate every chunk (NaN/Inf) and compute the data centre in float64.
+        # Pass 0: validate every chunk (NaN/Inf), compute the data centre in float64 and the range per feature.
         data = ChunkedMatrix(X, device, chunk, name="X")
         total = torch.zeros(d, dtype=torch.float64, device=device)
+        lo = torch.full((d,), math.inf, dtype=torch.float32, device=device)
+        hi = torch.full((d,), -math.inf, dtype=torch.float32, device=device)
         for _, x in data.chunks(check=True):
             total += x.sum(0).double()  # float32 pairwise sum per chunk: no float64 copy of the chunk
+            mn, mx = torch.aminmax(x, dim=0)
+            torch.minimum(lo, mn, out=lo)
+            torch.maximum(hi, mx, out=hi)
         center64 = total / n
         center = center64.to(torch.float32)
         data.center = center
         self.center_ = center64.cpu().numpy()
+        # |x - center| bound of the fit data: the Triton backend's fp16 operand scale (no per-chunk reduction)
+        if hasattr(impl, "x_absmax"):
+            impl.x_absmax = float(torch.maximum((hi - center).abs(), (lo - center).abs()).max()) * (1 + 1e-6)
         self.n_features_in_ = d
         self._log(1, f"[flashgmm] fit: n={n} d={d} K={K} cov={self.covariance_type} backend={self.backend_} "
                      f"device={device} chunk={chunk}")
@@ -257,8 +267,22 @@ class GaussianMixture:
         if self.covariance_type == "diag" and var.ndim == 1:
             var = var[:, None].expand(K, d).clone()
 
-        self._em(data, means, var, weights, n, rng)
+        try:
+            self._em(data, means, var, weights, n, rng)
+        finally:
+            if hasattr(impl, "x_absmax"):
+                impl.x_absmax = None   # inference streams other data: bound each chunk
         return self
+
+    def _stream(self, data: ChunkedMatrix, check: bool = False):
+        """Yield ``(start, x, kw)``: raw chunks and ``kw = {"center": c}`` for a backend that centres inside its
+        kernels (no centred copy), centred chunks and ``kw = {}`` otherwise."""
+        if getattr(self._impl, "fuses_centering", False) and data.center is not None:
+            for start, x in data.chunks(check=check, centered=False):
+                yield start, x, {"center": data.center}
+        else:
+            for start, x in data.chunks(check=check):
+                yield start, x, {}
 
     def fit_predict(self, X, y=None):
         return self.fit(X).predict(X)
@@ -298,12 +322,12 @@ class GaussianMixture:
             sums = torch.zeros(K, d, dtype=torch.float64, device=device)
             sse = torch.zeros((), dtype=torch.float64, device=device)
             far = _FarthestRows(k=K)
-            for start, x in data.chunks():
-                _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32)
+            for start, x, kw in self._stream(data):
+                _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32, **kw)
                 counts += cnt.double()
                 sums += sm.double()
                 sse += min_dist.sum(dtype=torch.float64)
-                far.update(min_dist, start, x)
+                far.update(min_dist, start, x, kw.get("center"))
             sse = float(sse)
             empty = torch.nonzero(counts == 0).flatten()
             means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], means)
@@ -339,15 +363,16 @@ class GaussianMixture:
         spherical = self.covariance_type == "spherical"
         sq = torch.zeros(K if spherical else (K, d), dtype=torch.float64, device=dev)
         sub = max(1, 2 ** 21 // d)
-        for _, x in data.chunks():
-            labels, min_dist, c, _ = self._impl.kmeans_step(x, c32)
+        for _, x, kw in self._stream(data):
+            labels, min_dist, c, _ = self._impl.kmeans_step(x, c32, **kw)
             cnt += c.double()
             if spherical:
                 sq.index_add_(0, labels, min_dist.double())
                 continue
+            shift = kw.get("center")
             for s in range(0, x.shape[0], sub):
                 ls = labels[s:s + sub]
-                diff = x[s:s + sub] - c32[ls]
+                diff = x[s:s + sub] - c32[ls] if shift is None else x[s:s + sub] - shift - c32[ls]
                 sq.index_add_(0, ls, (diff * diff).double())
         if spherical:
             sq = sq / d  # mean over features of the per-feature variances
@@ -376,13 +401,13 @@ class GaussianMixture:
             sq = torch.zeros(var.shape, dtype=torch.float64, device=device)
             ll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per chunk
             worst = _FarthestRows(k=K)
-            for start, x in data.chunks():
-                st = self._impl.estep(x, m32, v32, lw32)
+            for start, x, kw in self._stream(data):
+                st = self._impl.estep(x, m32, v32, lw32, **kw)
                 nk += st.nk.double()
                 sx += st.sx.double()
                 sq += st.sq.double()
                 ll_sum += st.log_norm.sum(dtype=torch.float64)
-                worst.update(-st.log_norm, start, x)
+                worst.update(-st.log_norm, start, x, kw.get("center"))
             ll = float(ll_sum) / n
             if not math.isfinite(ll):
                 raise FloatingPointError(
@@ -482,8 +507,8 @@ class GaussianMixture:
         """
         data, means, var, lw = self._inference_setup(X)
         out = np.empty(data.n, dtype=np.float64)
-        for start, x in data.chunks(check=True):
-            log_norm, _ = self._impl.score(x, means, var, lw)
+        for start, x, kw in self._stream(data, check=True):
+            log_norm, _ = self._impl.score(x, means, var, lw, **kw)
             out[start:start + x.shape[0]] = log_norm.double().cpu().numpy()
         return out
 
@@ -495,8 +520,8 @@ class GaussianMixture:
         """Most responsible component of each row: ndarray of shape (n_samples,), int64."""
         data, means, var, lw = self._inference_setup(X)
         out = np.empty(data.n, dtype=np.int64)
-        for start, x in data.chunks(check=True):
-            _, best = self._impl.score(x, means, var, lw)
+        for start, x, kw in self._stream(data, check=True):
+            _, best = self._impl.score(x, means, var, lw, **kw)
             out[start:start + x.shape[0]] = best.cpu().numpy()
         return out
 
@@ -547,8 +572,8 @@ class GaussianMixture:
         max_assign = K if max_assign is None else check_positive_int(max_assign, "max_assign")
         data, means, var, lw = self._inference_setup(X)
         counts, lists, resp = [], [], []
-        for _, x in data.chunks(check=True):
-            c, li, r = self._impl.assign(x, means, var, lw, float(tau), int(max_assign))
+        for _, x, kw in self._stream(data, check=True):
+            c, li, r = self._impl.assign(x, means, var, lw, float(tau), int(max_assign), **kw)
             counts.append(c.cpu().numpy())
             lists.append(li.cpu().numpy())
             resp.append(r.cpu().numpy())
@@ -621,10 +646,11 @@ class _FarthestRows:
         self.scores = None
         self.vecs = None
 
-    def update(self, score: torch.Tensor, start: int, x: torch.Tensor):
+    def update(self, score: torch.Tensor, start: int, x: torch.Tensor, center=None):
+        """score (n,), x (n, D) raw rows of which ``center`` (D,) is subtracted when given."""
         m = min(self.k, score.shape[0])
         s, i = torch.topk(score.float(), m)
-        v = x[i]
+        v = x[i] if center is None else x[i] - center
         if self.scores is None:
             self.scores, self.vecs = s, v
         else:
