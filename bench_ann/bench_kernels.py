@@ -117,10 +117,10 @@ def make_params(x, k, kernels, seed=1):
     sub = x[: min(len(x), 1 << 20)]
     c = sub[torch.randint(0, len(sub), (k,), device="cuda", generator=g)].clone()
     for _ in range(3):
-        lab, _, cnt, sums = kernels.kmeans_step(sub, c, precision="tf32")
+        lab, _, cnt, sums = kernels.kmeans_step(sub, c, precision="ieee")
         nz = cnt > 0
         c[nz] = sums[nz] / cnt[nz, None]
-    lab, mind, cnt, _ = kernels.kmeans_step(sub, c, precision="tf32")
+    lab, mind, cnt, _ = kernels.kmeans_step(sub, c, precision="ieee")
     cnt64 = cnt.double().clamp_min(1)
     d = x.shape[1]
     sq = torch.zeros(k, d, dtype=torch.float64, device="cuda").index_add_(0, lab, (sub - c[lab]).double() ** 2)
@@ -153,16 +153,18 @@ def markdown(metas):
                      f"bf16 {c['bf16']:.0f} TFLOP/s)")
     lines += ["",
               "TFLOP/s counts the GEMM work the method must do (spherical E-step 3 GEMMs of 2NKD, for ours and for "
-              "torch alike; diag 6; k-means 1), whatever the kernel really executes (the split-bf16 'tf32' mode runs "
-              "8 bf16 products where 3 are counted); 'frac of ceiling' divides by the measured tf32 GEMM rate (bf16 "
-              "rate for bf16 rows). rel err is the max over Nk, Sx, Sq of ||got - ref|| / ||ref|| against float64 on "
+              "torch alike; diag 6; k-means 1). The 'tf32' mode runs its products on fp16 tensor cores (tf32-precision "
+              "operands, see kernels/estep.py), so its 'frac of ceiling' against the tf32 GEMM rate can exceed 1; "
+              "bf16 rows divide by the bf16 rate. rel err is the max over Nk, Sx, Sq of ||got - ref|| / ||ref|| against float64 on "
               f"the first {m0.get('err_rows', 1 << 20)} rows; extra MiB is the peak allocation beyond X and the "
-              "parameters. 'ours EM iter' runs the fused E-step over chunks of 4194304 rows (2097152 in the run "
-              "with --chunk 2097152), accumulates in float64 and does the M-step in torch.", "",
+              "parameters. 'ours EM iter' runs the fused E-step over chunks of 4194304 rows (or --chunk, noted), "
+              "accumulates in float64 and does the M-step in torch.", "",
               "| N | K | D | method | cov | prec | ms | TFLOP/s | frac of ceiling | extra MiB | rel err | note |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in metas:
-        chunk_note = " (chunk 2097152)" if "--chunk 2097152" in m["command"] else ""
+        chunk_note = ""
+        if "--chunk" in m["command"]:
+            chunk_note = " (chunk " + m["command"].split("--chunk ")[1].split()[0] + (", no row copy)" if "--no-copy" in m["command"] else ")")
         for r in m["rows"]:
             f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
             note = r["note"] + (chunk_note if r["method"] in ("ours EM iter", "ours k-means") else "")
@@ -185,6 +187,8 @@ def main(argv=None):
     ap.add_argument("--precisions", default="tf32,bf16")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--breakdown", action="store_true", help="also time pass 1 of the E-step alone")
+    ap.add_argument("--no-copy", action="store_true",
+                    help="EM iteration without the kernels' 16-bit row copy (copy_rows=False): for huge chunks")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="no benchmark: write one markdown table from these result files to --merge-md")
     ap.add_argument("--merge-md", default=None)
@@ -231,6 +235,9 @@ def main(argv=None):
             continue
         torch.cuda.empty_cache()
         x = make_data(n, d)
+        # |x| bound, known to the estimator from its validation pass (chunked: no copy of X)
+        bound = max(max(-float(t.min), float(t.max))
+                    for t in (torch.aminmax(x[i:i + (1 << 22)]) for i in range(0, n, 1 << 22)))
         means, var_sph, var_diag, lw = make_params(x, k, kernels)
         xe = x[: min(n, args.err_rows)]
         chunk = args.chunk
@@ -240,8 +247,10 @@ def main(argv=None):
             sx = torch.zeros(k, d, dtype=torch.float64, device="cuda")
             sq = torch.zeros_like(var, dtype=torch.float64)
             ll = 0.0
+            params = kernels.prepare(means, var, lw, prec, bound)     # once per iteration, as the estimator
             for i in range(0, n, chunk):
-                st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec)
+                st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params,
+                                   copy_rows=not args.no_copy)
                 nk += st[1]
                 sx += st[2]
                 sq += st[3]
@@ -262,14 +271,14 @@ def main(argv=None):
             for prec in precisions:
                 if "ours_estep" in methods:
                     if n <= chunk:
-                        fn = lambda: kernels.estep(x, means, var, lw, precision=prec)  # noqa: E731
+                        fn = lambda: kernels.estep(x, means, var, lw, precision=prec, x_absmax=bound)  # noqa: E731
                         err = rel_err(kernels.estep(xe, means, var, lw, precision=prec)[1:], ref)
                         ms = bench(fn, args.rep)
                         record(shape, "ours E-step", cov, prec, ms, gem, peak_extra(fn), err)
                         if args.breakdown:  # pass 1 alone (logZ), to split the time between the passes
                             from flashgmm_faiss.kernels import estep as _ke  # noqa: F401
                             ke = sys.modules["flashgmm_faiss.kernels.estep"]
-                            params = ke._prepare(means, var, lw, prec)
+                            params = ke.prepare(means, var, lw, prec, bound)
                             fn1 = lambda: ke.launch_logz(x, params, k, var.ndim == 2, prec)  # noqa: E731
                             record(shape, "  pass 1 (logZ)", cov, prec, bench(fn1, args.rep), gem // 3, None, None)
                     else:
@@ -329,11 +338,14 @@ def main(argv=None):
             def ok():
                 cnt = sums = 0
                 for i in range(0, n, chunk):
-                    _, _, c_, s_ = kernels.kmeans_step(x[i:i + chunk], means, precision="tf32")
+                    _, _, c_, s_ = kernels.kmeans_step(x[i:i + chunk], means, precision="tf32", x_absmax=bound)
                     cnt, sums = cnt + c_, sums + s_
                 return cnt, sums
             ms = bench(ok, args.rep)
             record(shape, "ours k-means", "-", "tf32", ms, 1, peak_extra(ok), None)
+            if args.breakdown and n <= chunk:   # the assignment kernel alone (the rest is sort + segment sums)
+                fa = lambda: kernels.assign_labels(x, means, precision="tf32", x_absmax=bound)  # noqa: E731
+                record(shape, "  k-means assign", "-", "tf32", bench(fa, args.rep), 1, None, None)
         del x, xe
         torch.cuda.empty_cache()
 
