@@ -164,7 +164,8 @@ def markdown(metas):
     for m in metas:
         chunk_note = ""
         if "--chunk" in m["command"]:
-            chunk_note = " (chunk " + m["command"].split("--chunk ")[1].split()[0] + (", no row copy)" if "--no-copy" in m["command"] else ")")
+            rows_per_call = m["command"].split("--chunk ")[1].split()[0]
+            chunk_note = f" (chunk {rows_per_call}" + (", no row copy)" if "--no-copy" in m["command"] else ")")
         for r in m["rows"]:
             f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
             note = r["note"] + (chunk_note if r["method"] in ("ours EM iter", "ours k-means") else "")

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _interpret, _load_rows, _prepare, _prune_row,
-                    _row_operands, absmax, launch_logz)
+                    _row_block, _row_operands, absmax, launch_logz)
 
 MAX_ASSIGN = 64
 
@@ -57,11 +57,7 @@ def _topk_kernel(
     M: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    offs_m, mask_m, offs_d, mask_d = _row_block(N, D, BLOCK_M, BLOCK_D)
     x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
     xh, xl, xsh, xsl, x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
     lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=0.0) * LOG2E

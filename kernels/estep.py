@@ -163,6 +163,14 @@ def _dot3(a_hi, a_lo, b_hi, b_lo, acc, MODE: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
+def _row_block(N, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and masks of this program's BLOCK_M rows (int64) and of the BLOCK_D padded features."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return offs_m, offs_m < N, offs_d, offs_d < D
+
+
+@triton.jit
 def _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D: tl.constexpr, HAS_CENTER: tl.constexpr):
     """(BLOCK_M, BLOCK_D) fp32 tile of rows, minus the centre if given; zero outside the masks."""
     mask = mask_m[:, None] & mask_d[None, :]
@@ -334,11 +342,7 @@ def _logz_kernel(
     WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, WRITE_COPY: tl.constexpr, MODE: tl.constexpr,
     EMU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    offs_m, mask_m, offs_d, mask_d = _row_block(N, D, BLOCK_M, BLOCK_D)
     x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
     xh, xl, qh, ql, x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
     if WRITE_COPY:
@@ -792,8 +796,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
-    _estep_stats_kernel[grid](x, x if center is None else center, xo, xq, xql, params.scales, logz, x2, params.a, params.a_lo,
-                              params.p, params.p_lo, params.bias2, params.coef2, params.cst,
+    _estep_stats_kernel[grid](x, x if center is None else center, xo, xq, xql, params.scales, logz, x2,
+                              params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2, params.cst,
                               nk_part, sx_part, sq_part,
                               n, k, slab_rows,
                               D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import (MAX_D, PRECISIONS, _COPY_MODES, _MODES, _dot3, _interpret, _load_rows, _prune_row,
-                    _at_least, _row_configs, _row_operands, _sm_count, absmax, as_operand, operand_scale)
+from .estep import (MAX_D, PRECISIONS, _COPY_MODES, _MODES, _at_least, _dot3, _interpret, _load_rows, _prune_row,
+                    _row_block, _row_configs, _row_operands, _sm_count, absmax, as_operand, operand_scale)
 
 
 @triton.autotune(configs=_row_configs(), key=["K", "D", "MODE"],
@@ -56,11 +56,7 @@ def _kmeans_assign_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CENTER: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    offs_m, mask_m, offs_d, mask_d = _row_block(N, D, BLOCK_M, BLOCK_D)
     x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
     xh, xl, _qh, _ql, x2 = _row_operands(x, tl.load(SCALES), 1.0, False, MODE, EMU)
 
