@@ -61,10 +61,6 @@ class TritonBackend:
         from . import kernels  # lazy: Triton (and TRITON_INTERPRET) only matter once a kernel runs
         return kernels
 
-    @staticmethod
-    def _c(x, center):
-        return x if center is None else x - center
-
     def log_prob(self, x, means, var, log_weights):
         """Weighted log densities (n, K): the n x K matrix is the point, so this stays in torch."""
         return _tb.log_prob(x, means, var, log_weights)
@@ -80,7 +76,7 @@ class TritonBackend:
         c = self._cache
         if c is not None and all(a is b for a, b in zip(c[0], key)) and c[1] == versions and c[2] == self.x_absmax:
             return c[3]
-        p = self._k().estep_module.prepare(means, var, log_weights, self.precision, self.x_absmax)
+        p = self._k().prepare(means, var, log_weights, self.precision, self.x_absmax)
         self._cache = (key, versions, self.x_absmax, p)
         return p
 

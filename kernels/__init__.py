@@ -8,14 +8,9 @@ One module per kernel family, each with its ``@triton.jit`` kernels, a thin laun
 
 Set ``TRITON_INTERPRET=1`` *before* importing this package to run the kernels on CPU tensors.
 """
-import importlib
-
 from .assign import assign, score, topk_responsibilities
 from .estep import PRECISIONS, absmax, estep, prepare
 from .kmeans import assign_labels, kmeans_step
 
-# the modules themselves (the names above shadow ``estep``): for callers that need their helpers
-estep_module = importlib.import_module(__name__ + ".estep")
-
-__all__ = ["PRECISIONS", "absmax", "assign", "assign_labels", "estep", "estep_module", "kmeans_step", "prepare",
-           "score", "topk_responsibilities"]
+__all__ = ["PRECISIONS", "absmax", "assign", "assign_labels", "estep", "kmeans_step", "prepare", "score",
+           "topk_responsibilities"]

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _interpret, _load_rows, _prepare, _prune_row,
-                    _row_block, _row_operands, absmax, launch_logz)
+from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _interpret, _load_rows, _prune_row, _row_block,
+                    _row_operands, absmax, launch_logz, prepare)
 
 MAX_ASSIGN = 64
 
@@ -98,7 +98,7 @@ def _topk_kernel(
 def _params(x, means, var, log_weights, precision, center, x_absmax):
     if _MODES[precision] == 1 and x_absmax is None:
         x_absmax = absmax(x, center)
-    return _prepare(means, var, log_weights, precision, x_absmax)
+    return prepare(means, var, log_weights, precision, x_absmax)
 
 
 def score(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None):

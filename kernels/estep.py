@@ -9,7 +9,7 @@ components, the contract of ``flashgmm_faiss._torch_backend.estep``: the per-row
 ``sum_i r_ik (x_i - mu_k)^2`` (diag), with ``r_ik = exp(l_ik - logZ_i)``. Nothing of size n x K ever touches
 device memory.
 
-Both covariance types share one logit form, prepared once per call on the host in O(K D) (``_prepare``):
+Both covariance types share one logit form, prepared once per call on the host in O(K D) (``prepare``):
 
 * spherical: ``dist_ik = ||x_i||^2 + cst_k + x_i . A_k`` with ``A = -2 mu``, ``cst = ||mu||^2``,
   ``l_ik = b_k - dist_ik / (2 var_k)``; the GEMM accumulates ``x . A`` onto ``||x||^2 + cst`` in place;
@@ -218,7 +218,7 @@ def _row_operands(x, SCALE, SQ_SCALE, DIAG: tl.constexpr, MODE: tl.constexpr, EM
 @triton.jit
 def _component_logits(
     xh, xl, qh, ql, x2,             # row tile as GEMM operands (hi, lo), its square (diag only), ||x||^2
-    A, A_LO, P, P_LO,               # component parameters in operand form (see _prepare)
+    A, A_LO, P, P_LO,               # component parameters in operand form (see prepare)
     BIAS2, COEF2, CST,
     offs_k, mask_k, offs_d, mask_d,
     D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr, EVEN_K: tl.constexpr,
@@ -528,9 +528,26 @@ def _reduce_k_kernel(NK_PART, SQ_PART, INV, NK, SQ, S, K, DIAG: tl.constexpr, BL
 # ----------------------------------------------------------------------------------------------------------
 # host side: checks, operand preparation, launchers
 # ----------------------------------------------------------------------------------------------------------
-def _check_inputs(x, means, var, log_weights, precision, center=None):
+def _check_precision(precision):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _check_launch(x):
+    """Checks every launcher shares once shapes are known: the row fits one tile, x is contiguous and on a
+    device the kernels can run on."""
+    d = x.shape[1]
+    if d > MAX_D:
+        raise ValueError(f"the fused kernels keep a whole row in one tile and support D <= {MAX_D}, got D={d}; "
+                         "use the torch backend for wider data")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous: call x.contiguous() first")
+    if x.device.type != "cuda" and not _interpret():
+        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+
+
+def _check_inputs(x, means, var, log_weights, precision, center=None):
+    _check_precision(precision)
     named = [("x", x), ("means", means), ("var", var), ("log_weights", log_weights)]
     if center is not None:
         named.append(("center", center))
@@ -547,19 +564,13 @@ def _check_inputs(x, means, var, log_weights, precision, center=None):
     k = means.shape[0]
     if means.shape[1] != d:
         raise ValueError(f"means has {means.shape[1]} features but x has {d}")
-    if d > MAX_D:
-        raise ValueError(f"the fused kernels keep a whole row in one tile and support D <= {MAX_D}, got D={d}; "
-                         "use the torch backend for wider data")
     if var.shape not in ((k,), (k, d)):
         raise ValueError(f"var must have shape ({k},) (spherical) or ({k}, {d}) (diag), got {tuple(var.shape)}")
     if log_weights.shape != (k,):
         raise ValueError(f"log_weights must have shape ({k},), got {tuple(log_weights.shape)}")
     if center is not None and center.shape != (d,):
         raise ValueError(f"center must have shape ({d},), got {tuple(center.shape)}")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous: call x.contiguous() first")
-    if x.device.type != "cuda" and not _interpret():
-        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    _check_launch(x)
     return n, d, k
 
 
@@ -625,7 +636,7 @@ def operand_scale(bound, mode: int):
 class Params(NamedTuple):
     """Component parameters in kernel form (see :func:`prepare`): operands, per-component terms, unit factors.
 
-    The unit factors are float64 0-d device tensors (so that preparing never syncs with the host)."""
+    The unit factors live in device tensors read by the kernels (so that preparing never syncs with the host)."""
     a: torch.Tensor          # (K, D) operand of -2 mu (spherical) or -2 mu / var (diag), scaled
     a_lo: torch.Tensor       # (K, D) split remainder (mode 3) or a
     p: torch.Tensor          # (K, D) operand of 1 / var (diag) or a placeholder
@@ -634,10 +645,30 @@ class Params(NamedTuple):
     coef2: torch.Tensor      # (K,) log2(e) * (-1 / 2 var) in the accumulator's distance units
     cst: torch.Tensor        # (K,) ||mu~||^2 (spherical) or sum mu~^2 / var~ (diag) in those units
     scales: torch.Tensor     # (2,) float32 [x_scale, sq_scale], read by the kernels
-    inv: torch.Tensor        # (3,) float64 [1 / x_scale, 1 / (sq_scale x_scale^2), 1 / dist_unit] (reduction)
-    x_scale: torch.Tensor    # rows are multiplied by this before rounding
-    sq_scale: torch.Tensor   # diag: the squares are multiplied by this before rounding
-    dist_unit: torch.Tensor  # accumulator distance = dist_unit * true distance
+    inv: torch.Tensor        # (3,) float64 [1 / x_scale, 1 / (sq_scale x_scale^2), 1 / dist_unit] (reduction),
+    #                          where the accumulator's distance is dist_unit times the true distance
+
+
+def _means_scale(mu, x_bound, mode):
+    """fp16 operand scale (0-d float64 device tensor) for rows bounded by ``x_bound`` and the means mu (K, D)
+    float64, whose own magnitude is always included."""
+    bound = mu.abs().amax() if mu.numel() else torch.zeros((), dtype=torch.float64, device=mu.device)
+    if x_bound is not None:
+        bound = _at_least(bound, x_bound)
+    return operand_scale(bound, mode)
+
+
+def _distance_operands(mu, s, mode):
+    """``(A, A_lo, cst)`` with ``||x s - mu s||^2 = ||x s||^2 + cst + (x s) . A``: A = -2 s mu (K, D) in operand
+    form (scaling by -2 s is exact in every format) and cst (K,) float64, formed from the rounded means in the
+    16-bit modes so that the distances are exact for the represented values."""
+    a, a_lo = as_operand(-2.0 * s * mu, mode)
+    if mode in _COPY_MODES:
+        mu_t = a.double() / -2.0
+        cst = (mu_t * mu_t).sum(1)
+    else:
+        cst = (mu * mu).sum(1) * (s * s)
+    return a, a_lo, cst
 
 
 def prepare(means, var, log_weights, precision, x_bound=None) -> Params:
@@ -655,22 +686,14 @@ def prepare(means, var, log_weights, precision, x_bound=None) -> Params:
     lw = log_weights.double()
     log2pi = math.log(2.0 * math.pi)
     log2e = 1.0 / math.log(2.0)
-    bound = mu.abs().amax() if mu.numel() else torch.zeros((), dtype=torch.float64, device=dev)
-    if x_bound is not None:
-        bound = _at_least(bound, x_bound)
-    s = operand_scale(bound, mode)
+    s = _means_scale(mu, x_bound, mode)
     sq_scale = torch.ones((), dtype=torch.float64, device=dev)
     if var.ndim == 1:
-        a, a_lo = as_operand(-2.0 * s * mu, mode)            # scaling by -2 s is exact in every operand format
+        a, a_lo, cst = _distance_operands(mu, s, mode)
         p = p_lo = a                                           # unused placeholders
         bias = lw - 0.5 * d * (log2pi + torch.log(v))
         unit = s * s
         coef = -0.5 / v / unit
-        if mode in _COPY_MODES:
-            mu_t = a.double() / -2.0
-            cst = (mu_t * mu_t).sum(1)
-        else:
-            cst = (mu * mu).sum(1) * unit
     else:
         prec = 1.0 / v
         bias = lw - 0.5 * (d * log2pi + torch.log(v).sum(1))
@@ -695,10 +718,8 @@ def prepare(means, var, log_weights, precision, x_bound=None) -> Params:
     scales = torch.stack([s, sq_scale]).float()
     inv = torch.stack([1.0 / s, 1.0 / (sq_scale * s * s), 1.0 / unit]).double()
     return Params(a, a_lo, p, p_lo, (bias * log2e).float().contiguous(), (coef * log2e).float().contiguous(),
-                  cst.float().contiguous(), scales, inv, s, sq_scale, unit)
+                  cst.float().contiguous(), scales, inv)
 
-
-_prepare = prepare
 
 
 _SM_COUNT = {}

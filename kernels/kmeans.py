@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import (MAX_D, PRECISIONS, _COPY_MODES, _MODES, _at_least, _dot3, _interpret, _load_rows, _prune_row,
-                    _row_block, _row_configs, _row_operands, _sm_count, absmax, as_operand, operand_scale)
+from .estep import (_MODES, _check_launch, _check_precision, _distance_operands, _dot3, _interpret, _load_rows,
+                    _means_scale, _prune_row, _row_block, _row_configs, _row_operands, _sm_count, absmax)
 
 
 @triton.autotune(configs=_row_configs(), key=["K", "D", "MODE"],
@@ -132,8 +132,7 @@ def segment_split(n: int, k: int, device) -> int:
 
 
 def _check(x, centroids, precision, center):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     for name, t in (("x", x), ("centroids", centroids)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.ndim != 2:
             raise TypeError(f"{name} must be a 2-D float32 torch.Tensor")
@@ -141,17 +140,12 @@ def _check(x, centroids, precision, center):
     k = centroids.shape[0]
     if centroids.shape[1] != d:
         raise ValueError(f"centroids have {centroids.shape[1]} features but x has {d}")
-    if d > MAX_D:
-        raise ValueError(f"the fused kernels support D <= {MAX_D}, got D={d}; use the torch backend")
     if centroids.device != x.device:
         raise ValueError("x and centroids must be on the same device")
     if center is not None and (not isinstance(center, torch.Tensor) or center.dtype != torch.float32
                                or center.shape != (d,) or center.device != x.device):
         raise ValueError(f"center must be a float32 tensor of shape ({d},) on {x.device}")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous: call x.contiguous() first")
-    if x.device.type != "cuda" and not _interpret():
-        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    _check_launch(x)
     return n, d, k
 
 
@@ -163,15 +157,9 @@ def assign_labels(x, centroids, precision="tf32", center=None, x_absmax=None):
     c64 = centroids.double()
     if mode == 1 and x_absmax is None:
         x_absmax = absmax(x, center)
-    bound = c64.abs().amax()
-    if x_absmax is not None:
-        bound = _at_least(bound, x_absmax)
-    s = operand_scale(bound, mode)                     # device scalar: no host sync
-    c, c_lo = as_operand(-2.0 * s * c64, mode)
-    if mode in _COPY_MODES:          # ||c~||^2 of the rounded centroids: exact distances to what C represents
-        c2 = ((c.double() / 2.0) ** 2).sum(1).float()
-    else:
-        c2 = ((c64 * s) ** 2).sum(1).float()
+    s = _means_scale(c64, x_absmax, mode)              # device scalar: no host sync
+    c, c_lo, c2 = _distance_operands(c64, s, mode)     # ||c~||^2 of what C represents in the 16-bit modes
+    c2 = c2.float()
     scales = torch.stack([s, 1.0 / (s * s)]).float()
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     min_dist = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -199,8 +187,9 @@ def kmeans_step(x, centroids, precision="tf32", center=None, x_absmax=None):
     ``(labels (n,) int64, min_sq_dist (n,) float32, counts (K,) float32, sums (K, D) float32)``, sums of the
     centred rows.
     """
-    n, d, k = _check(x, centroids, precision, center)
-    labels, min_dist = assign_labels(x, centroids, precision, center, x_absmax)
+    labels, min_dist = assign_labels(x, centroids, precision, center, x_absmax)     # checks the inputs
+    n, d = x.shape
+    k = centroids.shape[0]
 
     # update: a stable sort by label (int32 keys: half the radix passes of int64) makes it a segmented sum; the
     # cluster offsets come from a search in the sorted labels (bincount would sync with the host to size itself)
