@@ -221,22 +221,25 @@ class GaussianMixture:
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
         rng = np.random.default_rng(self.seed)
 
-        # Pass 0: validate every chunk (NaN/Inf), compute the data centre in float64 and the range per feature.
+        # Pass 0: validate every chunk (NaN/Inf), compute the data centre in float64 and, for a backend that
+        # takes a bound of the data (the Triton backend's fp16 operand scale), the range per feature.
         data = ChunkedMatrix(X, device, chunk, name="X")
+        wants_bound = hasattr(impl, "x_absmax")
         total = torch.zeros(d, dtype=torch.float64, device=device)
         lo = torch.full((d,), math.inf, dtype=torch.float32, device=device)
         hi = torch.full((d,), -math.inf, dtype=torch.float32, device=device)
         for _, x in data.chunks(check=True):
             total += x.sum(0).double()  # float32 pairwise sum per chunk: no float64 copy of the chunk
-            mn, mx = torch.aminmax(x, dim=0)
-            torch.minimum(lo, mn, out=lo)
-            torch.maximum(hi, mx, out=hi)
+            if wants_bound:
+                mn, mx = torch.aminmax(x, dim=0)
+                torch.minimum(lo, mn, out=lo)
+                torch.maximum(hi, mx, out=hi)
         center64 = total / n
         center = center64.to(torch.float32)
         data.center = center
         self.center_ = center64.cpu().numpy()
-        # |x - center| bound of the fit data: the Triton backend's fp16 operand scale (no per-chunk reduction)
-        if hasattr(impl, "x_absmax"):
+        # |x - center| bound of the fit data: no per-chunk reduction in the kernels' launches
+        if wants_bound:
             impl.x_absmax = float(torch.maximum((hi - center).abs(), (lo - center).abs()).max()) * (1 + 1e-6)
         self.n_features_in_ = d
         self._log(1, f"[flashgmm] fit: n={n} d={d} K={K} cov={self.covariance_type} backend={self.backend_} "
@@ -270,7 +273,7 @@ class GaussianMixture:
         try:
             self._em(data, means, var, weights, n, rng)
         finally:
-            if hasattr(impl, "x_absmax"):
+            if wants_bound:
                 impl.x_absmax = None   # inference streams other data: bound each chunk
         return self
 
