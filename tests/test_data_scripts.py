@@ -108,17 +108,22 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.log, srv.honor_range, srv.cut_after, srv.sent = {}, [], True, [], 0
+def _serving(srv, scheme):
+    """Run a local test server in a thread for the duration of a fixture; ``srv.url`` is its base address."""
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.url = f"{scheme}://127.0.0.1:{srv.server_address[1]}"
     yield srv
     srv.shutdown()
     srv.server_close()
     t.join(5)
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files, srv.log, srv.honor_range, srv.cut_after, srv.sent = {}, [], True, [], 0
+    yield from _serving(srv, "http")
 
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, size=300_000, dtype=np.uint8).tobytes()
@@ -251,13 +256,7 @@ def ftp_server():
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FTPHandler)
     srv.daemon_threads = True
     srv.files, srv.log, srv.cut_after = {}, [], []
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    srv.url = f"ftp://127.0.0.1:{srv.server_address[1]}"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join(5)
+    yield from _serving(srv, "ftp")
 
 
 def test_ftp_download_resumes_with_rest(ftp_server, tmp_path):
