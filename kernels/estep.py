@@ -64,7 +64,8 @@ Caveats
   given (one extra read of it); a bound that is too small overflows fp16 and gives NaN.
 * Autotuning is keyed on (K, D, covariance type, precision), never on n. The slab layout depends on n, K and
   the SM count only, so bitwise reproducibility holds for fixed (device, n, autotuned config).
-* Extra memory per call: the 16-bit operand copy (``2 n D`` bytes, twice for diag), logZ and ||x||^2
+* Extra memory per call: the 16-bit operand copy (``2 n D`` bytes; 3 times that for diag: rows, squares and the
+  squares' second term), logZ and ||x||^2
   (``8 n``), and the partials; callers bound it by the chunk size.
 
 Tested on: the CPU interpreter (TRITON_INTERPRET=1; the interpreter has no bf16, so every mode's operand
@@ -203,9 +204,11 @@ def _row_operands(x, SCALE, SQ_SCALE, DIAG: tl.constexpr, MODE: tl.constexpr, EM
         else:
             q = xv * xv
         qh = _hi(q, MODE, EMU)
-        if MODE == 2:
-            # bf16: a second term of the squares for R^T x^2 only (the diag Sq = Sxx - 2 mu Sx + Nk mu^2
-            # cancels, and one bf16 rounding of integer-valued squares is a bias, not noise)
+        if MODE == 1 or MODE == 2:
+            # 16-bit modes: a second term of the squares for R^T x^2 only. The diag Sq = Sxx - 2 mu Sx + Nk mu^2
+            # cancels by up to mu^2 / var, and one 16-bit rounding of integer-valued squares is a bias, not
+            # noise: without this term a feature of small variance far from the centre came out ~0, its
+            # variance collapsed to reg_covar and a 10-iteration diag fit diverged (NOTES.md)
             ql = _hi(q - qh.to(tl.float32), MODE, EMU)
         else:
             ql = _lo(q, qh, MODE, EMU)
@@ -266,6 +269,12 @@ def _esize(mode):
     return 4 if mode in (0, 3) else 2      # mode 3 keeps fp32 tiles and two bf16 terms
 
 
+def _smallest(configs, m=3):
+    """Fallback when the estimate rejects every config: the m smallest, so that the autotuner still benchmarks
+    (and skips the ones that run out of resources) instead of launching a single config that may fail."""
+    return sorted(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"], c.num_stages))[:m]
+
+
 def _row_configs():
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
@@ -289,7 +298,7 @@ def _prune_row(configs, named_args, **kwargs):
         if bm * bd * ops * es > 256 * 128 * 4 or (bm * bk) / (32 * c.num_warps) > 64:   # registers
             continue
         keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * c.num_stages)]
+    return keep or _smallest(configs)
 
 
 def _stats_configs():
@@ -298,7 +307,7 @@ def _stats_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bk, w, s in ((64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
                                  (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3),
-                                 (32, 64, 4, 2), (16, 32, 4, 2))]
+                                 (32, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1), (16, 32, 4, 1))]
 
 
 def _prune_stats(configs, named_args, **kwargs):
@@ -310,7 +319,7 @@ def _prune_stats(configs, named_args, **kwargs):
     for c in configs:
         bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
         ops = 2 if diag else 1
-        tiles = (3 if mode == 2 else 2) if diag else 1          # rows, squares (and their bf16 second term)
+        tiles = (3 if mode in _COPY_MODES else 2) if diag else 1   # rows, squares (and their 16-bit second term)
         tile_bytes = 2 if named_args.get("COPY", False) else 4
         smem = ops * bk * bd * es + st * tiles * bm * bd * tile_bytes
         if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
@@ -321,7 +330,7 @@ def _prune_stats(configs, named_args, **kwargs):
         if regs > 200:
             continue
         keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * c.num_stages)]
+    return keep or _smallest(configs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,8 +360,7 @@ def _logz_kernel(
         tl.store(XO + cp, xh, mask=cmask)
         if DIAG:
             tl.store(XQ + cp, qh, mask=cmask)
-            if MODE == 2:
-                tl.store(XQL + cp, ql, mask=cmask)
+            tl.store(XQL + cp, ql, mask=cmask)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max, base-2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of 2^(s - m)
@@ -443,10 +451,7 @@ def _estep_stats_kernel(
             xl = xh
             if DIAG:
                 qh = tl.load(XQ + cp, mask=cmask, other=0.0)
-                if MODE == 2:
-                    ql = tl.load(XQL + cp, mask=cmask, other=0.0)
-                else:
-                    ql = qh
+                ql = tl.load(XQL + cp, mask=cmask, other=0.0)
         else:
             x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
             xh, xl, qh, ql, _x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
@@ -466,7 +471,7 @@ def _estep_stats_kernel(
             acc_sx = _dot(ro, xl, acc_sx, MODE, EMU)
         acc_sx = _dot(ro, xh, acc_sx, MODE, EMU)
         if DIAG:
-            if MODE == 3 or MODE == 2:
+            if MODE != 0:                  # the squares' second term (16-bit modes) or split remainder
                 acc_sq = _dot(ro, ql, acc_sq, MODE, EMU)
             acc_sq = _dot(ro, qh, acc_sq, MODE, EMU)
         else:
@@ -736,8 +741,8 @@ def _sm_count(device) -> int:
 
 def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None):
     """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64; fills ``x2`` with ||x||^2 (in the
-    accumulator's units) and ``copy = (xo, xq, xql)`` with the operand copy (rows, squares and, bf16 diag, the
-    squares' second term) when given."""
+    accumulator's units) and ``copy = (xo, xq, xql)`` with the operand copy (rows and, diag, the squares and their
+    second 16-bit term) when given."""
     n, d = x.shape
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     best = torch.empty(n if with_argmax else 1, dtype=torch.int64, device=x.device)
@@ -784,7 +789,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     params : :class:`Params` from :func:`prepare` for these means/var/log_weights/precision and a bound of this
         chunk, to skip the O(K D) preparation when several chunks share the parameters
     copy_rows : bool; in the 16-bit modes, pass 1 writes the rows' operand copy for pass 2 (``2 n D`` bytes,
-        twice for diag; fastest). False: pass 2 re-reads the float32 rows and converts them in its loop (no
+        3 times that for diag; fastest). False: pass 2 re-reads the float32 rows and converts them in its loop (no
         O(n D) buffer at all, so huge chunks fit in a few MiB; slower per row)
 
     Returns
@@ -805,7 +810,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     if copy_mode:
         dt = _operand_dtype(mode)
         copy = (torch.empty((n, d), dtype=dt, device=dev), torch.empty((n, d) if diag else (1,), dtype=dt, device=dev),
-                torch.empty((n, d) if diag and mode == 2 else (1,), dtype=dt, device=dev))
+                torch.empty((n, d) if diag else (1,), dtype=dt, device=dev))
     logz, _ = launch_logz(x, params, k, diag, precision, x2=x2, center=center, copy=copy)
 
     slabs, slab_rows = slab_layout(n, k, dev, d)
@@ -817,12 +822,18 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
-    _estep_stats_kernel[grid](x, x if center is None else center, xo, xq, xql, params.scales, logz, x2,
-                              params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2, params.cst,
-                              nk_part, sx_part, sq_part,
-                              n, k, slab_rows,
-                              D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
-                              HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret())
+    try:
+        _estep_stats_kernel[grid](x, x if center is None else center, xo, xq, xql, params.scales, logz, x2,
+                                  params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
+                                  params.cst, nk_part, sx_part, sq_part,
+                                  n, k, slab_rows,
+                                  D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
+                                  HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret())
+    except triton.runtime.errors.OutOfResources as e:
+        raise RuntimeError(
+            f"the E-step statistics kernel for precision={precision!r}, "
+            f"{'diag' if diag else 'spherical'} covariances and D={d} needs more shared memory than this GPU "
+            f"offers in every autotune config ({e}); use precision='tf32' (the default) or 'ieee'") from e
     del copy, xo, xq, xql, x2          # the operand copy is dead: free it before the reduction
 
     # fixed-order float64 reduction of the partials, units undone: two launches, no host sync
