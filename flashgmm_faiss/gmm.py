@@ -83,13 +83,23 @@ def resolve_backend(backend: str, device: torch.device, precision: str = "tf32")
     return "triton", TritonBackend(precision=precision)
 
 
-def _default_chunk_size(backend: str, device: torch.device, n_components: int, d: int) -> int:
+def _default_chunk_size(backend: str, device: torch.device, n_components: int, d: int, diag: bool = False,
+                        resident: bool = False) -> int:
+    """Rows per chunk: a bound on the per-chunk working memory.
+
+    Triton backend: 128 MiB of O(chunk * D) buffers, namely the kernels' 16-bit operand copy (2 D bytes per row,
+    6 D for diag) plus the float32 upload of the chunk (4 D) unless X is already a float32 tensor on the device
+    (``resident``); large chunks also keep the GPU ahead of the host's launches. Torch backend: 2^27 (GPU) or
+    2^24 (CPU) entries of one (chunk, K) matrix."""
     if backend == "triton":
-        # The kernels centre the rows themselves; the O(chunk * D) buffers are the chunk itself when X is not
-        # already a CUDA tensor (float32, 64 MiB) and the kernels' 16-bit operand copy (32 MiB, 64 for diag).
-        return max(1024, 2 ** 24 // d)
+        per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
+        return max(1024, 2 ** 27 // per_row)
     budget = 2 ** 27 if device.type == "cuda" else 2 ** 24  # elements of one (chunk, K) matrix
     return max(256, budget // max(n_components, 1))
+
+
+def _resident(X, device) -> bool:
+    return isinstance(X, torch.Tensor) and X.device == device and X.dtype == torch.float32
 
 
 class GaussianMixture:
@@ -216,7 +226,8 @@ class GaussianMixture:
         K = self._check_params(n, d)
         device = resolve_device(self.device)
         self.backend_, impl = resolve_backend(self.backend, device, self.precision)
-        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, K, d)
+        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, K, d,
+                                                       self.covariance_type == "diag", _resident(X, device))
         self._impl, self._device = impl, device
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
         rng = np.random.default_rng(self.seed)
@@ -324,17 +335,17 @@ class GaussianMixture:
             counts = torch.zeros(K, dtype=torch.float64, device=device)
             sums = torch.zeros(K, d, dtype=torch.float64, device=device)
             sse = torch.zeros((), dtype=torch.float64, device=device)
-            far = _FarthestRows(k=K)
             for start, x, kw in self._stream(data):
                 _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32, **kw)
                 counts += cnt.double()
                 sums += sm.double()
                 sse += min_dist.sum(dtype=torch.float64)
-                far.update(min_dist, start, x, kw.get("center"))
             sse = float(sse)
             empty = torch.nonzero(counts == 0).flatten()
             means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], means)
-            if empty.numel():
+            if empty.numel():   # rare: one more pass finds the rows farthest from their centroid
+                far = self._farthest_rows(data, empty.numel(),
+                                          lambda x, kw: self._impl.kmeans_step(x, c32, **kw)[1])  # noqa: B023
                 means, counts = self._reseed_empty_clusters(means, counts, empty, far)
             self.kmeans_history_.append({"iteration": it + 1, "inertia": sse / n,
                                          "n_reseeded": int(empty.numel()),
@@ -343,6 +354,16 @@ class GaussianMixture:
                       f"[flashgmm] k-means {it + 1}/{self.kmeans_iter} inertia={sse / n:.6g} "
                       f"empty={int(empty.numel())} {time.perf_counter() - t0:.2f}s")
         return means, counts, sse
+
+    def _farthest_rows(self, data: ChunkedMatrix, k: int, score_fn) -> "_FarthestRows":
+        """One pass over the data keeping the ``k`` rows of largest ``score_fn(x, kw)`` (n,) (centred rows).
+
+        Only run when a component must be re-seeded, so that a normal iteration pays nothing for it (a top-K per
+        chunk in every iteration was part of the estimator's overhead over the kernels on a GPU)."""
+        far = _FarthestRows(k=k)
+        for start, x, kw in self._stream(data):
+            far.update(score_fn(x, kw), start, x, kw.get("center"))
+        return far
 
     def _reseed_empty_clusters(self, means, counts, empty, far):
         """Move empty centroids onto the rows farthest from their centroid (distinct rows, best first)."""
@@ -403,14 +424,12 @@ class GaussianMixture:
             sx = torch.zeros(K, d, dtype=torch.float64, device=device)
             sq = torch.zeros(var.shape, dtype=torch.float64, device=device)
             ll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per chunk
-            worst = _FarthestRows(k=K)
             for start, x, kw in self._stream(data):
                 st = self._impl.estep(x, m32, v32, lw32, **kw)
                 nk += st.nk.double()
                 sx += st.sx.double()
                 sq += st.sq.double()
                 ll_sum += st.log_norm.sum(dtype=torch.float64)
-                worst.update(-st.log_norm, start, x, kw.get("center"))
             ll = float(ll_sum) / n
             if not math.isfinite(ll):
                 raise FloatingPointError(
@@ -430,7 +449,9 @@ class GaussianMixture:
             means = torch.where(degenerate[:, None], means, new_means)
             var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
             weights = nk / n
-            if n_reseeded:
+            if n_reseeded:   # rare: one more pass finds the worst-explained rows under this iteration's parameters
+                worst = self._farthest_rows(data, n_reseeded,
+                                            lambda x, kw: -self._impl.score(x, m32, v32, lw32, **kw)[0])  # noqa: B023
                 means, var, weights = self._reseed_components(means, var, weights, degenerate, worst, n)
             elapsed = time.perf_counter() - t0
             gain = ll - prev
@@ -493,7 +514,8 @@ class GaussianMixture:
             lw = torch.log(torch.as_tensor(self.weights_, device=device, dtype=torch.float64).clamp_min(1e-300))
             self._dev_params = (center.float(), means, var, lw.float())
         center, means, var, lw = self._dev_params
-        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, self.n_components, d)
+        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, self.n_components, d,
+                                                       self.covariance_type == "diag", _resident(X, device))
         data = ChunkedMatrix(X, device, chunk, center=center, name="X", d=d)
         return data, means, var, lw
 

@@ -315,3 +315,17 @@ def test_convergence_warning_and_verbose_progress(capsys):
         GaussianMixture(5, max_iter=2, tol=0.0, backend="torch", device="cpu", verbose=2).fit(X)
     err = capsys.readouterr().err
     assert "EM 1/2" in err and "EM 2/2" in err and "k-means" in err
+
+
+def test_default_triton_chunk_bounds_the_per_chunk_buffers():
+    # 16-bit operand copy (2 D bytes per row, 6 D for diag) plus the float32 upload unless X is resident
+    from flashgmm_faiss.gmm import _default_chunk_size
+    dev = torch.device("cpu")
+    for d in (50, 96, 128, 256):
+        for diag in (False, True):
+            for resident in (False, True):
+                rows = _default_chunk_size("triton", dev, 1024, d, diag, resident)
+                per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
+                assert rows * per_row <= 2 ** 27 < (rows + 1) * per_row
+    # a resident spherical D=128 chunk is 4x the old 2^24 / D rows: fewer launches per iteration
+    assert _default_chunk_size("triton", dev, 1024, 128, False, True) == 2 ** 19
