@@ -396,7 +396,12 @@ def test_gpu_estep_error_on_sift_like(diag, precision, rtol):
     xc = (x - center).contiguous()
     means, var, lw = _fit_params(xc, k, diag, seed=2)
     # as the estimator calls it: raw rows, centred inside the kernels
-    got = kestep.estep(x, means, var, lw, precision=precision, center=center)
+    try:
+        got = kestep.estep(x, means, var, lw, precision=precision, center=center)
+    except RuntimeError as e:      # the launcher's clear error when no config fits the GPU's shared memory
+        if precision == "bf16x3" and diag and "shared memory" in str(e):
+            pytest.xfail(f"bf16x3 diag does not fit this GPU: {e}")
+        raise
     ref = _ref_estep_chunked(xc, means, var, lw)
     for name, g, r in zip(("log_norm", "nk", "sx", "sq"), got, ref):
         assert_close(f"{precision} {name}", g, r, rtol)
