@@ -142,8 +142,23 @@ def rel_err(got, ref):
     return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
 
 
-def markdown(metas):
-    """One markdown table for one or several result files of the same device."""
+def autotuned_configs():
+    """The config each autotuned kernel chose, per autotune key (K, D, flags...): to reproduce a run."""
+    import importlib
+    out = {}
+    for mod, names in (("estep", ("_logz_kernel", "_estep_stats_kernel")), ("kmeans", ("_kmeans_assign_kernel",)),
+                       ("assign", ("_topk_kernel",))):
+        m = importlib.import_module(f"flashgmm_faiss.kernels.{mod}")
+        for name in names:
+            kern = getattr(m, name, None)
+            for key, cfg in getattr(kern, "cache", {}).items():
+                out[f"{name}{tuple(key)}"] = str(cfg)
+    return out
+
+
+def markdown(metas, note=None):
+    """One markdown table for one or several result files of the same device (``note``: a paragraph after the
+    list of runs, e.g. which code version each run measured)."""
     m0 = metas[0]
     lines = [f"# Kernel benchmark on {m0['device']}", "",
              f"torch {m0['torch']}, triton {m0['triton']}. Runs (each row below comes from one of them):", ""]
@@ -151,6 +166,8 @@ def markdown(metas):
         c = m["gemm_ceiling_tflops"]
         lines.append(f"- {m['date']}: `{m['command']}` (GEMM ceilings measured in that run: tf32 {c['tf32']:.0f}, "
                      f"bf16 {c['bf16']:.0f} TFLOP/s)")
+    if note:
+        lines += ["", note]
     lines += ["",
               "TFLOP/s counts the GEMM work the method must do (spherical E-step 3 GEMMs of 2NKD, for ours and for "
               "torch alike; diag 6; k-means 1). The 'tf32' mode runs its products on fp16 tensor cores (tf32-precision "
@@ -193,11 +210,12 @@ def main(argv=None):
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="no benchmark: write one markdown table from these result files to --merge-md")
     ap.add_argument("--merge-md", default=None)
+    ap.add_argument("--merge-note", default=None, help="a paragraph for the merged table (which run is which code)")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     args = ap.parse_args(argv)
     if args.merge:
         metas = [json.loads(Path(p).read_text()) for p in args.merge]
-        Path(args.merge_md).write_text(markdown(metas))
+        Path(args.merge_md).write_text(markdown(metas, args.merge_note))
         return
 
     import triton
@@ -350,7 +368,7 @@ def main(argv=None):
         del x, xe
         torch.cuda.empty_cache()
 
-    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
+    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__, autotuned=autotuned_configs(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([os.path.basename(sys.executable), "-m", "bench_ann.bench_kernels"] + sys.argv[1:]),
                 gemm_ceiling_tflops=dict(tf32=ceil_tf32, bf16=ceil_bf16), rows=rows)
