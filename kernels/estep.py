@@ -69,8 +69,8 @@ Caveats
   (``8 n``), and the partials; callers bound it by the chunk size.
 
 Tested on: the CPU interpreter (TRITON_INTERPRET=1; the interpreter has no bf16, so every mode's operand
-rounding is emulated on fp32 values) at tiny odd shapes against float64 torch, and on an NVIDIA H200; see
-``tests/test_kernels.py`` and ``kernels/NOTES.md``.
+rounding is emulated on fp32 values) at tiny odd shapes against float64 torch, on an NVIDIA H200 (v1-v3) and
+on an NVIDIA H100 (v4); see ``tests/test_kernels.py`` and ``kernels/NOTES.md``.
 """
 from __future__ import annotations
 
