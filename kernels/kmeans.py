@@ -18,7 +18,7 @@ fixed order. No float atomics (the counts come from an integer ``bincount``) and
 is bitwise reproducible and the step can be queued behind the previous one.
 
 Cost: one GEMM of ``2 n K D`` FLOPs; bytes: X twice (the assignment, then the gathered rows: ``8 n D``),
-plus the sort of n int64 labels and ``16 n`` bytes of labels/permutation traffic; extra memory
+plus the sort of n int32 labels and ``~16 n`` bytes of labels/permutation traffic; extra memory
 ``O(n + SPLIT K D)``.
 
 Precision: the distances use the same GEMM modes as the E-step (``"tf32"``: one fp16 product of
