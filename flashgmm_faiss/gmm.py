@@ -98,8 +98,15 @@ def _default_chunk_size(backend: str, device: torch.device, n_components: int, d
     return max(256, budget // max(n_components, 1))
 
 
-def _resident(X, device) -> bool:
-    return isinstance(X, torch.Tensor) and X.device == device and X.dtype == torch.float32
+def _resident(X, device: torch.device) -> bool:
+    """Whether X is already a float32 tensor on ``device`` (chunks are views: no upload buffer). A device without
+    an index (``"cuda"``) means the current one, as torch places tensors."""
+    if not isinstance(X, torch.Tensor) or X.dtype != torch.float32 or X.device.type != device.type:
+        return False
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return X.device.index == index
 
 
 class GaussianMixture:
@@ -226,8 +233,7 @@ class GaussianMixture:
         K = self._check_params(n, d)
         device = resolve_device(self.device)
         self.backend_, impl = resolve_backend(self.backend, device, self.precision)
-        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, K, d,
-                                                       self.covariance_type == "diag", _resident(X, device))
+        chunk = self._chunk_rows(X, device, d)
         self._impl, self._device = impl, device
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
         rng = np.random.default_rng(self.seed)
@@ -297,6 +303,11 @@ class GaussianMixture:
         else:
             for start, x in data.chunks(check=check):
                 yield start, x, {}
+
+    def _chunk_rows(self, X, device: torch.device, d: int) -> int:
+        """``chunk_size`` or the default for this backend, covariance type and where X lives."""
+        return self.chunk_size or _default_chunk_size(self.backend_, device, self.n_components, d,
+                                                      self.covariance_type == "diag", _resident(X, device))
 
     def fit_predict(self, X, y=None):
         return self.fit(X).predict(X)
@@ -514,8 +525,7 @@ class GaussianMixture:
             lw = torch.log(torch.as_tensor(self.weights_, device=device, dtype=torch.float64).clamp_min(1e-300))
             self._dev_params = (center.float(), means, var, lw.float())
         center, means, var, lw = self._dev_params
-        chunk = self.chunk_size or _default_chunk_size(self.backend_, device, self.n_components, d,
-                                                       self.covariance_type == "diag", _resident(X, device))
+        chunk = self._chunk_rows(X, device, d)
         data = ChunkedMatrix(X, device, chunk, center=center, name="X", d=d)
         return data, means, var, lw
 

@@ -329,3 +329,13 @@ def test_default_triton_chunk_bounds_the_per_chunk_buffers():
                 assert rows * per_row <= 2 ** 27 < (rows + 1) * per_row
     # a resident spherical D=128 chunk is 4x the old 2^24 / D rows: fewer launches per iteration
     assert _default_chunk_size("triton", dev, 1024, 128, False, True) == 2 ** 19
+
+
+def test_resident_data_is_recognised():
+    # a float32 tensor on the fit device needs no upload buffer; anything else is streamed through one
+    from flashgmm_faiss.gmm import _resident
+    cpu = torch.device("cpu")
+    assert _resident(torch.zeros(3, 2), cpu)
+    assert not _resident(torch.zeros(3, 2, dtype=torch.float64), cpu)
+    assert not _resident(np.zeros((3, 2), dtype=np.float32), cpu)
+    assert not _resident(torch.zeros(3, 2), torch.device("cuda", 0))
