@@ -14,8 +14,8 @@ Update: rows are ordered by label with a stable sort (int32 keys), which makes t
 ``_segment_sum_kernel`` gives each (cluster, piece) one program that sums its rows in a fixed order into fp32
 registers; every cluster is cut into SPLIT equal pieces (SPLIT from n, K and the SM count, see
 ``segment_split``) so that a huge cluster does not serialise on one SM, and the SPLIT partials are summed in a
-fixed order. No float atomics (the counts come from an integer ``bincount``) and no host sync, so the result
-is bitwise reproducible and the step can be queued behind the previous one.
+fixed order. No float atomics (the counts are differences of the sorted labels' offsets) and no host sync, so
+the result is bitwise reproducible and the step can be queued behind the previous one.
 
 Cost: one GEMM of ``2 n K D`` FLOPs; bytes: X twice (the assignment, then the gathered rows: ``8 n D``),
 plus the sort of n int32 labels and ``~16 n`` bytes of labels/permutation traffic; extra memory
