@@ -113,6 +113,34 @@ def test_estep_matches_float64(poisoned, n, k, d, diag, precision):
         assert_close(name, g, r, rtol)
 
 
+@pytest.mark.parametrize("pipe", [False, True], ids=["plain", "pipelined"])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("n,k", [(37, 5), (45, 16), (50, 33)])
+def test_both_loop_forms_match_float64(monkeypatch, pipe, diag, n, k):
+    # the plain and the software-pipelined loops (next block's product issued before this block's
+    # exponentials): K within one block, exactly one block, and several with a partial last one; rows spanning
+    # several tiles of pass 2, with a partial last tile; pass 1 also serves score(); the k-means loop shares
+    # the distance helper
+    monkeypatch.setattr(kestep, "PIPELINE", {"logz": pipe, "stats": pipe})
+    x, means, var, lw = _problem(n, k, 11, diag, seed=n + k)
+    got = kestep.estep(x, means, var, lw, precision="ieee")
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    for name, g, r in zip(("log_norm", "nk", "sx", "sq"), got, ref):
+        assert_close(name, g, r, RTOL["ieee"])
+    score, labels = kassign.score(x, means, var, lw, precision="ieee")
+    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
+    assert_close("score", score, torch.logsumexp(lp, 1), RTOL["ieee"])
+    top2 = lp.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-4
+    assert torch.equal(labels.cpu()[clear], lp.argmax(1)[clear])
+    lab, min_dist, counts, sums = kkmeans.kmeans_step(x, means, precision="ieee")
+    r_labels, r_min, _, _, dist = _ref_kmeans(x, means)
+    srt = dist.sort(1).values
+    clear = srt[:, 1] - srt[:, 0] > 1e-4
+    assert torch.equal(lab.cpu()[clear], r_labels[clear])
+    assert_close("min_dist", min_dist, r_min, 1e-5)
+
+
 def test_estep_slab_layout_covers_rows():
     # a slab layout for many rows: every row in exactly one slab, slabs aligned to every BLOCK_M
     for n in (1, 37, 2048, 2049, 1_000_003):

@@ -1,0 +1,128 @@
+"""A/B of the kernels' two loop forms (plain vs software-pipelined) in one process, interleaved.
+
+Lent GPUs vary between calls (and sometimes within one: a run of this project saw the bf16 GEMM rate fall from
+676 to 242 TFLOP/s between two back-to-back processes). So this script times both forms of each kernel
+alternately, ``--rounds`` times, with the bf16 GEMM rate measured in every round: a ratio within a round is
+meaningful even when the machine drifts. Timed: pass 1 (logZ) alone and the whole E-step, at one (N, K, D),
+spherical and diag, in the given precisions; ``--switch`` names the ``kernels.estep.PIPELINE`` entries that the
+"pipelined" column turns on (the others stay as shipped). Prints a table and writes JSON. A pipelined k-means
+assignment was measured the same way (0.81 ms either form on an H100) and dropped.
+
+    python -m bench_ann.ab_pipeline --n 1000000 --k 1024 --d 128 --out /tmp/ab
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .bench_kernels import make_data, make_params
+
+
+def health(tag=""):
+    """bf16 GEMM TFLOP/s (8192^3) and device-to-device copy GB/s: a quick check that the GPU is not degraded."""
+    import triton
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=100, return_mode="median")
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    tc = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    out = {"bf16_tflops": 2 * 8192 ** 3 / t / 1e9, "copy_gbs": 2 * src.numel() / tc / 1e6}
+    print(f"# health{tag}: bf16 GEMM {out['bf16_tflops']:.0f} TFLOP/s, copy {out['copy_gbs']:.0f} GB/s", flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--precisions", default="tf32")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rep", type=int, default=40, help="do_bench ms per measurement")
+    ap.add_argument("--switch", default="logz,stats", help="PIPELINE entries the pipelined column turns on")
+    ap.add_argument("--min-bf16", type=float, default=0.0,
+                    help="abort when the first health check gives fewer bf16 TFLOP/s (a degraded machine)")
+    ap.add_argument("--out", default="bench_ann/results/ab_pipeline")
+    args = ap.parse_args(argv)
+
+    import triton
+    kernels = importlib.import_module("flashgmm_faiss.kernels")
+    kestep = importlib.import_module("flashgmm_faiss.kernels.estep")
+    dev = torch.cuda.get_device_name()
+    h0 = health(" (start)")
+    if h0["bf16_tflops"] < args.min_bf16:
+        raise SystemExit(f"degraded GPU: {h0['bf16_tflops']:.0f} < {args.min_bf16:.0f} TFLOP/s bf16; not timing")
+    n, k, d = args.n, args.k, args.d
+    x = make_data(n, d)
+    bound = max(-float(x.min()), float(x.max()))
+    means, var_sph, var_diag, lw = make_params(x, k, kernels)
+
+    cases = []
+    for prec in args.precisions.split(","):
+        for cov, var in (("spherical", var_sph), ("diag", var_diag)):
+            params = kernels.prepare(means, var, lw, prec, bound)
+            cases.append((f"pass1 {cov} {prec}", "logz",
+                          lambda var=var, prec=prec, params=params: kestep.launch_logz(
+                              x, params, k, var.ndim == 2, prec, x2=None)))
+            cases.append((f"E-step {cov} {prec}", "stats",
+                          lambda var=var, prec=prec, params=params: kernels.estep(
+                              x, means, var, lw, precision=prec, params=params)))
+
+    shipped = dict(kestep.PIPELINE)
+    switch = args.switch.split(",")
+    if not set(switch) <= set(shipped):
+        ap.error(f"--switch: choose among {sorted(shipped)}")
+
+    def set_pipe(on):
+        kestep.PIPELINE.update({name: on for name in switch})
+
+    # warm-up: compile and autotune both forms (the autotune key includes the form)
+    for on in (False, True):
+        set_pipe(on)
+        for _, _, fn in cases:
+            fn()
+    torch.cuda.synchronize()
+
+    results = {name: {"plain": [], "pipelined": []} for name, _, _ in cases}
+    rounds = []
+    for r in range(args.rounds):
+        rounds.append(health(f" (round {r + 1})"))
+        for name, _, fn in cases:
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                set_pipe(on)
+                ms = triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
+                results[name]["pipelined" if on else "plain"].append(ms)
+    kestep.PIPELINE.update(shipped)
+
+    print(f"\n# {dev}, N={n}, K={k}, D={d}: median ms over {args.rounds} interleaved rounds")
+    print(f"{'kernel':<28} {'plain':>9} {'pipelined':>10} {'ratio':>7}")
+    table = []
+    for name, _, _ in cases:
+        p = statistics.median(results[name]["plain"])
+        q = statistics.median(results[name]["pipelined"])
+        per_round = [a / b for a, b in zip(results[name]["plain"], results[name]["pipelined"])]
+        table.append({"kernel": name, "plain_ms": p, "pipelined_ms": q, "speedup": p / q,
+                      "speedup_per_round": per_round, **{f"{f}_all": results[name][f] for f in results[name]}})
+        print(f"{name:<28} {p:9.3f} {q:10.3f} {p / q:7.3f}  per round {', '.join(f'{v:.3f}' for v in per_round)}")
+    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "args": vars(args),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shipped": shipped, "health_start": h0, "health_rounds": rounds,
+            "autotuned": {f"{kn}{tuple(key)}": str(cfg) for mod, kn in (("estep", "_logz_kernel"),
+                                                                      ("estep", "_estep_stats_kernel"))
+                          for key, cfg in getattr(getattr(importlib.import_module(f"flashgmm_faiss.kernels.{mod}"),
+                                                          kn), "cache", {}).items()},
+            "rows": table}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / f"ab_pipeline_{dev.replace(' ', '_').lower()}_n{n}_k{k}_d{d}.json"
+    f.write_text(json.dumps(meta, indent=1))
+    print(f"wrote {f}")
+
+
+if __name__ == "__main__":
+    main()
