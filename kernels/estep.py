@@ -252,6 +252,11 @@ def _component_logits(
         else:
             p_lo_t = p_t
         acc = tl.zeros([xh.shape[0], p_t.shape[1]], tl.float32) + cst[None, :]
+        if MODE == 1 or MODE == 2:
+            # the squares' second 16-bit term: qh + ql is x~^2 exactly, so the logits are those of the represented
+            # rows; with qh alone a narrow variance far from the centre turned rounding into logit errors of many
+            # nats and a diag fit diverged (NOTES.md)
+            acc = _dot(ql, p_t, acc, MODE, EMU)
         acc = _dot3(qh, ql, p_t, p_lo_t, acc, MODE, EMU)
     else:
         acc = x2[:, None] + cst[None, :]
@@ -311,10 +316,11 @@ def _prune_row(configs, named_args, **kwargs):
     for c in configs:
         bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
         ops = 2 if diag else 1
-        smem = ops * bm * bd * es + st * ops * bk * bd * es
+        row_tiles = (3 if named_args.get("MODE", 1) in _COPY_MODES else 2) if diag else 1   # x, x^2 (2 terms)
+        smem = row_tiles * bm * bd * es + st * ops * bk * bd * es
         if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
             continue
-        if bm * bd * ops * es > 256 * 128 * 4 or (bm * bk) / (32 * c.num_warps) > 64:   # registers
+        if bm * bd * row_tiles * es > 256 * 128 * 4 or (bm * bk) / (32 * c.num_warps) > 64:   # registers
             continue
         keep.append(c)
     return keep or _smallest(configs)
@@ -437,6 +443,8 @@ def _stats_tile(X, CENTER, XO, XQ, XQL, SCALES, LOGZ, X2, m0, row_hi, a, a_lo, p
     lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=float("inf")) * LOG2E
     if DIAG:
         acc = tl.zeros([BLOCK_K, BLOCK_M], tl.float32) + cst[:, None]
+        if MODE == 1 or MODE == 2:         # the squares' second term, as in _component_logits
+            acc = _dot(p, tl.trans(ql), acc, MODE, EMU)
         acc = _dot3(p, p_lo, tl.trans(qh), tl.trans(ql), acc, MODE, EMU)
     else:
         acc = cst[:, None] + tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]

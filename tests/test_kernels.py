@@ -215,6 +215,36 @@ def test_estep_is_exact_for_the_represented_values(precision):
     assert _rel(got[1], ref[1]) < RTOL[precision]
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_diag_logits_are_exact_for_the_represented_values(precision):
+    # Diag, 16-bit modes: the logits must be those of the represented rows x~ and parameters (P~, A~, cst)
+    # up to fp32 accumulation. The squares x~^2 need two 16-bit terms for that; with one, a narrow variance far
+    # from the centre (here feature 0 of component 0, var 1e-3 at |mu| ~ 40) turned the rounding of x~^2 into
+    # logit errors of many nats and a 10-step diag fit diverged on a GPU.
+    x, means, var, lw = _problem(41, 7, 19, True, seed=8)
+    x = (x * 10.0 + 30.0).contiguous()
+    means = (means * 10.0 + 30.0).contiguous()
+    var = (var * 50.0).contiguous()
+    var[0, 0] = 1e-3
+    x[:5, 0] = means[0, 0] + 0.03 * torch.arange(5, dtype=torch.float32)
+    bound = float(x.abs().max())
+    prm = kestep.prepare(means, var, lw, precision, bound)
+    mode = kestep._MODES[precision]
+    s, sq_scale = (float(v) for v in prm.scales)
+    xs = x.double() * s
+    xs = xs.float().half().double() if mode == 1 else kestep._bf16_values(xs.float()).double()
+    dist = (xs * xs * sq_scale) @ prm.p.double().T + xs @ prm.a.double().T + prm.cst.double()
+    log2e = 1.0 / math.log(2.0)
+    lp = (prm.bias2.double() + prm.coef2.double() * dist) / log2e
+    ref_logz = torch.logsumexp(lp, 1)
+    got, _ = kassign.score(x, means, var, lw, precision=precision, x_absmax=bound)
+    assert_close("logZ vs the represented operands", got, ref_logz, 1e-6)
+    st = kestep.estep(x, means, var, lw, precision=precision, x_absmax=bound)
+    assert_close("E-step logZ vs the represented operands", st[0], ref_logz, 1e-6)
+    r = torch.softmax(lp, 1)
+    assert_close("nk vs the represented operands", st[1], r.sum(0), 1e-5)
+
+
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e7])
 def test_tf32_mode_scales_into_fp16_range(diag, magnitude):
