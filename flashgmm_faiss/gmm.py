@@ -655,22 +655,33 @@ class GaussianMixture:
 
 
 def kmeans_plusplus(x: torch.Tensor, K: int, rng) -> torch.Tensor:
-    """Greedy-free k-means++ seeding on the rows of x (n, D): returns (K, D) seeds (distinct rows)."""
+    """k-means++ seeding (D^2 sampling, no greedy trials) on the rows of x (n, D): returns (K, D) distinct rows.
+
+    Each seed is drawn by inverse CDF: one uniform per seed from ``rng`` (numpy, drawn up front) against the
+    cumulative squared distances on x's device, so the loop never waits for the device (the numpy draw over an
+    n-vector copied to the host every step cost ~0.9 ms per seed on an H100 run: 0.9 s for K=1024, more than
+    the whole EM). When every remaining row coincides with a seed (total distance 0), duplicates are replaced by
+    unused rows at the end."""
     n = x.shape[0]
+    u = torch.as_tensor(rng.random(K), dtype=torch.float64, device=x.device)
     first = int(rng.integers(n))
-    seeds = [first]
+    seeds = torch.empty(K, dtype=torch.int64, device=x.device)
+    seeds[0] = first
     d2 = ((x - x[first]) ** 2).sum(1).double()
-    for _ in range(1, K):
-        total = float(d2.sum())
-        if total <= 0:  # all remaining points coincide with seeds: take unused rows
-            remaining = np.setdiff1d(np.arange(n), np.array(seeds))
-            idx = int(rng.choice(remaining))
-        else:
-            p = (d2 / total).cpu().numpy()
-            idx = int(rng.choice(n, p=p / p.sum()))
-        seeds.append(idx)
+    for j in range(1, K):
+        cdf = torch.cumsum(d2, 0)
+        # the first row whose cumulative distance exceeds u_j * total: a row with d2 = 0 is never drawn while the
+        # total is positive (its cdf equals its predecessor's)
+        idx = torch.searchsorted(cdf, (u[j] * cdf[-1]).reshape(1), right=True).clamp_max_(n - 1)
+        seeds[j] = idx[0]
         d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1).double())
-    return x[torch.as_tensor(seeds, device=x.device)].clone()
+    order = seeds.cpu().numpy()
+    _, first_seen = np.unique(order, return_index=True)
+    if len(first_seen) < K:   # degenerate data: fewer distinct rows at positive distance than K
+        keep = order[np.sort(first_seen)]
+        unused = np.setdiff1d(np.arange(n), keep)
+        order = np.concatenate([keep, rng.choice(unused, size=K - len(keep), replace=False)])
+    return x[torch.as_tensor(order, device=x.device)].clone()
 
 
 class _FarthestRows:

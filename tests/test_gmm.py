@@ -339,3 +339,41 @@ def test_resident_data_is_recognised():
     assert not _resident(torch.zeros(3, 2, dtype=torch.float64), cpu)
     assert not _resident(np.zeros((3, 2), dtype=np.float32), cpu)
     assert not _resident(torch.zeros(3, 2), torch.device("cuda", 0))
+
+
+# ------------------------------------------------------------------------------------------ k-means++ seeding
+def test_kmeans_plusplus_samples_proportionally_to_squared_distance():
+    # 1-D rows 0, 1, 3: once row 0 is the first seed, the second is row 1 with probability 1 / (1 + 9) and
+    # row 2 with 9 / 10 (D^2 sampling); counted over many generator seeds
+    from flashgmm_faiss.gmm import kmeans_plusplus
+    x = torch.tensor([[0.0], [1.0], [3.0]])
+    second = []
+    for s in range(3000):
+        rng = np.random.default_rng(s)
+        probe = np.random.default_rng(s)
+        probe.random(2)
+        if int(probe.integers(3)) != 0:       # the same draws kmeans_plusplus makes: keep first seed = row 0
+            continue
+        seeds = kmeans_plusplus(x, 2, rng)
+        assert float(seeds[0, 0]) == 0.0
+        second.append(float(seeds[1, 0]))
+    second = np.array(second)
+    assert len(second) > 700 and set(np.unique(second)) <= {1.0, 3.0}
+    p3 = float(np.mean(second == 3.0))
+    assert abs(p3 - 0.9) < 4 * np.sqrt(0.9 * 0.1 / len(second)), p3
+
+
+def test_kmeans_plusplus_returns_distinct_rows_even_on_degenerate_data():
+    from flashgmm_faiss.gmm import kmeans_plusplus
+    x = torch.tensor([[1.0, 2.0]] * 4 + [[5.0, 5.0]] * 3 + [[9.0, 0.0]])   # 3 distinct values, 8 rows
+    seeds = kmeans_plusplus(x, 6, np.random.default_rng(0))
+    assert seeds.shape == (6, 2)
+    # the 3 distinct values all come first (positive distance while any is unseeded), then unused rows
+    assert {tuple(r) for r in seeds[:3].tolist()} == {(1.0, 2.0), (5.0, 5.0), (9.0, 0.0)}
+    # distinct rows of x: match each seed to a row index, never the same index twice
+    rows = x.tolist()
+    used = []
+    for r in seeds.tolist():
+        idx = next(i for i, v in enumerate(rows) if v == r and i not in used)
+        used.append(idx)
+    assert len(set(used)) == 6

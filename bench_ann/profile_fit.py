@@ -1,0 +1,95 @@
+"""Where the time of ``GaussianMixture.fit`` and ``assign`` goes on one GPU: torch.profiler tables.
+
+``bench_fit.py`` reports per-iteration times of the estimator; this script explains them. After a warm-up fit
+(compilation and autotuning), it profiles, one phase at a time on the same data: ``--kmeans-iter`` k-means
+iterations (``max_iter=0`` fit), ``--em-iter`` EM iterations (``kmeans_iter=0`` fit), and ``assign`` with the
+given copy caps. For each phase it prints and writes the wall time, the GPU kernel time, and the top operators
+by GPU time and by host time (``profile_<phase>.txt`` in ``--out``), so that host overhead (launches, syncs,
+Python) can be told apart from kernel time.
+
+    python -m bench_ann.profile_fit --n 1000000 --k 1024 --d 128 --out /tmp/prof
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from flashgmm_faiss import GaussianMixture
+
+from .bench_fit import sift_like
+
+
+def _profile(name, fn, out: Path, rows: int):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    by_gpu = events.table(sort_by="self_cuda_time_total", row_limit=rows)
+    by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=rows)
+    head = f"## {name}: wall {wall * 1e3:.1f} ms, GPU kernel time {gpu_us / 1e3:.1f} ms (profiler on)"
+    text = "\n\n".join([head, "### by GPU time", by_gpu, "### by host time", by_cpu])
+    (out / f"profile_{name}.txt").write_text(text + "\n")
+    print(head, flush=True)
+    print(by_gpu[:6000], flush=True)
+    return {"phase": name, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3}
+
+
+def run(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    X = sift_like(args.n, args.d, args.clusters, device="cuda")
+    common = dict(covariance_type=args.cov, tol=0.0, backend="triton", device="cuda", precision=args.precision,
+                  seed=0, chunk_size=args.chunk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        g = GaussianMixture(args.k, kmeans_iter=2, max_iter=2, **common).fit(X)      # warm-up: compile, autotune
+        for cap in args.caps:
+            g.assign(X[:65536], max_assign=cap)
+        torch.cuda.synchronize()
+        print(f"# warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        phases = []
+        km = GaussianMixture(args.k, kmeans_iter=args.kmeans_iter, max_iter=0, **common)
+        phases.append(_profile(f"kmeans_{args.kmeans_iter}_iters", lambda: km.fit(X), out, args.rows))
+        phases[-1]["kmeans_history_s"] = [h["seconds"] for h in km.kmeans_history_]
+        em = GaussianMixture(args.k, kmeans_iter=0, max_iter=args.em_iter, init=g.means_ + 0.0, **common)
+        phases.append(_profile(f"em_{args.em_iter}_iters", lambda: em.fit(X), out, args.rows))
+        phases[-1]["em_history_s"] = [h["seconds"] for h in em.history_]
+        for cap in args.caps:
+            phases.append(_profile(f"assign_cap{cap}", lambda cap=cap: g.assign(X, max_assign=cap), out, args.rows))
+    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "args": vars(args),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "phases": phases}
+    (out / "profile_fit.json").write_text(json.dumps(meta, indent=1))
+    print(json.dumps(phases, indent=1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--clusters", type=int, default=2000, help="clusters in the synthetic data")
+    p.add_argument("--cov", default="spherical", choices=["spherical", "diag"])
+    p.add_argument("--precision", default="tf32")
+    p.add_argument("--kmeans-iter", type=int, default=3)
+    p.add_argument("--em-iter", type=int, default=3)
+    p.add_argument("--caps", type=int, nargs="*", default=[2])
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--rows", type=int, default=25, help="operators per table")
+    p.add_argument("--out", default="bench_ann/results/profile")
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
