@@ -20,7 +20,8 @@ relative of float64 in tf32 on centred data, so a component whose responsibility
 flip. Exact ties between components are broken by the lower index, as ``torch.topk`` usually does.
 
 Caveats: D <= 256, M <= 64. Tested on: the CPU interpreter at tiny odd shapes against float64 top-k, and
-an NVIDIA H200 (invariants at n=4096, K=1000; ``tests/test_kernels.py``). Not benchmarked.
+an NVIDIA H200 and an NVIDIA H100 (invariants at n=4096, K=1000; ``tests/test_kernels.py``). Measured inside
+``GaussianMixture.assign`` (H100, n=1e6, K=1024, D=128, max_assign=2): 32 ms including the CSR copy to the host.
 """
 from __future__ import annotations
 

@@ -14,10 +14,12 @@ Both covariance types share one logit form, prepared once per call on the host i
 * spherical: ``dist_ik = ||x_i||^2 + cst_k + x_i . A_k`` with ``A = -2 mu``, ``cst = ||mu||^2``,
   ``l_ik = b_k - dist_ik / (2 var_k)``; the GEMM accumulates ``x . A`` onto ``||x||^2 + cst`` in place;
 * diag: ``dist_ik = (x_i * x_i) . P_k + x_i . A_k + cst_k`` with ``P = 1 / var``, ``A = -2 mu P``,
-  ``cst = sum_j mu_kj^2 P_kj``, ``l_ik = b_k - dist_ik / 2``.
+  ``cst = sum_j mu_kj^2 P_kj``, ``l_ik = b_k - dist_ik / 2``. In the 16-bit modes the squares enter every product
+  as two 16-bit terms (``x~^2 = qh + ql`` exactly), in the logits and in ``R^T x^2``.
 
 Pass 1 (``_logz_kernel``) splits the rows: a program keeps a BLOCK_M x D tile of X on chip, streams the
-component parameters in BLOCK_K blocks and runs an online (base-2) log-sum-exp; it writes logZ (n floats) and
+component parameters in BLOCK_K blocks and runs an online (base-2) log-sum-exp, software-pipelined (the product
+of block j + 1 is issued before the exponentials of block j; ``PIPELINE``); it writes logZ (n floats) and
 ||x||^2, optionally the argmax (``score``/``predict``) and, in the 16-bit modes, the tile in its GEMM operand form
 (``xo``: n x D 16-bit values, and the squares for diag), so that pass 2 streams half the bytes and spends no
 instructions on conversions in its inner loop.
@@ -69,8 +71,9 @@ Caveats
   (``8 n``), and the partials; callers bound it by the chunk size.
 
 Tested on: the CPU interpreter (TRITON_INTERPRET=1; the interpreter has no bf16, so every mode's operand
-rounding is emulated on fp32 values) at tiny odd shapes against float64 torch, on an NVIDIA H200 (v1-v3) and
-on an NVIDIA H100 (v4); see ``tests/test_kernels.py`` and ``kernels/NOTES.md``.
+rounding is emulated on fp32 values) at tiny odd shapes against float64 torch (both loop forms), on an NVIDIA
+H200 (v1-v3) and on an NVIDIA H100 (v4, v5); see ``tests/test_kernels.py`` and ``kernels/NOTES.md``. Measured
+(H100, n=1e6, K=1024, D=128, "tf32"): E-step 2.19 ms spherical (pass 1 0.77), 4.27 ms diag.
 """
 from __future__ import annotations
 
@@ -211,10 +214,10 @@ def _row_operands(x, SCALE, SQ_SCALE, DIAG: tl.constexpr, MODE: tl.constexpr, EM
             q = xv * xv
         qh = _hi(q, MODE, EMU)
         if MODE == 1 or MODE == 2:
-            # 16-bit modes: a second term of the squares for R^T x^2 only. The diag Sq = Sxx - 2 mu Sx + Nk mu^2
-            # cancels by up to mu^2 / var, and one 16-bit rounding of integer-valued squares is a bias, not
-            # noise: without this term a feature of small variance far from the centre came out ~0, its
-            # variance collapsed to reg_covar and a 10-iteration diag fit diverged (NOTES.md)
+            # 16-bit modes: a second 16-bit term of the squares, so that qh + ql = x~^2 exactly. R^T x^2 needs it
+            # (Sq = Sxx - 2 mu Sx + Nk mu^2 cancels by up to mu^2 / var, and one rounding of integer-valued squares
+            # is a bias, not noise) and so do the logits (p x~^2 rounded once is off by p x^2 2^-12 per feature:
+            # many nats once a variance collapses onto clipped values, and a 10-step diag fit diverged; NOTES.md)
             ql = _hi(q - qh.to(tl.float32), MODE, EMU)
         else:
             ql = _lo(q, qh, MODE, EMU)
