@@ -1,12 +1,12 @@
-"""A/B of the kernels' two loop forms (plain vs software-pipelined) in one process, interleaved.
+"""A/B of pass 1's two loop forms (plain vs software-pipelined) in one process, interleaved.
 
 Lent GPUs vary between calls (and sometimes within one: a run of this project saw the bf16 GEMM rate fall from
-676 to 242 TFLOP/s between two back-to-back processes). So this script times both forms of each kernel
-alternately, ``--rounds`` times, with the bf16 GEMM rate measured in every round: a ratio within a round is
-meaningful even when the machine drifts. Timed: pass 1 (logZ) alone and the whole E-step, at one (N, K, D),
-spherical and diag, in the given precisions; ``--switch`` names the ``kernels.estep.PIPELINE`` entries that the
-"pipelined" column turns on (the others stay as shipped). Prints a table and writes JSON. A pipelined k-means
-assignment was measured the same way (0.81 ms either form on an H100) and dropped.
+676 to 242 TFLOP/s between two back-to-back processes). So this script times both forms
+(``kernels.estep.PIPELINE_LOGZ``) alternately, ``--rounds`` times, with the GEMM rates measured in every round:
+a ratio within a round is meaningful even when the machine drifts. Timed: pass 1 (logZ) alone and the whole
+E-step, at one (N, K, D), spherical and diag, in the given precisions. Prints a table and writes JSON. Pipelined
+forms of pass 2 and of the k-means assignment were measured the same way (results/ab_pipeline_h100_run1.json:
+slower, and unchanged) and dropped.
 
     python -m bench_ann.ab_pipeline --n 1000000 --k 1024 --d 128 --out /tmp/ab
 """
@@ -21,19 +21,20 @@ from pathlib import Path
 
 import torch
 
-from .bench_kernels import make_data, make_params
+from .bench_kernels import gemm_ceiling, make_data, make_params
 
 
 def health(tag=""):
-    """bf16 GEMM TFLOP/s (8192^3) and device-to-device copy GB/s: a quick check that the GPU is not degraded."""
+    """GEMM TFLOP/s (bench_kernels' ceiling) and device-to-device copy GB/s: a check that the GPU is not
+    degraded."""
     import triton
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=100, return_mode="median")
+    tf32, bf16 = gemm_ceiling()
     src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     tc = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
-    out = {"bf16_tflops": 2 * 8192 ** 3 / t / 1e9, "copy_gbs": 2 * src.numel() / tc / 1e6}
-    print(f"# health{tag}: bf16 GEMM {out['bf16_tflops']:.0f} TFLOP/s, copy {out['copy_gbs']:.0f} GB/s", flush=True)
+    out = {"tf32_tflops": tf32, "bf16_tflops": bf16, "copy_gbs": 2 * src.numel() / tc / 1e6}
+    print(f"# health{tag}: GEMM tf32 {tf32:.0f}, bf16 {bf16:.0f} TFLOP/s, copy {out['copy_gbs']:.0f} GB/s",
+          flush=True)
     return out
 
 
@@ -45,7 +46,6 @@ def main(argv=None):
     ap.add_argument("--precisions", default="tf32")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=40, help="do_bench ms per measurement")
-    ap.add_argument("--switch", default="logz,stats", help="PIPELINE entries the pipelined column turns on")
     ap.add_argument("--min-bf16", type=float, default=0.0,
                     help="abort when the first health check gives fewer bf16 TFLOP/s (a degraded machine)")
     ap.add_argument("--out", default="bench_ann/results/ab_pipeline")
@@ -67,43 +67,40 @@ def main(argv=None):
     for prec in args.precisions.split(","):
         for cov, var in (("spherical", var_sph), ("diag", var_diag)):
             params = kernels.prepare(means, var, lw, prec, bound)
-            cases.append((f"pass1 {cov} {prec}", "logz",
+            cases.append((f"pass1 {cov} {prec}",
                           lambda var=var, prec=prec, params=params: kestep.launch_logz(
                               x, params, k, var.ndim == 2, prec, x2=None)))
-            cases.append((f"E-step {cov} {prec}", "stats",
+            cases.append((f"E-step {cov} {prec}",
                           lambda var=var, prec=prec, params=params: kernels.estep(
                               x, means, var, lw, precision=prec, params=params)))
 
-    shipped = dict(kestep.PIPELINE)
-    switch = args.switch.split(",")
-    if not set(switch) <= set(shipped):
-        ap.error(f"--switch: choose among {sorted(shipped)}")
+    shipped = kestep.PIPELINE_LOGZ
 
     def set_pipe(on):
-        kestep.PIPELINE.update({name: on for name in switch})
+        kestep.PIPELINE_LOGZ = on
 
     # warm-up: compile and autotune both forms (the autotune key includes the form)
     for on in (False, True):
         set_pipe(on)
-        for _, _, fn in cases:
+        for _, fn in cases:
             fn()
     torch.cuda.synchronize()
 
-    results = {name: {"plain": [], "pipelined": []} for name, _, _ in cases}
+    results = {name: {"plain": [], "pipelined": []} for name, _ in cases}
     rounds = []
     for r in range(args.rounds):
         rounds.append(health(f" (round {r + 1})"))
-        for name, _, fn in cases:
+        for name, fn in cases:
             for on in ((False, True) if r % 2 == 0 else (True, False)):
                 set_pipe(on)
                 ms = triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
                 results[name]["pipelined" if on else "plain"].append(ms)
-    kestep.PIPELINE.update(shipped)
+    kestep.PIPELINE_LOGZ = shipped
 
     print(f"\n# {dev}, N={n}, K={k}, D={d}: median ms over {args.rounds} interleaved rounds")
     print(f"{'kernel':<28} {'plain':>9} {'pipelined':>10} {'ratio':>7}")
     table = []
-    for name, _, _ in cases:
+    for name, _ in cases:
         p = statistics.median(results[name]["plain"])
         q = statistics.median(results[name]["pipelined"])
         per_round = [a / b for a, b in zip(results[name]["plain"], results[name]["pipelined"])]

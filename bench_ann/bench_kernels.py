@@ -26,8 +26,8 @@ Usage (a quick run): ``python -m bench_ann.bench_kernels --shapes 1e6,1024,128 -
 from __future__ import annotations
 
 import argparse
-import importlib
 import datetime
+import importlib
 import json
 import math
 import os
@@ -212,9 +212,6 @@ def main(argv=None):
     ap.add_argument("--merge-md", default=None)
     ap.add_argument("--merge-note", default=None, help="a paragraph for the merged table (which run is which code)")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
-    ap.add_argument("--pipeline", default="default",
-                    help="software-pipelined kernel loops: 'default' (kernels.estep.PIPELINE as shipped), 'none', "
-                         "or a comma list among logz,stats,kmeans (the others plain): for A/B runs")
     args = ap.parse_args(argv)
     if args.merge:
         metas = [json.loads(Path(p).read_text()) for p in args.merge]
@@ -226,13 +223,7 @@ def main(argv=None):
     from flashgmm_faiss import kernels
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep")   # the package re-exports estep(), the function
 
-    if args.pipeline != "default":
-        on = set() if args.pipeline == "none" else set(args.pipeline.split(","))
-        unknown = on - set(kestep.PIPELINE)
-        if unknown:
-            ap.error(f"--pipeline: unknown kernels {sorted(unknown)}; choose among {sorted(kestep.PIPELINE)}")
-        kestep.PIPELINE.update({name: name in on for name in kestep.PIPELINE})
-    print(f"# software pipelining: {kestep.PIPELINE}", flush=True)
+    print(f"# pass 1 software-pipelined: {kestep.PIPELINE_LOGZ}", flush=True)
 
     methods = set(args.methods.split(",")) if args.methods != "all" else {
         "ours_estep", "ours_em", "torch_chunked", "torch_compile", "torch_material", "torch_kmeans", "ours_kmeans"}
@@ -381,7 +372,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__, autotuned=autotuned_configs(),
-                pipeline=dict(kestep.PIPELINE),
+                pipelined_pass1=kestep.PIPELINE_LOGZ,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([os.path.basename(sys.executable), "-m", "bench_ann.bench_kernels"] + sys.argv[1:]),
                 gemm_ceiling_tflops=dict(tf32=ceil_tf32, bf16=ceil_bf16), rows=rows)

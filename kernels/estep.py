@@ -19,7 +19,7 @@ Both covariance types share one logit form, prepared once per call on the host i
 
 Pass 1 (``_logz_kernel``) splits the rows: a program keeps a BLOCK_M x D tile of X on chip, streams the
 component parameters in BLOCK_K blocks and runs an online (base-2) log-sum-exp, software-pipelined (the product
-of block j + 1 is issued before the exponentials of block j; ``PIPELINE``); it writes logZ (n floats) and
+of block j + 1 is issued before the exponentials of block j; ``PIPELINE_LOGZ``); it writes logZ (n floats) and
 ||x||^2, optionally the argmax (``score``/``predict``) and, in the 16-bit modes, the tile in its GEMM operand form
 (``xo``: n x D 16-bit values, and the squares for diag), so that pass 2 streams half the bytes and spends no
 instructions on conversions in its inner loop.
@@ -95,12 +95,12 @@ PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
 _MODES = {"ieee": 0, "tf32": 1, "bf16": 2, "bf16x3": 3}
 _COPY_MODES = (1, 2)
 FP16_BOUND_LOG2 = 14        # scaled fp16 operands stay below 2^14 (fp16 max 65504 ~ 2^16)
-# Software pipelining per kernel (the product of the next block issued before this block's exponentials); a
-# module switch rather than an autotune parameter so that tests and A/B benchmarks can pin either form. Measured
-# on an H100 (N=1e6, K=1024, D=128, "tf32", 3 interleaved rounds, bench_ann/ab_pipeline.py): pass 1 0.95 -> 0.77
-# ms spherical and 1.57 -> 1.39 ms diag; pass 2 slower pipelined (E-step 2.22 -> 2.45 ms with both); the k-means
-# assignment unchanged within noise (0.81 ms; that variant was dropped). Hence on for pass 1 only.
-PIPELINE = {"logz": True, "stats": False}
+# Pass 1 software-pipelined (the product of the next block issued before this block's exponentials); a module
+# switch rather than an autotune parameter so that tests and A/B benchmarks can pin either form. Measured on an
+# H100 (N=1e6, K=1024, D=128, "tf32", 3 interleaved rounds, bench_ann/ab_pipeline.py): 0.95 -> 0.77 ms spherical,
+# 1.57 -> 1.39 ms diag. The same form was slower in pass 2 (E-step 2.22 -> 2.45 ms with both) and no faster in
+# the k-means assignment (0.81 ms); both variants were dropped.
+PIPELINE_LOGZ = True
 
 
 def _interpret() -> bool:
@@ -420,66 +420,10 @@ def _logz_kernel(
         tl.store(BEST + offs_m, best.to(tl.int64), mask=mask_m)
 
 
-@triton.jit
-def _stats_tile(X, CENTER, XO, XQ, XQL, SCALES, LOGZ, X2, m0, row_hi, a, a_lo, p, p_lo, cst, offs_d, mask_d,
-                D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr, MODE: tl.constexpr,
-                COPY: tl.constexpr, EMU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Pass 2, one tile of BLOCK_M rows from m0: the rows' operands (xh, xl, qh, ql), their base-2 logZ (BM,)
-    (+inf past row_hi, hence r = 0 there without a mask in the loop) and the distances (BK, BM) to the
-    program's components, in the accumulator's units."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_hi
-    if COPY:                           # the operand copy written by pass 1
-        cp = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-        cmask = mask_m[:, None] & mask_d[None, :]
-        xh = tl.load(XO + cp, mask=cmask, other=0.0)
-        xl = xh
-        if DIAG:
-            qh = tl.load(XQ + cp, mask=cmask, other=0.0)
-            ql = tl.load(XQL + cp, mask=cmask, other=0.0)
-        else:
-            qh = xh
-            ql = xh
-    else:
-        x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
-        xh, xl, qh, ql, _x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
-    lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=float("inf")) * LOG2E
-    if DIAG:
-        acc = tl.zeros([BLOCK_K, BLOCK_M], tl.float32) + cst[:, None]
-        if MODE == 1 or MODE == 2:         # the squares' second term, as in _component_logits
-            acc = _dot(p, tl.trans(ql), acc, MODE, EMU)
-        acc = _dot3(p, p_lo, tl.trans(qh), tl.trans(ql), acc, MODE, EMU)
-    else:
-        acc = cst[:, None] + tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]
-    acc = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), acc, MODE, EMU)      # (BK, BM) distances
-    return xh, xl, qh, ql, lz2, acc
-
-
-@triton.jit
-def _stats_accumulate(dist, lz2, xh, xl, qh, ql, bias, coef, acc_nk, acc_sx, acc_sq,
-                      DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr):
-    """Pass 2, one tile: responsibilities r (BK, BM) from the distances and logZ, added to Nk, Sx = R^T X and
-    Sq (spherical: sum r dist; diag: R^T x^2)."""
-    r = tl.exp2(bias[:, None] + coef[:, None] * dist - lz2[None, :])
-    acc_nk += tl.sum(r, axis=1)
-    # R^T X: r in the operand precision (unbiased rounding that averages out over rows)
-    ro = _hi(r, MODE, EMU)
-    if MODE == 3:
-        acc_sx = _dot(ro, xl, acc_sx, MODE, EMU)
-    acc_sx = _dot(ro, xh, acc_sx, MODE, EMU)
-    if DIAG:
-        if MODE != 0:                  # the squares' second term (16-bit modes) or split remainder
-            acc_sq = _dot(ro, ql, acc_sq, MODE, EMU)
-        acc_sq = _dot(ro, qh, acc_sq, MODE, EMU)
-    else:
-        acc_sq += tl.sum(r * dist, axis=1)
-    return acc_nk, acc_sx, acc_sq
-
-
 # ----------------------------------------------------------------------------------------------------------
 # pass 2: responsibilities and statistics, split over component blocks x row slabs
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY", "PIPE"],
+@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY"],
                  prune_configs_by={"early_config_prune": _prune_stats})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -493,7 +437,7 @@ def _estep_stats_kernel(
     N, K, SLAB_ROWS,
     # compile-time
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
-    MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr, PIPE: tl.constexpr,
+    MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Flash-attention-forward shape: the component block plays the queries, the rows the keys and the values.
@@ -518,9 +462,6 @@ def _estep_stats_kernel(
         p_lo = p
         if MODE == 3:
             p_lo = tl.load(P_LO + kd_ptrs, mask=kd_mask, other=0.0)
-    else:
-        p = a                              # unused placeholders (spherical)
-        p_lo = a
     # invalid components: bias -inf, so r = 2^-inf = 0 there without a mask in the loop
     bias = tl.load(BIAS2 + offs_k, mask=mask_k, other=float("-inf"))
     coef = tl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
@@ -535,27 +476,43 @@ def _estep_stats_kernel(
 
     row_lo = pid_s * SLAB_ROWS
     row_hi = tl.minimum(row_lo + SLAB_ROWS, N)
-    if PIPE:
-        # software-pipelined: the distances of tile t + 1 are issued before the exponentials and R^T X of tile t
-        xh, xl, qh, ql, lz2, dist = _stats_tile(X, CENTER, XO, XQ, XQL, SCALES, LOGZ, X2, row_lo, row_hi,
-                                                 a, a_lo, p, p_lo, cst, offs_d, mask_d, D, DIAG, HAS_CENTER,
-                                                 MODE, COPY, EMU, BLOCK_M, BLOCK_K)
-        for m0 in range(row_lo + BLOCK_M, row_hi, BLOCK_M):
-            xh_n, xl_n, qh_n, ql_n, lz2_n, dist_n = _stats_tile(X, CENTER, XO, XQ, XQL, SCALES, LOGZ, X2, m0, row_hi,
-                                                                a, a_lo, p, p_lo, cst, offs_d, mask_d, D, DIAG,
-                                                                HAS_CENTER, MODE, COPY, EMU, BLOCK_M, BLOCK_K)
-            acc_nk, acc_sx, acc_sq = _stats_accumulate(dist, lz2, xh, xl, qh, ql, bias, coef,
-                                                       acc_nk, acc_sx, acc_sq, DIAG, MODE, EMU)
-            xh, xl, qh, ql, lz2, dist = xh_n, xl_n, qh_n, ql_n, lz2_n, dist_n
-        acc_nk, acc_sx, acc_sq = _stats_accumulate(dist, lz2, xh, xl, qh, ql, bias, coef,
-                                                   acc_nk, acc_sx, acc_sq, DIAG, MODE, EMU)
-    else:
-        for m0 in range(row_lo, row_hi, BLOCK_M):
-            xh, xl, qh, ql, lz2, dist = _stats_tile(X, CENTER, XO, XQ, XQL, SCALES, LOGZ, X2, m0, row_hi,
-                                                     a, a_lo, p, p_lo, cst, offs_d, mask_d, D, DIAG, HAS_CENTER,
-                                                     MODE, COPY, EMU, BLOCK_M, BLOCK_K)
-            acc_nk, acc_sx, acc_sq = _stats_accumulate(dist, lz2, xh, xl, qh, ql, bias, coef,
-                                                       acc_nk, acc_sx, acc_sq, DIAG, MODE, EMU)
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_hi
+        if COPY:                           # the operand copy written by pass 1
+            cp = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+            cmask = mask_m[:, None] & mask_d[None, :]
+            xh = tl.load(XO + cp, mask=cmask, other=0.0)
+            xl = xh
+            if DIAG:
+                qh = tl.load(XQ + cp, mask=cmask, other=0.0)
+                ql = tl.load(XQL + cp, mask=cmask, other=0.0)
+        else:
+            x = _load_rows(X, CENTER, offs_m, mask_m, offs_d, mask_d, D, HAS_CENTER)
+            xh, xl, qh, ql, _x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
+        # rows past the slab get logZ = +inf, hence r = 0, without a mask in the loop
+        lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=float("inf")) * LOG2E
+        if DIAG:
+            acc = tl.zeros([BLOCK_K, BLOCK_M], tl.float32) + cst[:, None]
+            if MODE == 1 or MODE == 2:     # the squares' second term, as in _component_logits
+                acc = _dot(p, tl.trans(ql), acc, MODE, EMU)
+            acc = _dot3(p, p_lo, tl.trans(qh), tl.trans(ql), acc, MODE, EMU)
+        else:
+            acc = cst[:, None] + tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]
+        acc = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), acc, MODE, EMU)      # (BK, BM) distances
+        r = tl.exp2(bias[:, None] + coef[:, None] * acc - lz2[None, :])
+        acc_nk += tl.sum(r, axis=1)
+        # R^T X: r in the operand precision (unbiased rounding that averages out over rows)
+        ro = _hi(r, MODE, EMU)
+        if MODE == 3:
+            acc_sx = _dot(ro, xl, acc_sx, MODE, EMU)
+        acc_sx = _dot(ro, xh, acc_sx, MODE, EMU)
+        if DIAG:
+            if MODE != 0:                  # the squares' second term (16-bit modes) or split remainder
+                acc_sq = _dot(ro, ql, acc_sq, MODE, EMU)
+            acc_sq = _dot(ro, qh, acc_sq, MODE, EMU)
+        else:
+            acc_sq += tl.sum(r * acc, axis=1)
 
     base_k = pid_s.to(tl.int64) * K + offs_k
     tl.store(NK_PART + base_k, acc_nk, mask=mask_k)
@@ -837,7 +794,7 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
                        params.scales, n, k,
                        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
                        WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, WRITE_COPY=copy is not None, MODE=mode,
-                       EMU=_interpret(), PIPE=bool(PIPELINE["logz"]))
+                       EMU=_interpret(), PIPE=bool(PIPELINE_LOGZ))
     return logz, (best if with_argmax else None)
 
 
@@ -908,8 +865,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                   params.cst, nk_part, sx_part, sq_part,
                                   n, k, slab_rows,
                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
-                                  HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
-                                  PIPE=bool(PIPELINE["stats"]))
+                                  HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret())
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(
             f"the E-step statistics kernel for precision={precision!r}, "

@@ -44,28 +44,6 @@ from .estep import (_MODES, _check_launch, _check_precision, _distance_operands,
                     _means_scale, _prune_row, _row_block, _row_configs, _row_operands, _sm_count, absmax)
 
 
-@triton.jit
-def _centroid_distances(xh, xl, C, C_LO, C2, k0, K, offs_d, mask_d, D: tl.constexpr, MODE: tl.constexpr,
-                        EMU: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """``||x - c||^2 - ||x||^2`` (BM, BK) of a row tile against centroids k0..k0+BK (C holds -2 c: the product
-    accumulates onto ||c||^2); +inf for k >= K."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    t_ptrs = offs_d[:, None] + offs_k[None, :] * D
-    if EVEN_K:
-        t_mask = mask_d[:, None]
-        c2 = tl.load(C2 + offs_k)
-    else:
-        t_mask = mask_d[:, None] & mask_k[None, :]
-        c2 = tl.load(C2 + offs_k, mask=mask_k, other=float("inf"))
-    c_t = tl.load(C + t_ptrs, mask=t_mask, other=0.0)
-    if MODE == 3:
-        c_lo_t = tl.load(C_LO + t_ptrs, mask=t_mask, other=0.0)
-    else:
-        c_lo_t = c_t
-    return _dot3(xh, xl, c_t, c_lo_t, tl.zeros([xh.shape[0], BLOCK_K], tl.float32) + c2[None, :], MODE, EMU)
-
-
 @triton.autotune(configs=_row_configs(), key=["K", "D", "MODE"],
                  prune_configs_by={"early_config_prune": _prune_row})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -90,7 +68,22 @@ def _kmeans_assign_kernel(
     best_v = tl.full([BLOCK_M, BLOCK_K], float("inf"), tl.float32)
     best_k = tl.zeros([BLOCK_M, BLOCK_K], tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        s = _centroid_distances(xh, xl, C, C_LO, C2, k0, K, offs_d, mask_d, D, MODE, EMU, BLOCK_K, EVEN_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        t_ptrs = offs_d[:, None] + offs_k[None, :] * D
+        if EVEN_K:
+            t_mask = mask_d[:, None]
+            c2 = tl.load(C2 + offs_k)
+        else:
+            t_mask = mask_d[:, None] & mask_k[None, :]
+            c2 = tl.load(C2 + offs_k, mask=mask_k, other=float("inf"))
+        c_t = tl.load(C + t_ptrs, mask=t_mask, other=0.0)
+        if MODE == 3:
+            c_lo_t = tl.load(C_LO + t_ptrs, mask=t_mask, other=0.0)
+        else:
+            c_lo_t = c_t
+        # ||x - c||^2 - ||x||^2, accumulated onto ||c||^2 (C holds -2 c)
+        s = _dot3(xh, xl, c_t, c_lo_t, tl.zeros([BLOCK_M, BLOCK_K], tl.float32) + c2[None, :], MODE, EMU)
         better = s < best_v                                   # strict: the first minimum wins, as torch.min
         best_v = tl.where(better, s, best_v)
         best_k = tl.where(better, k0, best_k)
