@@ -113,12 +113,17 @@ def run(args):
     (out / f"{stem}.md").write_text(md + f"\n\nCommand: `{meta['command']}`, {meta['date']}.\n")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_problem_args(p: argparse.ArgumentParser):
+    """The synthetic problem (shared with profile_fit): N rows of D features in --clusters clusters, K components."""
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--clusters", type=int, default=2000, help="clusters in the synthetic data")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_problem_args(p)
     p.add_argument("--kmeans-iter", type=int, default=5)
     p.add_argument("--em-iter", type=int, default=10)
     p.add_argument("--chunk", type=int, default=None)

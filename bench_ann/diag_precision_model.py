@@ -28,7 +28,8 @@ import torch
 
 
 def sift_like(n, d, k, seed=0):
-    """The GPU test's data (tests/test_gmm_gpu.py::_sift_like)."""
+    """Uncentred clustered data in 0..255, like SIFT descriptors (n, d) float32: the data of the GPU tests in
+    tests/test_gmm_gpu.py, which import it from here."""
     r = np.random.default_rng(seed)
     centers = r.uniform(20, 200, size=(k, d))
     labels = r.integers(k, size=n)

@@ -21,7 +21,7 @@ import torch
 
 from flashgmm_faiss import GaussianMixture
 
-from .bench_fit import sift_like
+from .bench_fit import add_problem_args, sift_like
 
 
 def _profile(name, fn, out: Path, rows: int):
@@ -76,10 +76,7 @@ def run(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--clusters", type=int, default=2000, help="clusters in the synthetic data")
+    add_problem_args(p)
     p.add_argument("--cov", default="spherical", choices=["spherical", "diag"])
     p.add_argument("--precision", default="tf32")
     p.add_argument("--kmeans-iter", type=int, default=3)

@@ -378,9 +378,3 @@ def test_kmeans_plusplus_returns_distinct_rows_even_on_degenerate_data():
         used.append(idx)
     assert len(set(used)) == 6
 
-
-def test_diag_precision_model_uses_the_gpu_tests_data():
-    # bench_ann/diag_precision_model.py explains a GPU test on a CPU: it must model the same problem
-    from bench_ann.diag_precision_model import sift_like
-    from test_gmm_gpu import _sift_like
-    np.testing.assert_array_equal(sift_like(500, 16, 7, seed=3), _sift_like(500, 16, 7, seed=3))

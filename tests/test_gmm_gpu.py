@@ -7,18 +7,11 @@ import torch
 
 from flashgmm_faiss import GaussianMixture
 
+# uncentred clustered data in 0..255, like SIFT; shared with the CPU model that explains these tests' diag numbers
+from bench_ann.diag_precision_model import sift_like
 from conftest import assert_close
 
 pytestmark = pytest.mark.gpu
-
-
-def _sift_like(n, d, k, seed=0):
-    """Uncentred clustered data in 0..255, like SIFT descriptors."""
-    r = np.random.default_rng(seed)
-    centers = r.uniform(20, 200, size=(k, d))
-    labels = r.integers(k, size=n)
-    X = centers[labels] + r.normal(scale=r.uniform(5, 20, size=k)[labels, None], size=(n, d))
-    return np.clip(X, 0, 255).astype(np.float32)
 
 
 def _fit(X, backend, cov, means, weights, var, **kw):
@@ -64,7 +57,7 @@ def test_triton_fit_matches_float64_em(cov, precision):
     # agree elementwise; "tf32" (11-bit operands) within the issue's bound, a norm-relative error of 1e-3 on
     # means (centred frame, where the statistics live), variances and weights. The torch backend (float32
     # cuBLAS) is measured on the same footing and printed.
-    X = _sift_like(50_000, 128, 64)
+    X = sift_like(50_000, 128, 64)
     r = np.random.default_rng(1)
     means = X[r.choice(len(X), 64, replace=False)]
     weights = np.full(64, 1 / 64)
@@ -108,7 +101,7 @@ def test_triton_fit_matches_float64_em(cov, precision):
 
 
 def test_auto_backend_and_inference_on_gpu():
-    X = _sift_like(30_000, 96, 40, seed=2)
+    X = sift_like(30_000, 96, 40, seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         g = GaussianMixture(40, max_iter=15, seed=0).fit(X)  # numpy input streamed to the GPU
