@@ -6,6 +6,13 @@ For each shape (N, K, D) it times
                            tf32 and bf16, spherical and diag;
 * ``ours EM iter``       : the same over chunks, float64 accumulation and the M-step in torch (what
                            ``GaussianMixture(backend="triton")`` does per iteration);
+* ``ours ... sorted``    : the same with rows visited in the order of the previous E-step's most likely component
+                           and components grouped by ``kernels.component_order`` (block skipping then drops most
+                           exponentials and most of R^T X; ``kernels/estep.py``). The E-step row gets the order made
+                           from a previous call; the EM-iteration row includes building the next order (argmax in
+                           pass 1, one argsort per chunk); ``sorted/4`` rebuilds it every 4th iteration. The
+                           component order is computed once (its time is in the note): the benchmark's parameters
+                           do not move between iterations;
 * ``torch chunked``      : ``_torch_backend.estep`` on 131072-row chunks with tf32 GEMMs, eager and under
                            ``torch.compile`` (the strongest simple alternative);
 * ``torch materialising``: the same on the whole N x K matrix at once (skipped when it cannot fit);
@@ -200,11 +207,12 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=1 << 22, help="rows per fused E-step call in the EM iteration")
     ap.add_argument("--err-rows", type=int, default=1 << 20, help="rows of the float64 error subsample")
     ap.add_argument("--methods", default="all",
-                    help="comma list among ours_estep,ours_em,torch_chunked,torch_compile,torch_material,"
-                         "torch_kmeans,ours_kmeans (default all)")
+                    help="comma list among ours_estep,ours_em,ours_estep_sorted,ours_em_sorted,torch_chunked,"
+                         "torch_compile,torch_material,torch_kmeans,ours_kmeans (default all)")
     ap.add_argument("--precisions", default="tf32,bf16")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--breakdown", action="store_true", help="also time pass 1 of the E-step alone")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time pass 1 of the E-step alone, and the E-step without block skipping")
     ap.add_argument("--no-copy", action="store_true",
                     help="EM iteration without the kernels' 16-bit row copy (copy_rows=False): for huge chunks")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -226,7 +234,8 @@ def main(argv=None):
     print(f"# pass 1 software-pipelined: {kestep.PIPELINE_LOGZ}", flush=True)
 
     methods = set(args.methods.split(",")) if args.methods != "all" else {
-        "ours_estep", "ours_em", "torch_chunked", "torch_compile", "torch_material", "torch_kmeans", "ours_kmeans"}
+        "ours_estep", "ours_em", "ours_estep_sorted", "ours_em_sorted", "torch_chunked", "torch_compile",
+        "torch_material", "torch_kmeans", "ours_kmeans"}
     precisions = args.precisions.split(",")
     dev_name = torch.cuda.get_device_name()
     free_total = torch.cuda.mem_get_info()[1]
@@ -264,15 +273,27 @@ def main(argv=None):
         xe = x[: min(n, args.err_rows)]
         chunk = args.chunk
 
-        def em_iter(var, prec):
+        def em_iter(var, prec, orders=None, perm=None, refresh=1):
+            """One EM iteration over the chunks; with ``orders`` (a dict chunk start -> RowOrder, updated in
+            place) the rows are visited in the previous iteration's order, and every ``refresh``-th iteration the
+            next order is built (argmax in pass 1, one argsort per chunk)."""
+            if orders is not None:
+                orders["it"] = orders.get("it", -1) + 1
+                rebuild = orders["it"] % refresh == 0
             nk = torch.zeros(k, dtype=torch.float64, device="cuda")
             sx = torch.zeros(k, d, dtype=torch.float64, device="cuda")
             sq = torch.zeros_like(var, dtype=torch.float64)
             ll = 0.0
-            params = kernels.prepare(means, var, lw, prec, bound)     # once per iteration, as the estimator
+            params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)   # once per iteration
             for i in range(0, n, chunk):
-                st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params,
-                                   copy_rows=not args.no_copy)
+                if orders is not None:
+                    st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params,
+                                       copy_rows=not args.no_copy, order=orders.get(i), return_best=rebuild)
+                    if rebuild:
+                        orders[i] = kernels.row_order(st[4], perm)
+                else:
+                    st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params,
+                                       copy_rows=not args.no_copy)
                 nk += st[1]
                 sx += st[2]
                 sq += st[3]
@@ -297,12 +318,13 @@ def main(argv=None):
                         err = rel_err(kernels.estep(xe, means, var, lw, precision=prec)[1:], ref)
                         ms = bench(fn, args.rep)
                         record(shape, "ours E-step", cov, prec, ms, gem, peak_extra(fn), err)
-                        if args.breakdown:  # pass 1 alone (logZ), to split the time between the passes
-                            from flashgmm_faiss.kernels import estep as _ke  # noqa: F401
-                            ke = sys.modules["flashgmm_faiss.kernels.estep"]
-                            params = ke.prepare(means, var, lw, prec, bound)
-                            fn1 = lambda: ke.launch_logz(x, params, k, var.ndim == 2, prec)  # noqa: E731
+                        if args.breakdown:  # pass 1 alone (logZ), and the E-step without block skipping
+                            params = kestep.prepare(means, var, lw, prec, bound)
+                            fn1 = lambda: kestep.launch_logz(x, params, k, var.ndim == 2, prec)  # noqa: E731
                             record(shape, "  pass 1 (logZ)", cov, prec, bench(fn1, args.rep), gem // 3, None, None)
+                            fn0 = lambda: kernels.estep(x, means, var, lw, precision=prec, x_absmax=bound,  # noqa: E731
+                                                        skip_log2=0)
+                            record(shape, "  E-step no skipping", cov, prec, bench(fn0, args.rep), gem, None, None)
                     else:
                         record(shape, "ours E-step", cov, prec, None, gem, None, None,
                                f"N > chunk: see EM iter ({chunk} rows per call)")
@@ -311,6 +333,48 @@ def main(argv=None):
                     ms = bench(fn, args.rep)
                     err = rel_err(kernels.estep(xe, means, var, lw, precision=prec)[1:], ref)
                     record(shape, "ours EM iter", cov, prec, ms, gem, peak_extra(fn), err)
+                if "ours_estep_sorted" in methods or "ours_em_sorted" in methods:
+                    t0 = time.perf_counter()
+                    perm = kernels.component_order(means)
+                    torch.cuda.synchronize()
+                    note = f"component order {1e3 * (time.perf_counter() - t0):.2f} ms once (first call)"
+                    params_e = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
+                    best_e = kernels.estep(xe, means, var, lw, precision=prec, params=params_e, return_best=True)[4]
+                    err = rel_err(kernels.estep(xe, means, var, lw, precision=prec, params=params_e,
+                                                order=kernels.row_order(best_e, perm))[1:], ref)
+                if "ours_estep_sorted" in methods and n <= chunk:
+                    params_s = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
+                    best = kernels.estep(x, means, var, lw, precision=prec, params=params_s, return_best=True)[4]
+                    order = kernels.row_order(best, perm)
+                    fn = lambda: kernels.estep(x, means, var, lw, precision=prec, params=params_s,  # noqa: E731
+                                               order=order)
+                    ms = bench(fn, args.rep)
+                    record(shape, "ours E-step sorted", cov, prec, ms, gem, peak_extra(fn), err, note)
+                    if args.breakdown:
+                        lzp = torch.empty(n, device="cuda")
+                        gaps = torch.empty(triton.cdiv(n, kestep.FLAG_ROWS), dtype=torch.int64, device="cuda")
+                        fn1 = lambda: kestep.launch_logz(x, params_s, k, var.ndim == 2, prec,  # noqa: E731
+                                                         order=order, lzp=lzp, gaps=gaps)
+                        record(shape, "  pass 1 sorted", cov, prec, bench(fn1, args.rep), gem // 3, None, None)
+                        nkb = triton.cdiv(k, kestep.FLAG_K)
+                        kept = float(kestep._work_lists(gaps, nkb)[1].sum()) / (gaps.numel() * nkb)
+                        fb = lambda: kernels.estep(x, means, var, lw, precision=prec, params=params_s,  # noqa: E731
+                                                   order=order, return_best=True)
+                        record(shape, "  E-step sorted + best", cov, prec, bench(fb, args.rep), gem, None, None,
+                               "with the argmax for the next order")
+                        record(shape, "  pairs kept", cov, prec, None, 0, None, None,
+                               f"{kept:.3f} of (64-row tile, 64-component block) pairs in pass 2")
+                        fo = lambda: kernels.row_order(best, perm)  # noqa: E731
+                        record(shape, "  row_order", "-", "-", bench(fo, args.rep), 0, None, None)
+                if "ours_em_sorted" in methods:
+                    for refresh in (1, 4):
+                        orders = {}
+                        em_iter(var, prec, orders, perm)          # the first order
+                        fn = lambda: em_iter(var, prec, orders, perm, refresh)  # noqa: E731
+                        ms = bench(fn, args.rep)
+                        record(shape, "ours EM iter sorted" + ("" if refresh == 1 else f"/{refresh}"), cov, prec, ms,
+                               gem, peak_extra(fn), err,
+                               f"row order rebuilt every {'' if refresh == 1 else f'{refresh}th '}iteration; {note}")
 
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -372,7 +436,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__, autotuned=autotuned_configs(),
-                pipelined_pass1=kestep.PIPELINE_LOGZ,
+                pipelined_pass1=kestep.PIPELINE_LOGZ, skip_log2=kestep.SKIP_LOG2,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([os.path.basename(sys.executable), "-m", "bench_ann.bench_kernels"] + sys.argv[1:]),
                 gemm_ceiling_tflops=dict(tf32=ceil_tf32, bf16=ceil_bf16), rows=rows)

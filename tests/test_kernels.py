@@ -172,6 +172,121 @@ def test_estep_without_operand_copy_is_identical(diag, precision):
         assert_close(f"{name} without copy", v, u, 1e-6)
 
 
+def _clustered(n, k, d, diag, seed):
+    """Rows around 6 well-separated centres (so that most (row tile, component block) pairs are negligible once
+    rows and components are sorted) and means near rows."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, d, generator=g) * 8
+    x = centres[torch.randint(0, 6, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    means = x[torch.randperm(n, generator=g)[:k]] + 0.3 * torch.randn(k, d, generator=g)
+    var = 0.5 + torch.rand((k, d) if diag else (k,), generator=g)
+    log_weights = torch.log_softmax(torch.randn(k, generator=g), 0)
+    return [t.float().contiguous().to(DEVICE) for t in (x, means, var, log_weights)]
+
+
+@pytest.mark.parametrize("copy_rows", [True, False], ids=["copy", "gather"])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_sorted_rows_and_components_match_float64(poisoned, monkeypatch, precision, diag, copy_rows):
+    # the E-step under a row order (rows sorted by the previous E-step's most likely component, visited from the
+    # hinted block) and a component permutation, centred in the kernels, over several slabs: same statistics in
+    # the caller's order, logZ indexed by row, and the returned best is the float64 argmax
+    monkeypatch.setattr(kestep, "slab_layout", lambda n, k, dev, d=128: (3, 80))
+    x, means, var, lw = _clustered(203, 37, 20, diag, seed=5)
+    center = torch.linspace(-2.0, 3.0, 20, device=DEVICE)
+    xr = x + center
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
+    first = kestep.estep(xr, means, var, lw, precision=precision, center=center, return_best=True, skip_log2=0)
+    perm = kestep.component_order(means, block=16)
+    assert torch.equal(perm.sort().values.cpu(), torch.arange(37))
+    order = kestep.row_order(first[4], perm)
+    params = kestep.prepare(means, var, lw, precision, kestep.absmax(xr, center), comp_perm=perm)
+    got = kestep.estep(xr, means, var, lw, precision=precision, center=center, params=params, order=order,
+                       copy_rows=copy_rows, return_best=True)
+    # fp32 logits of far-apart clusters cancel (||x||^2 + ||mu||^2 - 2 x.mu): 3e-5 against float64 in "ieee"
+    # whatever the order; against the unsorted, unskipped kernels only the summation order differs (diag Sq
+    # = Sxx - 2 mu Sx + Nk mu^2 amplifies its fp32 rounding to ~1e-5)
+    for name, g, r, u in zip(("log_norm", "nk", "sx", "sq"), got, ref, first):
+        # (and the tiny problem's diag Sq in "tf32", ~5 rows per component, is 5e-3 off in either order)
+        assert_close(f"{name} (sorted)", g, r, {"ieee": 1e-4, "tf32": 1e-2}[precision])
+        assert_close(f"{name} (sorted vs unsorted)", g, u, 5e-5)
+    top2 = lp.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-2
+    assert clear.sum() > 150
+    for best in (first[4], got[4]):
+        assert torch.equal(best.cpu()[clear], lp.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_block_skipping_is_exact_to_its_threshold(diag):
+    # with sorted rows the sparse pass 2 visits few (tile, block) pairs: the default threshold (every dropped
+    # responsibility < 2^-40) gives the dense statistics to fp32 rounding, and a threshold of 2^-1 visibly changes
+    # them, which shows that pairs are really dropped; the work lists are checked against the gaps pass 1 wrote
+    x, means, var, lw = _clustered(203, 37, 20, diag, seed=6)
+    perm = kestep.component_order(means, block=16)
+    best = kestep.estep(x, means, var, lw, precision="ieee", return_best=True, skip_log2=0)[4]
+    params = kestep.prepare(means, var, lw, "ieee", comp_perm=perm)
+    kw = dict(precision="ieee", params=params, order=kestep.row_order(best, perm))
+    exact = kestep.estep(x, means, var, lw, skip_log2=0, **kw)
+    skipped = kestep.estep(x, means, var, lw, **kw)
+    coarse = kestep.estep(x, means, var, lw, skip_log2=1.0, **kw)
+    for name, a, b, c in zip(("log_norm", "nk", "sx", "sq"), exact, skipped, coarse):
+        assert_close(f"{name} skipped below 2^-40", b, a, 1e-6)
+        if name != "log_norm":
+            assert _rel(c, a) > 1e-4, f"{name}: skipping below 2^-1 changed nothing: no pair is ever dropped"
+    # pass 1's per-tile block bits cover every (tile, block) pair whose largest log2 r reaches the threshold
+    # (slack 1e-3: fp32 logits near -1e3 round by ~1e-4), and the work lists hold exactly the set bits
+    n, k = x.shape[0], means.shape[0]
+    fr, fk = kestep.FLAG_ROWS, kestep.FLAG_K
+    n_tiles, n_blocks = -(-n // fr), -(-k // fk)
+    gaps = torch.empty(n_tiles, dtype=torch.int64)
+    order = kw["order"]
+    kestep.launch_logz(x, params, k, diag, "ieee", order=order, lzp=torch.empty(n), gaps=gaps, skip=40.0)
+    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
+    log2r = ((lp - torch.logsumexp(lp, 1, keepdim=True)) / math.log(2))[order.rows.long()][:, perm]
+    pad = torch.full((n_tiles * fr, n_blocks * fk), float("-inf"), dtype=torch.float64)
+    pad[:n, :k] = log2r
+    true_max = pad.reshape(n_tiles, fr, n_blocks, fk).amax(dim=(1, 3))       # (tiles, blocks)
+    need = torch.stack([(gaps >> b) & 1 for b in range(n_blocks)], 1).bool()
+    assert need[true_max >= -40 + 1e-3].all(), "a pair with responsibilities above 2^-40 would be dropped"
+    assert (~need).float().mean() > 0.3, "too few pairs dropped for the test to mean anything"
+    work, counts = kestep._work_lists(gaps, n_blocks)
+    for b in range(n_blocks):
+        assert work[b, :int(counts[b])].tolist() == torch.nonzero(need[:, b]).flatten().tolist()
+
+
+def test_row_order_sorts_by_component_rank():
+    best = torch.tensor([3, 0, 2, 3, 1, 0, 2], device=DEVICE)
+    perm = torch.tensor([2, 0, 3, 1], device=DEVICE)          # kernel order: components 2, 0, 3, 1
+    order = kestep.row_order(best, perm)
+    assert order.rows.dtype == torch.int32 and order.hint.dtype == torch.int32
+    rank = {2: 0, 0: 1, 3: 2, 1: 3}
+    keys = [rank[int(b)] for b in best[order.rows.long()].cpu()]
+    assert keys == sorted(keys) and keys == order.hint.cpu().tolist()
+    assert sorted(order.rows.cpu().tolist()) == list(range(7))
+    # a component order groups nearby means: two far-apart groups of 8 means stay in separate halves
+    g = torch.Generator().manual_seed(0)
+    means = torch.cat([torch.randn(8, 4, generator=g), 100 + torch.randn(8, 4, generator=g)])[
+        torch.randperm(16, generator=g)].to(DEVICE)
+    p = kestep.component_order(means, block=8)
+    far = (means[p.cpu() if DEVICE == "cpu" else p][:, 0] > 50).cpu()
+    assert far[:8].all() != far[8:].all() and (far[:8].all() or (~far[:8]).all())
+
+
+def test_estep_rejects_bad_orders():
+    x, means, var, lw = _problem(37, 5, 3, False, seed=1)
+    best = torch.zeros(37, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="order.rows must be an int32 tensor of shape"):
+        kestep.estep(x[:30].contiguous(), means, var, lw, order=kestep.row_order(best))
+    with pytest.raises(TypeError, match="RowOrder"):
+        kestep.estep(x, means, var, lw, order=(best, best))
+    with pytest.raises(ValueError, match="skip_log2 must be >= 0"):
+        kestep.estep(x, means, var, lw, skip_log2=-1)
+    with pytest.raises(ValueError, match="comp_perm must be an integer tensor of shape"):
+        kestep.prepare(means, var, lw, "ieee", comp_perm=torch.arange(4, device=DEVICE))
+
+
 def test_estep_rejects_bad_inputs():
     x, means, var, lw = _problem(10, 3, 4, False, seed=0)
     with pytest.raises(TypeError, match="float32"):
@@ -477,6 +592,35 @@ def test_gpu_estep_error_on_uncentred_sift_like(precision, rtol):
     ref = _ref_estep_chunked(x, means, var, lw)
     for name, g, r in zip(("log_norm", "nk", "sx", "sq"), got, ref):
         assert_close(f"uncentred {precision} {name}", g, r, rtol)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("precision,rtol", [("tf32", 1e-3), ("bf16", 5e-3)])
+def test_gpu_sorted_skipping_estep_on_sift_like(diag, precision, rtol):
+    # rows sorted by the previous E-step's argmax, components grouped, block skipping on (the fast path of the
+    # benchmark's EM iteration): the same error bound against float64 as the unsorted kernels, close to them, and
+    # bitwise reproducible for a fixed order
+    n, k, d = 1 << 20, 1000, 128
+    x = _sift_like(n, d, k, seed=1)
+    center = x.double().mean(0).float()
+    xc = (x - center).contiguous()
+    means, var, lw = _fit_params(xc, k, diag, seed=2)
+    plain = kestep.estep(x, means, var, lw, precision=precision, center=center, return_best=True, skip_log2=0)
+    perm = kestep.component_order(means)
+    params = kestep.prepare(means, var, lw, precision, kestep.absmax(x, center), comp_perm=perm)
+    order = kestep.row_order(plain[4], perm)
+    got = kestep.estep(x, means, var, lw, precision=precision, center=center, params=params, order=order,
+                       return_best=True)
+    again = kestep.estep(x, means, var, lw, precision=precision, center=center, params=params, order=order)
+    ref = _ref_estep_chunked(xc, means, var, lw)
+    for name, g, r, u, a in zip(("log_norm", "nk", "sx", "sq"), got, ref, plain, again):
+        assert_close(f"sorted {precision} {name}", g, r, rtol)
+        assert_close(f"sorted vs unsorted {precision} {name}", g, u, rtol / 4)
+        assert torch.equal(g, a), f"{name} differs between two runs with the same order"
+    assert (got[4] == plain[4]).float().mean() > 0.999
 
 
 @gpu
