@@ -338,12 +338,11 @@ def main(argv=None):
                     perm = kernels.component_order(means)
                     torch.cuda.synchronize()
                     note = f"component order {1e3 * (time.perf_counter() - t0):.2f} ms once (first call)"
-                    params_e = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
-                    best_e = kernels.estep(xe, means, var, lw, precision=prec, params=params_e, return_best=True)[4]
-                    err = rel_err(kernels.estep(xe, means, var, lw, precision=prec, params=params_e,
+                    params_s = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
+                    best_e = kernels.estep(xe, means, var, lw, precision=prec, params=params_s, return_best=True)[4]
+                    err = rel_err(kernels.estep(xe, means, var, lw, precision=prec, params=params_s,
                                                 order=kernels.row_order(best_e, perm))[1:], ref)
                 if "ours_estep_sorted" in methods and n <= chunk:
-                    params_s = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
                     best = kernels.estep(x, means, var, lw, precision=prec, params=params_s, return_best=True)[4]
                     order = kernels.row_order(best, perm)
                     fn = lambda: kernels.estep(x, means, var, lw, precision=prec, params=params_s,  # noqa: E731

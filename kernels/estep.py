@@ -305,17 +305,22 @@ def _component_logits(
 
 
 @triton.jit
-def _lse_update(s, k0, m_i, l_i, best, WITH_ARGMAX: tl.constexpr):
+def _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX: tl.constexpr, WRITE_GAPS: tl.constexpr,
+                SKIP: tl.constexpr, BLOCK_K: tl.constexpr):
     """One block of the online base-2 log-sum-exp: running max m_i, running sum l_i of 2^(s - m_i), and the
-    running argmax (component index offset k0) of s (BM, BK). Also returns each row's bound of log2 r in this
-    block, ``max_k s - m_new`` (the log-normaliser is at least the final maximum, which is at least m_new)."""
+    running argmax (component index offset k0) of s (BM, BK). WRITE_GAPS: sets bit k0 // BLOCK_K of ``bits`` for
+    the rows whose bound of log2 r in this block, ``max_k s - m_new``, is >= -SKIP (the log-normaliser is at least
+    the final maximum, which is at least m_new)."""
     s_max = tl.max(s, axis=1)
     if WITH_ARGMAX:
         s_arg = tl.argmax(s, axis=1) + k0
         best = tl.where(s_max > m_i, s_arg, best)
     m_new = tl.maximum(m_i, s_max)
     l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-    return m_new, l_i, best, s_max - m_new
+    if WRITE_GAPS:
+        bit = tl.full([], 1, tl.int64) << (k0 // BLOCK_K).to(tl.int64)
+        bits |= tl.where(s_max - m_new >= -SKIP, bit, 0)
+    return m_new, l_i, best, bits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,7 +456,6 @@ def _logz_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of 2^(s - m)
     best = tl.zeros([BLOCK_M], tl.int32)
     bits = tl.zeros([BLOCK_M], tl.int64)                    # per row: blocks whose bound reaches -SKIP
-    one = tl.full([], 1, tl.int64)
     if PIPE:
         # software-pipelined: the product of block j + 1 is issued before the exponentials of block j, so that
         # the tensor cores and the exp/ALU work of one warpgroup can overlap (FA3's intra-warpgroup pipelining)
@@ -465,22 +469,18 @@ def _logz_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                           offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
-            m_i, l_i, best, gap = _lse_update(s, k_prev, m_i, l_i, best, WITH_ARGMAX)
-            if WRITE_GAPS:
-                bits |= tl.where(gap >= -SKIP, one << (k_prev // BLOCK_K).to(tl.int64), 0)
+            m_i, l_i, best, bits = _lse_update(s, k_prev, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP,
+                                               BLOCK_K)
             k_prev = k0
-        m_i, l_i, best, gap = _lse_update(s_nxt, k_prev, m_i, l_i, best, WITH_ARGMAX)
-        if WRITE_GAPS:
-            bits |= tl.where(gap >= -SKIP, one << (k_prev // BLOCK_K).to(tl.int64), 0)
+        m_i, l_i, best, bits = _lse_update(s_nxt, k_prev, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP,
+                                           BLOCK_K)
     else:
         for j in range(0, num_kb):
             k0 = ((b0 + j) % num_kb) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                       offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
-            m_i, l_i, best, gap = _lse_update(s, k0, m_i, l_i, best, WITH_ARGMAX)
-            if WRITE_GAPS:
-                bits |= tl.where(gap >= -SKIP, one << (k0 // BLOCK_K).to(tl.int64), 0)
+            m_i, l_i, best, bits = _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP, BLOCK_K)
     logz = (m_i + tl.log2(l_i)) * LN2
     tl.store(LOGZ + src, logz, mask=mask_m)
     if HAS_ORDER:
@@ -1057,7 +1057,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
             x_absmax = absmax(x, center)
         params = prepare(means, var, log_weights, precision, x_absmax)
     perm = params.comp_perm
-    if perm is not None:
+    if perm is not None and diag:
         means = means[perm]          # the diag reduction forms Sq from the means in kernel order
     dev = x.device
     x2 = torch.empty(n, dtype=torch.float32, device=dev)

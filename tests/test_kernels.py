@@ -547,6 +547,15 @@ def _fit_params(xc, k, diag, seed):
     return c.float(), var.float(), lw.float()
 
 
+def _centred_sift_like_problem(diag):
+    """2^20 SIFT-like rows (raw), their centre, the centred rows and mid-fit parameters in the centred frame."""
+    x = _sift_like(1 << 20, 128, 1000, seed=1)
+    center = x.double().mean(0).float()
+    xc = (x - center).contiguous()
+    means, var, lw = _fit_params(xc, 1000, diag, seed=2)
+    return x, center, xc, means, var, lw
+
+
 def _ref_estep_chunked(x, means, var, lw, chunk=65536):
     out = [tb.estep(x[i:i + chunk].double(), means.double(), var.double(), lw.double())
            for i in range(0, x.shape[0], chunk)]
@@ -562,11 +571,7 @@ def _ref_estep_chunked(x, means, var, lw, chunk=65536):
     ("tf32", 1e-3), ("bf16", 5e-3), ("bf16x3", 3e-4),
     ("ieee", 1e-4)])  # fp32 arithmetic over 2^20 rows
 def test_gpu_estep_error_on_sift_like(diag, precision, rtol):
-    n, k, d = 1 << 20, 1000, 128
-    x = _sift_like(n, d, k, seed=1)
-    center = x.double().mean(0).float()
-    xc = (x - center).contiguous()
-    means, var, lw = _fit_params(xc, k, diag, seed=2)
+    x, center, xc, means, var, lw = _centred_sift_like_problem(diag)
     # as the estimator calls it: raw rows, centred inside the kernels
     try:
         got = kestep.estep(x, means, var, lw, precision=precision, center=center)
@@ -603,11 +608,7 @@ def test_gpu_sorted_skipping_estep_on_sift_like(diag, precision, rtol):
     # rows sorted by the previous E-step's argmax, components grouped, block skipping on (the fast path of the
     # benchmark's EM iteration): the same error bound against float64 as the unsorted kernels, close to them, and
     # bitwise reproducible for a fixed order
-    n, k, d = 1 << 20, 1000, 128
-    x = _sift_like(n, d, k, seed=1)
-    center = x.double().mean(0).float()
-    xc = (x - center).contiguous()
-    means, var, lw = _fit_params(xc, k, diag, seed=2)
+    x, center, xc, means, var, lw = _centred_sift_like_problem(diag)
     plain = kestep.estep(x, means, var, lw, precision=precision, center=center, return_best=True, skip_log2=0)
     perm = kestep.component_order(means)
     params = kestep.prepare(means, var, lw, precision, kestep.absmax(x, center), comp_perm=perm)
