@@ -8,6 +8,15 @@ never touches Triton unless a method runs.
 
 Rows wider than the kernels' single-tile limit (D > 256), and ``max_assign > 64``, fall back to the torch
 implementation.
+
+Sparse E-step during a fit: ``GaussianMixture.fit`` calls :meth:`TritonBackend.begin_em_iteration` before each EM
+iteration and :meth:`TritonBackend.fit_estep` with the chunk's first row as its key. The backend keeps one
+:class:`kernels.RowOrder` per chunk (rows sorted by their most likely component, 8 bytes per row) and one
+component permutation (:func:`kernels.component_order`, computed once per fit); the orders are rebuilt every
+``ORDER_REFRESH`` iterations from an E-step that also returns each row's most likely component. Under an order the
+E-step skips the (row tile, component block) pairs whose responsibilities pass 1 bounds below 2^-40
+(``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the dense E-step up to those terms; a stale
+order only costs speed.
 """
 from __future__ import annotations
 
@@ -21,6 +30,14 @@ MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
 # path (one chunk-sized GEMM + topk), which is used instead. The kernel itself accepts up to
 # kernels.assign.MAX_ASSIGN = 64.
 MAX_ASSIGN = 16
+# Row orders (sparse E-step): rebuilt every ORDER_REFRESH EM iterations (the argmax costs pass 1 ~0.2 ms and the
+# argsort 0.14 ms per 1M rows on an H200; the orders age slowly once k-means has placed the means); at most
+# ROW_ORDER_BYTES of device memory for them (8 bytes per row, twice that while a refresh builds the next ones):
+# chunks past it run the dense E-step. Only for K of MIN_SPARSE_BLOCKS..64 blocks of kernels FLAG_K components:
+# with fewer blocks there is little to skip, with more the kernels have no sparse pass.
+ORDER_REFRESH = 4
+ROW_ORDER_BYTES = 1 << 30
+MIN_SPARSE_BLOCKS = 4
 
 
 class TritonBackend:
@@ -46,15 +63,70 @@ class TritonBackend:
 
     fuses_centering = True
 
-    def __init__(self, precision: str = "tf32"):
+    def __init__(self, precision: str = "tf32", sparse: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
+        self.sparse = bool(sparse)
         self.x_absmax = None
-        self._cache = None      # (tensors, their versions, bound, Params) of the last E-step parameters
+        self._cache = None      # (tensors, their versions, bound, perm, Params) of the last E-step parameters
+        # counts of fit_estep calls: chunks run under an order (sparse) or without one, orders activated
+        self.order_stats = {"iterations": 0, "sparse_chunks": 0, "dense_chunks": 0, "refreshes": 0}
+        self.end_fit()
 
     def __repr__(self) -> str:
-        return f"TritonBackend(precision={self.precision!r})"
+        return f"TritonBackend(precision={self.precision!r}, sparse={self.sparse})"
+
+    # ------------------------------------------------------------------ row orders of a fit (sparse E-step)
+    def end_fit(self):
+        """Forget the row orders (frees their device memory)."""
+        self._orders, self._perm = {}, None        # chunk key -> RowOrder, under component permutation _perm
+        self._next, self._next_perm = {}, None     # being built in a refresh iteration
+        self._age = 0                              # EM iterations since the active orders were built
+        self._refresh = False
+
+    def begin_em_iteration(self):
+        """Called before each EM iteration of a fit: activates the orders a refresh built and decides whether this
+        iteration builds new ones."""
+        if self._next:
+            self._orders, self._perm = self._next, self._next_perm
+            self._next, self._next_perm = {}, None
+            self._age = 0
+            self.order_stats["refreshes"] += 1
+        self._age += 1
+        self._refresh = not self._orders or self._age > ORDER_REFRESH
+        self.order_stats["iterations"] += 1
+
+    def _sparse_ok(self, k: int) -> bool:
+        return self.sparse and MIN_SPARSE_BLOCKS <= -(-k // self._k().FLAG_K) <= 64
+
+    def _order_bytes(self) -> int:
+        return sum(8 * o.rows.numel() for d in (self._orders, self._next) for o in d.values())
+
+    def fit_estep(self, chunk, x, means, var, log_weights, center=None) -> EStepStats:
+        """:meth:`estep` of the fit data's chunk ``chunk`` (a key: its first row), visited in that chunk's row order
+        when one exists (sparse E-step, see the module docstring); same statistics up to terms below 2^-40."""
+        n, d = x.shape
+        k = means.shape[0]
+        if d > MAX_D or not self._sparse_ok(k):
+            return self.estep(x, means, var, log_weights, center)
+        ke = self._k()
+        order = self._orders.get(chunk)
+        if order is not None and order.rows.shape[0] != n:
+            order = None                           # the chunking changed: this chunk starts afresh
+        perm = self._perm if order is not None else None
+        params = self._params(means, var, log_weights, perm, x, center)
+        build = self._refresh and self._order_bytes() + 8 * n <= ROW_ORDER_BYTES
+        out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
+                       order=order, return_best=build)
+        self.order_stats["sparse_chunks" if order is not None else "dense_chunks"] += 1
+        if build:
+            if self._next_perm is None:    # once per fit: the means move little after k-means, and a fixed
+                # permutation keeps the refreshes cheap (component_order is ~80 small launches, 1.6 ms on an H200)
+                self._next_perm = self._perm if self._perm is not None else ke.component_order(means)
+            self._next[chunk] = ke.row_order(out[4], self._next_perm)
+            out = out[:4]
+        return EStepStats(*out)
 
     @staticmethod
     def _k():
@@ -65,19 +137,25 @@ class TritonBackend:
         """Weighted log densities (n, K): the n x K matrix is the point, so this stays in torch."""
         return _tb.log_prob(x, means, var, log_weights)
 
-    def _params(self, means, var, log_weights):
-        """The kernels' prepared parameters, reused across the chunks of one EM iteration: a hit needs the very
-        same tensor objects (held by the cache, so never recycled), unmodified (``_version``), and the same bound
-        of the data; anything else prepares afresh."""
+    def _params(self, means, var, log_weights, perm=None, x=None, center=None):
+        """The kernels' prepared parameters (components in the kernel order ``perm``), reused across the chunks of
+        one EM iteration: a hit needs the very same tensor objects (held by the cache, so never recycled),
+        unmodified (``_version``), the same bound of the data and the same permutation; anything else prepares
+        afresh. Without a bound of the fit data: None (the kernels bound each chunk), or with a permutation, the
+        parameters prepared for the chunk ``x``."""
+        ke = self._k()
         if self.x_absmax is None:
-            return None
+            if perm is None:
+                return None
+            return ke.prepare(means, var, log_weights, self.precision, ke.absmax(x, center), comp_perm=perm)
         key = (means, var, log_weights)
         versions = tuple(t._version for t in key)
         c = self._cache
-        if c is not None and all(a is b for a, b in zip(c[0], key)) and c[1] == versions and c[2] == self.x_absmax:
-            return c[3]
-        p = self._k().prepare(means, var, log_weights, self.precision, self.x_absmax)
-        self._cache = (key, versions, self.x_absmax, p)
+        if (c is not None and all(a is b for a, b in zip(c[0], key)) and c[1] == versions and c[2] == self.x_absmax
+                and c[3] is perm):
+            return c[4]
+        p = ke.prepare(means, var, log_weights, self.precision, self.x_absmax, comp_perm=perm)
+        self._cache = (key, versions, self.x_absmax, perm, p)
         return p
 
     def estep(self, x, means, var, log_weights, center=None) -> EStepStats:

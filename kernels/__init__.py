@@ -9,9 +9,9 @@ One module per kernel family, each with its ``@triton.jit`` kernels, a thin laun
 Set ``TRITON_INTERPRET=1`` *before* importing this package to run the kernels on CPU tensors.
 """
 from .assign import assign, score, topk_responsibilities
-from .estep import PRECISIONS, RowOrder, absmax, component_order, estep, prepare, row_order
+from .estep import FLAG_K, PRECISIONS, RowOrder, absmax, component_order, estep, prepare, row_order
 from .kmeans import assign_labels, kmeans_step
 
-__all__ = ["PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "component_order", "estep", "kmeans_step",
+__all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "component_order", "estep", "kmeans_step",
            "prepare", "row_order", "score",
            "topk_responsibilities"]

@@ -311,10 +311,11 @@ def _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX: tl.constexpr, WRITE_GA
     running argmax (component index offset k0) of s (BM, BK). WRITE_GAPS: sets bit k0 // BLOCK_K of ``bits`` for
     the rows whose bound of log2 r in this block, ``max_k s - m_new``, is >= -SKIP (the log-normaliser is at least
     the final maximum, which is at least m_new)."""
-    s_max = tl.max(s, axis=1)
     if WITH_ARGMAX:
-        s_arg = tl.argmax(s, axis=1) + k0
-        best = tl.where(s_max > m_i, s_arg, best)
+        s_max, s_arg = tl.max(s, axis=1, return_indices=True)
+        best = tl.where(s_max > m_i, s_arg + k0, best)
+    else:
+        s_max = tl.max(s, axis=1)
     m_new = tl.maximum(m_i, s_max)
     l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
     if WRITE_GAPS:
@@ -340,8 +341,8 @@ def _smallest(configs, m=3):
 
 
 def _row_configs():
-    if _interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    if _interpret():    # one config (the interpreter cannot benchmark); 32 rows = two flag tiles per program
+        return [triton.Config({"BLOCK_M": 2 * FLAG_ROWS, "BLOCK_K": FLAG_K}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
                                  (64, 128, 8, 2), (128, 64, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3))]
@@ -349,6 +350,7 @@ def _row_configs():
 
 def _prune_row(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}           # constexprs arrive as keyword arguments
+    gaps = bool(named_args.get("WRITE_GAPS", False))
     D, K = named_args["D"], named_args["K"]
     diag, es = bool(named_args.get("DIAG", False)), _esize(named_args.get("MODE", 1))
     bd = triton.next_power_of_2(D)
@@ -363,8 +365,9 @@ def _prune_row(configs, named_args, **kwargs):
         if bm * bd * row_tiles * es > 256 * 128 * 4 or (bm * bk) / (32 * c.num_warps) > 64:   # registers
             continue
         keep.append(c)
-    if named_args.get("WRITE_GAPS", False):     # the gaps' granularity is fixed: one per FLAG_ROWS x FLAG_K pair
-        return [c for c in keep or configs if c.kwargs["BLOCK_M"] == FLAG_ROWS and c.kwargs["BLOCK_K"] == FLAG_K] \
+    if gaps:    # the gaps' granularity is fixed (FLAG_ROWS x FLAG_K pairs): a program covers whole flag tiles
+        # (128-row programs halve the means' traffic of 64-row ones: pass 1 0.94 -> 0.81 ms, H200, NOTES v6d)
+        return [c for c in keep or configs if c.kwargs["BLOCK_M"] % FLAG_ROWS == 0 and c.kwargs["BLOCK_K"] == FLAG_K] \
             or [triton.Config({"BLOCK_M": FLAG_ROWS, "BLOCK_K": FLAG_K}, num_warps=4, num_stages=3)]
     return keep or _smallest(configs)
 
@@ -426,13 +429,13 @@ def _logz_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, WRITE_COPY: tl.constexpr, MODE: tl.constexpr,
     EMU: tl.constexpr, PIPE: tl.constexpr, HAS_ORDER: tl.constexpr, WRITE_GAPS: tl.constexpr, SKIP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Position m processes row ROWS[m] (HAS_ORDER) or row m. Outputs indexed by row (LOGZ, BEST) are written at the
-    # source row; those pass 2 streams (LZP, X2, the operand copy) at the position. WRITE_GAPS (BLOCK_M = FLAG_ROWS,
-    # BLOCK_K = FLAG_K, at most 64 blocks): GAPS[tile] (int64) has bit b set when some row's bound of log2 r in
-    # block b is >= -SKIP: the sparse pass 2's work. Row-local bits, one OR-reduction per tile (a reduction across
-    # the tile per block cost 0.15 ms of 0.78 at N=1e6, K=1024: a barrier in the pipelined loop).
+    # source row; those pass 2 streams (LZP, X2, the operand copy) at the position. WRITE_GAPS (BLOCK_M a multiple
+    # of FLAG_ROWS, BLOCK_K = FLAG_K, at most 64 blocks): GAPS[tile] (int64) has bit b set when some row of the
+    # FLAG_ROWS-row flag tile has a bound of log2 r in block b >= -SKIP: the sparse pass 2's work. Row-local bits,
+    # one OR-reduction per flag tile at the end.
     offs_m, mask_m, offs_d, mask_d = _row_block(N, D, BLOCK_M, BLOCK_D)
     src = _source_rows(ROWS, offs_m, mask_m, HAS_ORDER)
     x = _load_rows(X, CENTER, src, mask_m, offs_d, mask_d, D, HAS_CENTER)
@@ -489,8 +492,11 @@ def _logz_kernel(
         tl.store(X2 + offs_m, x2, mask=mask_m)
     if WITH_ARGMAX:
         tl.store(BEST + src, best.to(tl.int64), mask=mask_m)
-    if WRITE_GAPS:
-        tl.store(GAPS + tl.program_id(0), tl.reduce(bits, 0, _bit_or))
+    if WRITE_GAPS:      # one bit set per FLAG_ROWS-row flag tile (BLOCK_M is a multiple of FLAG_ROWS)
+        TILES: tl.constexpr = BLOCK_M // FLAG_ROWS
+        tile_bits = tl.reduce(tl.reshape(bits, [TILES, FLAG_ROWS]), 1, _bit_or)
+        ft = tl.program_id(0) * TILES + tl.arange(0, TILES)
+        tl.store(GAPS + ft, tile_bits, mask=ft < tl.cdiv(N, FLAG_ROWS))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -904,7 +910,7 @@ class RowOrder(NamedTuple):
 def component_order(means, block: int = 64, iters: int = 8) -> torch.Tensor:
     """A permutation (K,) int64 that places nearby components next to each other: the means (K, D) are grouped
     by a small k-means into ``ceil(K / block)`` groups (deterministic start: every block-th mean), then sorted
-    by group. Cheap (K x groups x D) and run on the means' device; any permutation is correct."""
+    by group. Cheap (K x groups x D), run on the means' device without a host sync; any permutation is correct."""
     k = means.shape[0]
     g = max(1, -(-k // block))
     mu = means.float()
@@ -913,7 +919,7 @@ def component_order(means, block: int = 64, iters: int = 8) -> torch.Tensor:
     for _ in range(iters):
         lab = torch.cdist(mu, cent).argmin(1)
         sums = torch.zeros_like(cent).index_add_(0, lab, mu)
-        cnt = torch.bincount(lab, minlength=g).to(mu.dtype)
+        cnt = torch.zeros(g, dtype=mu.dtype, device=mu.device).index_add_(0, lab, torch.ones_like(lab, dtype=mu.dtype))
         cent = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None], cent)
     return torch.argsort(lab * k + torch.arange(k, device=mu.device))
 
@@ -927,7 +933,9 @@ def row_order(best, comp_perm=None) -> RowOrder:
         rank[comp_perm] = torch.arange(comp_perm.numel(), device=comp_perm.device)
         key = rank[key]
     key = key.int()
-    rows = torch.argsort(key)
+    # a stable sort (deterministic); 16-bit keys when K allows: half the radix passes of 32-bit ones
+    small = comp_perm is not None and comp_perm.numel() <= 2**15
+    rows = torch.argsort(key.to(torch.int16) if small else key, stable=True)
     return RowOrder(rows.int(), key[rows].contiguous())
 
 
@@ -951,8 +959,8 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
     the squares and their second 16-bit term) when given. Under a row ``order``, logZ and the argmax are indexed by
     row, ``x2``, the copy and ``lzp`` (logZ again, required) by position. ``gaps`` (cdiv(n, FLAG_ROWS),) int64,
     when given, receives per FLAG_ROWS-row tile the bit set of the FLAG_K-component blocks (at most 64) in which
-    some row's bound of log2 r is >= -skip (the sparse pass 2's input; pass 1 then runs with FLAG_ROWS x FLAG_K
-    tiles)."""
+    some row's bound of log2 r is >= -skip (the sparse pass 2's input; pass 1 then runs with FLAG_K-component
+    blocks and a multiple of FLAG_ROWS rows per program)."""
     n, d = x.shape
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     if order is not None and lzp is None:
@@ -975,22 +983,34 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
                        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
                        WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, WRITE_COPY=copy is not None, MODE=mode,
                        EMU=_interpret(), PIPE=bool(PIPELINE_LOGZ), HAS_ORDER=order is not None,
-                       WRITE_GAPS=gaps is not None, SKIP=float(skip))
+                       WRITE_GAPS=gaps is not None, SKIP=float(skip), FLAG_ROWS=FLAG_ROWS)
     return logz, (best if with_argmax else None)
+
+
+@triton.jit
+def _work_list_kernel(GAPS, WORK, COUNTS, n_tiles, WSTRIDE, BLOCK: tl.constexpr):
+    # program b compacts the tiles whose bit b is set, in ascending order (a scan per BLOCK tiles: deterministic)
+    b = tl.program_id(0)
+    base = tl.zeros([], tl.int32)
+    for t0 in range(0, n_tiles, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        g = tl.load(GAPS + offs, mask=offs < n_tiles, other=0)
+        need = ((g >> b.to(tl.int64)) & 1).to(tl.int32)
+        pos = base + tl.cumsum(need, 0) - 1
+        tl.store(WORK + b.to(tl.int64) * WSTRIDE + pos, offs, mask=need > 0)
+        base += tl.sum(need, 0)
+    tl.store(COUNTS + b, base)
 
 
 def _work_lists(gaps, n_blocks):
     """The sparse pass 2's work lists from pass 1's per-tile block bits (n_tiles,) int64: ``work`` (n_blocks,
-    n_tiles + 1) int32 whose row b starts with the tiles (ascending) that need block b, and ``counts``
-    (n_blocks,) int32. Device ops only, no host sync."""
-    shifts = torch.arange(n_blocks, dtype=torch.int64, device=gaps.device)
-    need = ((gaps[None, :] >> shifts[:, None]) & 1).bool()     # (n_blocks, n_tiles)
-    n_tiles = need.shape[1]
-    counts = need.sum(1, dtype=torch.int32)
-    pos = torch.where(need, torch.cumsum(need, 1) - 1, n_tiles)   # unneeded tiles go to the spare last column
-    work = torch.zeros((n_blocks, n_tiles + 1), dtype=torch.int32, device=gaps.device)
-    tiles = torch.arange(n_tiles, dtype=torch.int32, device=gaps.device).expand(n_blocks, n_tiles)
-    work.scatter_(1, pos, tiles)
+    n_tiles) int32 whose row b starts with the tiles (ascending) that need block b (the rest is not written), and
+    ``counts`` (n_blocks,) int32. One launch, no host sync (the torch form, eight ops, cost 0.1-0.2 ms at 15625
+    tiles on an H200)."""
+    n_tiles = gaps.shape[0]
+    work = torch.empty((n_blocks, max(1, n_tiles)), dtype=torch.int32, device=gaps.device)
+    counts = torch.empty(n_blocks, dtype=torch.int32, device=gaps.device)
+    _work_list_kernel[(n_blocks,)](gaps, work, counts, n_tiles, work.shape[1], BLOCK=1024, num_warps=4)
     return work, counts
 
 
