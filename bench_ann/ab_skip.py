@@ -82,15 +82,9 @@ def main(argv=None):
     variants["work lists"] = lambda: ke._work_lists(gaps, nkb)
     variants["pass1 sorted+perm argmax"] = lambda: ke.launch_logz(x, params_p, k, False, prec, order=order_p,
                                                                   lzp=lzp, with_argmax=True)
-    # the argmax for the next order: from the sparse pass 2 (atomic max, the default at skip 40) or from pass 1
-    # (forced by a threshold below log2 K + 1, which also keeps more pairs: compare with "skip8" timings)
+    # the sparse E-step with the argmax for the next order (pass 1), and the pieces of a rebuild
     variants["sorted+perm skip40 +best"] = lambda: kernels.estep(x, means, var, lw, precision=prec, params=params_p,
                                                                 order=order_p, return_best=True)
-    variants["sorted+perm skip8"] = lambda: kernels.estep(x, means, var, lw, precision=prec, params=params_p,
-                                                         order=order_p, skip_log2=8)
-    variants["sorted+perm skip8 +best(pass1)"] = lambda: kernels.estep(x, means, var, lw, precision=prec,
-                                                                      params=params_p, order=order_p, skip_log2=8,
-                                                                      return_best=True)
     variants["row_order int16 stable"] = lambda: kernels.row_order(best, perm)
     variants["argsort int32"] = lambda: torch.argsort(best.int())
     variants["component_order"] = lambda: kernels.component_order(means)

@@ -49,7 +49,7 @@ def run(args):
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations
             warnings.simplefilter("ignore")
             # max_iter: past the first rebuild of the row orders, so that every kernel variant the timed fit
-            # launches (sparse E-step, argmax in the sparse pass) is compiled and autotuned here
+            # launches (sparse E-step, with and without the argmax for the next order) is compiled and autotuned
             GaussianMixture(args.k, covariance_type=cov, kmeans_iter=1, max_iter=7, backend=backend, device="cuda",
                             precision=prec, seed=0, chunk_size=args.chunk, sparse_estep=sparse).fit(X)
         torch.cuda.synchronize()

@@ -31,7 +31,7 @@ MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
 # kernels.assign.MAX_ASSIGN = 64.
 MAX_ASSIGN = 16
 # Row orders (sparse E-step): rebuilt every ORDER_REFRESH EM iterations (the argmax costs pass 1 ~0.2 ms and the
-# argsort 0.14 ms per 1M rows on an H200; the orders age slowly once k-means has placed the means); at most
+# argsort 0.11 ms per 1M rows on an H200; the orders age slowly once k-means has placed the means); at most
 # ROW_ORDER_BYTES of device memory for them (8 bytes per row, twice that while a refresh builds the next ones):
 # chunks past it run the dense E-step. Only for K of MIN_SPARSE_BLOCKS..64 blocks of kernels FLAG_K components:
 # with fewer blocks there is little to skip, with more the kernels have no sparse pass.

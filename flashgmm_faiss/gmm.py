@@ -431,6 +431,7 @@ class GaussianMixture:
     def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
         K, d = means.shape
         device = data.device
+        ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
         self.history_ = []
         self.converged_ = False
         prev = -math.inf
@@ -446,7 +447,6 @@ class GaussianMixture:
             sx = torch.zeros(K, d, dtype=torch.float64, device=device)
             sq = torch.zeros(var.shape, dtype=torch.float64, device=device)
             ll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per chunk
-            ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
             if ordered:
                 self._impl.begin_em_iteration()
             for start, x, kw in self._stream(data):

@@ -12,6 +12,5 @@ from .assign import assign, score, topk_responsibilities
 from .estep import FLAG_K, PRECISIONS, RowOrder, absmax, component_order, estep, prepare, row_order
 from .kmeans import assign_labels, kmeans_step
 
-__all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "component_order", "estep", "kmeans_step",
-           "prepare", "row_order", "score",
-           "topk_responsibilities"]
+__all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "component_order", "estep",
+           "kmeans_step", "prepare", "row_order", "score", "topk_responsibilities"]

@@ -933,7 +933,8 @@ def row_order(best, comp_perm=None) -> RowOrder:
         rank[comp_perm] = torch.arange(comp_perm.numel(), device=comp_perm.device)
         key = rank[key]
     key = key.int()
-    # a stable sort (deterministic); 16-bit keys when K allows: half the radix passes of 32-bit ones
+    # a stable sort (deterministic); 16-bit keys when K allows (0.107 ms per 1M rows on an H200, no faster than an
+    # unstable 32-bit argsort's 0.101)
     small = comp_perm is not None and comp_perm.numel() <= 2**15
     rows = torch.argsort(key.to(torch.int16) if small else key, stable=True)
     return RowOrder(rows.int(), key[rows].contiguous())

@@ -234,13 +234,13 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
     coarse = kestep.estep(x, means, var, lw, skip_log2=1e-3, return_best=True, **kw)
     # the argmax returned under a sparse pass 2 (with the default threshold and one that drops pairs) is the
     # float64 argmax
-    late = kestep.estep(x, means, var, lw, return_best=True, **kw)[4]
-    lp64 = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
-    top2 = lp64.topk(2, dim=1).values
+    sparse_best = kestep.estep(x, means, var, lw, return_best=True, **kw)[4]
+    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
+    top2 = lp.topk(2, dim=1).values
     clear = top2[:, 0] - top2[:, 1] > 1e-3
     assert clear.sum() > 150
-    for got_best in (late, coarse[4]):
-        assert torch.equal(got_best.cpu()[clear], lp64.argmax(1)[clear])
+    for got_best in (sparse_best, coarse[4]):
+        assert torch.equal(got_best.cpu()[clear], lp.argmax(1)[clear])
     for name, a, b, c in zip(("log_norm", "nk", "sx", "sq"), exact, skipped, coarse):
         # fp32 summation order differs between the dense and the sparse pass 2 (other tiles on a GPU); diag
         # Sq = Sxx - 2 mu Sx + Nk mu^2 amplifies it (2.3e-5 on an H200); the dropped terms (< 2^-40) cannot: same
@@ -257,7 +257,6 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
     order = kw["order"]
     kestep.launch_logz(x, params, k, diag, "ieee", order=order, lzp=torch.empty(n, device=DEVICE), gaps=gaps,
                        skip=40.0)
-    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
     log2r = ((lp - torch.logsumexp(lp, 1, keepdim=True)) / math.log(2))[order.rows.long().cpu()][:, perm.cpu()]
     pad = torch.full((n_tiles * fr, n_blocks * fk), float("-inf"), dtype=torch.float64)
     pad[:n, :k] = log2r
