@@ -32,18 +32,33 @@ def sift_like(n, d, k, seed=0, device="cuda"):
     return X.clamp_(0, 255)
 
 
+def config_label(backend, cov, prec, sparse, graphs):
+    """'torch' or '<cov>-<precision>-<dense|sparse>[-graphs]' (the --configs names)."""
+    if backend == "torch":
+        return "torch"
+    return f"{cov}-{prec}-{'sparse' if sparse else 'dense'}" + ("-graphs" if graphs else "")
+
+
 def run(args):
     dev = torch.cuda.get_device_name(0)
     X = sift_like(args.n, args.d, args.clusters, device="cuda")
     x_bytes = X.numel() * 4
+    if args.host_data:   # a numpy array, as most users pass it: streamed, or copied once (--data-on-device)
+        X = X.cpu().numpy()
+    on_device = {"auto": "auto", "true": True, "false": False}[args.data_on_device]
     rows = []
-    # (backend, covariance type, precision, sparse E-step): the Triton rows run with and without row orders
-    configs = [("torch", "spherical", "tf32", False), ("triton", "spherical", "tf32", False),
-               ("triton", "spherical", "tf32", True), ("triton", "spherical", "bf16", False),
-               ("triton", "spherical", "bf16", True)]
+    # (backend, covariance type, precision, sparse E-step, CUDA graphs): the Triton rows run with and without
+    # row orders, and launched eagerly or replayed as CUDA graphs
+    configs = [("torch", "spherical", "tf32", False, False)]
+    for prec in ("tf32", "bf16"):
+        configs += [("triton", "spherical", prec, sparse, graphs)
+                    for sparse in (False, True) for graphs in (False, True)]
     if args.diag:
-        configs += [("triton", "diag", "tf32", False), ("triton", "diag", "tf32", True)]
-    for backend, cov, prec, sparse in configs:
+        configs += [("triton", "diag", "tf32", sparse, graphs) for sparse in (False, True) for graphs in (False, True)]
+    if args.configs:   # e.g. "torch,spherical-tf32-sparse-graphs": labels as printed by --list-configs
+        want = set(args.configs.split(","))
+        configs = [c for c in configs if config_label(*c) in want]
+    for backend, cov, prec, sparse, graphs in configs:
         if backend == "torch":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations
@@ -51,7 +66,8 @@ def run(args):
             # max_iter: past the first rebuild of the row orders, so that every kernel variant the timed fit
             # launches (sparse E-step, with and without the argmax for the next order) is compiled and autotuned
             GaussianMixture(args.k, covariance_type=cov, kmeans_iter=1, max_iter=7, backend=backend, device="cuda",
-                            precision=prec, seed=0, chunk_size=args.chunk, sparse_estep=sparse).fit(X)
+                            precision=prec, seed=0, chunk_size=args.chunk, sparse_estep=sparse,
+                            cuda_graphs=graphs, data_on_device=on_device).fit(X)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -60,12 +76,13 @@ def run(args):
             warnings.simplefilter("ignore")
             g = GaussianMixture(args.k, covariance_type=cov, kmeans_iter=args.kmeans_iter, max_iter=args.em_iter,
                                 tol=0.0, backend=backend, device="cuda", precision=prec, seed=0,
-                                chunk_size=args.chunk, sparse_estep=sparse).fit(X)
+                                chunk_size=args.chunk, sparse_estep=sparse, cuda_graphs=graphs,
+                                data_on_device=on_device).fit(X)
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() - base
         assign_ms = {}
-        if backend == "triton" and cov == "spherical" and prec == "tf32" and not sparse:
+        if backend == "triton" and cov == "spherical" and prec == "tf32" and not sparse and not graphs:
             for cap in (2, None):  # fused top-M kernel for a copy cap; torch fallback when uncapped
                 g.assign(X[:65536], max_assign=cap)  # warm-up / compile
                 torch.cuda.synchronize()
@@ -76,6 +93,7 @@ def run(args):
         em = [h["seconds"] for h in g.history_[1:]]  # the first iteration includes compilation
         km = [h["seconds"] for h in g.kmeans_history_[1:]]
         rows.append({"backend": backend, "covariance_type": cov, "precision": prec, "sparse_estep": sparse,
+                     "cuda_graphs": graphs, "graph_replays": getattr(g, "graph_replays_", 0),
                      "n": args.n, "K": args.k, "d": args.d, "em_iter_ms": 1e3 * statistics.median(em),
                      # the mean includes the iterations that rebuild the row orders (sparse E-step)
                      "em_iter_mean_ms": 1e3 * statistics.fmean(em),
@@ -88,20 +106,24 @@ def run(args):
                      - sum(h["seconds"] for h in g.kmeans_history_), "peak_extra_mib": peak / 2**20, "x_mib": x_bytes / 2**20,
                      "final_log_likelihood": g.lower_bound_, "chunk_size": args.chunk,
                      "chunk_rows_used": g._chunk_rows(X, torch.device("cuda"), args.d),
-                     "assign_ms_by_cap": assign_ms})
+                     "assign_ms_by_cap": assign_ms, "host_data": bool(args.host_data),
+                     "data_on_device": args.data_on_device})
         print(rows[-1], flush=True)
-    ref = rows[0]["em_iter_mean_ms"]
+    ref = rows[0]["em_iter_mean_ms"] if rows[0]["backend"] == "torch" else float("nan")
+    where = f"in host memory (numpy), data_on_device={args.data_on_device}" if args.host_data else "in GPU memory"
     lines = [f"# End-to-end GaussianMixture.fit on {dev}", "",
              f"N={args.n}, K={args.k}, D={args.d}, {args.kmeans_iter} k-means + {args.em_iter} EM iterations, "
-             f"data in GPU memory, torch {torch.__version__}. Each fit follows a warm-up fit (compilation, "
+             f"data {where}, torch {torch.__version__}. Each fit follows a warm-up fit (compilation, "
              "autotuning); iteration times are medians over iterations 2..end; 'other s' is the fit's time outside "
              "its iterations (validation pass, k-means++ seeding, k-means variances).", "",
-             "| backend | cov | precision | E-step | EM iter ms (median) | mean | speed-up vs torch (mean) | "
-             "k-means iter ms | other s | fit s | peak extra MiB | final log-lik |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backend | cov | precision | E-step | CUDA graphs (replays) | EM iter ms (median) | mean | "
+             "speed-up vs torch (mean) | k-means iter ms | other s | fit s | peak extra MiB | final log-lik |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         kind = "-" if r["backend"] == "torch" else ("sparse" if r["sparse_estep"] else "dense")
-        lines.append(f"| {r['backend']} | {r['covariance_type']} | {r['precision']} | {kind} | {r['em_iter_ms']:.2f} | "
+        graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
+        lines.append(f"| {r['backend']} | {r['covariance_type']} | {r['precision']} | {kind} | {graphs} | "
+                     f"{r['em_iter_ms']:.2f} | "
                      f"{r['em_iter_mean_ms']:.2f} | {ref / r['em_iter_mean_ms']:.1f}x | {r['kmeans_iter_ms']:.2f} | "
                      f"{r['other_seconds']:.2f} | "
                      f"{r['fit_seconds']:.2f} | {r['peak_extra_mib']:.0f} | "
@@ -138,6 +160,12 @@ def main():
     p.add_argument("--em-iter", type=int, default=10)
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--diag", action="store_true")
+    p.add_argument("--host-data", action="store_true", help="pass X as a numpy array (host memory)")
+    p.add_argument("--data-on-device", default="auto", choices=("auto", "true", "false"),
+                   help="GaussianMixture(data_on_device=...) for host data")
+    p.add_argument("--configs", default=None,
+                   help="comma list of configurations to run (default all): 'torch' or "
+                        "'<cov>-<precision>-<dense|sparse>[-graphs]', e.g. spherical-bf16-sparse-graphs")
     p.add_argument("--out", default="bench_ann/results")
     run(p.parse_args())
 

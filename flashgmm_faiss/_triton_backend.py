@@ -13,7 +13,9 @@ Sparse E-step during a fit: ``GaussianMixture.fit`` calls :meth:`TritonBackend.b
 iteration and :meth:`TritonBackend.fit_estep` with the chunk's first row as its key. The backend keeps one
 :class:`kernels.RowOrder` per chunk (rows sorted by their most likely component, 8 bytes per row) and one
 component permutation (:func:`kernels.component_order`, computed once per fit); the orders are rebuilt every
-``ORDER_REFRESH`` iterations from an E-step that also returns each row's most likely component. Under an order the
+``ORDER_REFRESH`` iterations from an E-step that also returns each row's most likely component, and a rebuilt order
+is copied into its chunk's existing buffers (the order tensors keep their addresses for the whole fit, so that an
+EM iteration can be replayed as a CUDA graph, see :meth:`TritonBackend.graph_key`). Under an order the
 E-step skips the (row tile, component block) pairs whose responsibilities pass 1 bounds below 2^-40
 (``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the dense E-step up to those terms; a stale
 order only costs speed.
@@ -30,10 +32,10 @@ MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
 # path (one chunk-sized GEMM + topk), which is used instead. The kernel itself accepts up to
 # kernels.assign.MAX_ASSIGN = 64.
 MAX_ASSIGN = 16
-# Row orders (sparse E-step): rebuilt every ORDER_REFRESH EM iterations (the argmax costs pass 1 ~0.2 ms and the
+# Row orders (sparse E-step): built in the first EM iteration, then rebuilt every ORDER_REFRESH-th (the argmax costs pass 1 ~0.2 ms and the
 # argsort 0.11 ms per 1M rows on an H200; the orders age slowly once k-means has placed the means); at most
-# ROW_ORDER_BYTES of device memory for them (8 bytes per row, twice that while a refresh builds the next ones):
-# chunks past it run the dense E-step. Only for K of MIN_SPARSE_BLOCKS..64 blocks of kernels FLAG_K components:
+# ROW_ORDER_BYTES of device memory for them (8 bytes per row; a rebuild needs one chunk's worth more while it
+# sorts): chunks past it run the dense E-step. Only for K of MIN_SPARSE_BLOCKS..64 blocks of kernels FLAG_K components:
 # with fewer blocks there is little to skip, with more the kernels have no sparse pass.
 ORDER_REFRESH = 4
 ROW_ORDER_BYTES = 1 << 30
@@ -80,28 +82,44 @@ class TritonBackend:
     # ------------------------------------------------------------------ row orders of a fit (sparse E-step)
     def end_fit(self):
         """Forget the row orders (frees their device memory)."""
-        self._orders, self._perm = {}, None        # chunk key -> RowOrder, under component permutation _perm
-        self._next, self._next_perm = {}, None     # being built in a refresh iteration
-        self._age = 0                              # EM iterations since the active orders were built
-        self._refresh = False
+        self._orders, self._perm = {}, None        # chunk key -> RowOrder, under the component permutation _perm
+        self._since_build = 0                      # EM iterations since the orders were last (re)built
+        self._refresh = False                      # this iteration rebuilds the orders
+        self._iteration = 0                        # EM iterations of this fit so far
+        self._unordered = False                    # a chunk of this iteration that could have had an order had none
+        self._last_unordered = False               # same, previous iteration
+        self._built = False                        # this iteration (re)built an order
 
     def begin_em_iteration(self):
-        """Called before each EM iteration of a fit: activates the orders a refresh built and decides whether this
-        iteration builds new ones."""
-        if self._next:
-            self._orders, self._perm = self._next, self._next_perm
-            self._next, self._next_perm = {}, None
-            self._age = 0
-            self.order_stats["refreshes"] += 1
-        self._age += 1
-        self._refresh = not self._orders or self._age > ORDER_REFRESH
+        """Called before each EM iteration of a fit: decides whether this iteration (re)builds the row orders
+        (the first iteration, then every ``ORDER_REFRESH``-th)."""
+        self._since_build += 1
+        self._refresh = not self._orders or self._since_build >= ORDER_REFRESH
+        if self._refresh:
+            self._since_build = 0
+        self._iteration += 1
+        self._last_unordered, self._unordered = self._unordered, False
+        self._built = False
         self.order_stats["iterations"] += 1
+
+    def graph_key(self):
+        """What decides the Python path of this EM iteration's :meth:`fit_estep` calls (call after
+        :meth:`begin_em_iteration`): ``"refresh"`` or ``"plain"`` once every chunk has its row order, ``"dense"``
+        when the sparse E-step does not apply; None in the first iteration and while some chunk of the previous
+        iteration ran without its order. Two iterations of one fit with the same key launch the same kernels on the
+        same buffers (for the same chunks), so the estimator may replay the first one's CUDA graph
+        (``GaussianMixture(cuda_graphs=True)``)."""
+        if self._iteration <= 1 or self._last_unordered:
+            return None
+        if not self._orders:
+            return "dense"
+        return "refresh" if self._refresh else "plain"
 
     def _sparse_ok(self, k: int) -> bool:
         return self.sparse and MIN_SPARSE_BLOCKS <= -(-k // self._k().FLAG_K) <= 64
 
     def _order_bytes(self) -> int:
-        return sum(8 * o.rows.numel() for d in (self._orders, self._next) for o in d.values())
+        return sum(8 * o.rows.numel() for o in self._orders.values())
 
     def fit_estep(self, chunk, x, means, var, log_weights, center=None) -> EStepStats:
         """:meth:`estep` of the fit data's chunk ``chunk`` (a key: its first row), visited in that chunk's row order
@@ -116,15 +134,23 @@ class TritonBackend:
             order = None                           # the chunking changed: this chunk starts afresh
         perm = self._perm if order is not None else None
         params = self._params(means, var, log_weights, perm, x, center)
-        build = self._refresh and self._order_bytes() + 8 * n <= ROW_ORDER_BYTES
+        build = self._refresh and (order is not None or self._order_bytes() + 8 * n <= ROW_ORDER_BYTES)
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
                        order=order, return_best=build)
         self.order_stats["sparse_chunks" if order is not None else "dense_chunks"] += 1
+        self._unordered |= order is None
         if build:
-            if self._next_perm is None:    # once per fit: the means move little after k-means, and a fixed
+            if self._perm is None:   # once per fit: the means move little after k-means, and a fixed
                 # permutation keeps the refreshes cheap (component_order is ~80 small launches, 1.6 ms on an H200)
-                self._next_perm = self._perm if self._perm is not None else ke.component_order(means)
-            self._next[chunk] = ke.row_order(out[4], self._next_perm)
+                self._perm = ke.component_order(means)
+            new = ke.row_order(out[4], self._perm)
+            if order is not None:    # in place, after this chunk's E-step read it (stream order)
+                order.rows.copy_(new.rows)
+                order.hint.copy_(new.hint)
+            else:
+                self._orders[chunk] = new
+            self.order_stats["refreshes"] += not self._built     # iterations that (re)built orders
+            self._built = True
             out = out[:4]
         return EStepStats(*out)
 

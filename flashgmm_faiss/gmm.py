@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import _torch_backend
+from ._cuda_graphs import GraphReplay
 from ._data import ChunkedMatrix
 from ._validation import as_float32_matrix, check_positive_int, check_shape
 
@@ -151,8 +152,24 @@ class GaussianMixture:
         at most 1 GiB) and skip the (64-row tile, 64-component block) pairs whose responsibilities the kernels
         bound below 2^-40. The statistics equal the dense E-step's up to those terms. On data with sharp
         posteriors (D ~ 100 and more) the kernels' E-step is ~1.8x faster; a fit's EM iteration gained 1.26x at
-        N=1e7 and nothing at N=1e6, where launch overhead dominates (H200, bench_ann/results/sparse_pass2).
+        N=1e7 (H200, bench_ann/results/sparse_pass2), and 1.8x at N=1e6 with ``cuda_graphs`` (launch overhead
+        hides it otherwise; bench_ann/results/cuda_graphs).
         False: always the dense E-step.
+    cuda_graphs : bool, default=True
+        Triton backend with X on the CUDA device (a float32 tensor there, or host data that ``data_on_device``
+        copied there): the first EM iteration of each kind (plain, or rebuilding the sparse E-step's row orders)
+        runs eagerly, the second is recorded as a CUDA graph (E-step over every chunk and M-step), and the later
+        ones replay it instead of issuing ~60-180 launches from Python; from the third or fourth iteration on.
+        Same kernels on the same buffers, so the same results bit for bit; it matters where the host, not the
+        GPU, bounds an iteration (N ~ 1e6: 1.8x). The graphs hold their own copy of one chunk's work buffers
+        while the fit runs. False: always launch eagerly.
+    data_on_device : {"auto", True, False}, default="auto"
+        X given in host memory (numpy, memmap, h5py, CPU tensor) and a CUDA device: copy it once, during the
+        validation pass, into a float32 device tensor used for the whole fit, instead of uploading every chunk
+        again in every k-means and EM iteration (68 ms per EM iteration for 1e6 x 128 floats on an H200 host,
+        against 1.9 ms once copied).
+        "auto": when the copy takes at most half of the device's free memory; True: always (a clear error when
+        it does not fit); False: stream the chunks (memory O(chunk_size * D) on the device).
 
     Attributes
     ----------
@@ -166,6 +183,8 @@ class GaussianMixture:
         Mean per-sample log-likelihood at the last EM iteration.
     history_ : list of dict
         One dict per EM iteration: ``iteration``, ``log_likelihood``, ``seconds``, ``n_reseeded``.
+    graph_replays_ : int
+        EM iterations of the last fit whose E-step pass was a CUDA graph replay (``cuda_graphs``).
     kmeans_history_ : list of dict
         One dict per warm-start iteration: ``iteration``, ``inertia`` (mean squared distance), ``seconds``.
     center_ : ndarray of shape (D,), float64
@@ -177,7 +196,8 @@ class GaussianMixture:
 
     def __init__(self, n_components, covariance_type="spherical", max_iter=100, kmeans_iter=10, tol=1e-4,
                  reg_covar=1e-6, init="k-means++", backend="auto", device=None, chunk_size=None, seed=0,
-                 verbose=False, precision="tf32", weights_init=None, covariances_init=None, sparse_estep=True):
+                 verbose=False, precision="tf32", weights_init=None, covariances_init=None, sparse_estep=True,
+                 cuda_graphs=True, data_on_device="auto"):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.max_iter = max_iter
@@ -194,6 +214,8 @@ class GaussianMixture:
         self.weights_init = weights_init
         self.covariances_init = covariances_init
         self.sparse_estep = sparse_estep
+        self.cuda_graphs = cuda_graphs
+        self.data_on_device = data_on_device
 
     # ------------------------------------------------------------------ parameter checks
     def _check_params(self, n: int, d: int):
@@ -250,16 +272,21 @@ class GaussianMixture:
         # Pass 0: validate every chunk (NaN/Inf), compute the data centre in float64 and, for a backend that
         # takes a bound of the data (the Triton backend's fp16 operand scale), the range per feature.
         data = ChunkedMatrix(X, device, chunk, name="X")
+        copy = self._device_copy(X, n, d, device)   # host data kept on the GPU for the fit, filled by this pass
         wants_bound = hasattr(impl, "x_absmax")
         total = torch.zeros(d, dtype=torch.float64, device=device)
         lo = torch.full((d,), math.inf, dtype=torch.float32, device=device)
         hi = torch.full((d,), -math.inf, dtype=torch.float32, device=device)
-        for _, x in data.chunks(check=True):
+        for start, x in data.chunks(check=True):
             total += x.sum(0).double()  # float32 pairwise sum per chunk: no float64 copy of the chunk
             if wants_bound:
                 mn, mx = torch.aminmax(x, dim=0)
                 torch.minimum(lo, mn, out=lo)
                 torch.maximum(hi, mx, out=hi)
+            if copy is not None:
+                copy[start:start + x.shape[0]].copy_(x)
+        if copy is not None:            # from here on the fit streams views of the device copy
+            data = ChunkedMatrix(copy, device, self._chunk_rows(copy, device, d), name="X")
         center64 = total / n
         center = center64.to(torch.float32)
         data.center = center
@@ -269,7 +296,8 @@ class GaussianMixture:
             impl.x_absmax = float(torch.maximum((hi - center).abs(), (lo - center).abs()).max()) * (1 + 1e-6)
         self.n_features_in_ = d
         self._log(1, f"[flashgmm] fit: n={n} d={d} K={K} cov={self.covariance_type} backend={self.backend_} "
-                     f"device={device} chunk={chunk}")
+                     f"device={device} chunk={data.chunk_size}"
+                     f"{' (X copied to the device)' if copy is not None else ''}")
 
         means = self._initial_means(data, K, gen, rng)
         self.kmeans_history_ = []
@@ -304,6 +332,26 @@ class GaussianMixture:
             if hasattr(impl, "end_fit"):
                 impl.end_fit()         # the row orders of the sparse E-step belong to this fit's chunks
         return self
+
+    def _device_copy(self, X, n: int, d: int, device: torch.device):
+        """An empty (n, d) float32 tensor on ``device`` to hold host data for the fit (``data_on_device``), or
+        None (data already there, a CPU device, "auto" and too large, or False)."""
+        mode = self.data_on_device
+        if mode not in ("auto", True, False):
+            raise ValueError(f"data_on_device must be 'auto', True or False, got {mode!r}")
+        if mode is False or device.type != "cuda" or _resident(X, device):
+            return None
+        need = n * d * 4
+        free = torch.cuda.mem_get_info(device)[0]
+        if mode == "auto" and need > free // 2:
+            self._log(1, f"[flashgmm] X ({need / 2**30:.1f} GiB as float32) is more than half of the free GPU memory "
+                         f"({free / 2**30:.1f} GiB): streaming chunks from host memory every iteration")
+            return None
+        if need > free:
+            raise MemoryError(f"data_on_device=True needs {need / 2**30:.2f} GiB for X as float32 on {device}, but "
+                              f"only {free / 2**30:.2f} GiB are free; use data_on_device='auto' or False (stream the "
+                              "chunks from host memory)")
+        return torch.empty((n, d), dtype=torch.float32, device=device)
 
     def _stream(self, data: ChunkedMatrix, check: bool = False):
         """Yield ``(start, x, kw)``: raw chunks and ``kw = {"center": c}`` for a backend that centres inside its
@@ -428,59 +476,107 @@ class GaussianMixture:
         return torch.where(cnt[:, None] > 1, sq / cnt.clamp_min(1)[:, None], pooled[None, :]) + self.reg_covar
 
     # ------------------------------------------------------------------ EM
-    def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
-        K, d = means.shape
-        device = data.device
+    def _estep_pass(self, data: ChunkedMatrix, m32, v32, lw32):
+        """One E-step over all chunks: float64 ``(nk (K,), sx (K, D), sq (K,) or (K, D), log-likelihood sum ())``
+        on the device, no host sync (a CUDA graph may record it)."""
         ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
+        K, d = m32.shape
+        device = m32.device
+        nk = torch.zeros(K, dtype=torch.float64, device=device)
+        sx = torch.zeros(K, d, dtype=torch.float64, device=device)
+        sq = torch.zeros(v32.shape, dtype=torch.float64, device=device)
+        ll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for start, x, kw in self._stream(data):
+            if ordered:
+                st = self._impl.fit_estep(start, x, m32, v32, lw32, **kw)
+            else:
+                st = self._impl.estep(x, m32, v32, lw32, **kw)
+            nk += st.nk.double()
+            sx += st.sx.double()
+            sq += st.sq.double()
+            ll_sum += st.log_norm.sum(dtype=torch.float64)
+        return nk, sx, sq, ll_sum
+
+    def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
+        # CUDA graphs of the EM iteration: Triton backend, X a float32 tensor on the device (chunks are views that
+        # keep their addresses); the backend says which iterations share a graph (graph_key)
+        graphs = None
+        if (self.cuda_graphs and hasattr(self._impl, "graph_key") and data.device.type == "cuda"
+                and _resident(data.X, data.device)):
+            graphs = GraphReplay(lambda m, v, w: self._em_step(data, m, v, w),
+                                 getattr(self._impl, "order_stats", None))
+        self.graph_replays_ = 0
         self.history_ = []
         self.converged_ = False
+        try:
+            it, ll, gain = self._em_loop(data, means, var, weights, n, graphs)
+        finally:
+            if graphs is not None:
+                self.graph_replays_ = graphs.replays
+                graphs.reset()
+        self.n_iter_ = it if self.max_iter > 0 else 0
+        self.lower_bound_ = ll
+        if self.max_iter > 0 and not self.converged_:
+            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last gain "
+                          f"{gain:.3g} >= tol={self.tol}); increase max_iter or tol.", ConvergenceWarning,
+                          stacklevel=3)
+
+    def _em_step(self, data: ChunkedMatrix, means, var, weights):
+        """One EM iteration on the device without a host sync (a CUDA graph may record it).
+
+        means (K, D), var (K,) or (K, D), weights (K,): float64. Returns the M-step's ``means, var, weights``
+        (float64; a component with less than one row's worth of responsibility keeps its parameters),
+        ``degenerate`` (K,) bool (those components), ``summary`` (2,) float64 [log-likelihood sum, number of
+        degenerate components], and the float32 parameters ``(m32, v32, lw32)`` the E-step ran with."""
+        n, d = data.n, data.d
+        m32 = means.to(torch.float32).contiguous()
+        v32 = var.to(torch.float32).contiguous()
+        lw32 = torch.log(weights.clamp_min(1e-300)).to(torch.float32)
+        nk, sx, sq, ll_sum = self._estep_pass(data, m32, v32, lw32)
+        # M-step (float64)
+        nk_safe = nk.clamp_min(1e-12)
+        new_means = sx / nk_safe[:, None]
+        shift = new_means - means
+        if var.ndim == 1:
+            new_var = (sq / nk_safe - (shift * shift).sum(1)) / d
+        else:
+            new_var = sq / nk_safe[:, None] - shift * shift
+        new_var = new_var.clamp_min(0.0) + self.reg_covar
+        degenerate = nk < 1.0  # less than one vector's worth of responsibility: re-seed
+        means = torch.where(degenerate[:, None], means, new_means)
+        var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
+        summary = torch.stack([ll_sum, degenerate.sum().double()])
+        return means, var, nk / n, degenerate, summary, (m32, v32, lw32)
+
+    def _em_loop(self, data, means, var, weights, n, graphs):
+        """EM iterations until ``tol`` or ``max_iter``; sets the fitted parameters and returns ``(iterations,
+        last mean log-likelihood, last gain)``. With ``graphs`` (a :class:`GraphReplay` of :meth:`_em_step`), the
+        iterations the backend keys alike are replayed; either way one host sync per iteration."""
+        ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
         prev = -math.inf
         ll = -math.inf
         gain = math.inf
         it = 0
         for it in range(1, self.max_iter + 1):
             t0 = time.perf_counter()
-            m32 = means.to(torch.float32).contiguous()
-            v32 = var.to(torch.float32).contiguous()
-            lw32 = torch.log(weights.clamp_min(1e-300)).to(torch.float32)
-            nk = torch.zeros(K, dtype=torch.float64, device=device)
-            sx = torch.zeros(K, d, dtype=torch.float64, device=device)
-            sq = torch.zeros(var.shape, dtype=torch.float64, device=device)
-            ll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per chunk
             if ordered:
                 self._impl.begin_em_iteration()
-            for start, x, kw in self._stream(data):
-                if ordered:
-                    st = self._impl.fit_estep(start, x, m32, v32, lw32, **kw)
-                else:
-                    st = self._impl.estep(x, m32, v32, lw32, **kw)
-                nk += st.nk.double()
-                sx += st.sx.double()
-                sq += st.sq.double()
-                ll_sum += st.log_norm.sum(dtype=torch.float64)
-            ll = float(ll_sum) / n
+            if graphs is not None:
+                means, var, weights, degenerate, summary, used = graphs(self._impl.graph_key(), means, var, weights)
+            else:
+                means, var, weights, degenerate, summary, used = self._em_step(data, means, var, weights)
+            ll_sum, n_degenerate = summary.tolist()
+            ll, n_reseeded = ll_sum / n, int(n_degenerate)
             if not math.isfinite(ll):
                 raise FloatingPointError(
                     f"EM produced a non-finite log-likelihood at iteration {it}; try a larger reg_covar "
                     f"(now {self.reg_covar}) or check the input scale.")
-            # M-step (float64, on the device).
-            nk_safe = nk.clamp_min(1e-12)
-            new_means = sx / nk_safe[:, None]
-            shift = new_means - means
-            if var.ndim == 1:
-                new_var = (sq / nk_safe - (shift * shift).sum(1)) / d
-            else:
-                new_var = sq / nk_safe[:, None] - shift * shift
-            new_var = new_var.clamp_min(0.0) + self.reg_covar
-            degenerate = nk < 1.0  # less than one vector's worth of responsibility: re-seed
-            n_reseeded = int(degenerate.sum())
-            means = torch.where(degenerate[:, None], means, new_means)
-            var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
-            weights = nk / n
             if n_reseeded:   # rare: one more pass finds the worst-explained rows under this iteration's parameters
+                m32, v32, lw32 = used
                 worst = self._farthest_rows(data, n_reseeded,
                                             lambda x, kw: -self._impl.score(x, m32, v32, lw32, **kw)[0])  # noqa: B023
-                means, var, weights = self._reseed_components(means, var, weights, degenerate, worst, n)
+                means, var, weights = self._reseed_components(means.clone(), var.clone(), weights.clone(),
+                                                              degenerate, worst, n)
             elapsed = time.perf_counter() - t0
             gain = ll - prev
             self.history_.append({"iteration": it, "log_likelihood": ll, "seconds": elapsed,
@@ -493,13 +589,8 @@ class GaussianMixture:
                 self.converged_ = True
                 break
             prev = ll
-        self.n_iter_ = it if self.max_iter > 0 else 0
-        self.lower_bound_ = ll
-        if self.max_iter > 0 and not self.converged_:
-            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last gain "
-                          f"{gain:.3g} >= tol={self.tol}); increase max_iter or tol.", ConvergenceWarning,
-                          stacklevel=3)
         self._set_params(means, var, weights)
+        return it, ll, gain
 
     def _reseed_components(self, means, var, weights, degenerate, worst, n):
         """Move degenerate components onto the worst-explained rows, with the median variance."""
@@ -659,7 +750,7 @@ class GaussianMixture:
         return {k: getattr(self, k) for k in (
             "n_components", "covariance_type", "max_iter", "kmeans_iter", "tol", "reg_covar", "init", "backend",
             "device", "chunk_size", "seed", "verbose", "precision", "weights_init", "covariances_init",
-            "sparse_estep")}
+            "sparse_estep", "cuda_graphs", "data_on_device")}
 
     def __getstate__(self):
         state = self.__dict__.copy()

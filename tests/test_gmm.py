@@ -204,6 +204,8 @@ def test_k_larger_than_n_and_bad_params():
         GaussianMixture(2, backend="cuda-magic").fit(X)
     with pytest.raises(TypeError, match="n_components"):
         GaussianMixture(2.5, backend="torch").fit(X)
+    with pytest.raises(ValueError, match="data_on_device"):
+        GaussianMixture(2, backend="torch", data_on_device="always").fit(X)
 
 
 def test_dimension_mismatch_and_not_fitted():

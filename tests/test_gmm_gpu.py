@@ -119,3 +119,36 @@ def test_auto_backend_and_inference_on_gpu():
     assert np.mean(np.diff(o1) == np.diff(o2)) > 0.999
     assert np.all(np.diff(o1) >= 1) and np.all(np.diff(o1) <= 4)
     assert np.mean(l1[o1[:-1]] == l2[o2[:-1]]) > 0.999
+
+
+@pytest.mark.parametrize("cov,sparse", [("spherical", True), ("diag", True), ("spherical", False)],
+                         ids=["spherical-sparse", "diag-sparse", "spherical-dense"])
+def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse):
+    # cuda_graphs=True (the default for X resident on the GPU) records each kind of E-step pass once and replays
+    # it: the same kernels on the same buffers, so the fit must equal the eagerly launched one bit for bit, with
+    # the same counts of sparse / dense chunks and order rebuilds. 10 iterations, 3 chunks, K = 256 (the sparse
+    # E-step's smallest K): sparse keys None, None, plain (run), plain (captured), refresh (run), plain x3,
+    # refresh (captured), plain = 6 replays; dense: None, dense (run), then 8 replays.
+    X = sift_like(60_000, 64, 256, seed=4)
+    r = np.random.default_rng(2)
+    means = X[r.choice(len(X), 256, replace=False)]
+    weights = np.full(256, 1 / 256)
+    var = np.full(256, 200.0) if cov == "spherical" else np.full((256, 64), 200.0)
+    Xg = torch.from_numpy(X).cuda()
+    kw = dict(max_iter=10, chunk_size=60_000 // 3 + 5, sparse_estep=sparse)
+    a = _fit(Xg, "triton", cov, means, weights, var, cuda_graphs=True, **kw)
+    b = _fit(Xg, "triton", cov, means, weights, var, cuda_graphs=False, **kw)
+    assert a.graph_replays_ == (6 if sparse else 8) and b.graph_replays_ == 0
+    assert [h["log_likelihood"] for h in a.history_] == [h["log_likelihood"] for h in b.history_]
+    for name in ("means_", "covariances_", "weights_"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a._impl.order_stats == b._impl.order_stats
+    assert a._impl.order_stats["sparse_chunks"] == (27 if sparse else 0)
+    # host data (numpy): copied to the device once (data_on_device="auto"), then the same graphs and the same
+    # fit; streamed from host memory every iteration (False): no graphs, the same fit again
+    c = _fit(X, "triton", cov, means, weights, var, cuda_graphs=True, **kw)
+    s = _fit(X, "triton", cov, means, weights, var, cuda_graphs=True, data_on_device=False, **kw)
+    assert c.graph_replays_ == a.graph_replays_ and s.graph_replays_ == 0
+    for m in (c, s):
+        assert [h["log_likelihood"] for h in m.history_] == [h["log_likelihood"] for h in b.history_]
+        assert np.array_equal(m.means_, b.means_)

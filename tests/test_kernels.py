@@ -678,14 +678,25 @@ def test_estimator_sparse_estep_matches_dense():
     x = (centres[torch.arange(n) % k] + torch.randn(n, 6, generator=g) + 50.0).numpy()
     kw = dict(covariance_type="spherical", kmeans_iter=2, max_iter=tbe.ORDER_REFRESH + 3, tol=0.0, seed=0,
               device=DEVICE, chunk_size=n // 3 + 7, precision="ieee", backend="triton")
-    with pytest.warns(Warning):
-        a = GaussianMixture(k, **kw).fit(x)
-    with pytest.warns(Warning):
-        b = GaussianMixture(k, sparse_estep=False, **kw).fit(x)
+    keys = []          # the backend's graph key per EM iteration (which iterations a CUDA graph may replay)
+    begin = tbe.TritonBackend.begin_em_iteration
+
+    def recording(self):
+        begin(self)
+        keys.append((self.sparse, self.graph_key()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tbe.TritonBackend, "begin_em_iteration", recording)
+        with pytest.warns(Warning):
+            a = GaussianMixture(k, **kw).fit(x)
+        with pytest.warns(Warning):
+            b = GaussianMixture(k, sparse_estep=False, **kw).fit(x)
     st = a._impl.order_stats
+    # orders built in iteration 1 (dense), rebuilt in iteration 1 + ORDER_REFRESH, sparse from iteration 2 on
     assert st["sparse_chunks"] == 3 * (kw["max_iter"] - 1) and st["dense_chunks"] == 3 and st["refreshes"] == 2
+    assert keys == [(True, None), (True, None), (True, "plain"), (True, "plain"), (True, "refresh"),
+                    (True, "plain"), (True, "plain"), (False, None)] + [(False, "dense")] * (kw["max_iter"] - 1)
     assert b._impl.order_stats["sparse_chunks"] == 0
-    assert not a._impl._orders and not a._impl._next                     # freed with the fit
+    assert not a._impl._orders                                            # freed with the fit
     for name in ("means_", "covariances_", "weights_"):
         assert_close(name, torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name)), 1e-5)
     assert a.lower_bound_ == pytest.approx(b.lower_bound_, rel=1e-6)
