@@ -161,8 +161,9 @@ class GaussianMixture:
         runs eagerly, the second is recorded as a CUDA graph (E-step over every chunk and M-step), and the later
         ones replay it instead of issuing ~60-180 launches from Python; from the third or fourth iteration on.
         Same kernels on the same buffers, so the same results bit for bit; it matters where the host, not the
-        GPU, bounds an iteration (N ~ 1e6: 1.8x). The graphs hold their own copy of one chunk's work buffers
-        while the fit runs. False: always launch eagerly.
+        GPU, bounds an iteration (N ~ 1e6: 1.8x). The k-means warm start's iterations are replayed likewise (one
+        kind). The graphs hold their own copy of one chunk's work buffers while the fit runs. False: always launch
+        eagerly.
     data_on_device : {"auto", True, False}, default="auto"
         X given in host memory (numpy, memmap, h5py, CPU tensor) and a CUDA device: copy it once, during the
         validation pass, into a float32 device tensor used for the whole fit, instead of uploading every chunk
@@ -184,7 +185,7 @@ class GaussianMixture:
     history_ : list of dict
         One dict per EM iteration: ``iteration``, ``log_likelihood``, ``seconds``, ``n_reseeded``.
     graph_replays_ : int
-        EM iterations of the last fit whose E-step pass was a CUDA graph replay (``cuda_graphs``).
+        k-means and EM iterations of the last fit that were CUDA graph replays (``cuda_graphs``).
     kmeans_history_ : list of dict
         One dict per warm-start iteration: ``iteration``, ``inertia`` (mean squared distance), ``seconds``.
     center_ : ndarray of shape (D,), float64
@@ -301,6 +302,7 @@ class GaussianMixture:
 
         means = self._initial_means(data, K, gen, rng)
         self.kmeans_history_ = []
+        self.graph_replays_ = 0
         if self.kmeans_iter > 0:
             means, counts, sse = self._kmeans(data, means, rng)
             weights = counts / counts.sum()
@@ -395,34 +397,63 @@ class GaussianMixture:
         return v[None, :].expand(K, d).clone()
 
     # ------------------------------------------------------------------ k-means warm start
+    def _graphs(self, data: ChunkedMatrix, fn, counters=None):
+        """A :class:`GraphReplay` of ``fn`` when iterations can be replayed as CUDA graphs (``cuda_graphs``, the
+        Triton backend, X a float32 tensor on the CUDA device: chunks are views that keep their addresses), else
+        None."""
+        if (self.cuda_graphs and hasattr(self._impl, "graph_key") and data.device.type == "cuda"
+                and _resident(data.X, data.device)):
+            return GraphReplay(fn, counters)
+        return None
+
+    def _kmeans_step(self, data: ChunkedMatrix, means):
+        """One Lloyd iteration on the device without a host sync (a CUDA graph may record it): means (K, D)
+        float64 -> new means (K, D) float64 (an empty cluster keeps its centroid), counts (K,) float64, summary
+        (2,) float64 [sum of squared distances, number of empty clusters], and the float32 centroids used."""
+        K, d = means.shape
+        c32 = means.to(torch.float32).contiguous()
+        counts = torch.zeros(K, dtype=torch.float64, device=means.device)
+        sums = torch.zeros(K, d, dtype=torch.float64, device=means.device)
+        sse = torch.zeros((), dtype=torch.float64, device=means.device)
+        for start, x, kw in self._stream(data):
+            _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32, **kw)
+            counts += cnt.double()
+            sums += sm.double()
+            sse += min_dist.sum(dtype=torch.float64)
+        means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], means)
+        summary = torch.stack([sse, (counts == 0).sum().double()])
+        return means, counts, summary, c32
+
     def _kmeans(self, data: ChunkedMatrix, means: torch.Tensor, rng):
-        K, d, n = means.shape[0], data.d, data.n
-        device = data.device
+        n = data.n
         counts = None
-        for it in range(self.kmeans_iter):
-            t0 = time.perf_counter()
-            c32 = means.to(torch.float32).contiguous()
-            counts = torch.zeros(K, dtype=torch.float64, device=device)
-            sums = torch.zeros(K, d, dtype=torch.float64, device=device)
-            sse = torch.zeros((), dtype=torch.float64, device=device)
-            for start, x, kw in self._stream(data):
-                _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32, **kw)
-                counts += cnt.double()
-                sums += sm.double()
-                sse += min_dist.sum(dtype=torch.float64)
-            sse = float(sse)
-            empty = torch.nonzero(counts == 0).flatten()
-            means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], means)
-            if empty.numel():   # rare: one more pass finds the rows farthest from their centroid
-                far = self._farthest_rows(data, empty.numel(),
-                                          lambda x, kw: self._impl.kmeans_step(x, c32, **kw)[1])  # noqa: B023
-                means, counts = self._reseed_empty_clusters(means, counts, empty, far)
-            self.kmeans_history_.append({"iteration": it + 1, "inertia": sse / n,
-                                         "n_reseeded": int(empty.numel()),
-                                         "seconds": time.perf_counter() - t0})
-            self._log(2 if it + 1 < self.kmeans_iter else 1,
-                      f"[flashgmm] k-means {it + 1}/{self.kmeans_iter} inertia={sse / n:.6g} "
-                      f"empty={int(empty.numel())} {time.perf_counter() - t0:.2f}s")
+        sse = math.nan
+        graphs = self._graphs(data, lambda m: self._kmeans_step(data, m))   # key "kmeans": one kind of iteration
+        try:
+            for it in range(self.kmeans_iter):
+                t0 = time.perf_counter()
+                if graphs is not None:
+                    means, counts, summary, c32 = graphs("kmeans", means)
+                else:
+                    means, counts, summary, c32 = self._kmeans_step(data, means)
+                sse, n_empty = summary.tolist()
+                n_empty = int(n_empty)
+                if n_empty:   # rare: one more pass finds the rows farthest from their centroid
+                    empty = torch.nonzero(counts == 0).flatten()
+                    far = self._farthest_rows(data, n_empty,
+                                              lambda x, kw: self._impl.kmeans_step(x, c32, **kw)[1])  # noqa: B023
+                    means, counts = self._reseed_empty_clusters(means.clone(), counts.clone(), empty, far)
+                self.kmeans_history_.append({"iteration": it + 1, "inertia": sse / n, "n_reseeded": n_empty,
+                                             "seconds": time.perf_counter() - t0})
+                self._log(2 if it + 1 < self.kmeans_iter else 1,
+                          f"[flashgmm] k-means {it + 1}/{self.kmeans_iter} inertia={sse / n:.6g} "
+                          f"empty={n_empty} {time.perf_counter() - t0:.2f}s")
+            if graphs is not None:    # the outputs are the graph's buffers: copy before the graph goes
+                means, counts = means.clone(), counts.clone()
+        finally:
+            if graphs is not None:
+                self.graph_replays_ += graphs.replays
+                graphs.reset()
         return means, counts, sse
 
     def _farthest_rows(self, data: ChunkedMatrix, k: int, score_fn) -> "_FarthestRows":
@@ -500,19 +531,15 @@ class GaussianMixture:
     def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
         # CUDA graphs of the EM iteration: Triton backend, X a float32 tensor on the device (chunks are views that
         # keep their addresses); the backend says which iterations share a graph (graph_key)
-        graphs = None
-        if (self.cuda_graphs and hasattr(self._impl, "graph_key") and data.device.type == "cuda"
-                and _resident(data.X, data.device)):
-            graphs = GraphReplay(lambda m, v, w: self._em_step(data, m, v, w),
-                                 getattr(self._impl, "order_stats", None))
-        self.graph_replays_ = 0
+        graphs = self._graphs(data, lambda m, v, w: self._em_step(data, m, v, w),
+                              getattr(self._impl, "order_stats", None))
         self.history_ = []
         self.converged_ = False
         try:
             it, ll, gain = self._em_loop(data, means, var, weights, n, graphs)
         finally:
             if graphs is not None:
-                self.graph_replays_ = graphs.replays
+                self.graph_replays_ += graphs.replays
                 graphs.reset()
         self.n_iter_ = it if self.max_iter > 0 else 0
         self.lower_bound_ = ll

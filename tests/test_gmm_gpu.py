@@ -152,3 +152,20 @@ def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse):
     for m in (c, s):
         assert [h["log_likelihood"] for h in m.history_] == [h["log_likelihood"] for h in b.history_]
         assert np.array_equal(m.means_, b.means_)
+
+
+def test_kmeans_warm_start_graph_replay_is_bitwise_the_eager_one():
+    # the k-means warm start is replayed as a CUDA graph too (one kind of iteration: 1 run, 1 capture, replays):
+    # same inertia path and the same fit as eager launches
+    X = torch.from_numpy(sift_like(50_000, 32, 300, seed=6)).cuda()
+    kw = dict(kmeans_iter=6, max_iter=4, tol=0.0, backend="triton", device="cuda", seed=0, chunk_size=20_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = GaussianMixture(256, cuda_graphs=True, **kw).fit(X)
+        b = GaussianMixture(256, cuda_graphs=False, **kw).fit(X)
+    assert [h["inertia"] for h in a.kmeans_history_] == [h["inertia"] for h in b.kmeans_history_]
+    assert [h["log_likelihood"] for h in a.history_] == [h["log_likelihood"] for h in b.history_]
+    for name in ("means_", "covariances_", "weights_"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    # k-means: iterations 2..6 replayed (the 2nd right after its capture); EM (sparse, K=256): the 4th
+    assert a.graph_replays_ == 5 + 1 and b.graph_replays_ == 0
