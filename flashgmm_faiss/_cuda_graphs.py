@@ -2,8 +2,8 @@
 
 At N = 1e6 one EM iteration of the Triton backend is ~60-180 kernel launches whose GPU time (~1.4-1.6 ms on
 an H200) is below the host's time to issue them from Python (2-3 ms), so the fit is bound by the host. A CUDA
-graph records the launches once and replays them with one call. :class:`GraphReplay` does that for a function of a few input
-tensors whose Python path is fixed by a caller-supplied key (the Triton backend's
+graph records the launches once and replays them with one call. :class:`GraphReplay` does that for a function
+of a few input tensors whose Python path is fixed by a caller-supplied key (the Triton backend's
 :meth:`~flashgmm_faiss._triton_backend.TritonBackend.graph_key`): the first call with a key runs the function
 (it also compiles and autotunes the kernels: nothing may autotune during a capture), the second captures it and
 every later call copies its inputs into the graph's input buffers and replays.

@@ -32,11 +32,12 @@ MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
 # path (one chunk-sized GEMM + topk), which is used instead. The kernel itself accepts up to
 # kernels.assign.MAX_ASSIGN = 64.
 MAX_ASSIGN = 16
-# Row orders (sparse E-step): built in the first EM iteration, then rebuilt every ORDER_REFRESH-th (the argmax costs pass 1 ~0.2 ms and the
-# argsort 0.11 ms per 1M rows on an H200; the orders age slowly once k-means has placed the means); at most
-# ROW_ORDER_BYTES of device memory for them (8 bytes per row; a rebuild needs one chunk's worth more while it
-# sorts): chunks past it run the dense E-step. Only for K of MIN_SPARSE_BLOCKS..64 blocks of kernels FLAG_K components:
-# with fewer blocks there is little to skip, with more the kernels have no sparse pass.
+# Row orders (sparse E-step): built in the first EM iteration, then rebuilt every ORDER_REFRESH-th (the argmax
+# costs pass 1 ~0.2 ms and the argsort 0.11 ms per 1M rows on an H200; the orders age slowly once k-means has
+# placed the means); at most ROW_ORDER_BYTES of device memory for them (8 bytes per row; a rebuild needs one
+# chunk's worth more while it sorts): chunks past it run the dense E-step. Only for K of MIN_SPARSE_BLOCKS..64
+# blocks of kernels FLAG_K components: with fewer blocks there is little to skip, with more the kernels have no
+# sparse pass.
 ORDER_REFRESH = 4
 ROW_ORDER_BYTES = 1 << 30
 MIN_SPARSE_BLOCKS = 4
