@@ -320,12 +320,8 @@ def main(argv=None):
                     st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params,
                                        copy_rows=not args.no_copy, order=orders.get(i), return_best=rebuild)
                     if rebuild:   # in place, as the estimator does: the order buffers keep their addresses
-                        new = kernels.row_order(st[4], perm)   # (a CUDA graph of the cycle reads them)
-                        if i in orders:
-                            orders[i].rows.copy_(new.rows)
-                            orders[i].hint.copy_(new.hint)
-                        else:
-                            orders[i] = new
+                        # (a CUDA graph of the cycle reads them)
+                        orders[i] = kernels.row_order(st[4], perm, out=orders.get(i))
                 else:
                     st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params,
                                        copy_rows=not args.no_copy)

@@ -144,12 +144,8 @@ class TritonBackend:
             if self._perm is None:   # once per fit: the means move little after k-means, and a fixed
                 # permutation keeps the refreshes cheap (component_order is ~80 small launches, 1.6 ms on an H200)
                 self._perm = ke.component_order(means)
-            new = ke.row_order(out[4], self._perm)
-            if order is not None:    # in place, after this chunk's E-step read it (stream order)
-                order.rows.copy_(new.rows)
-                order.hint.copy_(new.hint)
-            else:
-                self._orders[chunk] = new
+            # in place when the chunk has an order (after this chunk's E-step read it, in stream order)
+            self._orders[chunk] = ke.row_order(out[4], self._perm, out=order)
             self.order_stats["refreshes"] += not self._built     # iterations that (re)built orders
             self._built = True
             out = out[:4]

@@ -14,6 +14,7 @@ returns ``self``, fitted attributes end in ``_``. The differences are what large
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -397,14 +398,22 @@ class GaussianMixture:
         return v[None, :].expand(K, d).clone()
 
     # ------------------------------------------------------------------ k-means warm start
+    @contextlib.contextmanager
     def _graphs(self, data: ChunkedMatrix, fn, counters=None):
-        """A :class:`GraphReplay` of ``fn`` when iterations can be replayed as CUDA graphs (``cuda_graphs``, the
-        Triton backend, X a float32 tensor on the CUDA device: chunks are views that keep their addresses), else
-        None."""
+        """Yield ``step(key, *inputs)``: a :class:`GraphReplay` of ``fn`` when iterations can be replayed as CUDA
+        graphs (``cuda_graphs``, the Triton backend, X a float32 tensor on the CUDA device: chunks are views that
+        keep their addresses), else ``fn(*inputs)``; on exit the replays are added to ``graph_replays_`` and the
+        graphs are freed."""
+        graphs = None
         if (self.cuda_graphs and hasattr(self._impl, "graph_key") and data.device.type == "cuda"
                 and _resident(data.X, data.device)):
-            return GraphReplay(fn, counters)
-        return None
+            graphs = GraphReplay(fn, counters)
+        try:
+            yield graphs if graphs is not None else (lambda key, *inputs: fn(*inputs))
+        finally:
+            if graphs is not None:
+                self.graph_replays_ += graphs.replays
+                graphs.reset()
 
     def _kmeans_step(self, data: ChunkedMatrix, means):
         """One Lloyd iteration on the device without a host sync (a CUDA graph may record it): means (K, D)
@@ -428,14 +437,11 @@ class GaussianMixture:
         n = data.n
         counts = None
         sse = math.nan
-        graphs = self._graphs(data, lambda m: self._kmeans_step(data, m))   # key "kmeans": one kind of iteration
-        try:
+        # key "kmeans": every Lloyd iteration is the same kind
+        with self._graphs(data, lambda m: self._kmeans_step(data, m)) as step:
             for it in range(self.kmeans_iter):
                 t0 = time.perf_counter()
-                if graphs is not None:
-                    means, counts, summary, c32 = graphs("kmeans", means)
-                else:
-                    means, counts, summary, c32 = self._kmeans_step(data, means)
+                means, counts, summary, c32 = step("kmeans", means)
                 sse, n_empty = summary.tolist()
                 n_empty = int(n_empty)
                 if n_empty:   # rare: one more pass finds the rows farthest from their centroid
@@ -448,12 +454,8 @@ class GaussianMixture:
                 self._log(2 if it + 1 < self.kmeans_iter else 1,
                           f"[flashgmm] k-means {it + 1}/{self.kmeans_iter} inertia={sse / n:.6g} "
                           f"empty={n_empty} {time.perf_counter() - t0:.2f}s")
-            if graphs is not None:    # the outputs are the graph's buffers: copy before the graph goes
+            if counts is not None:    # they may be a graph's output buffers: copy before the graphs go
                 means, counts = means.clone(), counts.clone()
-        finally:
-            if graphs is not None:
-                self.graph_replays_ += graphs.replays
-                graphs.reset()
         return means, counts, sse
 
     def _farthest_rows(self, data: ChunkedMatrix, k: int, score_fn) -> "_FarthestRows":
@@ -528,26 +530,6 @@ class GaussianMixture:
             ll_sum += st.log_norm.sum(dtype=torch.float64)
         return nk, sx, sq, ll_sum
 
-    def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
-        # CUDA graphs of the EM iteration: Triton backend, X a float32 tensor on the device (chunks are views that
-        # keep their addresses); the backend says which iterations share a graph (graph_key)
-        graphs = self._graphs(data, lambda m, v, w: self._em_step(data, m, v, w),
-                              getattr(self._impl, "order_stats", None))
-        self.history_ = []
-        self.converged_ = False
-        try:
-            it, ll, gain = self._em_loop(data, means, var, weights, n, graphs)
-        finally:
-            if graphs is not None:
-                self.graph_replays_ += graphs.replays
-                graphs.reset()
-        self.n_iter_ = it if self.max_iter > 0 else 0
-        self.lower_bound_ = ll
-        if self.max_iter > 0 and not self.converged_:
-            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last gain "
-                          f"{gain:.3g} >= tol={self.tol}); increase max_iter or tol.", ConvergenceWarning,
-                          stacklevel=3)
-
     def _em_step(self, data: ChunkedMatrix, means, var, weights):
         """One EM iteration on the device without a host sync (a CUDA graph may record it).
 
@@ -575,49 +557,55 @@ class GaussianMixture:
         summary = torch.stack([ll_sum, degenerate.sum().double()])
         return means, var, nk / n, degenerate, summary, (m32, v32, lw32)
 
-    def _em_loop(self, data, means, var, weights, n, graphs):
-        """EM iterations until ``tol`` or ``max_iter``; sets the fitted parameters and returns ``(iterations,
-        last mean log-likelihood, last gain)``. With ``graphs`` (a :class:`GraphReplay` of :meth:`_em_step`), the
-        iterations the backend keys alike are replayed; either way one host sync per iteration."""
+    def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
+        """EM iterations until ``tol`` or ``max_iter``, one host sync each; sets the fitted parameters. Iterations
+        the backend keys alike (``graph_key``) are replayed as CUDA graphs of :meth:`_em_step` when possible."""
         ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
+        self.history_ = []
+        self.converged_ = False
         prev = -math.inf
         ll = -math.inf
         gain = math.inf
         it = 0
-        for it in range(1, self.max_iter + 1):
-            t0 = time.perf_counter()
-            if ordered:
-                self._impl.begin_em_iteration()
-            if graphs is not None:
-                means, var, weights, degenerate, summary, used = graphs(self._impl.graph_key(), means, var, weights)
-            else:
-                means, var, weights, degenerate, summary, used = self._em_step(data, means, var, weights)
-            ll_sum, n_degenerate = summary.tolist()
-            ll, n_reseeded = ll_sum / n, int(n_degenerate)
-            if not math.isfinite(ll):
-                raise FloatingPointError(
-                    f"EM produced a non-finite log-likelihood at iteration {it}; try a larger reg_covar "
-                    f"(now {self.reg_covar}) or check the input scale.")
-            if n_reseeded:   # rare: one more pass finds the worst-explained rows under this iteration's parameters
-                m32, v32, lw32 = used
-                worst = self._farthest_rows(data, n_reseeded,
-                                            lambda x, kw: -self._impl.score(x, m32, v32, lw32, **kw)[0])  # noqa: B023
-                means, var, weights = self._reseed_components(means.clone(), var.clone(), weights.clone(),
-                                                              degenerate, worst, n)
-            elapsed = time.perf_counter() - t0
-            gain = ll - prev
-            self.history_.append({"iteration": it, "log_likelihood": ll, "seconds": elapsed,
-                                  "n_reseeded": n_reseeded})
-            every = 1 if self.verbose and int(self.verbose) >= 2 else 10
-            if it % every == 0 or it == 1:
-                self._log(1, f"[flashgmm] EM {it}/{self.max_iter} log-likelihood={ll:.6f} "
-                             f"gain={gain:+.3g} reseeded={n_reseeded} {elapsed:.2f}s")
-            if abs(gain) < self.tol and n_reseeded == 0:
-                self.converged_ = True
-                break
-            prev = ll
-        self._set_params(means, var, weights)
-        return it, ll, gain
+        with self._graphs(data, lambda m, v, w: self._em_step(data, m, v, w),
+                          getattr(self._impl, "order_stats", None)) as step:
+            for it in range(1, self.max_iter + 1):
+                t0 = time.perf_counter()
+                if ordered:
+                    self._impl.begin_em_iteration()
+                key = self._impl.graph_key() if ordered else None
+                means, var, weights, degenerate, summary, used = step(key, means, var, weights)
+                ll_sum, n_degenerate = summary.tolist()
+                ll, n_reseeded = ll_sum / n, int(n_degenerate)
+                if not math.isfinite(ll):
+                    raise FloatingPointError(
+                        f"EM produced a non-finite log-likelihood at iteration {it}; try a larger reg_covar "
+                        f"(now {self.reg_covar}) or check the input scale.")
+                if n_reseeded:   # rare: one more pass finds the worst-explained rows under this iteration's
+                    m32, v32, lw32 = used   # parameters
+                    worst = self._farthest_rows(
+                        data, n_reseeded, lambda x, kw: -self._impl.score(x, m32, v32, lw32, **kw)[0])  # noqa: B023
+                    means, var, weights = self._reseed_components(means.clone(), var.clone(), weights.clone(),
+                                                                  degenerate, worst, n)
+                elapsed = time.perf_counter() - t0
+                gain = ll - prev
+                self.history_.append({"iteration": it, "log_likelihood": ll, "seconds": elapsed,
+                                      "n_reseeded": n_reseeded})
+                every = 1 if self.verbose and int(self.verbose) >= 2 else 10
+                if it % every == 0 or it == 1:
+                    self._log(1, f"[flashgmm] EM {it}/{self.max_iter} log-likelihood={ll:.6f} "
+                                 f"gain={gain:+.3g} reseeded={n_reseeded} {elapsed:.2f}s")
+                if abs(gain) < self.tol and n_reseeded == 0:
+                    self.converged_ = True
+                    break
+                prev = ll
+            self._set_params(means, var, weights)
+        self.n_iter_ = it if self.max_iter > 0 else 0
+        self.lower_bound_ = ll
+        if self.max_iter > 0 and not self.converged_:
+            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last gain "
+                          f"{gain:.3g} >= tol={self.tol}); increase max_iter or tol.", ConvergenceWarning,
+                          stacklevel=3)
 
     def _reseed_components(self, means, var, weights, degenerate, worst, n):
         """Move degenerate components onto the worst-explained rows, with the median variance."""

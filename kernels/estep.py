@@ -924,9 +924,11 @@ def component_order(means, block: int = 64, iters: int = 8) -> torch.Tensor:
     return torch.argsort(lab * k + torch.arange(k, device=mu.device))
 
 
-def row_order(best, comp_perm=None) -> RowOrder:
+def row_order(best, comp_perm=None, out: RowOrder | None = None) -> RowOrder:
     """The :class:`RowOrder` that sorts rows by ``best`` (n,) (each row's most likely component, e.g. returned by
-    :func:`estep` with ``return_best=True``), in the kernel component order ``comp_perm`` when given."""
+    :func:`estep` with ``return_best=True``), in the kernel component order ``comp_perm`` when given. With ``out``
+    (an order of the same n rows) it is written into out's tensors, which keep their addresses (a CUDA graph that
+    reads them stays valid), and out is returned."""
     key = best.long()
     if comp_perm is not None:
         rank = torch.empty_like(comp_perm)
@@ -937,6 +939,10 @@ def row_order(best, comp_perm=None) -> RowOrder:
     # unstable 32-bit argsort's 0.101)
     small = comp_perm is not None and comp_perm.numel() <= 2**15
     rows = torch.argsort(key.to(torch.int16) if small else key, stable=True)
+    if out is not None:
+        out.rows.copy_(rows)
+        torch.index_select(key, 0, rows, out=out.hint)
+        return out
     return RowOrder(rows.int(), key[rows].contiguous())
 
 

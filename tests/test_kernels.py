@@ -278,6 +278,12 @@ def test_row_order_sorts_by_component_rank():
     keys = [rank[int(b)] for b in best[order.rows.long()].cpu()]
     assert keys == sorted(keys) and keys == order.hint.cpu().tolist()
     assert sorted(order.rows.cpu().tolist()) == list(range(7))
+    # out=: the same order written into an existing order's tensors (their storage is kept)
+    old = kestep.row_order(torch.zeros_like(best), perm)
+    ptrs = (old.rows.data_ptr(), old.hint.data_ptr())
+    again = kestep.row_order(best, perm, out=old)
+    assert again is old and (old.rows.data_ptr(), old.hint.data_ptr()) == ptrs
+    assert torch.equal(old.rows, order.rows) and torch.equal(old.hint, order.hint)
     # a component order groups nearby means: two far-apart groups of 8 means stay in separate halves
     g = torch.Generator().manual_seed(0)
     means = torch.cat([torch.randn(8, 4, generator=g), 100 + torch.randn(8, 4, generator=g)])[
