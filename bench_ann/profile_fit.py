@@ -24,7 +24,32 @@ from flashgmm_faiss import GaussianMixture
 from .bench_fit import add_problem_args, sift_like
 
 
-def _profile(name, fn, out: Path, rows: int):
+def _timeline(prof):
+    """GPU kernel intervals of a profile: count, busy time (their union), span (first start to last end) and the
+    longest idle gaps, in ms, so that host-bound stretches (the GPU waiting for launches or syncs) show up."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return {"kernels": 0}
+    busy, gaps = 0.0, []
+    cur_s, cur_e = spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = spans[-1][1] - spans[0][0]
+    gaps.sort(reverse=True)
+    return {"kernels": len(spans), "busy_ms": busy / 1e3, "span_ms": span / 1e3, "idle_ms": (span - busy) / 1e3,
+            "idle_over_20us_ms": sum(g for g in gaps if g > 20) / 1e3,
+            "longest_gaps_us": [round(g, 1) for g in gaps[:12]]}
+
+
+def _profile(name, fn, out: Path, rows: int, trace: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -37,12 +62,16 @@ def _profile(name, fn, out: Path, rows: int):
     gpu_us = sum(e.self_device_time_total for e in events)
     by_gpu = events.table(sort_by="self_cuda_time_total", row_limit=rows)
     by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=rows)
+    timeline = _timeline(prof)
     head = f"## {name}: wall {wall * 1e3:.1f} ms, GPU kernel time {gpu_us / 1e3:.1f} ms (profiler on)"
-    text = "\n\n".join([head, "### by GPU time", by_gpu, "### by host time", by_cpu])
+    text = "\n\n".join([head, f"timeline {timeline}", "### by GPU time", by_gpu, "### by host time", by_cpu])
     (out / f"profile_{name}.txt").write_text(text + "\n")
+    if trace:
+        prof.export_chrome_trace(str(out / f"trace_{name}.json"))
     print(head, flush=True)
+    print(f"timeline {timeline}", flush=True)
     print(by_gpu[:6000], flush=True)
-    return {"phase": name, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3}
+    return {"phase": name, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3, "timeline": timeline}
 
 
 def run(args):
@@ -50,7 +79,8 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     X = sift_like(args.n, args.d, args.clusters, device="cuda")
     common = dict(covariance_type=args.cov, tol=0.0, backend="triton", device="cuda", precision=args.precision,
-                  seed=0, chunk_size=args.chunk, sparse_estep=not args.dense)
+                  seed=0, chunk_size=args.chunk, sparse_estep=not args.dense,
+                  cuda_graphs=not args.no_graphs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
@@ -62,10 +92,10 @@ def run(args):
         print(f"# warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         phases = []
         km = GaussianMixture(args.k, kmeans_iter=args.kmeans_iter, max_iter=0, **common)
-        phases.append(_profile(f"kmeans_{args.kmeans_iter}_iters", lambda: km.fit(X), out, args.rows))
+        phases.append(_profile(f"kmeans_{args.kmeans_iter}_iters", lambda: km.fit(X), out, args.rows, args.trace))
         phases[-1]["kmeans_history_s"] = [h["seconds"] for h in km.kmeans_history_]
         em = GaussianMixture(args.k, kmeans_iter=0, max_iter=args.em_iter, init=g.means_ + 0.0, **common)
-        phases.append(_profile(f"em_{args.em_iter}_iters", lambda: em.fit(X), out, args.rows))
+        phases.append(_profile(f"em_{args.em_iter}_iters", lambda: em.fit(X), out, args.rows, args.trace))
         phases[-1]["em_history_s"] = [h["seconds"] for h in em.history_]
         for cap in args.caps:
             phases.append(_profile(f"assign_cap{cap}", lambda cap=cap: g.assign(X, max_assign=cap), out, args.rows))
@@ -86,6 +116,8 @@ def main():
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--dense", action="store_true", help="sparse_estep=False (no row orders)")
     p.add_argument("--rows", type=int, default=25, help="operators per table")
+    p.add_argument("--trace", action="store_true", help="also write a Chrome trace per phase (trace_<phase>.json)")
+    p.add_argument("--no-graphs", action="store_true", help="cuda_graphs=False (eager launches)")
     p.add_argument("--out", default="bench_ann/results/profile")
     run(p.parse_args())
 

@@ -9,7 +9,8 @@ components, the contract of ``flashgmm_faiss._torch_backend.estep``: the per-row
 ``sum_i r_ik (x_i - mu_k)^2`` (diag), with ``r_ik = exp(l_ik - logZ_i)``. Nothing of size n x K ever touches
 device memory.
 
-Both covariance types share one logit form, prepared once per call on the host in O(K D) (``prepare``):
+Both covariance types share one logit form, prepared once per call in O(K D) by one small kernel (``prepare``;
+``prepare_reference`` is its torch form):
 
 * spherical: ``dist_ik = ||x_i||^2 + cst_k + x_i . A_k`` with ``A = -2 mu``, ``cst = ||mu||^2``,
   ``l_ik = b_k - dist_ik / (2 var_k)``; the GEMM accumulates ``x . A`` onto ``||x||^2 + cst`` in place;
@@ -102,6 +103,8 @@ PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
 _MODES = {"ieee": 0, "tf32": 1, "bf16": 2, "bf16x3": 3}
 _COPY_MODES = (1, 2)
 FP16_BOUND_LOG2 = 14        # scaled fp16 operands stay below 2^14 (fp16 max 65504 ~ 2^16)
+_FP16_BOUND = tl.constexpr(FP16_BOUND_LOG2)
+_SQ_SCALE = tl.constexpr(2.0 ** -FP16_BOUND_LOG2)   # diag "tf32": the squares' scale
 # Pass 1 software-pipelined (the product of the next block issued before this block's exponentials); a module
 # switch rather than an autotune parameter so that tests and A/B benchmarks can pin either form. Measured on an
 # H100 (N=1e6, K=1024, D=128, "tf32", 3 interleaved rounds, bench_ann/ab_pipeline.py): 0.95 -> 0.77 ms spherical,
@@ -646,43 +649,161 @@ def _estep_stats_kernel(
 # pass 3: fixed-order float64 reduction of the per-slab partials, units undone, one launch per statistic shape
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _reduce_kd_kernel(SX_PART, SQ_PART, NK_PART, MEANS, INV, SX, SQ, S, K, D: tl.constexpr, DIAG: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """Sx (K, D) and, for diag, Sq = Sxx - 2 mu Sx + Nk mu^2 (K, D): sums over the S slabs in slab order, in
-    float64; INV = [1 / x_scale, 1 / (sq_scale x_scale^2), 1 / dist_unit] (float64)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < K * D
-    sx = tl.zeros([BLOCK], tl.float64)
-    sxx = tl.zeros([BLOCK], tl.float64)
-    nk = tl.zeros([BLOCK], tl.float64)
-    row = offs // D
-    for s in range(0, S):
-        sx += tl.load(SX_PART + s * K * D + offs, mask=mask, other=0.0).to(tl.float64)
-        if DIAG:
-            sxx += tl.load(SQ_PART + s * K * D + offs, mask=mask, other=0.0).to(tl.float64)
-            nk += tl.load(NK_PART + s * K + row, mask=mask, other=0.0).to(tl.float64)
-    sx = sx * tl.load(INV)
-    tl.store(SX + offs, sx.to(tl.float32), mask=mask)
-    if DIAG:
-        mu = tl.load(MEANS + offs, mask=mask, other=0.0).to(tl.float64)
-        sq = sxx * tl.load(INV + 1) - 2.0 * mu * sx + nk * mu * mu
-        tl.store(SQ + offs, tl.maximum(sq, 0.0).to(tl.float32), mask=mask)
+def _slab_sum(PART, offs_s0, S, stride, offs, mask, S_BLOCK: tl.constexpr):
+    """sum over the slabs s < S of PART[s * stride + offs] in float64: S_BLOCK slabs per load (a tile), summed by a
+    fixed tree, the tiles in slab order; deterministic (no atomics), and every load of a tile is in flight at once
+    (one dependent load per slab was ~1.5 us each: 50 us for 32 slabs)."""
+    acc = tl.zeros(offs.shape, tl.float64)
+    for s0 in range(0, S, S_BLOCK):
+        offs_s = (s0 + offs_s0).to(tl.int64)
+        m = (offs_s < S)[:, None] & mask[None, :]
+        t = tl.load(PART + offs_s[:, None] * stride + offs[None, :], mask=m, other=0.0)
+        acc += tl.sum(t.to(tl.float64), axis=0)
+    return acc
 
 
 @triton.jit
-def _reduce_k_kernel(NK_PART, SQ_PART, INV, NK, SQ, S, K, DIAG: tl.constexpr, BLOCK: tl.constexpr):
-    """Nk (K,) and, for spherical, Sq (K,): sums over the S slabs in slab order, in float64."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _reduce_kd_kernel(SX_PART, SQ_PART, NK_PART, MEANS, INV, PERM, SX, SQ, S, K, D: tl.constexpr,
+                      DIAG: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Sx (K, D) and, for diag, Sq = Sxx - 2 mu Sx + Nk mu^2 (K, D): sums over the S slabs (float64, fixed order);
+    INV = [1 / x_scale, 1 / (sq_scale x_scale^2), 1 / dist_unit] (float64). The partials are in kernel order; the
+    outputs (and MEANS) in the caller's: kernel component j is PERM[j] (HAS_PERM)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_s0 = tl.arange(0, S_BLOCK)
+    mask = offs < K * D
+    row = offs // D
+    if HAS_PERM:
+        dst = tl.load(PERM + row, mask=mask, other=0) * D + (offs - row * D)
+    else:
+        dst = offs
+    sx = _slab_sum(SX_PART, offs_s0, S, K * D, offs, mask, S_BLOCK) * tl.load(INV)
+    tl.store(SX + dst, sx.to(tl.float32), mask=mask)
+    if DIAG:
+        sxx = _slab_sum(SQ_PART, offs_s0, S, K * D, offs, mask, S_BLOCK)
+        nk = _slab_sum(NK_PART, offs_s0, S, K, row, mask, S_BLOCK)
+        mu = tl.load(MEANS + dst, mask=mask, other=0.0).to(tl.float64)
+        sq = sxx * tl.load(INV + 1) - 2.0 * mu * sx + nk * mu * mu
+        tl.store(SQ + dst, tl.maximum(sq, 0.0).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _reduce_k_kernel(NK_PART, SQ_PART, INV, PERM, NK, SQ, S, K, DIAG: tl.constexpr, HAS_PERM: tl.constexpr,
+                     BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Nk (K,) and, for spherical, Sq (K,): sums over the S slabs (float64, fixed order), written in the caller's
+    component order (kernel component j is PERM[j] when HAS_PERM)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_s0 = tl.arange(0, S_BLOCK)
     mask = offs < K
-    nk = tl.zeros([BLOCK], tl.float64)
-    sq = tl.zeros([BLOCK], tl.float64)
-    for s in range(0, S):
-        nk += tl.load(NK_PART + s * K + offs, mask=mask, other=0.0).to(tl.float64)
-        if not DIAG:
-            sq += tl.load(SQ_PART + s * K + offs, mask=mask, other=0.0).to(tl.float64)
-    tl.store(NK + offs, nk.to(tl.float32), mask=mask)
+    if HAS_PERM:
+        dst = tl.load(PERM + offs, mask=mask, other=0)
+    else:
+        dst = offs
+    nk = _slab_sum(NK_PART, offs_s0, S, K, offs, mask, S_BLOCK)
+    tl.store(NK + dst, nk.to(tl.float32), mask=mask)
     if not DIAG:
-        tl.store(SQ + offs, tl.maximum(sq * tl.load(INV + 2), 0.0).to(tl.float32), mask=mask)
+        sq = _slab_sum(SQ_PART, offs_s0, S, K, offs, mask, S_BLOCK)
+        tl.store(SQ + dst, tl.maximum(sq * tl.load(INV + 2), 0.0).to(tl.float32), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameter preparation (prepare): the per-component operands and terms of the logit form, one launch
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _pow2_scale(b, BOUND_LOG2: tl.constexpr):
+    """2^clip(BOUND_LOG2 - ceil(log2 b), -100, 100) for a float64 b (ceil(log2 b) := 0 when b is not a finite
+    positive number), exactly, from b's bits: :func:`operand_scale`'s value."""
+    bits = b.to(tl.int64, bitcast=True)
+    ok = (b > 0) & (((bits >> 52) & 0x7FF) != 0x7FF)
+    bits = tl.where(ok, bits, 0x3FF0000000000000)                       # 1.0
+    e = ((bits >> 52) & 0x7FF) - 1023 + ((bits & 0xFFFFFFFFFFFFF) != 0).to(tl.int64)
+    e = tl.minimum(tl.maximum(BOUND_LOG2 - e, -100), 100)
+    return ((e + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
+                    A, A_LO, P, P_LO, BIAS2, COEF2, CST, SCALES, INV, K,
+                    D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr,
+                    MODE: tl.constexpr, EMU: tl.constexpr, HAS_PERM: tl.constexpr, XB_PTR: tl.constexpr):
+    """:func:`prepare_reference` for BLOCK_K components (kernel order; component j is PERM[j]), float64 math in
+    the same order of operations. MU_ABSMAX: max |means|; VAR_MIN: min var (diag "tf32" only); the rows' bound is
+    XB[0] (XB_PTR) or xb_value. Program 0 also writes SCALES (2,) float32 and INV (3,) float64."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m2 = mask_k[:, None] & mask_d[None, :]
+    if HAS_PERM:
+        src = tl.load(PERM + offs_k, mask=mask_k, other=0).to(tl.int64)
+    else:
+        src = offs_k.to(tl.int64)
+    mu = tl.load(MEANS + src[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float64)
+    lw = tl.load(LW + src, mask=mask_k, other=0.0).to(tl.float64)
+    bound = tl.load(MU_ABSMAX).to(tl.float64)
+    if XB_PTR:
+        bound = tl.maximum(bound, tl.load(XB).to(tl.float64))
+    else:
+        bound = tl.maximum(bound, tl.cast(xb_value, tl.float64))
+    one = tl.full((), 1.0, tl.float64)
+    if MODE == 1:
+        s = _pow2_scale(bound, _FP16_BOUND)
+    else:
+        s = one
+    sq_scale = one
+    out2 = offs_k[:, None].to(tl.int64) * D + offs_d[None, :]          # (BLOCK_K, BLOCK_D) kernel-order offsets
+    if DIAG:
+        v = tl.load(VAR + src[:, None] * D + offs_d[None, :], mask=m2, other=1.0).to(tl.float64)
+        prec = 1.0 / v
+        bias = lw - 0.5 * (D * 1.8378770664093453 + tl.sum(tl.where(m2, tl.log(v), 0.0), 1))
+        if MODE == 1:
+            sq_scale = one * _SQ_SCALE
+            pp = prec / (s * s)
+            c_p = _pow2_scale(1.0 / tl.load(VAR_MIN).to(tl.float64) / (s * s), _FP16_BOUND)   # max_j pp
+            unit = sq_scale * c_p
+            p_t = pp * c_p
+            a_t = -2.0 * (s * mu) * pp * unit
+        else:
+            unit = one
+            p_t = prec
+            a_t = -2.0 * mu * prec
+        p32 = p_t.to(tl.float32)
+        p = _hi(p32, MODE, EMU)
+        tl.store(P + out2, p, mask=m2)
+        if MODE == 3:
+            tl.store(P_LO + out2, _lo(p32, p, MODE, EMU), mask=m2)
+        a32 = a_t.to(tl.float32)
+        a = _hi(a32, MODE, EMU)
+        if MODE == 1 or MODE == 2:
+            w = p.to(tl.float64) * sq_scale
+            a64 = a.to(tl.float64)
+            cst = tl.sum(tl.where(w > 0, a64 * a64 / (4.0 * tl.maximum(w, 1e-300)), 0.0), 1)
+        else:
+            cst = tl.sum(mu * mu * prec, 1)
+        coef = tl.zeros([BLOCK_K], tl.float64) - 0.5 / unit
+    else:
+        v = tl.load(VAR + src, mask=mask_k, other=1.0).to(tl.float64)
+        bias = lw - 0.5 * D * (1.8378770664093453 + tl.log(v))
+        a32 = ((-2.0 * s) * mu).to(tl.float32)
+        a = _hi(a32, MODE, EMU)
+        if MODE == 1 or MODE == 2:
+            mu_t = a.to(tl.float64) / -2.0
+            cst = tl.sum(mu_t * mu_t, 1)
+        else:
+            cst = tl.sum(mu * mu, 1) * (s * s)
+        unit = s * s
+        coef = -0.5 / v / unit
+    tl.store(A + out2, a, mask=m2)
+    if MODE == 3:
+        tl.store(A_LO + out2, _lo(a32, a, MODE, EMU), mask=m2)
+    tl.store(BIAS2 + offs_k, (bias * LOG2E).to(tl.float32), mask=mask_k)
+    tl.store(COEF2 + offs_k, (coef * LOG2E).to(tl.float32), mask=mask_k)
+    tl.store(CST + offs_k, cst.to(tl.float32), mask=mask_k)
+    if tl.program_id(0) == 0:
+        tl.store(SCALES, s.to(tl.float32))
+        tl.store(SCALES + 1, sq_scale.to(tl.float32))
+        tl.store(INV, 1.0 / s)
+        tl.store(INV + 1, 1.0 / (sq_scale * s * s))
+        tl.store(INV + 2, 1.0 / unit)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -789,7 +910,8 @@ def operand_scale(bound, mode: int):
     if mode != 1:
         return torch.ones((), dtype=torch.float64, device=bound.device)
     b = bound.double()
-    e = torch.ceil(torch.log2(torch.where(torch.isfinite(b) & (b > 0), b, torch.ones_like(b))))
+    m, e = torch.frexp(torch.where(torch.isfinite(b) & (b > 0), b, torch.ones_like(b)))  # b = m 2^e, m in [0.5, 1)
+    e = e.double() - (m == 0.5).double()                                                 # ceil(log2 b), exactly
     return torch.exp2((FP16_BOUND_LOG2 - e).clamp(-100.0, 100.0))
 
 
@@ -833,7 +955,55 @@ def _distance_operands(mu, s, mode):
 
 
 def prepare(means, var, log_weights, precision, x_bound=None, comp_perm=None) -> Params:
-    """Per-component parameters of the shared logit form (O(K D), float64 math, no host sync).
+    """Per-component parameters of the shared logit form: :func:`prepare_reference`'s result (same arguments),
+    computed by one fused kernel (``_prepare_kernel``) after one or two torch reductions, instead of ~40 small
+    torch operations (~75 us of GPU time per EM iteration at K=1024 on an H200, most of it launch gaps). Falls back
+    to the reference for D > MAX_D or when no kernel can run (a CPU tensor outside the interpreter)."""
+    mode = _MODES[precision]
+    if means.ndim != 2 or var.ndim not in (1, 2) or var.shape[0] != means.shape[0]:
+        raise ValueError(f"means (K, D) and var (K,) or (K, D) expected, got {tuple(means.shape)} and "
+                         f"{tuple(var.shape)}")
+    k, d = means.shape
+    dev = means.device
+    if d > MAX_D or k == 0 or (dev.type != "cuda" and not _interpret()):
+        return prepare_reference(means, var, log_weights, precision, x_bound, comp_perm)
+    if comp_perm is not None:
+        comp_perm = _check_perm(comp_perm, k, dev, "comp_perm")
+    diag = var.ndim == 2
+    means = means.float().contiguous()
+    var = var.float().contiguous()
+    log_weights = log_weights.float().contiguous()
+    mu_absmax = torch.linalg.vector_norm(means, ord=math.inf)            # one reduction, stays on the device
+    var_min = var.amin() if diag and mode == 1 else mu_absmax            # the precisions' fp16 scale (diag "tf32")
+    xb_ptr = isinstance(x_bound, torch.Tensor)
+    xb_value = 0.0
+    if x_bound is not None and not xb_ptr:                               # a python bound, rounded up to fp32
+        xb_value = float(x_bound)
+        if math.isfinite(xb_value) and float(torch.tensor(xb_value, dtype=torch.float32)) < xb_value:
+            xb_value = math.nextafter(float(torch.tensor(xb_value, dtype=torch.float32)), math.inf)
+    op = _operand_dtype(mode)
+    a = torch.empty((k, d), dtype=op, device=dev)
+    a_lo = torch.empty_like(a) if mode == 3 else a
+    p = torch.empty_like(a) if diag else a
+    p_lo = torch.empty_like(a) if diag and mode == 3 else p
+    bias2 = torch.empty(k, dtype=torch.float32, device=dev)
+    coef2 = torch.empty_like(bias2)
+    cst = torch.empty_like(bias2)
+    scales = torch.empty(2, dtype=torch.float32, device=dev)
+    inv = torch.empty(3, dtype=torch.float64, device=dev)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_k = max(1, min(32, 4096 // block_d))
+    _prepare_kernel[(triton.cdiv(k, block_k),)](
+        means, var, log_weights, comp_perm if comp_perm is not None else bias2, mu_absmax, var_min,
+        x_bound if xb_ptr else mu_absmax, xb_value, a, a_lo, p, p_lo, bias2, coef2, cst, scales, inv, k,
+        D=d, BLOCK_K=block_k, BLOCK_D=block_d, DIAG=diag, MODE=mode, EMU=_interpret(),
+        HAS_PERM=comp_perm is not None, XB_PTR=xb_ptr, num_warps=4)
+    return Params(a, a_lo, p, p_lo, bias2, coef2, cst, scales, inv, comp_perm)
+
+
+def prepare_reference(means, var, log_weights, precision, x_bound=None, comp_perm=None) -> Params:
+    """Per-component parameters of the shared logit form (O(K D), float64 torch math, no host sync): the reference
+    of :func:`prepare` (which computes the same in one kernel).
 
     means (K, D), var (K,) or (K, D), log_weights (K,): float32 tensors; ``x_bound``: float, 0-d tensor or None,
     an upper bound of the rows' magnitude (fp16 scale; the means' own magnitude is always included). In the
@@ -1084,8 +1254,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
             x_absmax = absmax(x, center)
         params = prepare(means, var, log_weights, precision, x_absmax)
     perm = params.comp_perm
-    if perm is not None and diag:
-        means = means[perm]          # the diag reduction forms Sq from the means in kernel order
+    if diag:
+        means = means.contiguous()   # the diag reduction reads it (no copy when already contiguous)
     dev = x.device
     x2 = torch.empty(n, dtype=torch.float32, device=dev)
     lzp = torch.empty(n, dtype=torch.float32, device=dev) if order is not None else None
@@ -1129,15 +1299,15 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     nk = torch.empty(k, dtype=torch.float32, device=dev)
     sx = torch.empty((k, d), dtype=torch.float32, device=dev)
     sq = torch.empty((k, d) if diag else (k,), dtype=torch.float32, device=dev)
-    block = 1024
-    _reduce_kd_kernel[(triton.cdiv(k * d, block),)](sx_part, sq_part, nk_part, means, params.inv, sx, sq, slabs, k,
-                                                     D=d, DIAG=diag, BLOCK=block, num_warps=4)
-    _reduce_k_kernel[(triton.cdiv(k, block),)](nk_part, sq_part, params.inv, nk, sq, slabs, k, DIAG=diag,
-                                               BLOCK=block, num_warps=4)
-    if perm is not None:             # back to the caller's component order
-        nk, sx, sq = (torch.empty_like(t).index_copy_(0, perm, t) for t in (nk, sx, sq))
-        if return_best:
-            best = perm[best]
+    block, s_block = 128, min(32, triton.next_power_of_2(slabs))
+    perm_arg = perm if perm is not None else nk                  # (written back to the caller's component order)
+    _reduce_kd_kernel[(triton.cdiv(k * d, block),)](sx_part, sq_part, nk_part, means, params.inv, perm_arg, sx, sq,
+                                                     slabs, k, D=d, DIAG=diag, HAS_PERM=perm is not None,
+                                                     BLOCK=block, S_BLOCK=s_block, num_warps=4)
+    _reduce_k_kernel[(triton.cdiv(k, block),)](nk_part, sq_part, params.inv, perm_arg, nk, sq, slabs, k, DIAG=diag,
+                                               HAS_PERM=perm is not None, BLOCK=block, S_BLOCK=s_block, num_warps=4)
+    if perm is not None and return_best:
+        best = perm[best]
     if return_best:
         return logz, nk, sx, sq, best
     return logz, nk, sx, sq

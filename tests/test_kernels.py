@@ -378,6 +378,41 @@ def test_diag_logits_are_exact_for_the_represented_values(precision):
     assert_close("nk vs the represented operands", st[1], r.sum(0), 1e-5)
 
 
+@pytest.mark.parametrize("bound", ["none", "float", "tensor"])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16", "bf16x3"])
+def test_prepare_kernel_matches_the_torch_reference(precision, diag, bound):
+    # prepare() runs one fused kernel; prepare_reference() is the float64 torch form it replaces. The operands
+    # (rounded to the mode's format) must be identical; the float terms agree to the last fp32 bit on the CPU
+    # interpreter and to 1e-6 on a GPU (libdevice's float64 log may differ from torch's in the last bit).
+    g = torch.Generator().manual_seed(11)
+    for k, d, perm in [(5, 3, False), (37, 20, True), (64, 16, True)]:
+        means = (torch.randn(k, d, generator=g) * 40 + 7).to(DEVICE)
+        var = ((torch.rand((k, d) if diag else (k,), generator=g) * 30 + 1e-3)).to(DEVICE)
+        lw = torch.log_softmax(torch.randn(k, generator=g), 0).to(DEVICE)
+        cp = torch.randperm(k, generator=g).to(DEVICE) if perm else None
+        xb = {"none": None, "float": 300.3, "tensor": torch.tensor(123.4, dtype=torch.float64, device=DEVICE)}[bound]
+        ref = kestep.prepare_reference(means, var, lw, precision, xb, cp)
+        got = kestep.prepare(means, var, lw, precision, xb, cp)
+        for name in ("a", "a_lo", "p", "p_lo", "scales", "inv"):
+            r, t = getattr(ref, name), getattr(got, name)
+            if diag or name not in ("p", "p_lo"):             # spherical: p, p_lo are placeholders
+                assert r.dtype == t.dtype and r.shape == t.shape, name
+                assert torch.equal(r, t), f"{name} differs (k={k}, d={d})"
+        for name in ("bias2", "coef2", "cst"):
+            assert_close(f"{name} (k={k}, d={d})", getattr(got, name), getattr(ref, name), 1e-6 if HAS_CUDA else 0.0)
+        assert (got.comp_perm is None) == (cp is None)
+
+
+def test_operand_scale_is_exact_at_powers_of_two():
+    # ceil(log2 b) from the bits: b = 2^k gives 2^(14 - k), b just above gives 2^(13 - k) (a float64 log2 can round
+    # 2^k (1 + 2^-52) down onto k)
+    for b, want in [(1.0, 2.0 ** 14), (256.0, 2.0 ** 6), (math.nextafter(256.0, math.inf), 2.0 ** 5), (0.75, 2.0 ** 14),
+                    (0.0, 2.0 ** 14), (math.inf, 2.0 ** 14), (math.nan, 2.0 ** 14)]:
+        got = float(kestep.operand_scale(torch.tensor(b, dtype=torch.float64), 1))
+        assert got == want, (b, got, want)
+
+
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e7])
 def test_tf32_mode_scales_into_fp16_range(diag, magnitude):
