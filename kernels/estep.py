@@ -766,7 +766,7 @@ def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
             unit = one
             p_t = prec
             a_t = -2.0 * mu * prec
-        p32 = p_t.to(tl.float32)
+        p32 = tl.where(m2, p_t, 0.0).to(tl.float32)                      # padding lanes: 0, not 1 / s^2 c_p
         p = _hi(p32, MODE, EMU)
         tl.store(P + out2, p, mask=m2)
         if MODE == 3:
