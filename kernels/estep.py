@@ -94,6 +94,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LOG2PI = tl.constexpr(math.log(2.0 * math.pi))   # the Gaussian normaliser's log(2 pi), as prepare_reference uses
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_D = 256
 # GEMM modes: 0 exact fp32 ("ieee"); 1 one fp16 product of tf32-precision operands with power-of-two scaling
@@ -754,7 +755,7 @@ def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
     if DIAG:
         v = tl.load(VAR + src[:, None] * D + offs_d[None, :], mask=m2, other=1.0).to(tl.float64)
         prec = 1.0 / v
-        bias = lw - 0.5 * (D * 1.8378770664093453 + tl.sum(tl.where(m2, tl.log(v), 0.0), 1))
+        bias = lw - 0.5 * (D * LOG2PI + tl.sum(tl.where(m2, tl.log(v), 0.0), 1))
         if MODE == 1:
             sq_scale = one * _SQ_SCALE
             pp = prec / (s * s)
@@ -782,7 +783,7 @@ def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
         coef = tl.zeros([BLOCK_K], tl.float64) - 0.5 / unit
     else:
         v = tl.load(VAR + src, mask=mask_k, other=1.0).to(tl.float64)
-        bias = lw - 0.5 * D * (1.8378770664093453 + tl.log(v))
+        bias = lw - 0.5 * D * (LOG2PI + tl.log(v))
         a32 = ((-2.0 * s) * mu).to(tl.float32)
         a = _hi(a32, MODE, EMU)
         if MODE == 1 or MODE == 2:
@@ -979,8 +980,9 @@ def prepare(means, var, log_weights, precision, x_bound=None, comp_perm=None) ->
     xb_value = 0.0
     if x_bound is not None and not xb_ptr:                               # a python bound, rounded up to fp32
         xb_value = float(x_bound)
-        if math.isfinite(xb_value) and float(torch.tensor(xb_value, dtype=torch.float32)) < xb_value:
-            xb_value = math.nextafter(float(torch.tensor(xb_value, dtype=torch.float32)), math.inf)
+        xb32 = float(torch.tensor(xb_value, dtype=torch.float32))       # the kernel argument's value
+        if math.isfinite(xb_value) and xb32 < xb_value:
+            xb_value = math.nextafter(xb32, math.inf)
     op = _operand_dtype(mode)
     a = torch.empty((k, d), dtype=op, device=dev)
     a_lo = torch.empty_like(a) if mode == 3 else a
