@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .estep import (LOG2E, _MODES, _check_inputs, _component_logits, _interpret, _load_rows, _prune_row, _row_block,
-                    _row_operands, absmax, launch_logz, prepare)
+                    _row_operands, _split_a, absmax, launch_logz, prepare)
 
 MAX_ASSIGN = 64
 
@@ -42,7 +42,7 @@ def _topk_configs():
             for bm in (64, 128) for bk in (64,) for w in (4, 8)]
 
 
-@triton.autotune(configs=_topk_configs(), key=["K", "D", "DIAG", "MODE", "M"],
+@triton.autotune(configs=_topk_configs(), key=["K", "D", "DIAG", "MODE", "M", "SPLIT_A"],
                  prune_configs_by={"early_config_prune": _prune_row})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -55,7 +55,7 @@ def _topk_kernel(
     # compile-time: dims, flags, kept entries (M real, M_PAD = next power of 2), tiles
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr, MODE: tl.constexpr,
     EMU: tl.constexpr,
-    M: tl.constexpr, M_PAD: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     offs_m, mask_m, offs_d, mask_d = _row_block(N, D, BLOCK_M, BLOCK_D)
@@ -72,7 +72,8 @@ def _topk_kernel(
         offs_k = k0 + cols
         mask_k = offs_k < K
         cand, dist = _component_logits(xh, xl, xsh, xsl, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                       offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
+                                       offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
+                                       SPLIT_A)
         for _ in tl.static_range(M):
             c_max = tl.max(cand, axis=1)
             c_arg = tl.argmax(cand, axis=1)
@@ -131,7 +132,7 @@ def topk_responsibilities(x, means, var, log_weights, max_assign, precision="tf3
                        params.bias2, params.coef2, params.cst, top_r, top_i, params.scales, n, k,
                        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
                        MODE=_MODES[precision], EMU=_interpret(),
-                       M=m, M_PAD=max(2, triton.next_power_of_2(m)))
+                       M=m, M_PAD=max(2, triton.next_power_of_2(m)), SPLIT_A=_split_a(_MODES[precision], diag))
     return top_r, top_i
 
 

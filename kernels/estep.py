@@ -119,6 +119,11 @@ PIPELINE_LOGZ = True
 # proximity (:func:`row_order`, :func:`component_order`) few pairs remain. A branch around the work inside a dense
 # pass 2 was slower than no skipping (it stops Triton's software pipelining): the work list has no branch.
 SKIP_LOG2 = 40.0
+# Diag "tf32": A = -2 mu / var enters the logits as two fp16 terms (one more product per logits tile in both passes
+# and the top-M kernel). One fp16 rounding of A moves every component's implied mean -A~ / (2 P~) by ~2^-12 mu, a
+# bias all its rows share: the one-step variance error from random rows was 1.12e-3 (issue bound 1e-3) and the
+# float64 model gives 1.9e-4 with the split (NOTES.md, v9). A module switch (read at each launch) for A/B runs.
+DIAG_SPLIT_A = True
 
 
 def _interpret() -> bool:
@@ -269,6 +274,7 @@ def _component_logits(
     BIAS2, COEF2, CST,
     offs_k, mask_k, offs_d, mask_d,
     D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_A: tl.constexpr,
 ):
     """Base-2 logits s = l * log2(e) (BM, BK) and distances (BM, BK, in the accumulator's units) of a row tile
     against one component block. Components k >= K get bias -inf, hence s = -inf and 2^(s - logZ2) = 0."""
@@ -303,6 +309,8 @@ def _component_logits(
         a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
     else:
         a_lo_t = a_t
+    if SPLIT_A:     # A's second fp16 term (see DIAG_SPLIT_A), small term first
+        acc = _dot(xh, tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0), acc, MODE, EMU)
     dist = _dot3(xh, xl, a_t, a_lo_t, acc, MODE, EMU)
     s = bias[None, :] + coef[None, :] * dist
     return s, dist
@@ -348,7 +356,7 @@ def _row_configs():
     if _interpret():    # one config (the interpreter cannot benchmark); 32 rows = two flag tiles per program
         return [triton.Config({"BLOCK_M": 2 * FLAG_ROWS, "BLOCK_K": FLAG_K}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+            for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2),
                                  (64, 128, 8, 2), (128, 64, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3))]
 
 
@@ -361,7 +369,7 @@ def _prune_row(configs, named_args, **kwargs):
     keep = []
     for c in configs:
         bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
-        ops = 2 if diag else 1
+        ops = (3 if named_args.get("SPLIT_A", False) else 2) if diag else 1   # parameter tiles: P, A (A's 2nd term)
         row_tiles = (3 if named_args.get("MODE", 1) in _COPY_MODES else 2) if diag else 1   # x, x^2 (2 terms)
         smem = row_tiles * bm * bd * es + st * ops * bk * bd * es
         if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
@@ -396,7 +404,8 @@ def _prune_stats(configs, named_args, **kwargs):
         ops = 2 if diag else 1
         tiles = (3 if mode in _COPY_MODES else 2) if diag else 1   # rows, squares (and their 16-bit second term)
         tile_bytes = 2 if named_args.get("COPY", False) else 4
-        smem = ops * bk * bd * es + st * tiles * bm * bd * tile_bytes
+        param_tiles = ops + (1 if named_args.get("SPLIT_A", False) else 0)   # P, A (and A's second term)
+        smem = param_tiles * bk * bd * es + st * tiles * bm * bd * tile_bytes
         if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
             continue
         regs = (ops * bk * bd + 2 * bk * bm) / (32 * c.num_warps)   # accumulators + logits/R tiles
@@ -419,7 +428,8 @@ def _bit_or(a, b):
     return a | b
 
 
-@triton.autotune(configs=_row_configs(), key=["K", "D", "DIAG", "MODE", "PIPE", "HAS_ORDER", "WRITE_GAPS", "SKIP"],
+@triton.autotune(configs=_row_configs(), key=["K", "D", "DIAG", "MODE", "PIPE", "HAS_ORDER", "WRITE_GAPS", "SKIP",
+                                              "SPLIT_A"],
                  prune_configs_by={"early_config_prune": _prune_row})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -433,8 +443,10 @@ def _logz_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, WRITE_COPY: tl.constexpr, MODE: tl.constexpr,
     EMU: tl.constexpr, PIPE: tl.constexpr, HAS_ORDER: tl.constexpr, WRITE_GAPS: tl.constexpr, SKIP: tl.constexpr,
-    FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
+    # SPLIT_A (diag "tf32"): A enters the logits as two fp16 terms (DIAG_SPLIT_A).
     # Position m processes row ROWS[m] (HAS_ORDER) or row m. Outputs indexed by row (LOGZ, BEST) are written at the
     # source row; those pass 2 streams (LZP, X2, the operand copy) at the position. WRITE_GAPS (BLOCK_M a multiple
     # of FLAG_ROWS, BLOCK_K = FLAG_K, at most 64 blocks): GAPS[tile] (int64) has bit b set when some row of the
@@ -469,13 +481,15 @@ def _logz_kernel(
         k_prev = b0 * BLOCK_K
         offs_k = k_prev + tl.arange(0, BLOCK_K)
         s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                      offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
+                                      offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
+                                      SPLIT_A)
         for j in range(1, num_kb):
             s = s_nxt
             k0 = ((b0 + j) % num_kb) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                          offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
+                                          offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
+                                          SPLIT_A)
             m_i, l_i, best, bits = _lse_update(s, k_prev, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP,
                                                BLOCK_K)
             k_prev = k0
@@ -486,7 +500,8 @@ def _logz_kernel(
             k0 = ((b0 + j) % num_kb) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                      offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K)
+                                      offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
+                                      SPLIT_A)
             m_i, l_i, best, bits = _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP, BLOCK_K)
     logz = (m_i + tl.log2(l_i)) * LN2
     tl.store(LOGZ + src, logz, mask=mask_m)
@@ -511,7 +526,8 @@ def _stats_tile(
     m0, row_hi, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
     a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
     D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr, MODE: tl.constexpr, COPY: tl.constexpr,
-    EMU: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPLIT_A: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Adds the BLOCK_M row positions from m0 (those below row_hi) to one component block's Nk, Sx = R X and Sq
     (spherical: sum r dist; diag: R x^2). r enters the products in the operand precision (unbiased rounding that
@@ -541,6 +557,8 @@ def _stats_tile(
         acc = _dot3(p, p_lo, tl.trans(qh), tl.trans(ql), acc, MODE, EMU)
     else:
         acc = cst[:, None] + tl.load(X2 + offs_m, mask=mask_m, other=0.0)[None, :]
+    if SPLIT_A:     # A's second fp16 term, as in _component_logits
+        acc = _dot(a_lo, tl.trans(xh), acc, MODE, EMU)
     acc = _dot3(a, a_lo, tl.trans(xh), tl.trans(xl), acc, MODE, EMU)      # (BK, BM) distances
     r = tl.exp2(bias[:, None] + coef[:, None] * acc - lz2[None, :])
     acc_nk += tl.sum(r, axis=1)
@@ -557,7 +575,7 @@ def _stats_tile(
     return acc_nk, acc_sx, acc_sq
 
 
-@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY", "HAS_ORDER", "SPARSE"],
+@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY", "HAS_ORDER", "SPARSE", "SPLIT_A"],
                  prune_configs_by={"early_config_prune": _prune_stats})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -574,7 +592,8 @@ def _estep_stats_kernel(
     # compile-time
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPARSE: tl.constexpr,
-    FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # Rows are streamed by position: LOGZ, X2 and the operand copy are in position order (pass 1 wrote them so);
     # without the copy, the float32 rows are gathered through ROWS under a row order.
@@ -595,7 +614,7 @@ def _estep_stats_kernel(
     kd_ptrs = offs_k[:, None] * D + offs_d[None, :]
     a = tl.load(A + kd_ptrs, mask=kd_mask, other=0.0)
     a_lo = a
-    if MODE == 3:
+    if MODE == 3 or SPLIT_A:
         a_lo = tl.load(A_LO + kd_ptrs, mask=kd_mask, other=0.0)
     p = a
     p_lo = a
@@ -626,7 +645,7 @@ def _estep_stats_kernel(
                 acc_nk, acc_sx, acc_sq = _stats_tile(
                     t * FLAG_ROWS + sub * BLOCK_M, N, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
                     a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
-                    D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, BLOCK_M, BLOCK_K)
+                    D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, BLOCK_M, BLOCK_K)
     else:
         row_lo = pid_s * SLAB_ROWS
         row_hi = tl.minimum(row_lo + SLAB_ROWS, N)
@@ -634,7 +653,7 @@ def _estep_stats_kernel(
             acc_nk, acc_sx, acc_sq = _stats_tile(
                 m0, row_hi, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
                 a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
-                D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, BLOCK_M, BLOCK_K)
+                D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, BLOCK_M, BLOCK_K)
 
     base_k = pid_s.to(tl.int64) * K + offs_k
     tl.store(NK_PART + base_k, acc_nk, mask=mask_k)
@@ -725,7 +744,8 @@ def _pow2_scale(b, BOUND_LOG2: tl.constexpr):
 def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
                     A, A_LO, P, P_LO, BIAS2, COEF2, CST, SCALES, INV, K,
                     D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr,
-                    MODE: tl.constexpr, EMU: tl.constexpr, HAS_PERM: tl.constexpr, XB_PTR: tl.constexpr):
+                    MODE: tl.constexpr, EMU: tl.constexpr, HAS_PERM: tl.constexpr, XB_PTR: tl.constexpr,
+                    SPLIT_A: tl.constexpr):
     """:func:`prepare_reference` for BLOCK_K components (kernel order; component j is PERM[j]), float64 math in
     the same order of operations. MU_ABSMAX: max |means|; VAR_MIN: min var (diag "tf32" only); the rows' bound is
     XB[0] (XB_PTR) or xb_value. Program 0 also writes SCALES (2,) float32 and INV (3,) float64."""
@@ -774,9 +794,13 @@ def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
             tl.store(P_LO + out2, _lo(p32, p, MODE, EMU), mask=m2)
         a32 = a_t.to(tl.float32)
         a = _hi(a32, MODE, EMU)
+        a64 = a.to(tl.float64)
+        if SPLIT_A:
+            a_lo = _hi(a32 - a.to(tl.float32), MODE, EMU)      # exact difference; A~ = a + a_lo (22 bits)
+            tl.store(A_LO + out2, a_lo, mask=m2)
+            a64 = a64 + a_lo.to(tl.float64)
         if MODE == 1 or MODE == 2:
             w = p.to(tl.float64) * sq_scale
-            a64 = a.to(tl.float64)
             cst = tl.sum(tl.where(w > 0, a64 * a64 / (4.0 * tl.maximum(w, 1e-300)), 0.0), 1)
         else:
             cst = tl.sum(mu * mu * prec, 1)
@@ -810,6 +834,11 @@ def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
 # ----------------------------------------------------------------------------------------------------------
 # host side: checks, operand preparation, launchers
 # ----------------------------------------------------------------------------------------------------------
+def _split_a(mode: int, diag: bool) -> bool:
+    """Whether A is kept as two fp16 terms (diag "tf32", see DIAG_SPLIT_A)."""
+    return bool(diag and mode == 1 and DIAG_SPLIT_A)
+
+
 def _check_precision(precision):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -921,7 +950,7 @@ class Params(NamedTuple):
 
     The unit factors live in device tensors read by the kernels (so that preparing never syncs with the host)."""
     a: torch.Tensor          # (K, D) operand of -2 mu (spherical) or -2 mu / var (diag), scaled
-    a_lo: torch.Tensor       # (K, D) split remainder (mode 3) or a
+    a_lo: torch.Tensor       # (K, D) split remainder (mode 3, diag "tf32": A's second fp16 term) or a
     p: torch.Tensor          # (K, D) operand of 1 / var (diag) or a placeholder
     p_lo: torch.Tensor
     bias2: torch.Tensor      # (K,) log2(e) * (log w - normaliser)
@@ -985,7 +1014,7 @@ def prepare(means, var, log_weights, precision, x_bound=None, comp_perm=None) ->
             xb_value = math.nextafter(xb32, math.inf)
     op = _operand_dtype(mode)
     a = torch.empty((k, d), dtype=op, device=dev)
-    a_lo = torch.empty_like(a) if mode == 3 else a
+    a_lo = torch.empty_like(a) if mode == 3 or _split_a(mode, diag) else a
     p = torch.empty_like(a) if diag else a
     p_lo = torch.empty_like(a) if diag and mode == 3 else p
     bias2 = torch.empty(k, dtype=torch.float32, device=dev)
@@ -999,7 +1028,7 @@ def prepare(means, var, log_weights, precision, x_bound=None, comp_perm=None) ->
         means, var, log_weights, comp_perm if comp_perm is not None else bias2, mu_absmax, var_min,
         x_bound if xb_ptr else mu_absmax, xb_value, a, a_lo, p, p_lo, bias2, coef2, cst, scales, inv, k,
         D=d, BLOCK_K=block_k, BLOCK_D=block_d, DIAG=diag, MODE=mode, EMU=_interpret(),
-        HAS_PERM=comp_perm is not None, XB_PTR=xb_ptr, num_warps=4)
+        HAS_PERM=comp_perm is not None, XB_PTR=xb_ptr, SPLIT_A=_split_a(mode, diag), num_warps=4)
     return Params(a, a_lo, p, p_lo, bias2, coef2, cst, scales, inv, comp_perm)
 
 
@@ -1042,13 +1071,16 @@ def prepare_reference(means, var, log_weights, precision, x_bound=None, comp_per
             unit = sq_scale * c_p
             p, p_lo = as_operand(pp * c_p, mode)
             a, a_lo = as_operand(-2.0 * (s * mu) * pp * unit, mode)
+            if _split_a(mode, True):       # A's second fp16 term, the remainder of the float32 value
+                a32 = (-2.0 * (s * mu) * pp * unit).float()
+                a_lo, _ = as_operand(a32 - a.float(), mode)
         else:
             unit = torch.ones((), dtype=torch.float64, device=dev)
             p, p_lo = as_operand(prec, mode)
             a, a_lo = as_operand(-2.0 * mu * prec, mode)
         if mode in _COPY_MODES:
             w = p.double() * sq_scale                           # weight of (x~ - mu~)^2 per feature
-            a64 = a.double()
+            a64 = a.double() + a_lo.double() if _split_a(mode, True) else a.double()
             cst = torch.where(w > 0, a64 * a64 / (4.0 * w.clamp_min(1e-300)), torch.zeros_like(a64)).sum(1)
         else:
             cst = (mu * mu * prec).sum(1)
@@ -1162,7 +1194,8 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
                        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
                        WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, WRITE_COPY=copy is not None, MODE=mode,
                        EMU=_interpret(), PIPE=bool(PIPELINE_LOGZ), HAS_ORDER=order is not None,
-                       WRITE_GAPS=gaps is not None, SKIP=float(skip), FLAG_ROWS=FLAG_ROWS)
+                       WRITE_GAPS=gaps is not None, SKIP=float(skip), SPLIT_A=_split_a(mode, diag),
+                       FLAG_ROWS=FLAG_ROWS)
     return logz, (best if with_argmax else None)
 
 
@@ -1289,7 +1322,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                   nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
                                   HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
-                                  HAS_ORDER=order is not None, SPARSE=sparse, FLAG_ROWS=FLAG_ROWS)
+                                  HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
+                                  FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(
             f"the E-step statistics kernel for precision={precision!r}, "
