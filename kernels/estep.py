@@ -16,7 +16,8 @@ Both covariance types share one logit form, prepared once per call in O(K D) by 
   ``l_ik = b_k - dist_ik / (2 var_k)``; the GEMM accumulates ``x . A`` onto ``||x||^2 + cst`` in place;
 * diag: ``dist_ik = (x_i * x_i) . P_k + x_i . A_k + cst_k`` with ``P = 1 / var``, ``A = -2 mu P``,
   ``cst = sum_j mu_kj^2 P_kj``, ``l_ik = b_k - dist_ik / 2``. In the 16-bit modes the squares enter every product
-  as two 16-bit terms (``x~^2 = qh + ql`` exactly), in the logits and in ``R^T x^2``.
+  as two 16-bit terms (``x~^2 = qh + ql`` exactly), in the logits and in ``R^T x^2``; in ``"tf32"`` A does too
+  (two fp16 terms: one rounding of A moves each component's implied mean by ~2^-12 mu, see ``DIAG_SPLIT_A``).
 
 Pass 1 (``_logz_kernel``) splits the rows: a program keeps a BLOCK_M x D tile of X on chip, streams the
 component parameters in BLOCK_K blocks and runs an online (base-2) log-sum-exp, software-pipelined (the product
@@ -81,7 +82,8 @@ Caveats
 Tested on: the CPU interpreter (TRITON_INTERPRET=1; the interpreter has no bf16, so every mode's operand
 rounding is emulated on fp32 values) at tiny odd shapes against float64 torch (both loop forms), on an NVIDIA
 H200 (v1-v3) and on an NVIDIA H100 (v4, v5); see ``tests/test_kernels.py`` and ``kernels/NOTES.md``. Measured
-(H100, n=1e6, K=1024, D=128, "tf32"): E-step 2.19 ms spherical (pass 1 0.77), 4.27 ms diag.
+(H100, n=1e6, K=1024, D=128, "tf32"): E-step 2.19 ms spherical (pass 1 0.77), 4.27 ms diag; diag with A in two
+terms (v9, H200, one process): 5.23 ms dense, 3.18 ms sparse (one term: 4.32 / 2.76).
 """
 from __future__ import annotations
 
