@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_kernels import gemm_ceiling, make_data, make_params
+from .bench_kernels import autotuned_configs, gemm_ceiling, make_data, make_params
 
 
 def health(tag=""):
@@ -109,14 +109,15 @@ def main(argv=None):
         print(f"{name:<28} {p:9.3f} {q:10.3f} {p / q:7.3f}  per round {', '.join(f'{v:.3f}' for v in per_round)}")
     meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "args": vars(args),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shipped": shipped, "health_start": h0, "health_rounds": rounds,
-            "autotuned": {f"{kn}{tuple(key)}": str(cfg) for mod, kn in (("estep", "_logz_kernel"),
-                                                                      ("estep", "_estep_stats_kernel"))
-                          for key, cfg in getattr(getattr(importlib.import_module(f"flashgmm_faiss.kernels.{mod}"),
-                                                          kn), "cache", {}).items()},
-            "rows": table}
-    out = Path(args.out)
+            "autotuned": autotuned_configs(), "rows": table}
+    write_result(args.out, "ab_pipeline", dev, n, k, d, meta)
+
+
+def write_result(out_dir, name, device, n, k, d, meta):
+    """Writes ``meta`` as ``{out_dir}/{name}_{device}_n{n}_k{k}_d{d}.json`` (the A/B scripts' result files)."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    f = out / f"ab_pipeline_{dev.replace(' ', '_').lower()}_n{n}_k{k}_d{d}.json"
+    f = out / f"{name}_{device.replace(' ', '_').lower()}_n{n}_k{k}_d{d}.json"
     f.write_text(json.dumps(meta, indent=1))
     print(f"wrote {f}")
 

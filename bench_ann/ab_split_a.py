@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from .ab_pipeline import health
+from .ab_pipeline import health, write_result
 from .bench_kernels import autotuned_configs, make_data, make_params, ref_stats, rel_err
 
 
@@ -111,11 +109,7 @@ def main(argv=None):
     meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "args": vars(args),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shipped": shipped, "rel_err_vs_float64": errors,
             "health_start": h0, "health_rounds": rounds, "autotuned": autotuned_configs(), "rows": table}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    f = out / f"ab_split_a_{dev.replace(' ', '_').lower()}_n{n}_k{k}_d{d}.json"
-    f.write_text(json.dumps(meta, indent=1))
-    print(f"wrote {f}")
+    write_result(args.out, "ab_split_a", dev, n, k, d, meta)
 
 
 if __name__ == "__main__":

@@ -351,9 +351,9 @@ def test_estep_is_exact_for_the_represented_values(precision):
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_diag_logits_are_exact_for_the_represented_values(precision):
     # Diag, 16-bit modes: the logits must be those of the represented rows x~ and parameters (P~, A~, cst)
-    # up to fp32 accumulation (A~ is two fp16 terms in "tf32"). The squares x~^2 need two 16-bit terms for that; with one, a narrow variance far
-    # from the centre (here feature 0 of component 0, var 1e-3 at |mu| ~ 40) turned the rounding of x~^2 into
-    # logit errors of many nats and a 10-step diag fit diverged on a GPU.
+    # up to fp32 accumulation (A~ is two fp16 terms in "tf32"). The squares x~^2 need two 16-bit terms for that;
+    # with one, a narrow variance far from the centre (here feature 0 of component 0, var 1e-3 at |mu| ~ 40)
+    # turned the rounding of x~^2 into logit errors of many nats and a 10-step diag fit diverged on a GPU.
     x, means, var, lw = _problem(41, 7, 19, True, seed=8)
     x = (x * 10.0 + 30.0).contiguous()
     means = (means * 10.0 + 30.0).contiguous()
