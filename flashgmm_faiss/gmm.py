@@ -85,17 +85,23 @@ def resolve_backend(backend: str, device: torch.device, precision: str = "tf32",
     return "triton", TritonBackend(precision=precision, sparse=sparse_estep)
 
 
+TRITON_CHUNK_BYTES = 2 ** 29     # default per-chunk buffers of the Triton backend (see _default_chunk_size)
+
+
 def _default_chunk_size(backend: str, device: torch.device, n_components: int, d: int, diag: bool = False,
-                        resident: bool = False) -> int:
+                        resident: bool = False, free_bytes: int | None = None) -> int:
     """Rows per chunk: a bound on the per-chunk working memory.
 
-    Triton backend: 128 MiB of O(chunk * D) buffers, namely the kernels' 16-bit operand copy (2 D bytes per row,
-    6 D for diag) plus the float32 upload of the chunk (4 D) unless X is already a float32 tensor on the device
-    (``resident``); large chunks also keep the GPU ahead of the host's launches. Torch backend: 2^27 (GPU) or
+    Triton backend: 512 MiB (at most 1/8 of ``free_bytes``, the device's free memory, when given) of O(chunk * D)
+    buffers, namely the kernels' 16-bit operand copy (2 D bytes per row, 6 D for diag) plus the float32 upload of
+    the chunk (4 D) unless X is already a float32 tensor on the device (``resident``). Every chunk costs a preparation,
+    a reduction and a float64 accumulation: at 128 MiB a diag fit at N=1e6 ran 6 chunks per iteration and took
+    4.3 ms per EM iteration against 3.3 ms for the same iteration in one chunk (H200). Torch backend: 2^27 (GPU) or
     2^24 (CPU) entries of one (chunk, K) matrix."""
     if backend == "triton":
+        budget = TRITON_CHUNK_BYTES if free_bytes is None else max(2 ** 26, min(TRITON_CHUNK_BYTES, free_bytes // 8))
         per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
-        return max(1024, 2 ** 27 // per_row)
+        return max(1024, budget // per_row)
     budget = 2 ** 27 if device.type == "cuda" else 2 ** 24  # elements of one (chunk, K) matrix
     return max(256, budget // max(n_components, 1))
 
@@ -367,9 +373,12 @@ class GaussianMixture:
                 yield start, x, {}
 
     def _chunk_rows(self, X, device: torch.device, d: int) -> int:
-        """``chunk_size`` or the default for this backend, covariance type and where X lives."""
-        return self.chunk_size or _default_chunk_size(self.backend_, device, self.n_components, d,
-                                                      self.covariance_type == "diag", _resident(X, device))
+        """``chunk_size`` or the default for this backend, covariance type, where X lives and the free memory."""
+        if self.chunk_size:
+            return self.chunk_size
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        return _default_chunk_size(self.backend_, device, self.n_components, d, self.covariance_type == "diag",
+                                   _resident(X, device), free)
 
     def fit_predict(self, X, y=None):
         return self.fit(X).predict(X)

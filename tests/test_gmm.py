@@ -320,17 +320,21 @@ def test_convergence_warning_and_verbose_progress(capsys):
 
 
 def test_default_triton_chunk_bounds_the_per_chunk_buffers():
-    # 16-bit operand copy (2 D bytes per row, 6 D for diag) plus the float32 upload unless X is resident
-    from flashgmm_faiss.gmm import _default_chunk_size
+    # 16-bit operand copy (2 D bytes per row, 6 D for diag) plus the float32 upload unless X is resident, within
+    # 512 MiB, or 1/8 of the free device memory when that is smaller (never below 64 MiB)
+    from flashgmm_faiss.gmm import TRITON_CHUNK_BYTES, _default_chunk_size
     dev = torch.device("cpu")
-    for d in (50, 96, 128, 256):
-        for diag in (False, True):
-            for resident in (False, True):
-                rows = _default_chunk_size("triton", dev, 1024, d, diag, resident)
-                per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
-                assert rows * per_row <= 2 ** 27 < (rows + 1) * per_row
-    # a resident spherical D=128 chunk is 4x the old 2^24 / D rows: fewer launches per iteration
-    assert _default_chunk_size("triton", dev, 1024, 128, False, True) == 2 ** 19
+    assert TRITON_CHUNK_BYTES == 2 ** 29
+    for free, budget in ((None, 2 ** 29), (2 ** 40, 2 ** 29), (2 ** 31, 2 ** 28), (2 ** 20, 2 ** 26)):
+        for d in (50, 96, 128, 256):
+            for diag in (False, True):
+                for resident in (False, True):
+                    rows = _default_chunk_size("triton", dev, 1024, d, diag, resident, free)
+                    per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
+                    assert rows * per_row <= budget < (rows + 1) * per_row, (free, d, diag, resident, rows)
+    # resident D=128: one chunk per 2^21 rows spherical, 2^29 / 768 = 699,050 rows diag
+    assert _default_chunk_size("triton", dev, 1024, 128, False, True) == 2 ** 21
+    assert _default_chunk_size("triton", dev, 1024, 128, True, True) == 699_050
 
 
 def test_resident_data_is_recognised():
