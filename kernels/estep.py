@@ -307,12 +307,12 @@ def _component_logits(
     else:
         acc = x2[:, None] + cst[None, :]
     a_t = tl.load(A + t_ptrs, mask=t_mask, other=0.0)
-    if MODE == 3:
+    if MODE == 3 or SPLIT_A:
         a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
     else:
         a_lo_t = a_t
     if SPLIT_A:     # A's second fp16 term (see DIAG_SPLIT_A), small term first
-        acc = _dot(xh, tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0), acc, MODE, EMU)
+        acc = _dot(xh, a_lo_t, acc, MODE, EMU)
     dist = _dot3(xh, xl, a_t, a_lo_t, acc, MODE, EMU)
     s = bias[None, :] + coef[None, :] * dist
     return s, dist
@@ -1072,10 +1072,10 @@ def prepare_reference(means, var, log_weights, precision, x_bound=None, comp_per
             c_p = operand_scale(pp.amax(), 1)
             unit = sq_scale * c_p
             p, p_lo = as_operand(pp * c_p, mode)
-            a, a_lo = as_operand(-2.0 * (s * mu) * pp * unit, mode)
+            a_t = -2.0 * (s * mu) * pp * unit
+            a, a_lo = as_operand(a_t, mode)
             if _split_a(mode, True):       # A's second fp16 term, the remainder of the float32 value
-                a32 = (-2.0 * (s * mu) * pp * unit).float()
-                a_lo, _ = as_operand(a32 - a.float(), mode)
+                a_lo, _ = as_operand(a_t.float() - a.float(), mode)
         else:
             unit = torch.ones((), dtype=torch.float64, device=dev)
             p, p_lo = as_operand(prec, mode)
