@@ -404,15 +404,18 @@ def _prune_stats(configs, named_args, **kwargs):
     for c in configs:
         bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
         ops = 2 if diag else 1
-        tiles = (3 if mode in _COPY_MODES else 2) if diag else 1   # rows, squares (and their 16-bit second term)
-        tile_bytes = 2 if named_args.get("COPY", False) else 4
+        copy = named_args.get("COPY", False)
+        # pipelined row tiles: the operand copy's rows, squares (and their 16-bit second term), or the fp32 rows
+        tiles = ((3 if mode in _COPY_MODES else 2) if diag else 1) if copy or mode not in _COPY_MODES else 1
+        tile_bytes = 2 if copy else 4
         param_tiles = ops + (1 if named_args.get("SPLIT_A", False) else 0)   # P, A (and A's second term)
         smem = param_tiles * bk * bd * es + st * tiles * bm * bd * tile_bytes
         if bk > max(16, triton.next_power_of_2(K)) or smem > _SMEM_BUDGET:
             continue
         regs = (ops * bk * bd + 2 * bk * bm) / (32 * c.num_warps)   # accumulators + logits/R tiles
-        if not named_args.get("COPY", False):
-            regs += ops * bm * bd * (1 if mode == 0 else 2) / (32 * c.num_warps)   # fp32 tiles converted in loop
+        if not copy:    # fp32 tiles converted in the loop; in the 16-bit modes one tile, transient (half weight:
+            #             sm_90a compile report, diag "tf32" 32 x 128 / 8 warps: 254 registers, no spills, 152 KiB)
+            regs += ops * bm * bd * (1 if mode == 0 else 2) / ((2 if mode in _COPY_MODES else 1) * 32 * c.num_warps)
         if regs > 200:
             continue
         keep.append(c)
