@@ -269,6 +269,101 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
         assert work[b, :int(counts[b])].tolist() == torch.nonzero(need[:, b]).flatten().tolist()
 
 
+def _sorted_problem(diag, precision, seed, collapsed=False):
+    """Clustered rows (several flag tiles and component blocks), rows sorted by the float64 argmax and components
+    grouped; ``collapsed``: a diag variance of 1e-3 far from the centre (the squares' second term then matters by
+    many nats), the screen's worst case."""
+    # component block b (of FLAG_K components) around centre b, so that a sorted row tile needs few blocks; block 3
+    # is a copy of block 0 with weights 2^-8 smaller (a block 8 bits below the maximum for the rows of centre 0)
+    n, k, d, fk = 12 * kestep.FLAG_ROWS + 11, 4 * kestep.FLAG_K + 5, 20, kestep.FLAG_K
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, d, generator=g) * 8
+    x = centres[torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (n,), generator=g)]] + torch.randn(n, d, generator=g)
+    means = centres[torch.arange(k) // fk] + torch.randn(k, d, generator=g)
+    var = 0.5 + torch.rand((k, d) if diag else (k,), generator=g)
+    lw = torch.log_softmax(torch.randn(k, generator=g), 0)
+    means[3 * fk:4 * fk], var[3 * fk:4 * fk], lw[3 * fk:4 * fk] = means[:fk], var[:fk], lw[:fk] - 8 * math.log(2)
+    x, means, var, lw = (t.float().contiguous().to(DEVICE) for t in (x, means, var, lw))
+    if collapsed:
+        x = (x + 30.0).contiguous()
+        means = (means + 30.0).contiguous()
+        var[0, 0] = 1e-3
+        x[:7, 0] = means[0, 0] + 0.02 * torch.arange(7, dtype=torch.float32, device=DEVICE)
+    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
+    perm = torch.randperm(k, generator=g)             # a permutation that keeps the blocks' components together
+    perm = (perm[torch.argsort(perm // kestep.FLAG_K * k + torch.randperm(k, generator=g))]).to(DEVICE)
+    order = kestep.row_order(lp.argmax(1).to(DEVICE), perm)
+    params = kestep.prepare(means, var, lw, precision, kestep.absmax(x), comp_perm=perm)
+    return x, means, var, lw, lp, perm, order, params
+
+
+@pytest.mark.parametrize("collapsed", [False, True], ids=["clustered", "collapsed-var"])
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_screened_pass1_matches_the_exact_pass1(monkeypatch, diag, precision, collapsed):
+    # The screened pass 1 (SCREEN_LOGZ; sparse E-step, 16-bit modes) computes exact logits and exponentials only
+    # for the blocks its cheap logits plus a rigorous bound keep: the same logZ, statistics and argmax as the
+    # unscreened pass 1 (up to the dropped terms < 2^-40 and fp32 summation order), gaps that still cover every
+    # pair reaching 2^-40, and with a threshold of 2^-0.001 it visibly drops blocks from logZ itself
+    if collapsed and not diag:
+        pytest.skip("the collapsed variance is a diag case")
+    x, means, var, lw, lp, perm, order, params = _sorted_problem(diag, precision, seed=7, collapsed=collapsed)
+    kw = dict(precision=precision, params=params, order=order, return_best=True)
+    monkeypatch.setattr(kestep, "SCREEN_LOGZ", False)
+    exact = kestep.estep(x, means, var, lw, **kw)
+    coarse_exact = kestep.estep(x, means, var, lw, skip_log2=1e-3, **kw)
+    monkeypatch.setattr(kestep, "SCREEN_LOGZ", True)
+    screened = kestep.estep(x, means, var, lw, **kw)
+    coarse = kestep.estep(x, means, var, lw, skip_log2=1e-3, **kw)
+    for name, a, b in zip(("log_norm", "nk", "sx", "sq"), exact, screened):
+        assert_close(f"{name} screened", b, a, 5e-5)
+    assert torch.equal(screened[4], exact[4])
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    assert_close("log_norm screened vs float64", screened[0], ref[0], RTOL[precision])
+    # a threshold near 1 drops blocks from the screened logZ (never adds: <= the full logZ up to rounding),
+    # while the unscreened pass 1 always sums every block: "tf32" (a screen bound of ~2 bits here) drops the
+    # block 8 bits below the maximum (ln(1 + 2^-8) = 0.0039); bf16's bound (~10 bits here) keeps it, and so does
+    # the collapsed variance's bound (~2000 bits for its block: the screen then relies on the other blocks)
+    assert_close("coarse unscreened logZ", coarse_exact[0], exact[0], 1e-6)
+    drop = (exact[0] - coarse[0]).double().cpu()
+    assert drop.min() > -1e-6 * exact[0].abs().max().item()
+    if (precision == "tf32" or not diag) and not collapsed:
+        assert drop.max() > 3e-3, "the screen kept every block: nothing was tested"
+    # gaps: every (flag tile, block) pair whose float64 log2 r reaches -40 (slack 0.5: the 16-bit operands'
+    # logits differ from float64's by far less) is kept
+    n, k = x.shape[0], means.shape[0]
+    fr, fk = kestep.FLAG_ROWS, kestep.FLAG_K
+    n_tiles, n_blocks = -(-n // fr), -(-k // fk)
+    gaps = torch.empty(n_tiles, dtype=torch.int64, device=DEVICE)
+    kestep.launch_logz(x, params, k, diag, precision, order=order, lzp=torch.empty(n, device=DEVICE), gaps=gaps,
+                       skip=40.0)
+    log2r = ((lp - torch.logsumexp(lp, 1, keepdim=True)) / math.log(2))[order.rows.long().cpu()][:, perm.cpu()]
+    pad = torch.full((n_tiles * fr, n_blocks * fk), float("-inf"), dtype=torch.float64)
+    pad[:n, :k] = log2r
+    true_max = pad.reshape(n_tiles, fr, n_blocks, fk).amax(dim=(1, 3))
+    need = torch.stack([(gaps.cpu() >> b) & 1 for b in range(n_blocks)], 1).bool()
+    assert need[true_max >= -40 + 0.5].all(), "a pair with responsibilities above 2^-40 would be dropped"
+    assert (~need).float().mean() > 0.3, "too few pairs dropped for the test to mean anything"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_screen_terms_kernel_matches_its_reference(precision):
+    x, means, var, lw = _problem(37, 45, 20, True, seed=4)
+    var[3, 2] = 1e-4
+    mode = kestep._MODES[precision]
+    params = kestep.prepare(means, var, lw, precision, kestep.absmax(x))
+    for diag in (True, False):
+        split = kestep._split_a(mode, diag)
+        got = kestep.screen_terms(params, diag, split)
+        ref = kestep.screen_terms_reference(params, diag, split)
+        assert got.shape == (3, 45)
+        assert_close("screen terms", got, ref.double(), 1e-6) if diag else None
+        if not diag:
+            assert not got.any()
+    if precision == "tf32":
+        assert kestep.screen_terms(params, True, True)[1].abs().max() > 0     # A's second term is bounded
+
+
 def test_row_order_sorts_by_component_rank():
     best = torch.tensor([3, 0, 2, 3, 1, 0, 2], device=DEVICE)
     perm = torch.tensor([2, 0, 3, 1], device=DEVICE)          # kernel order: components 2, 0, 3, 1

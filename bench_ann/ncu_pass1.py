@@ -1,0 +1,76 @@
+"""Pass 1 (``_logz_kernel``) launches for Nsight Compute: where the sparse E-step's pass 1 spends its time.
+
+Builds the benchmark's data (N rows, SIFT-like, centred), the sorted row order and grouped components of the
+sparse E-step, compiles and autotunes every variant first, then launches each variant once between
+``cudaProfilerStart`` and ``cudaProfilerStop``, so that ``ncu --profile-from-start off`` sees exactly those
+launches (no autotuning runs):
+
+    ncu --clock-control none --profile-from-start off --kernel-name regex:_logz_kernel \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \\
+        --section WarpStateStats --section Occupancy --section LaunchStats \\
+        python -m bench_ann.ncu_pass1 --covs spherical,diag --screen 0,1
+
+Variants: covariance type x precision x screen (``SCREEN_LOGZ`` off / on), launched in that order.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+from .bench_kernels import make_data, make_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--covs", default="spherical,diag")
+    ap.add_argument("--precisions", default="tf32")
+    ap.add_argument("--screen", default="0", help="comma-separated SCREEN_LOGZ values (0, 1)")
+    args = ap.parse_args(argv)
+
+    import triton
+    kernels = importlib.import_module("flashgmm_faiss.kernels")
+    kestep = importlib.import_module("flashgmm_faiss.kernels.estep")
+    n, k, d = args.n, args.k, args.d
+    x = make_data(n, d)
+    bound = max(-float(x.min()), float(x.max()))
+    means, var_sph, var_diag, lw = make_params(x, k, kernels)
+    perm = kernels.component_order(means)
+    runs = []
+    for cov in args.covs.split(","):
+        var = var_diag if cov == "diag" else var_sph
+        for prec in args.precisions.split(","):
+            params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
+            kestep.SCREEN_LOGZ = False
+            best = kernels.estep(x, means, var, lw, precision=prec, params=params, return_best=True)[4]
+            order = kernels.row_order(best, perm)
+            lzp = torch.empty(n, device="cuda")
+            gaps = torch.empty(triton.cdiv(n, kestep.FLAG_ROWS), dtype=torch.int64, device="cuda")
+            x2 = torch.empty(n, device="cuda")
+            dt = torch.float16 if prec == "tf32" else torch.bfloat16
+            diag = cov == "diag"
+            copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
+                         for i in range(3))
+            for screen in (int(s) for s in args.screen.split(",")):
+                def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy,
+                       screen=screen):
+                    kestep.SCREEN_LOGZ = bool(screen)
+                    kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
+                                       lzp=lzp, gaps=gaps)
+                fn()                       # compile and autotune outside the profiled range
+                runs.append((f"{cov} {prec} screen={screen}", fn))
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for name, fn in runs:
+        print(f"# profiled launch: {name}", flush=True)
+        fn()
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
