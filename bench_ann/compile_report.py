@@ -97,7 +97,6 @@ def main(argv=None):
     ap.add_argument("--pass", dest="which", type=int, choices=[1, 2], action="append",
                     help="pass 1 (logZ) and/or pass 2 (statistics); default both")
     ap.add_argument("--no-split-a", action="store_true", help="diag tf32: A as one fp16 term (DIAG_SPLIT_A off)")
-    ap.add_argument("--no-screen", action="store_true", help="sparse pass 1 without the screen (SCREEN_LOGZ off)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -114,9 +113,7 @@ def main(argv=None):
     for which in args.which or [1, 2]:
         if which == 1:
             named = dict(common, K=args.k, WITH_ARGMAX=args.sparse, WRITE_X2=True, WRITE_COPY=True,
-                         PIPE=bool(es.PIPELINE_LOGZ), WRITE_GAPS=args.sparse, SKIP=float(es.SKIP_LOG2),
-                         SCREEN=int(args.sparse and es.SCREEN_LOGZ and not args.no_screen)
-                         * (2 if es.SCREEN_PER_COMPONENT else 1), SCREEN_DEBUG=0)
+                         PIPE=bool(es.PIPELINE_LOGZ), WRITE_GAPS=args.sparse, SKIP=float(es.SKIP_LOG2))
         else:
             named = dict(common, K=args.k, COPY=True, SPARSE=args.sparse)
         kernel, configs = _configs(which, es, named)
@@ -137,8 +134,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cov": args.cov, "precision": args.precision, "k": args.k, "d": args.d,
-                       "sparse": args.sparse, "split_a": common["SPLIT_A"],
-                       "screen": bool(args.sparse and es.SCREEN_LOGZ and not args.no_screen), "rows": rows}, f, indent=1)
+                       "sparse": args.sparse, "split_a": common["SPLIT_A"], "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

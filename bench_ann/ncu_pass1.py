@@ -8,9 +8,10 @@ launches (no autotuning runs):
     ncu --clock-control none --profile-from-start off --kernel-name regex:_logz_kernel \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \\
         --section WarpStateStats --section Occupancy --section LaunchStats \\
-        python -m bench_ann.ncu_pass1 --covs spherical,diag --screen 0,1
+        python -m bench_ann.ncu_pass1 --covs spherical,diag
 
-Variants: covariance type x precision x screen (``SCREEN_LOGZ`` off / on), launched in that order.
+Variants: covariance type x precision, launched in that order. (The v10 report in
+``bench_ann/results/v10_screen_and_nocopy`` also profiled the screened pass 1 of commit fad8240, since removed.)
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--covs", default="spherical,diag")
     ap.add_argument("--precisions", default="tf32")
-    ap.add_argument("--screen", default="0", help="comma-separated SCREEN_LOGZ values (0, 1)")
     args = ap.parse_args(argv)
 
     import triton
@@ -45,7 +45,6 @@ def main(argv=None):
         var = var_diag if cov == "diag" else var_sph
         for prec in args.precisions.split(","):
             params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
-            kestep.SCREEN_LOGZ = False
             best = kernels.estep(x, means, var, lw, precision=prec, params=params, return_best=True)[4]
             order = kernels.row_order(best, perm)
             lzp = torch.empty(n, device="cuda")
@@ -55,14 +54,11 @@ def main(argv=None):
             diag = cov == "diag"
             copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
                          for i in range(3))
-            for screen in (int(s) for s in args.screen.split(",")):
-                def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy,
-                       screen=screen):
-                    kestep.SCREEN_LOGZ = bool(screen)
-                    kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
-                                       lzp=lzp, gaps=gaps)
-                fn()                       # compile and autotune outside the profiled range
-                runs.append((f"{cov} {prec} screen={screen}", fn))
+            def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy):
+                kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
+                                   lzp=lzp, gaps=gaps)
+            fn()                           # compile and autotune outside the profiled range
+            runs.append((f"{cov} {prec}", fn))
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     for name, fn in runs:

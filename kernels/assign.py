@@ -73,7 +73,7 @@ def _topk_kernel(
         mask_k = offs_k < K
         cand, dist = _component_logits(xh, xl, xsh, xsl, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                        offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                       SPLIT_A, False)
+                                       SPLIT_A)
         for _ in tl.static_range(M):
             c_max = tl.max(cand, axis=1)
             c_arg = tl.argmax(cand, axis=1)

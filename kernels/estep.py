@@ -126,14 +126,6 @@ SKIP_LOG2 = 40.0
 # bias all its rows share: the one-step variance error from random rows was 1.12e-3 (issue bound 1e-3) and the
 # float64 model gives 1.9e-4 with the split (NOTES.md, v9). A module switch (read at each launch) for A/B runs.
 DIAG_SPLIT_A = True
-# Screened pass 1 (sparse E-step, 16-bit modes): pass 1 first computes every block's logits without exponentials
-# (diag: without the squares' and A's small second terms, 2 products instead of 4 in "tf32") and a rigorous bound
-# of what that leaves out, then the exact logits and exponentials only of the blocks whose bound reaches the row's
-# largest logit minus SKIP_LOG2 (the blocks the sparse pass 2 visits, ~13 % at N=1e6, K=1024). A module switch
-# (read at each launch) for A/B runs.
-SCREEN_LOGZ = False
-SCREEN_PER_COMPONENT = True     # the screen's bound per (row, component) rather than per (row, block)
-SCREEN_DEBUG = 0                # timing / counting variants of the screened pass 1 (see _logz_kernel); 0 in use
 
 
 def _interpret() -> bool:
@@ -284,12 +276,10 @@ def _component_logits(
     BIAS2, COEF2, CST,
     offs_k, mask_k, offs_d, mask_d,
     D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_A: tl.constexpr, APPROX: tl.constexpr,
+    SPLIT_A: tl.constexpr,
 ):
     """Base-2 logits s = l * log2(e) (BM, BK) and distances (BM, BK, in the accumulator's units) of a row tile
-    against one component block. Components k >= K get bias -inf, hence s = -inf and 2^(s - logZ2) = 0.
-    APPROX (diag, 16-bit modes): without the small second terms (the squares' ql and A's a_lo), two products
-    instead of three or four; pass 1's screen bounds what they leave out (``_screen_update``)."""
+    against one component block. Components k >= K get bias -inf, hence s = -inf and 2^(s - logZ2) = 0."""
     t_ptrs = offs_d[:, None] + offs_k[None, :] * D            # (BD, BK): parameters read transposed
     if EVEN_K:
         t_mask = mask_d[:, None]
@@ -308,7 +298,7 @@ def _component_logits(
         else:
             p_lo_t = p_t
         acc = tl.zeros([xh.shape[0], p_t.shape[1]], tl.float32) + cst[None, :]
-        if (MODE == 1 or MODE == 2) and not APPROX:
+        if MODE == 1 or MODE == 2:
             # the squares' second 16-bit term: qh + ql is x~^2 exactly, so the logits are those of the represented
             # rows; with qh alone a narrow variance far from the centre turned rounding into logit errors of many
             # nats and a diag fit diverged (NOTES.md)
@@ -317,11 +307,11 @@ def _component_logits(
     else:
         acc = x2[:, None] + cst[None, :]
     a_t = tl.load(A + t_ptrs, mask=t_mask, other=0.0)
-    if MODE == 3 or (SPLIT_A and not APPROX):
+    if MODE == 3 or SPLIT_A:
         a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
     else:
         a_lo_t = a_t
-    if SPLIT_A and not APPROX:     # A's second fp16 term (see DIAG_SPLIT_A), small term first
+    if SPLIT_A:     # A's second fp16 term (see DIAG_SPLIT_A), small term first
         acc = _dot(xh, a_lo_t, acc, MODE, EMU)
     dist = _dot3(xh, xl, a_t, a_lo_t, acc, MODE, EMU)
     s = bias[None, :] + coef[None, :] * dist
@@ -329,13 +319,12 @@ def _component_logits(
 
 
 @triton.jit
-def _lse_update(s, k0, m_i, l_i, best, bits, m_floor, WITH_ARGMAX: tl.constexpr, WRITE_GAPS: tl.constexpr,
+def _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX: tl.constexpr, WRITE_GAPS: tl.constexpr,
                 SKIP: tl.constexpr, BLOCK_K: tl.constexpr):
     """One block of the online base-2 log-sum-exp: running max m_i, running sum l_i of 2^(s - m_i), and the
     running argmax (component index offset k0) of s (BM, BK). WRITE_GAPS: sets bit k0 // BLOCK_K of ``bits`` for
-    the rows whose bound of log2 r in this block, ``max_k s - max(m_new, m_floor)``, is >= -SKIP (the
-    log-normaliser is at least the final maximum, which is at least m_new; m_floor is another lower bound of that
-    maximum, the screen's, or -inf)."""
+    the rows whose bound of log2 r in this block, ``max_k s - m_new``, is >= -SKIP (the log-normaliser is at least
+    the final maximum, which is at least m_new)."""
     if WITH_ARGMAX:
         s_max, s_arg = tl.max(s, axis=1, return_indices=True)
         best = tl.where(s_max > m_i, s_arg + k0, best)
@@ -345,7 +334,7 @@ def _lse_update(s, k0, m_i, l_i, best, bits, m_floor, WITH_ARGMAX: tl.constexpr,
     l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
     if WRITE_GAPS:
         bit = tl.full([], 1, tl.int64) << (k0 // BLOCK_K).to(tl.int64)
-        bits |= tl.where(s_max - tl.maximum(m_new, m_floor) >= -SKIP, bit, 0)
+        bits |= tl.where(s_max - m_new >= -SKIP, bit, 0)
     return m_new, l_i, best, bits
 
 
@@ -370,8 +359,7 @@ def _row_configs():
         return [triton.Config({"BLOCK_M": 2 * FLAG_ROWS, "BLOCK_K": FLAG_K}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bk, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2),
-                                 (64, 128, 8, 2), (128, 64, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3),
-                                 (64, 64, 4, 1), (128, 64, 8, 1))]
+                                 (64, 128, 8, 2), (128, 64, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3))]
 
 
 def _prune_row(configs, named_args, **kwargs):
@@ -383,8 +371,6 @@ def _prune_row(configs, named_args, **kwargs):
     keep = []
     for c in configs:
         bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
-        if st == 1 and not named_args.get("SCREEN", False):
-            continue        # 1-stage configs are for the screened pass 1 (two loops: 2 stages are 115 KiB diag)
         ops = (3 if named_args.get("SPLIT_A", False) else 2) if diag else 1   # parameter tiles: P, A (A's 2nd term)
         row_tiles = (3 if named_args.get("MODE", 1) in _COPY_MODES else 2) if diag else 1   # x, x^2 (2 terms)
         smem = row_tiles * bm * bd * es + st * ops * bk * bd * es
@@ -443,61 +429,18 @@ def _prune_stats(configs, named_args, **kwargs):
 # pass 1: logZ (and argmax, ||x||^2, the operand copy), split over rows
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _f32(t):
-    return t.to(tl.float32)
-
-
-@triton.jit
-def _screen_update(s, kb, m_lb, need, SCR, K, r0, r1, DIAG: tl.constexpr, SCREEN: tl.constexpr,
-                   SKIP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Phase A of the screened pass 1 for the screen logits s (BM, BK) of component block kb: the running lower
-    bound m_lb (BM,) of each row's largest exact logit and the bit kb of ``need`` for the rows whose upper bound in
-    the block reaches m_lb - SKIP, with the bound e of |exact - screen logit| in base-2 units:
-
-    diag: the screen leaves out ql . p and xh . a_lo: at most ||ql|| |c| ||p_k|| + ||xh|| |c| ||a_lo,k||
-    (Cauchy-Schwarz; c the logit coefficient); plus the fp32 accumulations' rounding, 2^-16 of the terms'
-    magnitudes (generous for D <= 256), and 2^-10: e = r0 E0_k + r1 E1_k + E2_k with the rows' r0 = ||ql|| +
-    2^-16 ||qh||, r1 = ||xh|| and SCR = (E0, E1, E2) (3, K) from :func:`screen_terms`. SCREEN 1 takes each
-    term's maximum over the block (per row), 2 the bound per (row, component). Spherical: the screen computes the
-    exact logits, e = 2^-10."""
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    if DIAG:
-        e0 = tl.load(SCR + offs_k, mask=mask_k, other=0.0)
-        e1 = tl.load(SCR + K + offs_k, mask=mask_k, other=0.0)
-        e2 = tl.load(SCR + 2 * K + offs_k, mask=mask_k, other=0.0)
-        if SCREEN == 2:
-            e = r0[:, None] * e0[None, :] + (r1[:, None] * e1[None, :] + e2[None, :])
-            ub = tl.max(s + e, axis=1)
-            lb = tl.max(s - e, axis=1)
-        else:
-            s_max = tl.max(s, axis=1)
-            eb = r0 * tl.max(e0, axis=0) + (r1 * tl.max(e1, axis=0) + tl.max(e2, axis=0))
-            ub = s_max + eb
-            lb = s_max - eb
-    else:
-        s_max = tl.max(s, axis=1)
-        ub = s_max + (2.0 ** -10)
-        lb = s_max - (2.0 ** -10)
-    m_lb = tl.maximum(m_lb, lb)
-    bit = tl.full([], 1, tl.int64) << kb.to(tl.int64)
-    need |= tl.where(ub - m_lb >= -SKIP, bit, 0)
-    return m_lb, need
-
-
-@triton.jit
 def _bit_or(a, b):
     return a | b
 
 
 @triton.autotune(configs=_row_configs(), key=["K", "D", "DIAG", "MODE", "PIPE", "HAS_ORDER", "WRITE_GAPS", "SKIP",
-                                              "SPLIT_A", "SCREEN", "SCREEN_DEBUG"],
+                                              "SPLIT_A"],
                  prune_configs_by={"early_config_prune": _prune_row})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _logz_kernel(
     # pointers: data and centre, row order (source rows, start hints), component parameters, outputs
-    X, CENTER, ROWS, HINT, A, A_LO, P, P_LO, BIAS2, COEF2, CST, SCR,
+    X, CENTER, ROWS, HINT, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
     LOGZ, LZP, X2, BEST, XO, XQ, XQL, SCALES, GAPS,
     # sizes (rows are contiguous, stride D)
     N, K,
@@ -505,13 +448,10 @@ def _logz_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, WRITE_COPY: tl.constexpr, MODE: tl.constexpr,
     EMU: tl.constexpr, PIPE: tl.constexpr, HAS_ORDER: tl.constexpr, WRITE_GAPS: tl.constexpr, SKIP: tl.constexpr,
-    SPLIT_A: tl.constexpr, SCREEN: tl.constexpr, SCREEN_DEBUG: tl.constexpr, FLAG_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    # SPLIT_A (diag "tf32"): A enters the logits as two fp16 terms (DIAG_SPLIT_A). SCREEN (with WRITE_GAPS, 16-bit
-    # modes; SCREEN_LOGZ): two phases, exact logits and exponentials only on the blocks a cheap screen keeps; SCR
-    # (3, K) holds the screen's per-component bound terms (screen_terms).
+    # SPLIT_A (diag "tf32"): A enters the logits as two fp16 terms (DIAG_SPLIT_A).
     # Position m processes row ROWS[m] (HAS_ORDER) or row m. Outputs indexed by row (LOGZ, BEST) are written at the
     # source row; those pass 2 streams (LZP, X2, the operand copy) at the position. WRITE_GAPS (BLOCK_M a multiple
     # of FLAG_ROWS, BLOCK_K = FLAG_K, at most 64 blocks): GAPS[tile] (int64) has bit b set when some row of the
@@ -540,90 +480,34 @@ def _logz_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of 2^(s - m)
     best = tl.zeros([BLOCK_M], tl.int32)
     bits = tl.zeros([BLOCK_M], tl.int64)                    # per row: blocks whose bound reaches -SKIP
-    if SCREEN:
-        # two phases. A: cheap logits of every block (diag: without the small second terms; no exponentials),
-        # a rigorous bound e of what they leave out, a running lower bound m_lb of the row's largest logit and the
-        # blocks whose upper bound s~ + e reaches m_lb - SKIP for some row of the program (software-pipelined as
-        # below). B: exact logits and the log-sum-exp over those blocks only; every block left out has all
-        # 2^(s - max) < 2^-SKIP. SCREEN 1: e per (row, block); 2: per (row, component)
-        if DIAG:
-            r0 = tl.sqrt(tl.sum(_f32(ql) * _f32(ql), axis=1)) + tl.sqrt(tl.sum(_f32(qh) * _f32(qh), axis=1)) * (
-                2.0 ** -16)
-            r1 = tl.sqrt(tl.sum(_f32(xh) * _f32(xh), axis=1))
-        else:
-            r0 = x2
-            r1 = x2
-        m_lb = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        need = tl.zeros([BLOCK_M], tl.int64)
-        if PIPE and not DIAG:      # (diag's pipelined phase A spills registers: compile_report)
-            kb = b0 % num_kb
-            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                          offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K, SPLIT_A,
-                                          True)
-            for j in range(1, num_kb):
-                s = s_nxt
-                kb_prev = kb
-                kb = (b0 + j) % num_kb
-                offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-                s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                              offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                              SPLIT_A, True)
-                m_lb, need = _screen_update(s, kb_prev, m_lb, need, SCR, K, r0, r1, DIAG, SCREEN, SKIP, BLOCK_K)
-            m_lb, need = _screen_update(s_nxt, kb, m_lb, need, SCR, K, r0, r1, DIAG, SCREEN, SKIP, BLOCK_K)
-        else:
-            for j in range(0, num_kb):
-                kb = (b0 + j) % num_kb
-                offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-                s, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                          offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K, SPLIT_A,
-                                          True)
-                m_lb, need = _screen_update(s, kb, m_lb, need, SCR, K, r0, r1, DIAG, SCREEN, SKIP, BLOCK_K)
-        need_all = tl.reduce(need, 0, _bit_or)
-        if SCREEN_DEBUG == 1:       # phase A only (timing)
-            need_all = need_all & 0
-        if SCREEN_DEBUG == 2:       # every block in phase B (timing)
-            need_all = need_all | -1
-        if SCREEN_DEBUG == 3:       # the program's phase-B block set, into GAPS[program] (counting)
-            tl.store(GAPS + tl.program_id(0), need_all)
-        for kb in range(0, num_kb):
-            if ((need_all >> kb) & 1) != 0:
-                k0 = kb * BLOCK_K
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                s, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                          offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K, SPLIT_A,
-                                          False)
-                m_i, l_i, best, bits = _lse_update(s, k0, m_i, l_i, best, bits, m_lb, WITH_ARGMAX, WRITE_GAPS,
-                                                   SKIP, BLOCK_K)
-    elif PIPE:
+    if PIPE:
         # software-pipelined: the product of block j + 1 is issued before the exponentials of block j, so that
         # the tensor cores and the exp/ALU work of one warpgroup can overlap (FA3's intra-warpgroup pipelining)
         k_prev = b0 * BLOCK_K
         offs_k = k_prev + tl.arange(0, BLOCK_K)
         s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                       offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                      SPLIT_A, False)
+                                      SPLIT_A)
         for j in range(1, num_kb):
             s = s_nxt
             k0 = ((b0 + j) % num_kb) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                           offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                          SPLIT_A, False)
-            m_i, l_i, best, bits = _lse_update(s, k_prev, m_i, l_i, best, bits, m_i, WITH_ARGMAX, WRITE_GAPS,
-                                               SKIP, BLOCK_K)
+                                          SPLIT_A)
+            m_i, l_i, best, bits = _lse_update(s, k_prev, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP,
+                                               BLOCK_K)
             k_prev = k0
-        m_i, l_i, best, bits = _lse_update(s_nxt, k_prev, m_i, l_i, best, bits, m_i, WITH_ARGMAX, WRITE_GAPS,
-                                           SKIP, BLOCK_K)
+        m_i, l_i, best, bits = _lse_update(s_nxt, k_prev, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP,
+                                           BLOCK_K)
     else:
         for j in range(0, num_kb):
             k0 = ((b0 + j) % num_kb) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                       offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                      SPLIT_A, False)
-            m_i, l_i, best, bits = _lse_update(s, k0, m_i, l_i, best, bits, m_i, WITH_ARGMAX, WRITE_GAPS, SKIP,
-                                               BLOCK_K)
+                                      SPLIT_A)
+            m_i, l_i, best, bits = _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP, BLOCK_K)
     logz = (m_i + tl.log2(l_i)) * LN2
     tl.store(LOGZ + src, logz, mask=mask_m)
     if HAS_ORDER:
@@ -632,7 +516,7 @@ def _logz_kernel(
         tl.store(X2 + offs_m, x2, mask=mask_m)
     if WITH_ARGMAX:
         tl.store(BEST + src, best.to(tl.int64), mask=mask_m)
-    if WRITE_GAPS and SCREEN_DEBUG != 3:      # one bit set per FLAG_ROWS-row flag tile (BLOCK_M: FLAG_ROWS k)
+    if WRITE_GAPS:      # one bit set per FLAG_ROWS-row flag tile (BLOCK_M is a multiple of FLAG_ROWS)
         TILES: tl.constexpr = BLOCK_M // FLAG_ROWS
         tile_bits = tl.reduce(tl.reshape(bits, [TILES, FLAG_ROWS]), 1, _bit_or)
         ft = tl.program_id(0) * TILES + tl.arange(0, TILES)
@@ -1284,59 +1168,6 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-@triton.jit
-def _screen_terms_kernel(A, A_LO, P, COEF2, CST, SCR, K, D: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_D: tl.constexpr, SPLIT_A: tl.constexpr):
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    offs_d = tl.arange(0, BLOCK_D)
-    m2 = mask_k[:, None] & (offs_d < D)[None, :]
-    ptrs = offs_k.to(tl.int64)[:, None] * D + offs_d[None, :]
-    c = tl.abs(tl.load(COEF2 + offs_k, mask=mask_k, other=0.0))
-    p = tl.load(P + ptrs, mask=m2, other=0.0).to(tl.float32)
-    a = tl.load(A + ptrs, mask=m2, other=0.0).to(tl.float32)
-    e1 = c * tl.sqrt(tl.sum(a * a, axis=1)) * (2.0 ** -16)
-    if SPLIT_A:
-        a_lo = tl.load(A_LO + ptrs, mask=m2, other=0.0).to(tl.float32)
-        e1 += c * tl.sqrt(tl.sum(a_lo * a_lo, axis=1))
-    tl.store(SCR + offs_k, c * tl.sqrt(tl.sum(p * p, axis=1)), mask=mask_k)
-    tl.store(SCR + K + offs_k, e1, mask=mask_k)
-    tl.store(SCR + 2 * K + offs_k, tl.abs(c * tl.load(CST + offs_k, mask=mask_k, other=0.0)) * (2.0 ** -16)
-             + (2.0 ** -10), mask=mask_k)
-
-
-def screen_terms_reference(params: Params, diag: bool, split_a: bool) -> torch.Tensor:
-    """The screened pass 1's per-component bound terms (3, K) float32 (see ``_screen_update``), in torch:
-    E0 = |c| ||p_k||, E1 = |c| (||a_lo,k|| + 2^-16 ||a_k||), E2 = 2^-16 |c cst_k| + 2^-10 (c: ``coef2``)."""
-    c = params.coef2.float().abs()
-    k = c.shape[0]
-    if not diag:
-        return torch.zeros((3, k), dtype=torch.float32, device=c.device)
-    e1 = c * params.a.float().norm(dim=1) * 2.0 ** -16
-    if split_a:
-        e1 = e1 + c * params.a_lo.float().norm(dim=1)
-    return torch.stack([c * params.p.float().norm(dim=1), e1, (c * params.cst.float()).abs() * 2.0 ** -16
-                        + 2.0 ** -10])
-
-
-def screen_terms(params: Params, diag: bool, split_a: bool) -> torch.Tensor:
-    """:func:`screen_terms_reference` by one small kernel (diag; spherical needs none: zeros)."""
-    k, d = params.a.shape
-    scr = torch.zeros((3, k), dtype=torch.float32, device=params.a.device)
-    if diag:
-        block_d = max(16, triton.next_power_of_2(d))
-        block_k = max(1, min(32, 4096 // block_d))
-        _screen_terms_kernel[(triton.cdiv(k, block_k),)](params.a, params.a_lo, params.p, params.coef2, params.cst,
-                                                         scr, k, D=d, BLOCK_K=block_k, BLOCK_D=block_d,
-                                                         SPLIT_A=split_a, num_warps=4)
-    return scr
-
-
-def _screens(mode: int, gaps) -> bool:
-    """Whether pass 1 runs screened (SCREEN_LOGZ): with the sparse pass 2's gaps, in the 16-bit modes."""
-    return bool(SCREEN_LOGZ) and gaps is not None and mode in _COPY_MODES
-
-
 def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None,
                 order: RowOrder | None = None, lzp=None, gaps=None, skip=SKIP_LOG2):
     """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64 (kernel component index); fills ``x2``
@@ -1361,17 +1192,15 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
     if gaps is not None and (gaps.shape != (triton.cdiv(n, FLAG_ROWS),) or gaps.dtype != torch.int64
                              or triton.cdiv(k, FLAG_K) > 64):
         raise ValueError(f"gaps must be int64 of shape ({triton.cdiv(n, FLAG_ROWS)},) and K <= {64 * FLAG_K}")
-    screen = _screens(mode, gaps) * (2 if SCREEN_PER_COMPONENT else 1)
-    scr = screen_terms(params, diag, _split_a(mode, diag)) if screen and diag else logz
     _logz_kernel[grid](x, x if center is None else center, rows, hint, params.a, params.a_lo, params.p,
-                       params.p_lo, params.bias2, params.coef2, params.cst, scr, logz, logz if lzp is None else lzp,
+                       params.p_lo, params.bias2, params.coef2, params.cst, logz, logz if lzp is None else lzp,
                        logz if x2 is None else x2, best, xo, xq, xql, params.scales,
                        logz if gaps is None else gaps, n, k,
                        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
                        WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, WRITE_COPY=copy is not None, MODE=mode,
                        EMU=_interpret(), PIPE=bool(PIPELINE_LOGZ), HAS_ORDER=order is not None,
                        WRITE_GAPS=gaps is not None, SKIP=float(skip), SPLIT_A=_split_a(mode, diag),
-                       SCREEN=screen, SCREEN_DEBUG=int(SCREEN_DEBUG) if screen else 0, FLAG_ROWS=FLAG_ROWS)
+                       FLAG_ROWS=FLAG_ROWS)
     return logz, (best if with_argmax else None)
 
 
