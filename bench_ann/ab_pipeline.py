@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--rep", type=int, default=40, help="do_bench ms per measurement")
     ap.add_argument("--min-bf16", type=float, default=0.0,
                     help="abort when the first health check gives fewer bf16 TFLOP/s (a degraded machine)")
+    ap.add_argument("--sorted", action="store_true",
+                    help="also the sparse E-step's path: rows sorted, components grouped, pass 1 with the gaps")
     ap.add_argument("--out", default="bench_ann/results/ab_pipeline")
     args = ap.parse_args(argv)
 
@@ -73,6 +75,20 @@ def main(argv=None):
             cases.append((f"E-step {cov} {prec}",
                           lambda var=var, prec=prec, params=params: kernels.estep(
                               x, means, var, lw, precision=prec, params=params)))
+            if args.sorted:
+                perm = kernels.component_order(means)
+                params_s = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
+                best = kernels.estep(x, means, var, lw, precision=prec, params=params_s, return_best=True)[4]
+                order = kernels.row_order(best, perm)
+                lzp = torch.empty(n, device="cuda")
+                gaps = torch.empty(triton.cdiv(n, kestep.FLAG_ROWS), dtype=torch.int64, device="cuda")
+                cases.append((f"pass1 sorted {cov} {prec}",
+                              lambda var=var, prec=prec, params_s=params_s, order=order, lzp=lzp, gaps=gaps:
+                              kestep.launch_logz(x, params_s, k, var.ndim == 2, prec, order=order, lzp=lzp,
+                                                 gaps=gaps)))
+                cases.append((f"E-step sorted {cov} {prec}",
+                              lambda var=var, prec=prec, params_s=params_s, order=order: kernels.estep(
+                                  x, means, var, lw, precision=prec, params=params_s, order=order)))
 
     shipped = kestep.PIPELINE_LOGZ
 
