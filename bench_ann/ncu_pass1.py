@@ -54,6 +54,7 @@ def main(argv=None):
             diag = cov == "diag"
             copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
                          for i in range(3))
+
             def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy):
                 kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
                                    lzp=lzp, gaps=gaps)

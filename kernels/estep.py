@@ -416,7 +416,7 @@ def _prune_stats(configs, named_args, **kwargs):
         if not copy:    # fp32 tiles converted in the loop; in the 16-bit modes one tile, transient (half weight:
             #             sm_90a compile report, diag "tf32" 32 x 128 / 8 warps: 254 registers, no spills, 152 KiB)
             regs += ops * bm * bd * (1 if mode == 0 else 2) / ((2 if mode in _COPY_MODES else 1) * 32 * c.num_warps)
-        if regs > 200:
+        if regs > (260 if not copy and mode in _COPY_MODES else 200):
             continue
         keep.append(c)
     if named_args.get("SPARSE", False):       # work items are FLAG_ROWS x FLAG_K
