@@ -212,12 +212,13 @@ def _row_block(N, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr)
 
 
 @triton.jit
-def _source_rows(ROWS, offs_m, mask_m, HAS_ORDER: tl.constexpr):
-    """Rows of X processed at positions offs_m: ROWS[offs_m] (int64) under a row order, else offs_m."""
-    if HAS_ORDER:
-        src = tl.load(ROWS + offs_m, mask=mask_m, other=0).to(tl.int64)
+def _indexed(IDX, offs, mask, HAS_IDX: tl.constexpr):
+    """IDX[offs] (int64) when HAS_IDX, else offs (int64): the rows of X processed at positions offs under a row
+    order, or the caller's indices of kernel-order components under a component permutation."""
+    if HAS_IDX:
+        src = tl.load(IDX + offs, mask=mask, other=0).to(tl.int64)
     else:
-        src = offs_m.to(tl.int64)
+        src = offs.to(tl.int64)
     return src
 
 
@@ -405,8 +406,9 @@ def _prune_stats(configs, named_args, **kwargs):
         bm, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages
         ops = 2 if diag else 1
         copy = named_args.get("COPY", False)
+        fp32_rows = mode in _COPY_MODES and not copy     # 16-bit modes without the copy: one fp32 row tile
         # pipelined row tiles: the operand copy's rows, squares (and their 16-bit second term), or the fp32 rows
-        tiles = ((3 if mode in _COPY_MODES else 2) if diag else 1) if copy or mode not in _COPY_MODES else 1
+        tiles = 1 if fp32_rows or not diag else (3 if mode in _COPY_MODES else 2)
         tile_bytes = 2 if copy else 4
         param_tiles = ops + (1 if named_args.get("SPLIT_A", False) else 0)   # P, A (and A's second term)
         smem = param_tiles * bk * bd * es + st * tiles * bm * bd * tile_bytes
@@ -415,8 +417,8 @@ def _prune_stats(configs, named_args, **kwargs):
         regs = (ops * bk * bd + 2 * bk * bm) / (32 * c.num_warps)   # accumulators + logits/R tiles
         if not copy:    # fp32 tiles converted in the loop; in the 16-bit modes one tile, transient (half weight:
             #             sm_90a compile report, diag "tf32" 32 x 128 / 8 warps: 254 registers, no spills, 152 KiB)
-            regs += ops * bm * bd * (1 if mode == 0 else 2) / ((2 if mode in _COPY_MODES else 1) * 32 * c.num_warps)
-        if regs > (260 if not copy and mode in _COPY_MODES else 200):
+            regs += ops * bm * bd * (1 if mode == 0 else 2) / ((2 if fp32_rows else 1) * 32 * c.num_warps)
+        if regs > (260 if fp32_rows else 200):
             continue
         keep.append(c)
     if named_args.get("SPARSE", False):       # work items are FLAG_ROWS x FLAG_K
@@ -458,7 +460,7 @@ def _logz_kernel(
     # FLAG_ROWS-row flag tile has a bound of log2 r in block b >= -SKIP: the sparse pass 2's work. Row-local bits,
     # one OR-reduction per flag tile at the end.
     offs_m, mask_m, offs_d, mask_d = _row_block(N, D, BLOCK_M, BLOCK_D)
-    src = _source_rows(ROWS, offs_m, mask_m, HAS_ORDER)
+    src = _indexed(ROWS, offs_m, mask_m, HAS_ORDER)
     x = _load_rows(X, CENTER, src, mask_m, offs_d, mask_d, D, HAS_CENTER)
     xh, xl, qh, ql, x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
     if WRITE_COPY:
@@ -550,7 +552,7 @@ def _stats_tile(
             qh = tl.load(XQ + cp, mask=cmask, other=0.0)
             ql = tl.load(XQL + cp, mask=cmask, other=0.0)
     else:
-        src = _source_rows(ROWS, offs_m, mask_m, HAS_ORDER)
+        src = _indexed(ROWS, offs_m, mask_m, HAS_ORDER)
         x = _load_rows(X, CENTER, src, mask_m, offs_d, mask_d, D, HAS_CENTER)
         xh, xl, qh, ql, _x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
     # rows past the range get logZ = +inf, hence r = 0, without a mask below
@@ -697,10 +699,7 @@ def _reduce_kd_kernel(SX_PART, SQ_PART, NK_PART, MEANS, INV, PERM, SX, SQ, S, K,
     offs_s0 = tl.arange(0, S_BLOCK)
     mask = offs < K * D
     row = offs // D
-    if HAS_PERM:
-        dst = tl.load(PERM + row, mask=mask, other=0) * D + (offs - row * D)
-    else:
-        dst = offs
+    dst = _indexed(PERM, row, mask, HAS_PERM) * D + (offs - row * D)
     sx = _slab_sum(SX_PART, offs_s0, S, K * D, offs, mask, S_BLOCK) * tl.load(INV)
     tl.store(SX + dst, sx.to(tl.float32), mask=mask)
     if DIAG:
@@ -719,10 +718,7 @@ def _reduce_k_kernel(NK_PART, SQ_PART, INV, PERM, NK, SQ, S, K, DIAG: tl.constex
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs_s0 = tl.arange(0, S_BLOCK)
     mask = offs < K
-    if HAS_PERM:
-        dst = tl.load(PERM + offs, mask=mask, other=0)
-    else:
-        dst = offs
+    dst = _indexed(PERM, offs, mask, HAS_PERM)
     nk = _slab_sum(NK_PART, offs_s0, S, K, offs, mask, S_BLOCK)
     tl.store(NK + dst, nk.to(tl.float32), mask=mask)
     if not DIAG:
@@ -759,10 +755,7 @@ def _prepare_kernel(MEANS, VAR, LW, PERM, MU_ABSMAX, VAR_MIN, XB, xb_value,
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     m2 = mask_k[:, None] & mask_d[None, :]
-    if HAS_PERM:
-        src = tl.load(PERM + offs_k, mask=mask_k, other=0).to(tl.int64)
-    else:
-        src = offs_k.to(tl.int64)
+    src = _indexed(PERM, offs_k, mask_k, HAS_PERM)
     mu = tl.load(MEANS + src[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float64)
     lw = tl.load(LW + src, mask=mask_k, other=0.0).to(tl.float64)
     bound = tl.load(MU_ABSMAX).to(tl.float64)
