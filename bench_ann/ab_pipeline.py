@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_kernels import autotuned_configs, gemm_ceiling, make_data, make_params
+from .bench_kernels import autotuned_configs, gemm_ceiling, make_data, make_params, sorted_inputs
 
 
 def health(tag=""):
@@ -65,6 +65,7 @@ def main(argv=None):
     bound = max(-float(x.min()), float(x.max()))
     means, var_sph, var_diag, lw = make_params(x, k, kernels)
 
+    perm = kernels.component_order(means) if args.sorted else None
     cases = []
     for prec in args.precisions.split(","):
         for cov, var in (("spherical", var_sph), ("diag", var_diag)):
@@ -76,12 +77,7 @@ def main(argv=None):
                           lambda var=var, prec=prec, params=params: kernels.estep(
                               x, means, var, lw, precision=prec, params=params)))
             if args.sorted:
-                perm = kernels.component_order(means)
-                params_s = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
-                best = kernels.estep(x, means, var, lw, precision=prec, params=params_s, return_best=True)[4]
-                order = kernels.row_order(best, perm)
-                lzp = torch.empty(n, device="cuda")
-                gaps = torch.empty(triton.cdiv(n, kestep.FLAG_ROWS), dtype=torch.int64, device="cuda")
+                params_s, order, lzp, gaps = sorted_inputs(x, means, var, lw, prec, bound, perm, kernels)
                 cases.append((f"pass1 sorted {cov} {prec}",
                               lambda var=var, prec=prec, params_s=params_s, order=order, lzp=lzp, gaps=gaps:
                               kestep.launch_logz(x, params_s, k, var.ndim == 2, prec, order=order, lzp=lzp,

@@ -18,7 +18,7 @@ import time
 import torch
 
 from .ab_pipeline import health, write_result
-from .bench_kernels import autotuned_configs, make_data, make_params, ref_stats, rel_err
+from .bench_kernels import autotuned_configs, make_data, make_params, ref_stats, rel_err, sorted_inputs
 
 
 def main(argv=None):
@@ -48,11 +48,7 @@ def main(argv=None):
     def cases_for(cov, var):
         """(name, fn) of one covariance type; parameters prepared for the current switch state."""
         params = kernels.prepare(means, var, lw, "tf32", bound)
-        params_s = kernels.prepare(means, var, lw, "tf32", bound, comp_perm=perm)
-        best = kernels.estep(x, means, var, lw, precision="tf32", params=params_s, return_best=True)[4]
-        order = kernels.row_order(best, perm)
-        lzp = torch.empty(n, device="cuda")
-        gaps = torch.empty(triton.cdiv(n, kestep.FLAG_ROWS), dtype=torch.int64, device="cuda")
+        params_s, order, lzp, gaps = sorted_inputs(x, means, var, lw, "tf32", bound, perm, kernels)
         diag = var.ndim == 2
         return [
             (f"pass1 {cov}", lambda: kestep.launch_logz(x, params, k, diag, "tf32")),

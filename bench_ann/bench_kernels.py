@@ -166,6 +166,20 @@ def make_params(x, k, kernels, seed=1):
     return c.contiguous(), var_sph, var_diag, lw
 
 
+def sorted_inputs(x, means, var, lw, precision, bound, perm, kernels):
+    """The sparse E-step's inputs on X (n, D): parameters prepared under the component permutation ``perm`` (K,),
+    the row order from one E-step's argmax, and pass 1's position-ordered logZ (n,) and gap (cdiv(n, FLAG_ROWS),)
+    buffers. Returns ``(params, order, lzp, gaps)``."""
+    import triton
+    kestep = importlib.import_module("flashgmm_faiss.kernels.estep")
+    n = x.shape[0]
+    params = kernels.prepare(means, var, lw, precision, bound, comp_perm=perm)
+    best = kernels.estep(x, means, var, lw, precision=precision, params=params, return_best=True)[4]
+    lzp = torch.empty(n, device=x.device)
+    gaps = torch.empty(triton.cdiv(n, kestep.FLAG_ROWS), dtype=torch.int64, device=x.device)
+    return params, kernels.row_order(best, perm), lzp, gaps
+
+
 def ref_stats(x, means, var, lw, tb, chunk=65536):
     nk = sx = sq = 0
     for i in range(0, len(x), chunk):

@@ -20,7 +20,7 @@ import importlib
 
 import torch
 
-from .bench_kernels import make_data, make_params
+from .bench_kernels import make_data, make_params, sorted_inputs
 
 
 def main(argv=None):
@@ -32,7 +32,6 @@ def main(argv=None):
     ap.add_argument("--precisions", default="tf32")
     args = ap.parse_args(argv)
 
-    import triton
     kernels = importlib.import_module("flashgmm_faiss.kernels")
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep")
     n, k, d = args.n, args.k, args.d
@@ -44,11 +43,7 @@ def main(argv=None):
     for cov in args.covs.split(","):
         var = var_diag if cov == "diag" else var_sph
         for prec in args.precisions.split(","):
-            params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
-            best = kernels.estep(x, means, var, lw, precision=prec, params=params, return_best=True)[4]
-            order = kernels.row_order(best, perm)
-            lzp = torch.empty(n, device="cuda")
-            gaps = torch.empty(triton.cdiv(n, kestep.FLAG_ROWS), dtype=torch.int64, device="cuda")
+            params, order, lzp, gaps = sorted_inputs(x, means, var, lw, prec, bound, perm, kernels)
             x2 = torch.empty(n, device="cuda")
             dt = torch.float16 if prec == "tf32" else torch.bfloat16
             diag = cov == "diag"
