@@ -22,14 +22,52 @@ import torch
 from flashgmm_faiss import GaussianMixture
 
 
+GENERATE_ROWS = 1 << 24   # sift_like draws larger data sets in pieces of this many rows (no 2 n d temporaries)
+
+
 def sift_like(n, d, k, seed=0, device="cuda"):
-    """Uncentred clustered data in 0..255 (like SIFT), generated on the device."""
+    """Uncentred clustered data in 0..255 (like SIFT), generated on the device: (n, d) float32."""
     g = torch.Generator(device=device).manual_seed(seed)
     centers = torch.rand(k, d, generator=g, device=device) * 180 + 20
-    labels = torch.randint(0, k, (n,), generator=g, device=device)
     scale = torch.rand(k, generator=g, device=device) * 15 + 5
-    X = centers[labels] + torch.randn(n, d, generator=g, device=device) * scale[labels, None]
-    return X.clamp_(0, 255)
+    if n <= GENERATE_ROWS:   # one draw (the data of the earlier results)
+        labels = torch.randint(0, k, (n,), generator=g, device=device)
+        X = centers[labels] + torch.randn(n, d, generator=g, device=device) * scale[labels, None]
+        return X.clamp_(0, 255)
+    X = torch.empty((n, d), dtype=torch.float32, device=device)
+    for s in range(0, n, GENERATE_ROWS):
+        part = X[s:s + GENERATE_ROWS]
+        labels = torch.randint(0, k, (part.shape[0],), generator=g, device=device)
+        torch.randn(part.shape, generator=g, device=device, out=part)
+        part.mul_(scale[labels, None]).add_(centers[labels]).clamp_(0, 255)
+    return X
+
+
+def peak_breakdown(snapshot, top: int = 12):
+    """What was live at the peak of a ``torch.cuda.memory._snapshot()`` taken with allocation history: replays
+    the device's alloc / free events and returns ``{"peak_mib", "live": [{"mib", "where"}...]}``, the allocations
+    live at the peak grouped by their innermost flashgmm_faiss / kernels / bench_ann frame, largest first."""
+    events = [e for trace in snapshot.get("device_traces", []) for e in trace]
+    live, total, best, best_live = {}, 0, -1, {}
+    for e in events:
+        if e.get("action") == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e.get("action") in ("free_requested", "free_completed") and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+        if total > best:
+            best, best_live = total, dict(live)
+
+    def where(e):   # the innermost frame, then the innermost three of this repository
+        frames = e.get("frames", [])
+        ours = [f for f in frames if any(m in f.get("filename", "") for m in ("flashgmm_faiss", "bench_ann"))]
+        return " < ".join(f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}"
+                          for f in frames[:1] + [f for f in ours[:3] if f is not frames[0]]) or "?"
+    groups = {}
+    for e in best_live.values():
+        groups[where(e)] = groups.get(where(e), 0) + e["size"]
+    live = sorted(({"mib": v / 2**20, "where": k} for k, v in groups.items()), key=lambda r: -r["mib"])
+    return {"peak_mib": max(best, 0) / 2**20, "live": live[:top]}
 
 
 def config_label(backend, cov, prec, sparse, graphs):
@@ -67,20 +105,32 @@ def run(args):
             # launches (sparse E-step, with and without the argmax for the next order) is compiled and autotuned
             GaussianMixture(args.k, covariance_type=cov, kmeans_iter=1, max_iter=7, backend=backend, device="cuda",
                             precision=prec, seed=0, chunk_size=args.chunk, sparse_estep=sparse,
-                            cuda_graphs=graphs, data_on_device=on_device).fit(X)
+                            cuda_graphs=graphs, data_on_device=on_device,
+                            working_memory=args.working_memory).fit(X[:args.warmup_rows] if args.warmup_rows else X)
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()      # the warm-up's cached blocks: the reserved peak below is this fit's
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        base_reserved = torch.cuda.memory_reserved()
+        if args.memory_trace:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g = GaussianMixture(args.k, covariance_type=cov, kmeans_iter=args.kmeans_iter, max_iter=args.em_iter,
                                 tol=0.0, backend=backend, device="cuda", precision=prec, seed=0,
                                 chunk_size=args.chunk, sparse_estep=sparse, cuda_graphs=graphs,
-                                data_on_device=on_device).fit(X)
+                                data_on_device=on_device, working_memory=args.working_memory).fit(X)
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() - base
+        peak_reserved = torch.cuda.max_memory_reserved() - base_reserved
+        plan = g._plan(X, args.n, torch.device("cuda"), args.d)
+        trace = None
+        if args.memory_trace:
+            trace = peak_breakdown(torch.cuda.memory._snapshot())
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print("live at the fit's peak:", json.dumps(trace, indent=1), flush=True)
         assign_ms = {}
         if backend == "triton" and cov == "spherical" and prec == "tf32" and not sparse and not graphs:
             for cap in (2, None):  # fused top-M kernel for a copy cap; torch fallback when uncapped
@@ -103,9 +153,12 @@ def run(args):
                      "fit_seconds": total,
                      # validation pass, k-means++ seeding, the k-means variances: the fit outside its iterations
                      "other_seconds": total - sum(h["seconds"] for h in g.history_)
-                     - sum(h["seconds"] for h in g.kmeans_history_), "peak_extra_mib": peak / 2**20, "x_mib": x_bytes / 2**20,
+                     - sum(h["seconds"] for h in g.kmeans_history_), "peak_extra_mib": peak / 2**20,
+                     "peak_extra_reserved_mib": peak_reserved / 2**20, "x_mib": x_bytes / 2**20,
+                     "working_memory_mib": args.working_memory, "copy_rows": plan.copy_rows,
+                     "order_bytes": plan.order_bytes, "peak_breakdown": trace,
                      "final_log_likelihood": g.lower_bound_, "chunk_size": args.chunk,
-                     "chunk_rows_used": g._chunk_rows(X, torch.device("cuda"), args.d),
+                     "chunk_rows_used": plan.rows,
                      "assign_ms_by_cap": assign_ms, "host_data": bool(args.host_data),
                      "data_on_device": args.data_on_device})
         print(rows[-1], flush=True)
@@ -115,10 +168,13 @@ def run(args):
              f"N={args.n}, K={args.k}, D={args.d}, {args.kmeans_iter} k-means + {args.em_iter} EM iterations, "
              f"data {where}, torch {torch.__version__}. Each fit follows a warm-up fit (compilation, "
              "autotuning); iteration times are medians over iterations 2..end; 'other s' is the fit's time outside "
-             "its iterations (validation pass, k-means++ seeding, k-means variances).", "",
+             "its iterations (validation pass, k-means++ seeding, k-means variances). Peak extra: the fit's "
+             "largest allocation beyond what was allocated before it (X), and (reserved) the allocator's cache "
+             f"beyond it; working_memory={args.working_memory} MiB.", "",
              "| backend | cov | precision | E-step | CUDA graphs (replays) | EM iter ms (median) | mean | "
-             "speed-up vs torch (mean) | k-means iter ms | other s | fit s | peak extra MiB | final log-lik |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "speed-up vs torch (mean) | k-means iter ms | other s | fit s | peak extra MiB (reserved) | chunk rows "
+             "(row copy) | final log-lik |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         kind = "-" if r["backend"] == "torch" else ("sparse" if r["sparse_estep"] else "dense")
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
@@ -126,7 +182,8 @@ def run(args):
                      f"{r['em_iter_ms']:.2f} | "
                      f"{r['em_iter_mean_ms']:.2f} | {ref / r['em_iter_mean_ms']:.1f}x | {r['kmeans_iter_ms']:.2f} | "
                      f"{r['other_seconds']:.2f} | "
-                     f"{r['fit_seconds']:.2f} | {r['peak_extra_mib']:.0f} | "
+                     f"{r['fit_seconds']:.2f} | {r['peak_extra_mib']:.1f} ({r['peak_extra_reserved_mib']:.0f}) | "
+                     f"{r['chunk_rows_used']} ({'yes' if r['copy_rows'] else 'no'}) | "
                      f"{r['final_log_likelihood']:.5f} |")
     for r in rows:
         for cap, ms in r["assign_ms_by_cap"].items():
@@ -136,7 +193,8 @@ def run(args):
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"fit_{dev.replace(' ', '_').lower()}_n{args.n}"
+    stem = f"fit_{dev.replace(' ', '_').lower()}_n{args.n}" + (f"_wm{args.working_memory:g}" if args.working_memory
+                                                                 else "")
     meta = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": "python -m bench_ann.bench_fit " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                     for k, v in vars(args).items()),
@@ -166,6 +224,12 @@ def main():
     p.add_argument("--configs", default=None,
                    help="comma list of configurations to run (default all): 'torch' or "
                         "'<cov>-<precision>-<dense|sparse>[-graphs]', e.g. spherical-bf16-sparse-graphs")
+    p.add_argument("--working-memory", type=float, default=None,
+                   help="GaussianMixture(working_memory=...) in MiB: bound of the fit's device memory beyond X")
+    p.add_argument("--warmup-rows", type=int, default=None,
+                   help="rows of X the warm-up fit uses (default all; kernels autotune on K, D and dtype, not N)")
+    p.add_argument("--memory-trace", action="store_true",
+                   help="record the timed fit's allocations and report what is live at its peak (slower)")
     p.add_argument("--out", default="bench_ann/results")
     run(p.parse_args())
 

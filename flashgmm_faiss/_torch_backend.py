@@ -136,6 +136,8 @@ def assign(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_weights:
     log_norm = torch.logsumexp(lp, dim=1, keepdim=True)
     r = torch.exp(lp - log_norm)
     m = min(int(max_assign), r.shape[1])
+    if m > 1:   # no more columns than the row with the most components above tau needs (uncapped: K -> a few)
+        m = min(m, max(1, int((r > tau).sum(1).max())))
     top_r, top_k = torch.topk(r, m, dim=1, sorted=True)
     keep = top_r > tau
     keep[:, 0] = True

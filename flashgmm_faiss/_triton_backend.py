@@ -6,8 +6,9 @@ meaning of the same-named functions in ``_torch_backend``. The kernels live in `
 (``kernels/`` in the source tree); they are imported lazily so that importing this module costs nothing and
 never touches Triton unless a method runs.
 
-Rows wider than the kernels' single-tile limit (D > 256), and ``max_assign > 64``, fall back to the torch
-implementation.
+Rows wider than the kernels' single-tile limit (D > 256), and ``max_assign > 16``, fall back to the torch
+implementation, run on pieces of the chunk whose (rows, K) matrices hold at most ``TORCH_PIECE_ELEMENTS`` entries
+(the chunks are sized for the kernels' O(rows D) buffers, not for O(rows K) ones).
 
 Sparse E-step during a fit: ``GaussianMixture.fit`` calls :meth:`TritonBackend.begin_em_iteration` before each EM
 iteration and :meth:`TritonBackend.fit_estep` with the chunk's first row as its key. The backend keeps one
@@ -22,7 +23,10 @@ order only costs speed.
 """
 from __future__ import annotations
 
+import torch
+
 from . import _torch_backend as _tb
+from ._chunk_plan import ROW_ORDER_BYTES
 from ._torch_backend import EStepStats
 
 PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
@@ -34,12 +38,12 @@ MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
 MAX_ASSIGN = 16
 # Row orders (sparse E-step): built in the first EM iteration, then rebuilt every ORDER_REFRESH-th (the argmax
 # costs pass 1 ~0.2 ms and the argsort 0.11 ms per 1M rows on an H200; the orders age slowly once k-means has
-# placed the means); at most ROW_ORDER_BYTES of device memory for them (8 bytes per row; a rebuild needs one
+# placed the means); at most TritonBackend.order_bytes of device memory for them (8 bytes per row; a rebuild needs one
 # chunk's worth more while it sorts): chunks past it run the dense E-step. Only for K of MIN_SPARSE_BLOCKS..64
 # blocks of kernels FLAG_K components: with fewer blocks there is little to skip, with more the kernels have no
 # sparse pass.
 ORDER_REFRESH = 4
-ROW_ORDER_BYTES = 1 << 30
+TORCH_PIECE_ELEMENTS = 1 << 25   # entries of one (rows, K) float32 matrix in the torch fallbacks: 128 MiB
 MIN_SPARSE_BLOCKS = 4
 
 
@@ -62,6 +66,12 @@ class TritonBackend:
     x_absmax : float or None
         Upper bound of ``|x - center|`` for the data being streamed (set by ``GaussianMixture.fit`` after its
         validation pass); None makes each call compute it from its chunk.
+    copy_rows : bool
+        The E-step's 16-bit modes write the rows' operand copy for pass 2 (fastest; 2 D bytes per row, 6 D diag).
+        False: pass 2 converts the float32 rows itself (``kernels.estep``'s ``copy_rows``). Set by
+        ``GaussianMixture.fit`` from its ``working_memory`` plan.
+    order_bytes : int
+        Bound of the sparse E-step's row orders (8 bytes per row); chunks past it run the dense E-step.
     """
 
     fuses_centering = True
@@ -72,6 +82,8 @@ class TritonBackend:
         self.precision = precision
         self.sparse = bool(sparse)
         self.x_absmax = None
+        self.copy_rows = True
+        self.order_bytes = ROW_ORDER_BYTES
         self._cache = None      # (tensors, their versions, bound, perm, Params) of the last E-step parameters
         # counts of fit_estep calls: chunks run under an order (sparse) or without one, orders activated
         self.order_stats = {"iterations": 0, "sparse_chunks": 0, "dense_chunks": 0, "refreshes": 0}
@@ -135,9 +147,9 @@ class TritonBackend:
             order = None                           # the chunking changed: this chunk starts afresh
         perm = self._perm if order is not None else None
         params = self._params(means, var, log_weights, perm, x, center)
-        build = self._refresh and (order is not None or self._order_bytes() + 8 * n <= ROW_ORDER_BYTES)
+        build = self._refresh and (order is not None or self._order_bytes() + 8 * n <= self.order_bytes)
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
-                       order=order, return_best=build)
+                       copy_rows=self.copy_rows, order=order, return_best=build)
         self.order_stats["sparse_chunks" if order is not None else "dense_chunks"] += 1
         self._unordered |= order is None
         if build:
@@ -181,25 +193,47 @@ class TritonBackend:
         self._cache = (key, versions, self.x_absmax, perm, p)
         return p
 
+    @staticmethod
+    def _torch_pieces(fn, x, k, *args):
+        """``fn(piece, *args)`` of the torch backend on row pieces of x with at most TORCH_PIECE_ELEMENTS entries
+        in a (rows, K) matrix: the list of results."""
+        step = max(1, TORCH_PIECE_ELEMENTS // max(1, k))
+        return [fn(x[s:s + step], *args) for s in range(0, x.shape[0], step)]
+
+    def _torch_estep(self, x, means, var, log_weights, center):
+        parts = self._torch_pieces(_tb.estep, x, means.shape[0], means, var, log_weights, center)
+        if len(parts) == 1:
+            return parts[0]
+        log_norm = torch.cat([p.log_norm for p in parts])
+        return EStepStats(log_norm, *(sum(p[i] for p in parts) for i in (1, 2, 3)))
+
     def estep(self, x, means, var, log_weights, center=None) -> EStepStats:
         if x.shape[1] > MAX_D:
-            return _tb.estep(x, means, var, log_weights, center)
+            return self._torch_estep(x, means, var, log_weights, center)
         return EStepStats(*self._k().estep(x, means, var, log_weights, precision=self.precision, center=center,
-                                           x_absmax=self.x_absmax, params=self._params(means, var, log_weights)))
+                                           x_absmax=self.x_absmax, params=self._params(means, var, log_weights),
+                                           copy_rows=self.copy_rows))
 
     def score(self, x, means, var, log_weights, center=None):
         if x.shape[1] > MAX_D:
-            return _tb.score(x, means, var, log_weights, center)
+            parts = self._torch_pieces(_tb.score, x, means.shape[0], means, var, log_weights, center)
+            return tuple(torch.cat(p) for p in zip(*parts))
         return self._k().score(x, means, var, log_weights, precision=self.precision, center=center,
                                x_absmax=self.x_absmax)
 
     def kmeans_step(self, x, centroids, center=None):
         if x.shape[1] > MAX_D:
-            return _tb.kmeans_step(x, centroids, center)
+            parts = self._torch_pieces(_tb.kmeans_step, x, centroids.shape[0], centroids, center)
+            if len(parts) == 1:
+                return parts[0]
+            return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                    sum(p[2] for p in parts), sum(p[3] for p in parts))
         return self._k().kmeans_step(x, centroids, precision=self.precision, center=center, x_absmax=self.x_absmax)
 
     def assign(self, x, means, var, log_weights, tau: float, max_assign: int, center=None):
         if x.shape[1] > MAX_D or min(int(max_assign), means.shape[0]) > MAX_ASSIGN:
-            return _tb.assign(x, means, var, log_weights, tau, max_assign, center)
+            parts = self._torch_pieces(_tb.assign, x, means.shape[0], means, var, log_weights, tau, max_assign,
+                                       center)
+            return tuple(torch.cat(p) for p in zip(*parts))
         return self._k().assign(x, means, var, log_weights, tau, max_assign, precision=self.precision,
                                 center=center, x_absmax=self.x_absmax)

@@ -40,7 +40,8 @@ def check_shape(X, name: str = "X", d: int | None = None) -> tuple[int, int]:
         hint = ("reshape your data with X.reshape(-1, 1) if it has a single feature "
                 "or X.reshape(1, -1) if it contains a single sample") if len(shape) == 1 else \
             "flatten the trailing dimensions with X.reshape(len(X), -1)"
-        raise ValueError(f"Expected 2D array for {name}, got {len(shape)}D array of shape {tuple(shape)} instead: {hint}.")
+        raise ValueError(f"Expected 2D array for {name}, got {len(shape)}D array of shape {tuple(shape)} instead: "
+                         f"{hint}.")
     n, dim = int(shape[0]), int(shape[1])
     if n == 0:
         raise ValueError(f"{name} is empty (0 rows): at least one vector is required.")
@@ -63,7 +64,12 @@ def check_shape(X, name: str = "X", d: int | None = None) -> tuple[int, int]:
 def check_finite(x, name: str = "X", row_offset: int = 0) -> None:
     """Raise a ValueError naming the first row with NaN or Inf. ``x`` is a numpy array or torch tensor."""
     if is_torch_tensor(x):
-        if not x.dtype.is_floating_point:
+        if not x.dtype.is_floating_point or x.numel() == 0:
+            return
+        # min and max propagate NaN and reach +-Inf: no (n, d) mask unless something is wrong (a chunk of 2^20
+        # rows of 128 features would need a 128 MiB one)
+        lo, hi = torch.aminmax(x)
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
             return
         bad = ~torch.isfinite(x)
         if bool(bad.any()):

@@ -25,6 +25,7 @@ import torch
 
 from . import _torch_backend
 from ._cuda_graphs import GraphReplay
+from ._chunk_plan import ROW_ORDER_BYTES, ChunkPlan, plan_chunks
 from ._data import ChunkedMatrix
 from ._validation import as_float32_matrix, check_positive_int, check_shape
 
@@ -85,25 +86,13 @@ def resolve_backend(backend: str, device: torch.device, precision: str = "tf32",
     return "triton", TritonBackend(precision=precision, sparse=sparse_estep)
 
 
-TRITON_CHUNK_BYTES = 2 ** 29     # default per-chunk buffers of the Triton backend (see _default_chunk_size)
-
-
-def _default_chunk_size(backend: str, device: torch.device, n_components: int, d: int, diag: bool = False,
-                        resident: bool = False, free_bytes: int | None = None) -> int:
-    """Rows per chunk: a bound on the per-chunk working memory.
-
-    Triton backend: 512 MiB (at most 1/8 of ``free_bytes``, the device's free memory, when given) of O(chunk * D)
-    buffers, namely the kernels' 16-bit operand copy (2 D bytes per row, 6 D for diag) plus the float32 upload of
-    the chunk (4 D) unless X is already a float32 tensor on the device (``resident``). Every chunk costs a preparation,
-    a reduction and a float64 accumulation: at 128 MiB a diag fit at N=1e6 ran 6 chunks per iteration and took
-    4.3 ms per EM iteration against 3.3 ms for the same iteration in one chunk (H200). Torch backend: 2^27 (GPU) or
-    2^24 (CPU) entries of one (chunk, K) matrix."""
-    if backend == "triton":
-        budget = TRITON_CHUNK_BYTES if free_bytes is None else max(2 ** 26, min(TRITON_CHUNK_BYTES, free_bytes // 8))
-        per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
-        return max(1024, budget // per_row)
-    budget = 2 ** 27 if device.type == "cuda" else 2 ** 24  # elements of one (chunk, K) matrix
-    return max(256, budget // max(n_components, 1))
+def _column_stats(device: torch.device):
+    """``f(x) -> (sum (D,) float64, min (D,), max (D,))`` of a float32 chunk: the fused kernel on CUDA (torch's
+    CUDA reductions over rows stage 132-264 MiB per call, see ``kernels/column_stats.py``), torch elsewhere."""
+    if device.type == "cuda" and _triton_available():
+        from .kernels import column_stats
+        return column_stats
+    return lambda x: (x.sum(0, dtype=torch.float64), *torch.aminmax(x, dim=0))
 
 
 def _resident(X, device: torch.device) -> bool:
@@ -142,7 +131,7 @@ class GaussianMixture:
     device : str or torch.device, optional
         Compute device; defaults to CUDA when available.
     chunk_size : int, optional
-        Rows per streamed chunk; the default bounds the working memory (see ``_default_chunk_size``).
+        Rows per streamed chunk; the default bounds the per-chunk buffers (see ``working_memory``).
     seed : int
         Seed for the initialisation and re-seeding.
     verbose : bool or int
@@ -178,6 +167,16 @@ class GaussianMixture:
         against 1.9 ms once copied).
         "auto": when the copy takes at most half of the device's free memory; True: always (a clear error when
         it does not fit); False: stream the chunks (memory O(chunk_size * D) on the device).
+    working_memory : float, optional
+        Bound, in MiB, of the device memory the fit uses beyond X (and beyond the host-data copy of
+        ``data_on_device``): parameters, statistics and the kernels' partial sums (O(K D), estimated), the
+        per-chunk buffers and the sparse E-step's row orders. The chunk gets what the O(K D) part leaves; the
+        Triton backend's 16-bit row copy (fastest, 2 D bytes per row, 6 D diag) is dropped when fewer than 2^20
+        rows of it fit, and the row orders (8 bytes per row) get what the chunk leaves (none: the dense E-step).
+        A budget too small for the O(K D) part and a 1024-row chunk is refused with the minimum. Measured: N=1e8,
+        K=1024, D=128 fits in 64 MiB (``bench_ann/results/``). None (default): 512 MiB of chunk buffers (at most
+        1/8 of the free memory) and up to 1 GiB of row orders. ``chunk_size``, when given, overrides the plan's
+        rows. The k-means++ seeding holds a sample of max(50 K, 10000) rows (26 MB at K=1024, D=128).
 
     Attributes
     ----------
@@ -205,7 +204,7 @@ class GaussianMixture:
     def __init__(self, n_components, covariance_type="spherical", max_iter=100, kmeans_iter=10, tol=1e-4,
                  reg_covar=1e-6, init="k-means++", backend="auto", device=None, chunk_size=None, seed=0,
                  verbose=False, precision="tf32", weights_init=None, covariances_init=None, sparse_estep=True,
-                 cuda_graphs=True, data_on_device="auto"):
+                 cuda_graphs=True, data_on_device="auto", working_memory=None):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.max_iter = max_iter
@@ -224,6 +223,7 @@ class GaussianMixture:
         self.sparse_estep = sparse_estep
         self.cuda_graphs = cuda_graphs
         self.data_on_device = data_on_device
+        self.working_memory = working_memory
 
     # ------------------------------------------------------------------ parameter checks
     def _check_params(self, n: int, d: int):
@@ -251,6 +251,10 @@ class GaussianMixture:
                 raise ValueError(f"init has {m.shape[0]} means but n_components={K}.")
         if self.chunk_size is not None:
             check_positive_int(self.chunk_size, "chunk_size")
+        wm = self.working_memory
+        if wm is not None and (isinstance(wm, bool) or not isinstance(wm, (int, float)) or not wm > 0
+                               or not math.isfinite(wm)):
+            raise ValueError(f"working_memory must be a positive number of MiB or None, got {wm!r}.")
         return K
 
     # ------------------------------------------------------------------ fit
@@ -272,8 +276,8 @@ class GaussianMixture:
         K = self._check_params(n, d)
         device = resolve_device(self.device)
         self.backend_, impl = resolve_backend(self.backend, device, self.precision, bool(self.sparse_estep))
-        chunk = self._chunk_rows(X, device, d)
         self._impl, self._device = impl, device
+        chunk = self._plan(X, n, device, d).rows
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
         rng = np.random.default_rng(self.seed)
 
@@ -285,16 +289,21 @@ class GaussianMixture:
         total = torch.zeros(d, dtype=torch.float64, device=device)
         lo = torch.full((d,), math.inf, dtype=torch.float32, device=device)
         hi = torch.full((d,), -math.inf, dtype=torch.float32, device=device)
+        stats = _column_stats(device)
         for start, x in data.chunks(check=True):
-            total += x.sum(0).double()  # float32 pairwise sum per chunk: no float64 copy of the chunk
+            s, mn, mx = stats(x)
+            total += s
             if wants_bound:
-                mn, mx = torch.aminmax(x, dim=0)
                 torch.minimum(lo, mn, out=lo)
                 torch.maximum(hi, mx, out=hi)
             if copy is not None:
                 copy[start:start + x.shape[0]].copy_(x)
         if copy is not None:            # from here on the fit streams views of the device copy
-            data = ChunkedMatrix(copy, device, self._chunk_rows(copy, device, d), name="X")
+            data = ChunkedMatrix(copy, device, self._plan(copy, n, device, d).rows, name="X")
+        plan = self._plan(data.X, n, device, d)
+        self._kmeans_rows = plan.kmeans_rows
+        if hasattr(impl, "copy_rows"):  # the Triton backend's share of the plan
+            impl.copy_rows, impl.order_bytes = plan.copy_rows, plan.order_bytes
         center64 = total / n
         center = center64.to(torch.float32)
         data.center = center
@@ -340,6 +349,8 @@ class GaussianMixture:
                 impl.x_absmax = None   # inference streams other data: bound each chunk
             if hasattr(impl, "end_fit"):
                 impl.end_fit()         # the row orders of the sparse E-step belong to this fit's chunks
+            if hasattr(impl, "copy_rows"):
+                impl.copy_rows, impl.order_bytes = True, ROW_ORDER_BYTES   # the defaults again
         return self
 
     def _device_copy(self, X, n: int, d: int, device: torch.device):
@@ -362,23 +373,30 @@ class GaussianMixture:
                               "chunks from host memory)")
         return torch.empty((n, d), dtype=torch.float32, device=device)
 
-    def _stream(self, data: ChunkedMatrix, check: bool = False):
+    def _stream(self, data: ChunkedMatrix, check: bool = False, pieces: int | None = None):
         """Yield ``(start, x, kw)``: raw chunks and ``kw = {"center": c}`` for a backend that centres inside its
-        kernels (no centred copy), centred chunks and ``kw = {}`` otherwise."""
-        if getattr(self._impl, "fuses_centering", False) and data.center is not None:
-            for start, x in data.chunks(check=check, centered=False):
-                yield start, x, {"center": data.center}
-        else:
-            for start, x in data.chunks(check=check):
-                yield start, x, {}
+        kernels (no centred copy), centred chunks and ``kw = {}`` otherwise; with ``pieces``, each chunk is cut into
+        row slices of at most that many rows (the k-means steps under a ``working_memory`` plan)."""
+        fused = getattr(self._impl, "fuses_centering", False) and data.center is not None
+        kw = {"center": data.center} if fused else {}
+        for start, x in data.chunks(check=check, centered=not fused):
+            if not pieces or pieces >= x.shape[0]:
+                yield start, x, kw
+                continue
+            for s in range(0, x.shape[0], pieces):
+                yield start + s, x[s:s + pieces], kw
+
+    def _plan(self, X, n: int, device: torch.device, d: int) -> ChunkPlan:
+        """The chunking (:func:`~flashgmm_faiss._chunk_plan.plan_chunks`) for this backend, covariance type,
+        ``working_memory``, where X lives and the free device memory; ``chunk_size`` overrides its rows."""
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        plan = plan_chunks(self.backend_, device, n, self.n_components, d, self.covariance_type == "diag",
+                           _resident(X, device), free, self.working_memory)
+        return plan._replace(rows=self.chunk_size) if self.chunk_size else plan
 
     def _chunk_rows(self, X, device: torch.device, d: int) -> int:
-        """``chunk_size`` or the default for this backend, covariance type, where X lives and the free memory."""
-        if self.chunk_size:
-            return self.chunk_size
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        return _default_chunk_size(self.backend_, device, self.n_components, d, self.covariance_type == "diag",
-                                   _resident(X, device), free)
+        """Rows per chunk of ``X`` (see :meth:`_plan`)."""
+        return self._plan(X, len(X), device, d).rows
 
     def fit_predict(self, X, y=None):
         return self.fit(X).predict(X)
@@ -394,13 +412,15 @@ class GaussianMixture:
             return (data.rows(idx) - data.center).double()
         m = min(n, max(50 * K, 10000))
         idx = rng.choice(n, size=m, replace=False) if m < n else np.arange(n)
-        sample = data.rows(idx) - data.center
+        sample = data.rows(idx).sub_(data.center)     # in place: the sample is max(50 K, 10^4) rows
         return kmeans_plusplus(sample, K, rng).double()
 
     def _global_variances(self, data, n, d, K):
         sq = torch.zeros(d, dtype=torch.float64, device=data.device)
+        sub = max(1, 2 ** 21 // d)      # float64 temporaries of at most 16 MiB whatever the chunk size
         for _, x in data.chunks():
-            sq += (x.double() ** 2).sum(0)
+            for s in range(0, x.shape[0], sub):
+                sq += x[s:s + sub].double().square_().sum(0)
         v = sq / n + self.reg_covar
         if self.covariance_type == "spherical":
             return v.mean().expand(K).clone()
@@ -433,7 +453,7 @@ class GaussianMixture:
         counts = torch.zeros(K, dtype=torch.float64, device=means.device)
         sums = torch.zeros(K, d, dtype=torch.float64, device=means.device)
         sse = torch.zeros((), dtype=torch.float64, device=means.device)
-        for start, x, kw in self._stream(data):
+        for start, x, kw in self._stream(data, pieces=self._kmeans_rows):
             _, min_dist, cnt, sm = self._impl.kmeans_step(x, c32, **kw)
             counts += cnt.double()
             sums += sm.double()
@@ -456,7 +476,8 @@ class GaussianMixture:
                 if n_empty:   # rare: one more pass finds the rows farthest from their centroid
                     empty = torch.nonzero(counts == 0).flatten()
                     far = self._farthest_rows(data, n_empty,
-                                              lambda x, kw: self._impl.kmeans_step(x, c32, **kw)[1])  # noqa: B023
+                                              lambda x, kw: self._impl.kmeans_step(x, c32, **kw)[1],  # noqa: B023
+                                              self._kmeans_rows)
                     means, counts = self._reseed_empty_clusters(means.clone(), counts.clone(), empty, far)
                 self.kmeans_history_.append({"iteration": it + 1, "inertia": sse / n, "n_reseeded": n_empty,
                                              "seconds": time.perf_counter() - t0})
@@ -467,13 +488,13 @@ class GaussianMixture:
                 means, counts = means.clone(), counts.clone()
         return means, counts, sse
 
-    def _farthest_rows(self, data: ChunkedMatrix, k: int, score_fn) -> "_FarthestRows":
+    def _farthest_rows(self, data: ChunkedMatrix, k: int, score_fn, pieces: int | None = None) -> "_FarthestRows":
         """One pass over the data keeping the ``k`` rows of largest ``score_fn(x, kw)`` (n,) (centred rows).
 
         Only run when a component must be re-seeded, so that a normal iteration pays nothing for it (a top-K per
         chunk in every iteration was part of the estimator's overhead over the kernels on a GPU)."""
         far = _FarthestRows(k=k)
-        for start, x, kw in self._stream(data):
+        for start, x, kw in self._stream(data, pieces=pieces):
             far.update(score_fn(x, kw), start, x, kw.get("center"))
         return far
 
@@ -499,7 +520,7 @@ class GaussianMixture:
         spherical = self.covariance_type == "spherical"
         sq = torch.zeros(K if spherical else (K, d), dtype=torch.float64, device=dev)
         sub = max(1, 2 ** 21 // d)
-        for _, x, kw in self._stream(data):
+        for _, x, kw in self._stream(data, pieces=self._kmeans_rows):
             labels, min_dist, c, _ = self._impl.kmeans_step(x, c32, **kw)
             cnt += c.double()
             if spherical:
@@ -774,7 +795,7 @@ class GaussianMixture:
         return {k: getattr(self, k) for k in (
             "n_components", "covariance_type", "max_iter", "kmeans_iter", "tol", "reg_covar", "init", "backend",
             "device", "chunk_size", "seed", "verbose", "precision", "weights_init", "covariances_init",
-            "sparse_estep", "cuda_graphs", "data_on_device")}
+            "sparse_estep", "cuda_graphs", "data_on_device", "working_memory")}
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -800,14 +821,14 @@ def kmeans_plusplus(x: torch.Tensor, K: int, rng) -> torch.Tensor:
     first = int(rng.integers(n))
     seeds = torch.empty(K, dtype=torch.int64, device=x.device)
     seeds[0] = first
-    d2 = ((x - x[first]) ** 2).sum(1).double()
+    d2 = _sq_dist_to_row(x, x[first:first + 1])
     for j in range(1, K):
         cdf = torch.cumsum(d2, 0)
         # the first row whose cumulative distance exceeds u_j * total: a row with d2 = 0 is never drawn while the
         # total is positive (its cdf equals its predecessor's)
         idx = torch.searchsorted(cdf, (u[j] * cdf[-1]).reshape(1), right=True).clamp_max_(n - 1)
         seeds[j] = idx[0]
-        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1).double())
+        d2 = torch.minimum(d2, _sq_dist_to_row(x, x[idx]))
     order = seeds.cpu().numpy()
     _, first_seen = np.unique(order, return_index=True)
     if len(first_seen) < K:   # degenerate data: fewer distinct rows at positive distance than K
@@ -815,6 +836,12 @@ def kmeans_plusplus(x: torch.Tensor, K: int, rng) -> torch.Tensor:
         unused = np.setdiff1d(np.arange(n), keep)
         order = np.concatenate([keep, rng.choice(unused, size=K - len(keep), replace=False)])
     return x[torch.as_tensor(order, device=x.device)].clone()
+
+
+def _sq_dist_to_row(x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Squared distances (n,) float64 of the rows of x (n, D) to ``row`` (1, D), by direct differences (exact
+    zeros for equal rows) without an (n, D) temporary."""
+    return torch.cdist(x, row, compute_mode="donot_use_mm_for_euclid_dist")[:, 0].square().double()
 
 
 class _FarthestRows:

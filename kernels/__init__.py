@@ -4,13 +4,16 @@ One module per kernel family, each with its ``@triton.jit`` kernels, a thin laun
 
 * :mod:`.estep`  -- two-pass E-step (logZ, then Nk / Sx / Sq per component block x row slab);
 * :mod:`.kmeans` -- k-means step (online argmin assignment, sort-based contention-free update);
-* :mod:`.assign` -- scoring (logZ + argmax) and multi-assignment (per-row top components above tau).
+* :mod:`.assign` -- scoring (logZ + argmax) and multi-assignment (per-row top components above tau);
+* :mod:`.column_stats` -- per-feature sum, minimum and maximum of a chunk (the data centre and range).
 
 Set ``TRITON_INTERPRET=1`` *before* importing this package to run the kernels on CPU tensors.
 """
 from .assign import assign, score, topk_responsibilities
+from .column_stats import column_stats
 from .estep import FLAG_K, PRECISIONS, RowOrder, absmax, component_order, estep, prepare, row_order
 from .kmeans import assign_labels, kmeans_step
 
-__all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "component_order", "estep",
+__all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "column_stats", "component_order",
+           "estep",
            "kmeans_step", "prepare", "row_order", "score", "topk_responsibilities"]

@@ -322,19 +322,111 @@ def test_convergence_warning_and_verbose_progress(capsys):
 def test_default_triton_chunk_bounds_the_per_chunk_buffers():
     # 16-bit operand copy (2 D bytes per row, 6 D for diag) plus the float32 upload unless X is resident, within
     # 512 MiB, or 1/8 of the free device memory when that is smaller (never below 64 MiB)
-    from flashgmm_faiss.gmm import TRITON_CHUNK_BYTES, _default_chunk_size
+    from flashgmm_faiss._chunk_plan import TRITON_CHUNK_BYTES, default_chunk_rows
     dev = torch.device("cpu")
     assert TRITON_CHUNK_BYTES == 2 ** 29
     for free, budget in ((None, 2 ** 29), (2 ** 40, 2 ** 29), (2 ** 31, 2 ** 28), (2 ** 20, 2 ** 26)):
         for d in (50, 96, 128, 256):
             for diag in (False, True):
                 for resident in (False, True):
-                    rows = _default_chunk_size("triton", dev, 1024, d, diag, resident, free)
+                    rows = default_chunk_rows("triton", dev, 1024, d, diag, resident, free)
                     per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
                     assert rows * per_row <= budget < (rows + 1) * per_row, (free, d, diag, resident, rows)
     # resident D=128: one chunk per 2^21 rows spherical, 2^29 / 768 = 699,050 rows diag
-    assert _default_chunk_size("triton", dev, 1024, 128, False, True) == 2 ** 21
-    assert _default_chunk_size("triton", dev, 1024, 128, True, True) == 699_050
+    assert default_chunk_rows("triton", dev, 1024, 128, False, True) == 2 ** 21
+    assert default_chunk_rows("triton", dev, 1024, 128, True, True) == 699_050
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_working_memory_plan_stays_within_the_budget(backend):
+    # the O(K D) estimate plus an EM iteration's chunk buffers (with or without the operand copy) and row orders,
+    # and plus the k-means step's pieces (beside the uploaded chunk), each stay within the budget; the copy is
+    # kept only when 2^20 of its rows (or the whole data) fit
+    from flashgmm_faiss import _chunk_plan as cp
+    dev = torch.device("cpu")
+    for n in (5_000, 2_000_000, 100_000_000):
+        for k, d in ((64, 50), (1024, 128), (4096, 96)):
+            for diag in (False, True):
+                for resident in (False, True):
+                    for mib in (64, 512, 8192):
+                        args = (backend, dev, n, k, d, diag, resident, None, mib)
+                        fixed = cp.fixed_bytes(backend, k, d, diag)
+                        per_row = cp._row_bytes(backend, k, d, resident)
+                        budget = mib * cp.MIB
+                        if fixed + cp.MIN_CHUNK_ROWS * per_row > budget:
+                            with pytest.raises(ValueError, match="give at least"):
+                                cp.plan_chunks(*args)
+                            continue
+                        try:
+                            p = cp.plan_chunks(*args)
+                        except ValueError as e:    # the uploaded chunk and the k-means pieces need more
+                            assert "give at least" in str(e) and not resident and backend == "triton"
+                            continue
+                        assert p.rows >= min(n, cp.MIN_CHUNK_ROWS) and p.order_bytes >= 0
+                        if backend == "torch":
+                            assert fixed + p.rows * per_row <= budget and p.order_bytes == 0
+                            continue
+                        copy_row = (6 if diag else 2) * d
+                        order_rows = cp.ORDER_ROW_BYTES if p.order_bytes else 0
+                        em = fixed + p.rows * (per_row + order_rows + copy_row * p.copy_rows) + p.order_bytes
+                        upload = 0 if resident else 4 * d
+                        kmeans = fixed + p.rows * upload + p.kmeans_rows * cp.KMEANS_ROW_BYTES
+                        assert em <= budget and kmeans <= budget, (n, k, d, diag, resident, mib, p)
+                        assert p.kmeans_rows <= p.rows and (p.order_bytes == 0 or p.order_bytes >= 8 * p.rows)
+                        share = 1 if resident else 2
+                        fits_copy = fixed + share * min(n, cp.MIN_COPY_ROWS) * (per_row + copy_row) <= budget
+                        assert p.copy_rows == fits_copy, (n, k, d, diag, resident, mib, p)
+    # the issue's N=1e8, K=1024, D=128 in 64 MiB: no operand copy, no row orders, E-step chunks of more than 2^20
+    # rows and k-means pieces of ~400k
+    p = cp.plan_chunks("triton", dev, 10 ** 8, 1024, 128, False, True, None, 64)
+    assert not p.copy_rows and p.order_bytes == 0 and p.rows > 2 ** 20 and 2 ** 18 < p.kmeans_rows < p.rows
+    # without a budget: the defaults
+    assert cp.plan_chunks("triton", dev, 10 ** 8, 1024, 128) == (2 ** 29 // (6 * 128), True, cp.ROW_ORDER_BYTES,
+                                                                 None)
+
+
+def test_working_memory_is_validated_and_sets_the_chunks():
+    X, _ = make_blobs(n=3000, d=8, k=4, seed=2)
+    for bad in (-1, 0, "64", float("nan"), True):
+        with pytest.raises(ValueError, match="working_memory"):
+            GaussianMixture(4, backend="torch", device="cpu", working_memory=bad).fit(X)
+    with pytest.raises(ValueError, match="give at least"):
+        GaussianMixture(4, backend="torch", device="cpu", working_memory=0.01).fit(X)
+    # a budget that leaves ~700 rows per chunk (torch backend: 16 K + 8 D bytes per row beyond the O(K D) part)
+    from flashgmm_faiss import _chunk_plan as cp
+    mib = (cp.fixed_bytes("torch", 4, 8, False) + 1100 * cp._row_bytes("torch", 4, 8, False)) / cp.MIB
+    kw = dict(max_iter=5, tol=0.0, backend="torch", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = GaussianMixture(4, working_memory=mib, **kw).fit(X)
+        b = GaussianMixture(4, chunk_size=1100, **kw).fit(X)
+    assert a._chunk_rows(X, torch.device("cpu"), 8) == 1100
+    assert a.get_params()["working_memory"] == mib
+    for name in ("means_", "covariances_", "weights_"):
+        assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, what=name)
+
+
+def test_triton_backend_torch_fallbacks_run_in_bounded_pieces(monkeypatch):
+    # rows wider than the kernels' tile (D > 256) take the torch path, on pieces whose (rows, K) matrices stay
+    # under TORCH_PIECE_ELEMENTS: same results as the whole chunk at once
+    from flashgmm_faiss import _torch_backend as tb
+    from flashgmm_faiss import _triton_backend as tbe
+    monkeypatch.setattr(tbe, "TORCH_PIECE_ELEMENTS", 5 * 11)      # pieces of 11 rows for K = 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(47, 260, generator=g)
+    means, center = torch.randn(5, 260, generator=g), 0.1 * torch.randn(260, generator=g)
+    lw = torch.log_softmax(torch.randn(5, generator=g), 0)
+    be = tbe.TritonBackend("ieee")
+    for var in (torch.rand(5, generator=g) * 50 + 250, torch.rand(5, 260, generator=g) + 1.5):
+        for got, want in ((be.estep(x, means, var, lw, center), tb.estep(x, means, var, lw, center)),
+                          (be.score(x, means, var, lw, center), tb.score(x, means, var, lw, center)),
+                          (be.kmeans_step(x, means, center), tb.kmeans_step(x, means, center)),
+                          (be.assign(x, means, var, lw, 0.01, 40, center), tb.assign(x, means, var, lw, 0.01, 40,
+                                                                                     center))):
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and a.dtype == b.dtype
+                assert_close(a.double().numpy(), b.double().numpy(), rtol=1e-5, atol=1e-4, what="fallback")
 
 
 def test_resident_data_is_recognised():

@@ -542,6 +542,37 @@ def test_assign_matches_float64(poisoned, n, k, d, diag, tau, max_assign):
             assert torch.allclose(ri.double(), top_r[i][ref_keep], rtol=1e-5, atol=1e-7)
 
 
+# ------------------------------------------------------------------------------------------------ column statistics
+@pytest.mark.parametrize("n,d", [(1, 1), (37, 5), (300, 130), (1000, 3)])
+def test_column_stats_match_float64(poisoned, n, d):
+    # per-feature sums (float64), minima and maxima of a chunk, with slabs that end inside a row tile and a
+    # column block that ends inside the feature range (d = 130), against float64 torch
+    kcs = importlib.import_module("flashgmm_faiss.kernels.column_stats")
+    g = torch.Generator().manual_seed(n + d)
+    x = (torch.randn(n, d, generator=g) * 40.0 + torch.linspace(-300.0, 300.0, d)).to(DEVICE)
+    total, lo, hi = kcs.column_stats(x)
+    assert total.dtype == torch.float64 and lo.dtype == hi.dtype == torch.float32
+    assert total.shape == lo.shape == hi.shape == (d,)
+    ref_sum, ref_lo, ref_hi = kcs.column_stats_reference(x.cpu())
+    assert_close("sum", total, ref_sum, 1e-7)
+    assert torch.equal(lo.cpu(), ref_lo) and torch.equal(hi.cpu(), ref_hi)
+    # reproducible bit for bit, and the operand bound built on it
+    assert torch.equal(kcs.column_stats(x)[0], total)
+    c = x.double().mean(0).float()
+    want = (x.cpu() - c.cpu()).abs().max().double()
+    assert float(kestep.absmax(x, c)) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_column_stats_reject_bad_input():
+    kcs = importlib.import_module("flashgmm_faiss.kernels.column_stats")
+    with pytest.raises(TypeError, match="float32"):
+        kcs.column_stats(torch.zeros(3, 2, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        kcs.column_stats(torch.zeros(2, 3, device=DEVICE).T)
+    with pytest.raises(ValueError, match="no rows"):
+        kcs.column_stats(torch.zeros(0, 3, device=DEVICE))
+
+
 # ------------------------------------------------------------------------------------------------ k-means
 @pytest.mark.parametrize("n,k,d", SHAPES + [(37, 1, 9)])
 def test_kmeans_step_matches_float64(poisoned, n, k, d):
@@ -770,6 +801,55 @@ def test_estimator_sparse_estep_matches_dense():
         assert_close(name, torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name)), 1e-5)
     assert a.lower_bound_ == pytest.approx(b.lower_bound_, rel=1e-6)
     assert [h["n_reseeded"] for h in a.history_] == [h["n_reseeded"] for h in b.history_]
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_estimator_follows_the_working_memory_plan(cov, monkeypatch):
+    # GaussianMixture(working_memory=...) hands its plan to the backend: no 16-bit operand copy (pass 2 converts
+    # the float32 rows) and no row orders when the budget leaves none; same fit as the default plan, and the
+    # backend's defaults are back after the fit
+    from flashgmm_faiss import GaussianMixture
+    from flashgmm_faiss import _chunk_plan as cp
+    from flashgmm_faiss import gmm as gmm_module
+    kernels = importlib.import_module("flashgmm_faiss.kernels")
+    # well-separated clusters of 8 rows each, k-means seeded at their centres: otherwise components that end up
+    # with less than a row are re-seeded, and which ones is decided by float rounding (the k-means pieces change the
+    # summation order)
+    k = 4 * kestep.FLAG_K
+    g = torch.Generator().manual_seed(7)
+    centres = torch.randn(k, 6, generator=g) * 40.0 + 30.0
+    x = (centres[torch.arange(8 * k) % k] + torch.randn(8 * k, 6, generator=g)).numpy()
+    kw = dict(covariance_type=cov, kmeans_iter=2, max_iter=3, tol=0.0, seed=0, device=DEVICE, precision="tf32",
+              backend="triton", init=centres.numpy())
+    calls, kmeans_rows = [], []
+    estep, kmeans_step = kernels.estep, kernels.kmeans_step
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("copy_rows", True), kwargs.get("order") is not None))
+        return estep(*args, **kwargs)
+
+    def recording_kmeans(x, *args, **kwargs):
+        kmeans_rows.append(x.shape[0])
+        return kmeans_step(x, *args, **kwargs)
+    monkeypatch.setattr(kernels, "estep", recording)
+    monkeypatch.setattr(kernels, "kmeans_step", recording_kmeans)
+    with pytest.warns(Warning):
+        a = GaussianMixture(k, chunk_size=k + 5, **kw).fit(x)
+    default_calls, calls[:] = list(calls), []
+    assert max(kmeans_rows) == k + 5
+    kmeans_rows.clear()
+    # the plan of a tight budget: no copy, no orders, k-means on pieces of 37 rows
+    monkeypatch.setattr(gmm_module, "plan_chunks", lambda *args, **kwargs: cp.ChunkPlan(k + 5, False, 0, 37))
+    with pytest.warns(Warning):
+        b = GaussianMixture(k, working_memory=64, **kw).fit(x)
+    assert default_calls and all(c for c, _ in default_calls) and any(o for _, o in default_calls)
+    assert calls and not any(c for c, _ in calls) and not any(o for _, o in calls)
+    assert max(kmeans_rows) == 37 and sum(kmeans_rows) % x.shape[0] == 0
+    assert b._impl.copy_rows and b._impl.order_bytes == cp.ROW_ORDER_BYTES
+    assert [h["n_reseeded"] for h in a.history_] == [h["n_reseeded"] for h in b.history_] == [0] * 3
+    # within the "tf32" mode's rounding (its statistics are within ~3e-4 of float64's)
+    for name in ("means_", "covariances_", "weights_"):
+        assert_close(name, torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name)), 2e-4)
 
 
 @pytest.mark.parametrize("cov", ["spherical", "diag"])

@@ -1,0 +1,126 @@
+"""How many rows a chunk has, and what the fused kernels may buffer: the estimator's memory plan.
+
+Everything :class:`~flashgmm_faiss.GaussianMixture` allocates on the device beyond X itself is one of
+
+* O(K D): the parameters, the float64 statistics, the M-step's temporaries and the kernels' per-slab partial
+  sums (at most ``kernels.estep.PARTIAL_BYTES`` for Sx, as much again for diag's Sx^2);
+* O(chunk): the per-chunk buffers, proportional to the rows of one chunk (the kernels' per-row outputs, the
+  k-means update's sort, the float32 upload of host data and, in the fused E-step's 16-bit modes, the rows'
+  operand copy of 2 D bytes per row, 6 D for diag);
+* O(N): the sparse E-step's row orders (8 bytes per row of the fit data).
+
+By default the chunk buffers get 512 MiB (at most 1/8 of the free device memory) and the row orders up to 1 GiB.
+``GaussianMixture(working_memory=M)`` instead bounds the total of the three by M MiB: the O(K D) part is
+estimated, the chunk takes what remains (with the operand copy only when at least ``MIN_COPY_ROWS`` rows fit
+with it, or the whole data set; without the copy pass 2 converts the float32 rows itself), and the row orders
+get what the chunk leaves. The per-row and per-element constants are upper estimates checked against the peak
+allocations of GPU fits (``bench_ann/bench_fit.py --working-memory``, results in ``bench_ann/results/``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+TRITON_CHUNK_BYTES = 2 ** 29     # default per-chunk buffers of the Triton backend
+ROW_ORDER_BYTES = 1 << 30        # default bound of the row orders (sparse E-step)
+PARTIAL_BYTES = 16 << 20         # kernels.estep.PARTIAL_BYTES (not imported: that module needs Triton)
+# Triton backend, bytes per row of a chunk without the operand copy. E-step: logZ and ||x||^2 (4 each) and margin;
+# with row orders also pass 1's logZ in the order (4), the argmax for the next order (8) and that order's sort
+# (~28). k-means step: labels (8), distances (4), int32 labels, their sorted copy and the permutation (16), the
+# sort's scratch (~16) and margin: the k-means warm start runs on sub-chunks of ``ChunkPlan.kmeans_rows`` rows,
+# so that its larger per-row buffers do not shrink the E-step's chunks (N=1e8 spherical on an H100 in 64 MiB:
+# 445k-row chunks took 0.36 s per EM iteration, 2^20-row ones 0.28 s)
+ESTEP_ROW_BYTES = 16
+ORDER_ROW_BYTES = 40
+KMEANS_ROW_BYTES = 80
+# bytes per (component, feature) element of the O(K D) part beside the partials: float64 parameters, statistics
+# and M-step temporaries (~12 arrays), the float32 parameters and the kernels' prepared operands, the graphs' copies
+KD_BYTES = 112
+MIN_COPY_ROWS = 1 << 20          # the operand copy pays for itself on chunks of at least this many rows
+MIN_CHUNK_ROWS = 1024
+MIB = 1 << 20
+
+
+class ChunkPlan(NamedTuple):
+    """rows: rows per chunk; copy_rows: the fused E-step writes the 16-bit operand copy (Triton only);
+    order_bytes: bound of the sparse E-step's row orders (Triton only); kmeans_rows: rows per k-means step (each
+    chunk is cut into pieces of at most this many rows; None: whole chunks)."""
+
+    rows: int
+    copy_rows: bool = True
+    order_bytes: int = ROW_ORDER_BYTES
+    kmeans_rows: int | None = None
+
+
+def default_chunk_rows(backend: str, device: torch.device, n_components: int, d: int, diag: bool = False,
+                       resident: bool = False, free_bytes: int | None = None) -> int:
+    """Rows per chunk without a memory budget.
+
+    Triton backend: 512 MiB (at most 1/8 of ``free_bytes``, the device's free memory, when given) of O(chunk * D)
+    buffers, namely the kernels' 16-bit operand copy (2 D bytes per row, 6 D for diag) plus the float32 upload of
+    the chunk (4 D) unless X is already a float32 tensor on the device (``resident``). Every chunk costs a preparation,
+    a reduction and a float64 accumulation: at 128 MiB a diag fit at N=1e6 ran 6 chunks per iteration and took
+    4.3 ms per EM iteration against 3.3 ms for the same iteration in one chunk (H200). Torch backend: 2^27 (GPU) or
+    2^24 (CPU) entries of one (chunk, K) matrix."""
+    if backend == "triton":
+        budget = TRITON_CHUNK_BYTES if free_bytes is None else max(2 ** 26, min(TRITON_CHUNK_BYTES, free_bytes // 8))
+        per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
+        return max(1024, budget // per_row)
+    budget = 2 ** 27 if device.type == "cuda" else 2 ** 24  # elements of one (chunk, K) matrix
+    return max(256, budget // max(n_components, 1))
+
+
+def fixed_bytes(backend: str, n_components: int, d: int, diag: bool) -> int:
+    """Estimated O(K D) device memory of a fit (bytes): what a budget must hold before any chunk."""
+    kd = n_components * d
+    if backend == "triton":
+        return KD_BYTES * kd + PARTIAL_BYTES * (2 if diag else 1)
+    return KD_BYTES * kd
+
+
+def _row_bytes(backend: str, n_components: int, d: int, resident: bool) -> int:
+    """Bytes per row of a chunk in an EM iteration, without the Triton backend's operand copy."""
+    upload = 0 if resident else 4 * d
+    if backend == "triton":
+        return ESTEP_ROW_BYTES + upload
+    # torch backend: the centred copy of the chunk and ~4 (chunk, K) float32 matrices (logits, responsibilities
+    # and the reductions' temporaries)
+    return upload + 4 * d + 16 * n_components
+
+
+def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d: int, diag: bool = False,
+                resident: bool = False, free_bytes: int | None = None,
+                working_memory: float | None = None) -> ChunkPlan:
+    """The chunking of an (n, d) data set for a fit with ``n_components`` components.
+
+    ``working_memory`` (MiB): bound of the device memory beyond X (see the module docstring); None: the defaults.
+    Raises ValueError when the budget cannot hold the O(K D) part and one chunk of ``MIN_CHUNK_ROWS`` rows."""
+    if working_memory is None:
+        return ChunkPlan(default_chunk_rows(backend, device, n_components, d, diag, resident, free_bytes))
+    budget = int(float(working_memory) * MIB)
+    fixed = fixed_bytes(backend, n_components, d, diag)
+    per_row = _row_bytes(backend, n_components, d, resident)
+    upload = 0 if resident else 4 * d
+    # Triton: the uploaded chunk (if any) stays while the k-means step runs on its pieces; it gets at most half
+    share = 2 if backend == "triton" and upload else 1
+    need = fixed + MIN_CHUNK_ROWS * (share * per_row + (KMEANS_ROW_BYTES if backend == "triton" else 0))
+    if budget < need:
+        raise ValueError(f"working_memory={working_memory} MiB cannot hold the fit's O(K D) buffers "
+                         f"(~{fixed / MIB:.0f} MiB for K={n_components}, D={d}, {'diag' if diag else 'spherical'}) "
+                         f"and a chunk of {MIN_CHUNK_ROWS} rows: give at least {-(-need // MIB)} MiB, or None for "
+                         "the defaults.")
+    free = budget - fixed
+    if backend != "triton":
+        return ChunkPlan(int(min(n, free // per_row)), True, 0)
+    copy_row = (6 if diag else 2) * d
+    with_copy = (free // share) // (per_row + copy_row)
+    copy = bool(with_copy >= min(n, MIN_COPY_ROWS))
+    rows = int(max(MIN_CHUNK_ROWS, min(n, with_copy if copy else (free // share) // per_row)))
+    left = free - rows * (per_row + (copy_row if copy else 0))
+    # row orders: 8 bytes per ordered row, and their per-chunk buffers, when at least one chunk can have one
+    order_bytes = left - rows * ORDER_ROW_BYTES
+    if order_bytes < 8 * rows:
+        order_bytes = 0
+    kmeans_rows = int(max(MIN_CHUNK_ROWS, min(rows, (free - rows * upload) // KMEANS_ROW_BYTES)))
+    return ChunkPlan(rows, copy, int(order_bytes), kmeans_rows)
