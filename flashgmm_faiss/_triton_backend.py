@@ -194,46 +194,40 @@ class TritonBackend:
         return p
 
     @staticmethod
-    def _torch_pieces(fn, x, k, *args):
+    def _torch_pieces(fn, x, k, *args, per_row=None):
         """``fn(piece, *args)`` of the torch backend on row pieces of x with at most TORCH_PIECE_ELEMENTS entries
-        in a (rows, K) matrix: the list of results."""
+        in a (rows, K) matrix, combined into one result: its first ``per_row`` fields (all when None) are per-row
+        outputs, concatenated; the others are sums over rows, added."""
         step = max(1, TORCH_PIECE_ELEMENTS // max(1, k))
-        return [fn(x[s:s + step], *args) for s in range(0, x.shape[0], step)]
-
-    def _torch_estep(self, x, means, var, log_weights, center):
-        parts = self._torch_pieces(_tb.estep, x, means.shape[0], means, var, log_weights, center)
+        parts = [fn(x[s:s + step], *args) for s in range(0, x.shape[0], step)]
         if len(parts) == 1:
             return parts[0]
-        log_norm = torch.cat([p.log_norm for p in parts])
-        return EStepStats(log_norm, *(sum(p[i] for p in parts) for i in (1, 2, 3)))
+        fields = list(zip(*parts))
+        cut = len(fields) if per_row is None else per_row
+        return tuple(torch.cat(f) for f in fields[:cut]) + tuple(sum(f) for f in fields[cut:])
 
     def estep(self, x, means, var, log_weights, center=None) -> EStepStats:
         if x.shape[1] > MAX_D:
-            return self._torch_estep(x, means, var, log_weights, center)
+            return EStepStats(*self._torch_pieces(_tb.estep, x, means.shape[0], means, var, log_weights, center,
+                                                  per_row=1))
         return EStepStats(*self._k().estep(x, means, var, log_weights, precision=self.precision, center=center,
                                            x_absmax=self.x_absmax, params=self._params(means, var, log_weights),
                                            copy_rows=self.copy_rows))
 
     def score(self, x, means, var, log_weights, center=None):
         if x.shape[1] > MAX_D:
-            parts = self._torch_pieces(_tb.score, x, means.shape[0], means, var, log_weights, center)
-            return tuple(torch.cat(p) for p in zip(*parts))
+            return self._torch_pieces(_tb.score, x, means.shape[0], means, var, log_weights, center)
         return self._k().score(x, means, var, log_weights, precision=self.precision, center=center,
                                x_absmax=self.x_absmax)
 
     def kmeans_step(self, x, centroids, center=None):
         if x.shape[1] > MAX_D:
-            parts = self._torch_pieces(_tb.kmeans_step, x, centroids.shape[0], centroids, center)
-            if len(parts) == 1:
-                return parts[0]
-            return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                    sum(p[2] for p in parts), sum(p[3] for p in parts))
+            return self._torch_pieces(_tb.kmeans_step, x, centroids.shape[0], centroids, center, per_row=2)
         return self._k().kmeans_step(x, centroids, precision=self.precision, center=center, x_absmax=self.x_absmax)
 
     def assign(self, x, means, var, log_weights, tau: float, max_assign: int, center=None):
         if x.shape[1] > MAX_D or min(int(max_assign), means.shape[0]) > MAX_ASSIGN:
-            parts = self._torch_pieces(_tb.assign, x, means.shape[0], means, var, log_weights, tau, max_assign,
-                                       center)
-            return tuple(torch.cat(p) for p in zip(*parts))
+            return self._torch_pieces(_tb.assign, x, means.shape[0], means, var, log_weights, tau, max_assign,
+                                      center)
         return self._k().assign(x, means, var, log_weights, tau, max_assign, precision=self.precision,
                                 center=center, x_absmax=self.x_absmax)

@@ -277,13 +277,13 @@ class GaussianMixture:
         device = resolve_device(self.device)
         self.backend_, impl = resolve_backend(self.backend, device, self.precision, bool(self.sparse_estep))
         self._impl, self._device = impl, device
-        chunk = self._plan(X, n, device, d).rows
+        plan = self._plan(X, n, device, d)
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
         rng = np.random.default_rng(self.seed)
 
         # Pass 0: validate every chunk (NaN/Inf), compute the data centre in float64 and, for a backend that
         # takes a bound of the data (the Triton backend's fp16 operand scale), the range per feature.
-        data = ChunkedMatrix(X, device, chunk, name="X")
+        data = ChunkedMatrix(X, device, plan.rows, name="X")
         copy = self._device_copy(X, n, d, device)   # host data kept on the GPU for the fit, filled by this pass
         wants_bound = hasattr(impl, "x_absmax")
         total = torch.zeros(d, dtype=torch.float64, device=device)
@@ -298,9 +298,9 @@ class GaussianMixture:
                 torch.maximum(hi, mx, out=hi)
             if copy is not None:
                 copy[start:start + x.shape[0]].copy_(x)
-        if copy is not None:            # from here on the fit streams views of the device copy
-            data = ChunkedMatrix(copy, device, self._plan(copy, n, device, d).rows, name="X")
-        plan = self._plan(data.X, n, device, d)
+        if copy is not None:            # from here on the fit streams views of the device copy (resident data)
+            plan = self._plan(copy, n, device, d)
+            data = ChunkedMatrix(copy, device, plan.rows, name="X")
         self._kmeans_rows = plan.kmeans_rows
         if hasattr(impl, "copy_rows"):  # the Triton backend's share of the plan
             impl.copy_rows, impl.order_bytes = plan.copy_rows, plan.order_bytes
