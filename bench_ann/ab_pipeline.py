@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_kernels import autotuned_configs, gemm_ceiling, make_data, make_params, sorted_inputs
+from .bench_kernels import ab_problem, add_shape_args, autotuned_configs, gemm_ceiling, sorted_inputs
 
 
 def health(tag=""):
@@ -40,9 +40,7 @@ def health(tag=""):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--d", type=int, default=128)
+    add_shape_args(ap)
     ap.add_argument("--precisions", default="tf32")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=40, help="do_bench ms per measurement")
@@ -61,11 +59,7 @@ def main(argv=None):
     if h0["bf16_tflops"] < args.min_bf16:
         raise SystemExit(f"degraded GPU: {h0['bf16_tflops']:.0f} < {args.min_bf16:.0f} TFLOP/s bf16; not timing")
     n, k, d = args.n, args.k, args.d
-    x = make_data(n, d)
-    bound = max(-float(x.min()), float(x.max()))
-    means, var_sph, var_diag, lw = make_params(x, k, kernels)
-
-    perm = kernels.component_order(means) if args.sorted else None
+    x, bound, means, var_sph, var_diag, lw, perm = ab_problem(n, k, d, kernels, with_order=args.sorted)
     cases = []
     for prec in args.precisions.split(","):
         for cov, var in (("spherical", var_sph), ("diag", var_diag)):

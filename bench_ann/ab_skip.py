@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ann.bench_kernels import bench, make_data, make_params
+from bench_ann.bench_kernels import ab_problem, add_shape_args, bench
 
 
 def kept_fraction(x, means, var, lw, rows, perm, bm, bk, t):
@@ -38,9 +38,7 @@ def kept_fraction(x, means, var, lw, rows, perm, bm, bk, t):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=float, default=1e6)
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--d", type=int, default=128)
+    add_shape_args(ap)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=60)
     ap.add_argument("--precision", default="tf32")
@@ -48,12 +46,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from flashgmm_faiss import kernels
     ke = importlib.import_module("flashgmm_faiss.kernels.estep")
-    n, k, d = int(a.n), a.k, a.d
-    x = make_data(n, d)
-    bound = float(x.abs().max())
-    means, var, _vd, lw = make_params(x, k, kernels)
+    n, k, d = a.n, a.k, a.d
+    x, bound, means, var, _vd, lw, perm = ab_problem(n, k, d, kernels)
     prec = a.precision
-    perm = kernels.component_order(means)
     ident = torch.arange(k, device="cuda")
     params_p = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
     params_n = kernels.prepare(means, var, lw, prec, bound)

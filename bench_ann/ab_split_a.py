@@ -18,14 +18,12 @@ import time
 import torch
 
 from .ab_pipeline import health, write_result
-from .bench_kernels import autotuned_configs, make_data, make_params, ref_stats, rel_err, sorted_inputs
+from .bench_kernels import ab_problem, add_shape_args, autotuned_configs, ref_stats, rel_err, sorted_inputs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--d", type=int, default=128)
+    add_shape_args(ap)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=40, help="do_bench ms per measurement")
     ap.add_argument("--err-rows", type=int, default=1 << 18)
@@ -39,10 +37,7 @@ def main(argv=None):
     dev = torch.cuda.get_device_name()
     h0 = health(" (start)")
     n, k, d = args.n, args.k, args.d
-    x = make_data(n, d)
-    bound = max(-float(x.min()), float(x.max()))
-    means, var_sph, var_diag, lw = make_params(x, k, kernels)
-    perm = kernels.component_order(means)
+    x, bound, means, var_sph, var_diag, lw, perm = ab_problem(n, k, d, kernels)
     shipped = kestep.DIAG_SPLIT_A
 
     def cases_for(cov, var):

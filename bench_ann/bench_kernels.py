@@ -148,6 +148,24 @@ def make_data(n, d, seed=0, chunk=1 << 22):
     return x
 
 
+def add_shape_args(ap):
+    """The A/B scripts' problem size: --n (1000000 or 1e6), --k, --d."""
+    ap.add_argument("--n", type=lambda v: int(float(v)), default=1_000_000)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=128)
+
+
+def ab_problem(n, k, d, kernels, with_order=True):
+    """The A/B scripts' problem: centred SIFT-like x (n, d) (:func:`make_data`), its bound max |x|, the
+    :func:`make_params` parameters (means, spherical and diag variances, log-weights) and the kernels' component
+    order of the means (None when not ``with_order``)."""
+    x = make_data(n, d)
+    bound = max(-float(x.min()), float(x.max()))
+    means, var_sph, var_diag, lw = make_params(x, k, kernels)
+    perm = kernels.component_order(means) if with_order else None
+    return x, bound, means, var_sph, var_diag, lw, perm
+
+
 def make_params(x, k, kernels, seed=1):
     g = torch.Generator(device="cuda").manual_seed(seed)
     sub = x[: min(len(x), 1 << 20)]

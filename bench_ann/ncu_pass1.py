@@ -20,14 +20,12 @@ import importlib
 
 import torch
 
-from .bench_kernels import make_data, make_params, sorted_inputs
+from .bench_kernels import ab_problem, add_shape_args, sorted_inputs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--d", type=int, default=128)
+    add_shape_args(ap)
     ap.add_argument("--covs", default="spherical,diag")
     ap.add_argument("--precisions", default="tf32")
     args = ap.parse_args(argv)
@@ -35,10 +33,7 @@ def main(argv=None):
     kernels = importlib.import_module("flashgmm_faiss.kernels")
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep")
     n, k, d = args.n, args.k, args.d
-    x = make_data(n, d)
-    bound = max(-float(x.min()), float(x.max()))
-    means, var_sph, var_diag, lw = make_params(x, k, kernels)
-    perm = kernels.component_order(means)
+    x, bound, means, var_sph, var_diag, lw, perm = ab_problem(n, k, d, kernels)
     runs = []
     for cov in args.covs.split(","):
         var = var_diag if cov == "diag" else var_sph
