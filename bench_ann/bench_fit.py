@@ -96,17 +96,20 @@ def run(args):
     if args.configs:   # e.g. "torch,spherical-tf32-sparse-graphs": labels as printed by --list-configs
         want = set(args.configs.split(","))
         configs = [c for c in configs if config_label(*c) in want]
-    for backend, cov, prec, sparse, graphs in configs:
+    lookaheads = {"auto": ["auto"], "ab": [False, True]}[args.lookahead]
+    configs = [c + (look,) for c in configs for look in lookaheads]
+    for backend, cov, prec, sparse, graphs, look in configs:
         if backend == "torch":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations
             warnings.simplefilter("ignore")
             # max_iter: past the first rebuild of the row orders, so that every kernel variant the timed fit
             # launches (sparse E-step, with and without the argmax for the next order) is compiled and autotuned
-            GaussianMixture(args.k, covariance_type=cov, kmeans_iter=1, max_iter=7, backend=backend, device="cuda",
-                            precision=prec, seed=0, chunk_size=args.chunk, sparse_estep=sparse,
-                            cuda_graphs=graphs, data_on_device=on_device,
-                            working_memory=args.working_memory).fit(X[:args.warmup_rows] if args.warmup_rows else X)
+            w = GaussianMixture(args.k, covariance_type=cov, kmeans_iter=1, max_iter=7, backend=backend,
+                                device="cuda", precision=prec, seed=0, chunk_size=args.chunk, sparse_estep=sparse,
+                                cuda_graphs=graphs, data_on_device=on_device, working_memory=args.working_memory)
+            w._lookahead = look
+            w.fit(X[:args.warmup_rows] if args.warmup_rows else X)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()      # the warm-up's cached blocks: the reserved peak below is this fit's
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +123,9 @@ def run(args):
             g = GaussianMixture(args.k, covariance_type=cov, kmeans_iter=args.kmeans_iter, max_iter=args.em_iter,
                                 tol=0.0, backend=backend, device="cuda", precision=prec, seed=0,
                                 chunk_size=args.chunk, sparse_estep=sparse, cuda_graphs=graphs,
-                                data_on_device=on_device, working_memory=args.working_memory).fit(X)
+                                data_on_device=on_device, working_memory=args.working_memory)
+            g._lookahead = look
+            g.fit(X)
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() - base
@@ -143,7 +148,7 @@ def run(args):
         em = [h["seconds"] for h in g.history_[1:]]  # the first iteration includes compilation
         km = [h["seconds"] for h in g.kmeans_history_[1:]]
         rows.append({"backend": backend, "covariance_type": cov, "precision": prec, "sparse_estep": sparse,
-                     "cuda_graphs": graphs, "graph_replays": getattr(g, "graph_replays_", 0),
+                     "cuda_graphs": graphs, "lookahead": look, "graph_replays": getattr(g, "graph_replays_", 0),
                      "n": args.n, "K": args.k, "d": args.d, "em_iter_ms": 1e3 * statistics.median(em),
                      # the mean includes the iterations that rebuild the row orders (sparse E-step)
                      "em_iter_mean_ms": 1e3 * statistics.fmean(em),
@@ -171,14 +176,15 @@ def run(args):
              "its iterations (validation pass, k-means++ seeding, k-means variances). Peak extra: the fit's "
              "largest allocation beyond what was allocated before it (X), and (reserved) the allocator's cache "
              f"beyond it; working_memory={args.working_memory} MiB.", "",
-             "| backend | cov | precision | E-step | CUDA graphs (replays) | EM iter ms (median) | mean | "
+             "| backend | cov | precision | E-step | CUDA graphs (replays) | lookahead | EM iter ms (median) | mean | "
              "speed-up vs torch (mean) | k-means iter ms | other s | fit s | peak extra MiB (reserved) | chunk rows "
              "(row copy) | final log-lik |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         kind = "-" if r["backend"] == "torch" else ("sparse" if r["sparse_estep"] else "dense")
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
         lines.append(f"| {r['backend']} | {r['covariance_type']} | {r['precision']} | {kind} | {graphs} | "
+                     f"{r['lookahead']} | "
                      f"{r['em_iter_ms']:.2f} | "
                      f"{r['em_iter_mean_ms']:.2f} | {ref / r['em_iter_mean_ms']:.1f}x | {r['kmeans_iter_ms']:.2f} | "
                      f"{r['other_seconds']:.2f} | "
@@ -230,6 +236,9 @@ def main():
                    help="rows of X the warm-up fit uses (default all; kernels autotune on K, D and dtype, not N)")
     p.add_argument("--memory-trace", action="store_true",
                    help="record the timed fit's allocations and report what is live at its peak (slower)")
+    p.add_argument("--lookahead", default="auto", choices=("auto", "ab"),
+                   help="auto: the estimator's default (on for CUDA); ab: each configuration without, then with "
+                        "lookahead (the next iteration issued before the host reads the last one's summary)")
     p.add_argument("--out", default="bench_ann/results")
     run(p.parse_args())
 

@@ -63,6 +63,15 @@ class GraphReplay:
         self.replays += 1
         return static_out
 
+    def first_call(self, key) -> bool:
+        """Whether a call with ``key`` would be its first (an eager run); see :meth:`forget_first_call`."""
+        return key is not None and key not in self._seen
+
+    def forget_first_call(self, key):
+        """Undo the bookkeeping of a first call with ``key`` whose results were discarded, so that the next call
+        with it runs eagerly again, as it would have without the discarded one."""
+        self._seen.discard(key)
+
     def _capture(self, inputs):
         static_in = tuple(t.detach().clone() for t in inputs)
         before = dict(self.counters) if self.counters is not None else {}

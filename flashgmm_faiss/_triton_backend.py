@@ -115,6 +115,28 @@ class TritonBackend:
         self._built = False
         self.order_stats["iterations"] += 1
 
+    _SCHEDULE = ("_since_build", "_refresh", "_iteration", "_unordered", "_last_unordered", "_built")
+
+    def schedule_state(self):
+        """The row-order schedule and counters (not the orders), to undo an EM iteration that the estimator issued
+        ahead and then discarded (:mod:`flashgmm_faiss._lookahead`); see :meth:`rebuilds_orders`."""
+        return tuple(getattr(self, a) for a in self._SCHEDULE), dict(self.order_stats)
+
+    def restore_schedule(self, state):
+        """Undo the iterations begun since :meth:`schedule_state` returned ``state``: valid when none of them
+        (re)built a row order (then they changed nothing else that a later E-step reads)."""
+        values, stats = state
+        for a, v in zip(self._SCHEDULE, values):
+            setattr(self, a, v)
+        self.order_stats.clear()      # in place: a CUDA-graph replay adds its increments to this very dict
+        self.order_stats.update(stats)
+
+    def rebuilds_orders(self) -> bool:
+        """Whether this EM iteration (call after :meth:`begin_em_iteration`) may (re)build row orders: in the
+        first iteration, and in a refresh iteration once orders exist (when the first iteration built none, the
+        chunks' sizes and the memory bound leave none to build)."""
+        return self._refresh and (bool(self._orders) or self._iteration <= 1)
+
     def graph_key(self):
         """What decides the Python path of this EM iteration's :meth:`fit_estep` calls (call after
         :meth:`begin_em_iteration`): ``"refresh"`` or ``"plain"`` once every chunk has its row order, ``"dense"``

@@ -27,6 +27,8 @@ from . import _torch_backend
 from ._cuda_graphs import GraphReplay
 from ._chunk_plan import ROW_ORDER_BYTES, ChunkPlan, plan_chunks
 from ._data import ChunkedMatrix
+from ._lookahead import MAX_SECONDS as MAX_LOOKAHEAD_SECONDS
+from ._lookahead import Launched
 from ._validation import as_float32_matrix, check_positive_int, check_shape
 
 _COVARIANCE_TYPES = ("spherical", "diag")
@@ -200,6 +202,8 @@ class GaussianMixture:
     backend_ : str
         The backend that was used ("torch" or "triton").
     """
+
+    _lookahead = "auto"   # see _lookahead_on
 
     def __init__(self, n_components, covariance_type="spherical", max_iter=100, kmeans_iter=10, tol=1e-4,
                  reg_covar=1e-6, init="k-means++", backend="auto", device=None, chunk_size=None, seed=0,
@@ -466,24 +470,35 @@ class GaussianMixture:
         n = data.n
         counts = None
         sse = math.nan
+        lookahead = self._lookahead_on(data)
         # key "kmeans": every Lloyd iteration is the same kind
         with self._graphs(data, lambda m: self._kmeans_step(data, m)) as step:
+            launch, discard = self._launchers(step, 2, ordered=False, key="kmeans")
+            t_prev = time.perf_counter()
+            pending = launch((means,)) if self.kmeans_iter > 0 else None
             for it in range(self.kmeans_iter):
-                t0 = time.perf_counter()
-                means, counts, summary, c32 = step("kmeans", means)
-                sse, n_empty = summary.tolist()
+                # lookahead: the next Lloyd step goes out before this one's summary is read (a fixed number of
+                # steps: nothing is discarded unless a cluster empties)
+                ahead = launch(pending.outputs[:1], ahead=True) if lookahead and it + 1 < self.kmeans_iter else None
+                sse, n_empty = pending.summary()
+                means, counts, _, c32 = pending.outputs
                 n_empty = int(n_empty)
                 if n_empty:   # rare: one more pass finds the rows farthest from their centroid
+                    ahead = discard(ahead)   # it started from the centroids before the re-seeding
                     empty = torch.nonzero(counts == 0).flatten()
                     far = self._farthest_rows(data, n_empty,
                                               lambda x, kw: self._impl.kmeans_step(x, c32, **kw)[1],  # noqa: B023
                                               self._kmeans_rows)
                     means, counts = self._reseed_empty_clusters(means.clone(), counts.clone(), empty, far)
+                now = time.perf_counter()
                 self.kmeans_history_.append({"iteration": it + 1, "inertia": sse / n, "n_reseeded": n_empty,
-                                             "seconds": time.perf_counter() - t0})
+                                             "seconds": now - t_prev})
                 self._log(2 if it + 1 < self.kmeans_iter else 1,
                           f"[flashgmm] k-means {it + 1}/{self.kmeans_iter} inertia={sse / n:.6g} "
-                          f"empty={n_empty} {time.perf_counter() - t0:.2f}s")
+                          f"empty={n_empty} {now - t_prev:.2f}s")
+                t_prev = now
+                if it + 1 < self.kmeans_iter:
+                    pending = ahead if ahead is not None else launch((means,))
             if counts is not None:    # they may be a graph's output buffers: copy before the graphs go
                 means, counts = means.clone(), counts.clone()
         return means, counts, sse
@@ -587,10 +602,59 @@ class GaussianMixture:
         summary = torch.stack([ll_sum, degenerate.sum().double()])
         return means, var, nk / n, degenerate, summary, (m32, v32, lw32)
 
+    def _launchers(self, step, summary_index: int, ordered: bool, key=None):
+        """``(launch, discard)`` for an iteration loop over ``step(key, *inputs)`` (:meth:`_graphs`).
+
+        ``launch(inputs, ahead=False)`` issues one iteration and returns its :class:`Launched`; with ``ahead`` (issued
+        before the host reads the previous iteration) only if discarding it can be undone exactly, else None: an EM
+        iteration (``ordered``: the Triton backend's row-order schedule) that rebuilds the row orders is never
+        issued ahead. ``discard(launched)`` forgets one issued ahead (None passes): the backend's schedule and
+        counters, the graph replay count and (for a key's first call) the graphs' run-then-capture bookkeeping are
+        put back as before it, so that the later iterations launch exactly what they would have. Returns None."""
+        graphs = isinstance(step, GraphReplay)
+
+        def launch(inputs, ahead=False):
+            state = self._impl.schedule_state() if ordered else None
+            k = key
+            if ordered:
+                self._impl.begin_em_iteration()
+                if ahead and self._impl.rebuilds_orders():
+                    self._impl.restore_schedule(state)
+                    return None
+                k = self._impl.graph_key()
+            replays = step.replays if graphs else 0
+            first = graphs and step.first_call(k)
+            out = Launched(step(k, *inputs), summary_index, own=graphs)
+            out.undo = (state, (step.replays if graphs else 0) - replays, k if first else None)
+            return out
+
+        def discard(launched):
+            if launched is not None:
+                state, replays, first = launched.undo
+                if ordered:
+                    self._impl.restore_schedule(state)
+                if graphs:
+                    step.replays -= replays
+                    if first is not None:
+                        step.forget_first_call(first)
+            return None
+
+        return launch, discard
+
+    def _lookahead_on(self, data: ChunkedMatrix) -> bool:
+        """Issue each iteration before reading the previous one's summary (:mod:`._lookahead`): on CUDA, where
+        reading it idles the GPU (``_lookahead`` "auto"), or always / never (True / False, for tests)."""
+        if self._lookahead == "auto":
+            return data.device.type == "cuda"
+        return bool(self._lookahead)
+
     def _em(self, data: ChunkedMatrix, means, var, weights, n, rng):
-        """EM iterations until ``tol`` or ``max_iter``, one host sync each; sets the fitted parameters. Iterations
-        the backend keys alike (``graph_key``) are replayed as CUDA graphs of :meth:`_em_step` when possible."""
+        """EM iterations until ``tol`` or ``max_iter``, one host read each; sets the fitted parameters. Iterations
+        the backend keys alike (``graph_key``) are replayed as CUDA graphs of :meth:`_em_step` when possible. With
+        lookahead (:mod:`._lookahead`) iteration t + 1 is issued before iteration t's summary is read, and
+        discarded when that summary stops the fit or re-seeds: same parameters and history as without."""
         ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
+        lookahead = self._lookahead_on(data)
         self.history_ = []
         self.converged_ = False
         prev = -math.inf
@@ -599,25 +663,31 @@ class GaussianMixture:
         it = 0
         with self._graphs(data, lambda m, v, w: self._em_step(data, m, v, w),
                           getattr(self._impl, "order_stats", None)) as step:
+            launch, discard = self._launchers(step, 4, ordered)
+
+            t_prev = time.perf_counter()
+            pending = launch((means, var, weights)) if self.max_iter > 0 else None
+            elapsed = math.inf
             for it in range(1, self.max_iter + 1):
-                t0 = time.perf_counter()
-                if ordered:
-                    self._impl.begin_em_iteration()
-                key = self._impl.graph_key() if ordered else None
-                means, var, weights, degenerate, summary, used = step(key, means, var, weights)
-                ll_sum, n_degenerate = summary.tolist()
+                ahead = None
+                if lookahead and it < self.max_iter and elapsed < MAX_LOOKAHEAD_SECONDS:
+                    ahead = launch(pending.outputs[:3], ahead=True)
+                ll_sum, n_degenerate = pending.summary()
+                means, var, weights, degenerate, _, used = pending.outputs
                 ll, n_reseeded = ll_sum / n, int(n_degenerate)
                 if not math.isfinite(ll):
                     raise FloatingPointError(
                         f"EM produced a non-finite log-likelihood at iteration {it}; try a larger reg_covar "
                         f"(now {self.reg_covar}) or check the input scale.")
                 if n_reseeded:   # rare: one more pass finds the worst-explained rows under this iteration's
-                    m32, v32, lw32 = used   # parameters
+                    ahead = discard(ahead)       # parameters; the lookahead started before the re-seeding
+                    m32, v32, lw32 = used
                     worst = self._farthest_rows(
                         data, n_reseeded, lambda x, kw: -self._impl.score(x, m32, v32, lw32, **kw)[0])  # noqa: B023
                     means, var, weights = self._reseed_components(means.clone(), var.clone(), weights.clone(),
                                                                   degenerate, worst, n)
-                elapsed = time.perf_counter() - t0
+                now = time.perf_counter()
+                elapsed, t_prev = now - t_prev, now
                 gain = ll - prev
                 self.history_.append({"iteration": it, "log_likelihood": ll, "seconds": elapsed,
                                       "n_reseeded": n_reseeded})
@@ -627,8 +697,11 @@ class GaussianMixture:
                                  f"gain={gain:+.3g} reseeded={n_reseeded} {elapsed:.2f}s")
                 if abs(gain) < self.tol and n_reseeded == 0:
                     self.converged_ = True
+                    discard(ahead)
                     break
                 prev = ll
+                if it < self.max_iter:
+                    pending = ahead if ahead is not None else launch((means, var, weights))
             self._set_params(means, var, weights)
         self.n_iter_ = it if self.max_iter > 0 else 0
         self.lower_bound_ = ll

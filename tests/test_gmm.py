@@ -251,6 +251,71 @@ def test_kmeans_empty_cluster_is_reseeded():
     assert np.all(np.isfinite(g.means_)) and len(np.unique(g.means_.round(4), axis=0)) == 3
 
 
+def _fit_counting_steps(monkeypatch, lookahead, X, K, degenerate_at=None, **kw):
+    """A CPU fit with lookahead forced on or off; returns it and its (EM, k-means) step calls. ``degenerate_at``:
+    the EM step of that call reports component 0 degenerate (a re-seed after the first iteration)."""
+    calls = {"em": 0, "kmeans": 0}
+    em_step, kmeans_step = GaussianMixture._em_step, GaussianMixture._kmeans_step
+
+    def counting_em(self, *args):
+        calls["em"] += 1
+        means, var, weights, degenerate, summary, used = em_step(self, *args)
+        if calls["em"] == degenerate_at:
+            degenerate[0] = True
+            summary[1] = degenerate.sum()
+        return means, var, weights, degenerate, summary, used
+
+    def counting_kmeans(self, *args):
+        calls["kmeans"] += 1
+        return kmeans_step(self, *args)
+    monkeypatch.setattr(GaussianMixture, "_em_step", counting_em)
+    monkeypatch.setattr(GaussianMixture, "_kmeans_step", counting_kmeans)
+    monkeypatch.setattr(gmm_module, "MAX_LOOKAHEAD_SECONDS", float("inf"))   # whatever this machine's speed
+    g = GaussianMixture(K, backend="torch", device="cpu", **kw)
+    g._lookahead = lookahead
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        g.fit(X)
+    monkeypatch.undo()
+    return g, calls
+
+
+@pytest.mark.parametrize("case", ["converges", "em_reseed", "kmeans_reseed", "max_iter"])
+def test_lookahead_gives_the_fit_without_it(case, monkeypatch):
+    # lookahead issues iteration t + 1 before reading t's summary and discards it when t stops the fit or
+    # re-seeds: parameters, history and decisions must be those of the plain loop, with the discarded steps
+    # the only difference
+    X, _ = make_blobs(n=400, d=3, k=3, seed=8)
+    if case == "em_reseed":    # one mean far from all data: re-seeded by EM in iteration 1, one forced in 3
+        kw = dict(init=np.concatenate([X[:3], np.full((1, 3), 1e4, dtype=np.float32)]), kmeans_iter=0,
+                  max_iter=12, tol=0.0, degenerate_at=3)
+    elif case == "kmeans_reseed":   # duplicate seeds: k-means re-seeds an empty cluster
+        kw = dict(init=np.stack([X[0], X[0], X[1], X[2]]), kmeans_iter=5, max_iter=4, tol=0.0)
+    elif case == "converges":
+        kw = dict(kmeans_iter=3, max_iter=200, tol=1e-3)
+    else:
+        kw = dict(kmeans_iter=2, max_iter=5, tol=0.0)
+    a, calls_a = _fit_counting_steps(monkeypatch, False, X, 4, **kw)
+    b, calls_b = _fit_counting_steps(monkeypatch, True, X, 4, **kw)
+    for name in ("means_", "covariances_", "weights_"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert (a.n_iter_, a.converged_, a.lower_bound_) == (b.n_iter_, b.converged_, b.lower_bound_)
+    drop = [{k: v for k, v in h.items() if k != "seconds"} for h in a.history_]
+    assert drop == [{k: v for k, v in h.items() if k != "seconds"} for h in b.history_]
+    assert [h["inertia"] for h in a.kmeans_history_] == [h["inertia"] for h in b.kmeans_history_]
+    # (the first EM iteration's time is unknown before it ends: no step ahead of it)
+    em_reseeds = sum(h["n_reseeded"] > 0 for h in a.history_[1:-1])
+    km_reseeds = sum(h["n_reseeded"] > 0 for h in a.kmeans_history_[:-1])
+    assert calls_a == {"em": a.n_iter_, "kmeans": kw["kmeans_iter"]}
+    if case == "em_reseed":
+        assert a.history_[0]["n_reseeded"] == 1 and a.history_[2]["n_reseeded"] >= 1
+    # each re-seed (before the last iteration) and an early stop discard one step issued ahead
+    assert calls_b["em"] == a.n_iter_ + em_reseeds + (1 < a.n_iter_ < kw["max_iter"])
+    assert calls_b["kmeans"] == kw["kmeans_iter"] + km_reseeds
+    assert {"converges": a.converged_ and a.n_iter_ < 200, "em_reseed": em_reseeds >= 1,
+            "kmeans_reseed": km_reseeds >= 1, "max_iter": a.n_iter_ == 5}[case]
+
+
 def test_duplicate_points_and_variance_floor():
     X = np.repeat(np.eye(3, dtype=np.float32) * 5, 40, axis=0)  # three exact point masses
     with warnings.catch_warnings():
@@ -476,3 +541,18 @@ def test_kmeans_plusplus_returns_distinct_rows_even_on_degenerate_data():
         used.append(idx)
     assert len(set(used)) == 6
 
+
+
+def test_graph_replay_first_call_bookkeeping_can_be_forgotten():
+    # a key's first call runs the function eagerly (the second would capture a CUDA graph); the estimator forgets a
+    # first call whose iteration it discarded, so that the next call runs eagerly again, as without the discard
+    from flashgmm_faiss._cuda_graphs import GraphReplay
+    seen = []
+    replay = GraphReplay(lambda t: (seen.append(1), t + 1)[1:])
+    x = torch.zeros(3)
+    assert replay.first_call("plain") and not replay.first_call(None)
+    assert torch.equal(replay("plain", x)[0], x + 1) and torch.equal(replay(None, x)[0], x + 1)
+    assert not replay.first_call("plain") and len(seen) == 2
+    replay.forget_first_call("plain")
+    assert replay.first_call("plain")
+    assert torch.equal(replay("plain", x)[0], x + 1) and len(seen) == 3 and replay.replays == 0

@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -763,7 +764,7 @@ def test_gpu_odd_shapes_and_reproducible(d, diag):
 
 
 # ------------------------------------------------------------------------------------------ estimator on the kernels
-def test_estimator_sparse_estep_matches_dense():
+def test_estimator_sparse_estep_matches_dense(monkeypatch):
     # GaussianMixture(backend="triton") keeps a row order per chunk (rebuilt every ORDER_REFRESH iterations) and
     # runs the sparse E-step under it: the fit must equal the dense one (dropped terms < 2^-40), across chunks of
     # unequal size, a refresh, and after the fit the orders are freed
@@ -780,6 +781,9 @@ def test_estimator_sparse_estep_matches_dense():
               device=DEVICE, chunk_size=n // 3 + 7, precision="ieee", backend="triton")
     keys = []          # the backend's graph key per EM iteration (which iterations a CUDA graph may replay)
     begin = tbe.TritonBackend.begin_em_iteration
+    # the exact schedule of the plain loop: with lookahead, an iteration issued ahead of one that re-seeds (which
+    # happens here on a GPU) is discarded, and it counts in order_stats (test_estimator_lookahead_... covers it)
+    monkeypatch.setattr(GaussianMixture, "_lookahead", False)
 
     def recording(self):
         begin(self)
@@ -801,6 +805,68 @@ def test_estimator_sparse_estep_matches_dense():
         assert_close(name, torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name)), 1e-5)
     assert a.lower_bound_ == pytest.approx(b.lower_bound_, rel=1e-6)
     assert [h["n_reseeded"] for h in a.history_] == [h["n_reseeded"] for h in b.history_]
+
+
+def test_estimator_lookahead_on_the_kernels_gives_the_same_fit(monkeypatch):
+    # lookahead (the next iteration issued before the host reads this one's summary) with the sparse E-step's row
+    # orders, their refreshes and, on a GPU, CUDA-graph replays whose output buffers the step ahead overwrites:
+    # bit-identical to the plain loop, with the same counters, through a re-seed (EM iteration 3 reports component
+    # 0 degenerate: the step issued ahead of it is discarded and the row-order schedule restored) and an early stop
+    from flashgmm_faiss import GaussianMixture
+    from flashgmm_faiss import _triton_backend as tbe
+    from flashgmm_faiss import gmm as gmm_module
+    em_step = GaussianMixture._em_step
+    calls = []
+
+    def degenerate_at_3(self, *args):
+        calls.append(1)
+        means, var, weights, degenerate, summary, used = em_step(self, *args)
+        # EM iteration 3 (the backend's count, which a discard undoes: a GPU run also re-seeds in iterations 1, 2
+        # and 4 by itself, and the step issued ahead of iteration 2's re-seed is discarded); an eager call in both
+        # loops (its graph key's first call), so that no captured graph contains this change
+        if self._impl._iteration == 3:
+            degenerate[0] = True
+            summary[1] = degenerate.sum()
+        return means, var, weights, degenerate, summary, used
+    monkeypatch.setattr(GaussianMixture, "_em_step", degenerate_at_3)
+    k = tbe.MIN_SPARSE_BLOCKS * kestep.FLAG_K
+    n = 8 * k
+    g = torch.Generator().manual_seed(5)
+    centres = 12.0 * torch.randn(k, 6, generator=g)
+    x = torch.as_tensor((centres[torch.arange(n) % k] + torch.randn(n, 6, generator=g) + 50.0).numpy(),
+                        device=DEVICE)
+    kw = dict(covariance_type="spherical", kmeans_iter=1, max_iter=tbe.ORDER_REFRESH + 2, seed=0, device=DEVICE,
+              chunk_size=n // 3 + 7, precision="ieee", backend="triton")
+    monkeypatch.setattr(gmm_module, "MAX_LOOKAHEAD_SECONDS", float("inf"))
+    fits = {}
+    for tol in (0.0, None):
+        for lookahead in (False, True):
+            gm = GaussianMixture(k, tol=tol if tol is not None else 1.0, **kw)
+            gm._lookahead = lookahead
+            if tol is None:   # an early stop, by the plain fit's last iteration without a re-seed at the latest
+                h = fits[0.0, False].history_
+                last = max(i for i in range(1, len(h)) if h[i]["n_reseeded"] == 0)
+                gm.tol = abs(h[last]["log_likelihood"] - h[last - 1]["log_likelihood"]) * 1.0001
+                gm.max_iter += 1
+            calls.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fits[tol, lookahead] = gm.fit(x)
+            gm.calls = len(calls)
+    for tol in (0.0, None):
+        a, b = fits[tol, False], fits[tol, True]
+        for name in ("means_", "covariances_", "weights_"):
+            assert (getattr(a, name) == getattr(b, name)).all(), (tol, name)
+        assert [h["log_likelihood"] for h in a.history_] == [h["log_likelihood"] for h in b.history_]
+        assert [h["n_reseeded"] for h in a.history_] == [h["n_reseeded"] for h in b.history_]
+        assert a.history_[2]["n_reseeded"] >= 1 if tol == 0.0 else a.n_iter_ >= 2
+        assert a.n_iter_ == b.n_iter_ and a._impl.order_stats["refreshes"] >= 1
+        assert a._impl.order_stats == b._impl.order_stats and a.graph_replays_ == b.graph_replays_
+        # lookahead discarded steps issued ahead (at least the one ahead of iteration 3's re-seed); without CUDA
+        # graphs every iteration is one call, with them replays make none
+        assert b.calls > a.calls if tol == 0.0 else b.calls >= a.calls
+        assert a.calls == a.n_iter_ or a.graph_replays_ > 0
+    assert fits[None, False].n_iter_ <= kw["max_iter"] and fits[None, False].converged_   # stopped by tol
 
 
 @pytest.mark.parametrize("cov", ["spherical", "diag"])
