@@ -161,7 +161,9 @@ class GaussianMixture:
         Same kernels on the same buffers, so the same results bit for bit; it matters where the host, not the
         GPU, bounds an iteration (N ~ 1e6: 1.8x). The k-means warm start's iterations are replayed likewise (one
         kind). The graphs hold their own copy of one chunk's work buffers while the fit runs. False: always launch
-        eagerly.
+        eagerly. Either way, on a CUDA device each iteration is issued before the host reads the previous one's
+        log-likelihood and re-seed count (lookahead, ``flashgmm_faiss/_lookahead.py``), and discarded when that
+        read stops the fit or re-seeds: the same fit bit for bit, without the GPU idling during the read.
     data_on_device : {"auto", True, False}, default="auto"
         X given in host memory (numpy, memmap, h5py, CPU tensor) and a CUDA device: copy it once, during the
         validation pass, into a float32 device tensor used for the whole fit, instead of uploading every chunk
