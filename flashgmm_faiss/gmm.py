@@ -501,8 +501,7 @@ class GaussianMixture:
                 t_prev = now
                 if it + 1 < self.kmeans_iter:
                     pending = ahead if ahead is not None else launch((means,))
-            if counts is not None:    # they may be a graph's output buffers: copy before the graphs go
-                means, counts = means.clone(), counts.clone()
+        # (a replayed step's outputs were copied out of the graph's buffers by Launched: they outlive the graphs)
         return means, counts, sse
 
     def _farthest_rows(self, data: ChunkedMatrix, k: int, score_fn, pieces: int | None = None) -> "_FarthestRows":
