@@ -582,18 +582,37 @@ def _stats_tile(
     return acc_nk, acc_sx, acc_sq
 
 
+@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY", "HAS_ORDER", "SPARSE", "SPLIT_A"],
+                 prune_configs_by={"early_config_prune": _prune_stats})
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _block_stats(
-    pid_k, out_row, lo, hi,
+def _estep_stats_kernel(
+    # pointers: data and centre (modes 0, 3) or its operand copy (modes 1, 2), logZ and ||x||^2 from pass 1,
+    # component parameters (A, P in operand form)
     X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-    WORK, WSTRIDE, NK_PART, SX_PART, SQ_PART, N, K,
+    # sparse work lists: WORK[block, i] tile indices (i < COUNTS[block]), row stride WSTRIDE
+    WORK, COUNTS, WSTRIDE,
+    # outputs: one partial per slab, (S, K), (S, K, D), (S, K) or (S, K, D)
+    NK_PART, SX_PART, SQ_PART,
+    # sizes
+    N, K, SLAB_ROWS, N_SLABS,
+    # compile-time
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPARSE: tl.constexpr,
     SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """Component block pid_k's Nk, Sx and Sq over the row positions lo..min(hi, N) (dense) or over the tiles
-    WORK[pid_k, lo:hi] of its work list (SPARSE), written as one partial at row out_row of the partial buffers
-    (out_row = slab * K + pid_k * BLOCK_K dense, slot * BLOCK_K sparse)."""
+    # Rows are streamed by position: LOGZ, X2 and the operand copy are in position order (pass 1 wrote them so);
+    # without the copy, the float32 rows are gathered through ROWS under a row order.
+    # Flash-attention-forward shape: the component block plays the queries, the rows the keys and the values.
+    # Tiles are (BLOCK_K, BLOCK_M) so that R feeds the second GEMM without a transpose. The component block
+    # varies fastest: programs sharing a slab run side by side (L2 reuse). Dense: program (block, slab) streams
+    # its slab of rows. SPARSE (BLOCK_K = FLAG_K): it streams its share of the block's work list, FLAG_ROWS-row
+    # tiles whose bound of log2 r reaches the threshold; no branch in the loop.
+    pid = tl.program_id(0)
+    num_kb = tl.cdiv(K, BLOCK_K)
+    pid_k = pid % num_kb
+    pid_s = pid // num_kb
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     offs_d = tl.arange(0, BLOCK_D)
@@ -624,22 +643,26 @@ def _block_stats(
         acc_sq = tl.zeros([BLOCK_K], tl.float32)            # sum r ||x - mu||^2 (in the distance's units)
 
     if SPARSE:
-        for i in range(lo, hi):
-            t = tl.load(WORK + pid_k * WSTRIDE + i).to(tl.int64)   # (blocks x tiles <= n: int32)
+        cnt = tl.load(COUNTS + pid_k)
+        i_lo = (pid_s * cnt) // N_SLABS
+        i_hi = ((pid_s + 1) * cnt) // N_SLABS
+        for i in range(i_lo, i_hi):
+            t = tl.load(WORK + pid_k.to(tl.int64) * WSTRIDE + i).to(tl.int64)
             for sub in tl.static_range(FLAG_ROWS // BLOCK_M):
                 acc_nk, acc_sx, acc_sq = _stats_tile(
                     t * FLAG_ROWS + sub * BLOCK_M, N, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
                     a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
                     D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, BLOCK_M, BLOCK_K)
     else:
-        row_hi = tl.minimum(hi, N)
-        for m0 in range(lo, row_hi, BLOCK_M):
+        row_lo = pid_s * SLAB_ROWS
+        row_hi = tl.minimum(row_lo + SLAB_ROWS, N)
+        for m0 in range(row_lo, row_hi, BLOCK_M):
             acc_nk, acc_sx, acc_sq = _stats_tile(
                 m0, row_hi, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
                 a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
                 D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, BLOCK_M, BLOCK_K)
 
-    base_k = out_row + tl.arange(0, BLOCK_K)
+    base_k = pid_s.to(tl.int64) * K + offs_k
     tl.store(NK_PART + base_k, acc_nk, mask=mask_k)
     out_ptrs = base_k[:, None] * D + offs_d[None, :]
     tl.store(SX_PART + out_ptrs, acc_sx, mask=kd_mask)
@@ -649,154 +672,57 @@ def _block_stats(
         tl.store(SQ_PART + base_k, acc_sq, mask=mask_k)
 
 
-@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY", "HAS_ORDER", "SPARSE", "SPLIT_A"],
-                 prune_configs_by={"early_config_prune": _prune_stats})
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
-@triton.jit
-def _estep_stats_kernel(
-    # pointers: data and centre (modes 0, 3) or its operand copy (modes 1, 2), logZ and ||x||^2 from pass 1,
-    # component parameters (A, P in operand form)
-    X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-    # sparse work lists: WORK[block, i] tile indices (i < COUNTS[block]), row stride WSTRIDE
-    WORK, COUNTS, WSTRIDE,
-    # outputs: dense, one partial per slab, (S, K), (S, K, D), (S, K) or (S, K, D); SPARSE, one per (program,
-    # block) segment, (S, FLAG_K), (S, FLAG_K, D), ... with S = programs + blocks (see _slots)
-    NK_PART, SX_PART, SQ_PART,
-    # sizes (SPARSE: N_SLABS is the number of programs)
-    N, K, SLAB_ROWS, N_SLABS,
-    # compile-time
-    D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
-    MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPARSE: tl.constexpr,
-    SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, NB_P2: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    # Rows are streamed by position: LOGZ, X2 and the operand copy are in position order (pass 1 wrote them so);
-    # without the copy, the float32 rows are gathered through ROWS under a row order.
-    # Flash-attention-forward shape: the component block plays the queries, the rows the keys and the values.
-    # Tiles are (BLOCK_K, BLOCK_M) so that R feeds the second GEMM without a transpose.
-    # Dense: program (block, slab) streams its slab of rows; the component block varies fastest, so that programs
-    # sharing a slab run side by side (L2 reuse). SPARSE (BLOCK_K = FLAG_K): the blocks' work lists (FLAG_ROWS-row
-    # tiles whose bound of log2 r reaches the threshold), concatenated in block order, are cut into N_SLABS equal
-    # ranges, one per program, whatever the blocks' list lengths (a split of each list into equal parts left the
-    # programs of long lists as the tail); a program that crosses block boundaries writes one partial per block
-    # (segment). No branch in the tile loop.
-    pid = tl.program_id(0)
-    if SPARSE:
-        offs_b = tl.arange(0, NB_P2)
-        cnts = tl.load(COUNTS + offs_b, mask=offs_b < tl.cdiv(K, BLOCK_K), other=0).to(tl.int64)
-        ends = tl.cumsum(cnts, 0)
-        total = tl.sum(cnts, 0)
-        lo = (pid.to(tl.int64) * total) // N_SLABS
-        hi = ((pid.to(tl.int64) + 1) * total) // N_SLABS
-        b_first = tl.sum((ends <= lo).to(tl.int32), 0)
-        # blocks b_first (the one holding entry lo) .. the one holding entry hi - 1; a program with an empty range
-        # inside a block's entries writes zeros for that block (the reduction reads slots p_first + b .. p_last + b)
-        b_stop = tl.where(lo < hi, tl.sum((ends <= hi - 1).to(tl.int32), 0) + 1, b_first + (lo < total).to(tl.int32))
-        for b in range(b_first, b_stop):
-            start = tl.sum(tl.where(offs_b < b, cnts, 0), 0)
-            i_lo = tl.maximum(lo, start)
-            i_hi = tl.minimum(hi, start + tl.sum(tl.where(offs_b == b, cnts, 0), 0))
-            _block_stats(b, (pid + b).to(tl.int64) * BLOCK_K, i_lo - start, i_hi - start,
-                         X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                         WORK, WSTRIDE, NK_PART, SX_PART, SQ_PART, N, K,
-                         D, BLOCK_D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, True, SPLIT_A, FLAG_ROWS,
-                         BLOCK_M, BLOCK_K)
-    else:
-        num_kb = tl.cdiv(K, BLOCK_K)
-        pid_k = pid % num_kb
-        pid_s = pid // num_kb
-        row_lo = pid_s * SLAB_ROWS
-        _block_stats(pid_k, pid_s.to(tl.int64) * K + pid_k * BLOCK_K, row_lo, row_lo + SLAB_ROWS,
-                     X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                     WORK, WSTRIDE, NK_PART, SX_PART, SQ_PART, N, K,
-                     D, BLOCK_D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, False, SPLIT_A, FLAG_ROWS,
-                     BLOCK_M, BLOCK_K)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # pass 3: fixed-order float64 reduction of the per-slab partials, units undone, one launch per statistic shape
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _slab_sum(PART, offs_s0, s_lo, s_n, s_max, stride, offs, mask, S_BLOCK: tl.constexpr):
-    """per entry e, the sum over its slots s < s_n[e] of PART[(s_lo[e] + s) * stride + offs[e]] in float64:
-    S_BLOCK slots per load (a tile), summed by a fixed tree, the tiles in slot order; deterministic (no atomics),
-    and every load of a tile is in flight at once (one dependent load per slab was ~1.5 us each: 50 us for 32)."""
+def _slab_sum(PART, offs_s0, S, stride, offs, mask, S_BLOCK: tl.constexpr):
+    """sum over the slabs s < S of PART[s * stride + offs] in float64: S_BLOCK slabs per load (a tile), summed by a
+    fixed tree, the tiles in slab order; deterministic (no atomics), and every load of a tile is in flight at once
+    (one dependent load per slab was ~1.5 us each: 50 us for 32 slabs)."""
     acc = tl.zeros(offs.shape, tl.float64)
-    for s0 in range(0, s_max, S_BLOCK):
+    for s0 in range(0, S, S_BLOCK):
         offs_s = (s0 + offs_s0).to(tl.int64)
-        m = (offs_s[:, None] < s_n[None, :]) & mask[None, :]
-        t = tl.load(PART + (s_lo[None, :] + offs_s[:, None]) * stride + offs[None, :], mask=m, other=0.0)
+        m = (offs_s < S)[:, None] & mask[None, :]
+        t = tl.load(PART + offs_s[:, None] * stride + offs[None, :], mask=m, other=0.0)
         acc += tl.sum(t.to(tl.float64), axis=0)
     return acc
 
 
 @triton.jit
-def _slots(COUNTS, N_PROG, S, row, mask, K, SPARSE: tl.constexpr, NB_P2: tl.constexpr, FLAG_K: tl.constexpr):
-    """Where the partials of kernel components ``row`` (a vector) are: (first slot, slot count, largest count, row
-    within a slot, rows per slot). Dense: the S slabs of K rows. SPARSE: the segments of the programs that cover
-    the component's block in the concatenated work lists (see _estep_stats_kernel): program p covers list entries
-    [lo_p, lo_(p+1)) with lo_p = p T / P (rounded down) and writes its segment of block b at slot p + b (empty
-    ranges: zeros for the block holding entry lo_p), so block b's slots are p_first + b .. p_last + b, where
-    p_first / p_last hold its first / last entry; none when its list is empty. p + b strictly increases along the
-    lists, so no two segments share a slot."""
-    if SPARSE:
-        offs_b = tl.arange(0, NB_P2)
-        cnts = tl.load(COUNTS + offs_b, mask=offs_b < tl.cdiv(K, FLAG_K), other=0).to(tl.int64)
-        total = tl.maximum(tl.sum(cnts, 0), 1)
-        starts = tl.cumsum(cnts, 0) - cnts
-        b = row // FLAG_K
-        sel = b[:, None] == offs_b[None, :]
-        start = tl.sum(tl.where(sel, starts[None, :], 0), 1)
-        cnt = tl.sum(tl.where(sel, cnts[None, :], 0), 1)
-        p_first = ((start + 1) * N_PROG - 1) // total
-        p_last = ((start + cnt) * N_PROG - 1) // total
-        s_n = tl.where(mask & (cnt > 0), p_last - p_first + 1, 0)
-        return p_first + b, s_n, tl.max(s_n, 0), row - b * FLAG_K, FLAG_K
-    else:
-        return tl.zeros(row.shape, tl.int64), tl.zeros(row.shape, tl.int64) + S, S, row, K
-
-
-@triton.jit
-def _reduce_kd_kernel(SX_PART, SQ_PART, NK_PART, MEANS, INV, PERM, SX, SQ, COUNTS, S, K, D: tl.constexpr,
-                      DIAG: tl.constexpr, HAS_PERM: tl.constexpr, SPARSE: tl.constexpr, NB_P2: tl.constexpr,
-                      FLAG_K: tl.constexpr, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
-    """Sx (K, D) and, for diag, Sq = Sxx - 2 mu Sx + Nk mu^2 (K, D): sums of the partials (float64, fixed order;
-    S slabs, or SPARSE: S programs' segments, see _slots); INV = [1 / x_scale, 1 / (sq_scale x_scale^2),
-    1 / dist_unit] (float64). The partials are in kernel order; the outputs (and MEANS) in the caller's: kernel
-    component j is PERM[j] (HAS_PERM)."""
+def _reduce_kd_kernel(SX_PART, SQ_PART, NK_PART, MEANS, INV, PERM, SX, SQ, S, K, D: tl.constexpr,
+                      DIAG: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Sx (K, D) and, for diag, Sq = Sxx - 2 mu Sx + Nk mu^2 (K, D): sums over the S slabs (float64, fixed order);
+    INV = [1 / x_scale, 1 / (sq_scale x_scale^2), 1 / dist_unit] (float64). The partials are in kernel order; the
+    outputs (and MEANS) in the caller's: kernel component j is PERM[j] (HAS_PERM)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs_s0 = tl.arange(0, S_BLOCK)
     mask = offs < K * D
     row = offs // D
-    col = offs - row * D
-    s_lo, s_n, s_max, local, slot_rows = _slots(COUNTS, S, S, row, mask, K, SPARSE, NB_P2, FLAG_K)
-    offs_kd = local * D + col
-    dst = _indexed(PERM, row, mask, HAS_PERM) * D + col
-    sx = _slab_sum(SX_PART, offs_s0, s_lo, s_n, s_max, slot_rows * D, offs_kd, mask, S_BLOCK) * tl.load(INV)
+    dst = _indexed(PERM, row, mask, HAS_PERM) * D + (offs - row * D)
+    sx = _slab_sum(SX_PART, offs_s0, S, K * D, offs, mask, S_BLOCK) * tl.load(INV)
     tl.store(SX + dst, sx.to(tl.float32), mask=mask)
     if DIAG:
-        sxx = _slab_sum(SQ_PART, offs_s0, s_lo, s_n, s_max, slot_rows * D, offs_kd, mask, S_BLOCK)
-        nk = _slab_sum(NK_PART, offs_s0, s_lo, s_n, s_max, slot_rows, local, mask, S_BLOCK)
+        sxx = _slab_sum(SQ_PART, offs_s0, S, K * D, offs, mask, S_BLOCK)
+        nk = _slab_sum(NK_PART, offs_s0, S, K, row, mask, S_BLOCK)
         mu = tl.load(MEANS + dst, mask=mask, other=0.0).to(tl.float64)
         sq = sxx * tl.load(INV + 1) - 2.0 * mu * sx + nk * mu * mu
         tl.store(SQ + dst, tl.maximum(sq, 0.0).to(tl.float32), mask=mask)
 
 
 @triton.jit
-def _reduce_k_kernel(NK_PART, SQ_PART, INV, PERM, NK, SQ, COUNTS, S, K, DIAG: tl.constexpr, HAS_PERM: tl.constexpr,
-                     SPARSE: tl.constexpr, NB_P2: tl.constexpr, FLAG_K: tl.constexpr, BLOCK: tl.constexpr,
-                     S_BLOCK: tl.constexpr):
-    """Nk (K,) and, for spherical, Sq (K,): sums of the partials (float64, fixed order; see _reduce_kd_kernel),
-    written in the caller's component order (kernel component j is PERM[j] when HAS_PERM)."""
+def _reduce_k_kernel(NK_PART, SQ_PART, INV, PERM, NK, SQ, S, K, DIAG: tl.constexpr, HAS_PERM: tl.constexpr,
+                     BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Nk (K,) and, for spherical, Sq (K,): sums over the S slabs (float64, fixed order), written in the caller's
+    component order (kernel component j is PERM[j] when HAS_PERM)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs_s0 = tl.arange(0, S_BLOCK)
     mask = offs < K
-    s_lo, s_n, s_max, local, slot_rows = _slots(COUNTS, S, S, offs, mask, K, SPARSE, NB_P2, FLAG_K)
     dst = _indexed(PERM, offs, mask, HAS_PERM)
-    nk = _slab_sum(NK_PART, offs_s0, s_lo, s_n, s_max, slot_rows, local, mask, S_BLOCK)
+    nk = _slab_sum(NK_PART, offs_s0, S, K, offs, mask, S_BLOCK)
     tl.store(NK + dst, nk.to(tl.float32), mask=mask)
     if not DIAG:
-        sq = _slab_sum(SQ_PART, offs_s0, s_lo, s_n, s_max, slot_rows, local, mask, S_BLOCK)
+        sq = _slab_sum(SQ_PART, offs_s0, S, K, offs, mask, S_BLOCK)
         tl.store(SQ + dst, tl.maximum(sq * tl.load(INV + 2), 0.0).to(tl.float32), mask=mask)
 
 
@@ -1300,9 +1226,6 @@ def _work_lists(gaps, n_blocks):
 
 
 PARTIAL_BYTES = 16 << 20    # bound of the Sx partials (S x K x D float32): caps the slab count for large K D
-# programs of the sparse pass 2 per SM: equal shares of the concatenated work lists (a multiple of the SM count, so
-# that every SM gets the same work whatever the number of CTAs resident per SM)
-SPARSE_PROGRAMS_PER_SM = 4
 
 
 def slab_layout(n: int, k: int, device, d: int = 128) -> tuple[int, int]:
@@ -1313,13 +1236,6 @@ def slab_layout(n: int, k: int, device, d: int = 128) -> tuple[int, int]:
     slabs = max(1, min(target, triton.cdiv(n, 2048)))
     slab_rows = triton.cdiv(triton.cdiv(n, slabs), 256) * 256
     return triton.cdiv(n, slab_rows), slab_rows
-
-
-def sparse_programs(k: int, d: int, device) -> int:
-    """Programs of the sparse pass 2: SPARSE_PROGRAMS_PER_SM per SM, at most as many as keep its (programs +
-    blocks) x FLAG_K x D float32 Sx partials within ``PARTIAL_BYTES`` (so that they never exceed the dense ones)."""
-    cap = PARTIAL_BYTES // (4 * FLAG_K * d) - triton.cdiv(k, FLAG_K)
-    return max(1, min(SPARSE_PROGRAMS_PER_SM * _sm_count(device), cap))
 
 
 def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None, params=None, copy_rows=True,
@@ -1388,21 +1304,14 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                              copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip)
     work, counts = _work_lists(gaps, triton.cdiv(k, FLAG_K)) if sparse else (logz, logz)
 
-    n_blocks = triton.cdiv(k, FLAG_K)
-    if sparse:     # one partial per (program, block) segment: at most programs + blocks slots of FLAG_K rows
-        slabs, slab_rows = sparse_programs(k, d, dev), 0
-        slots, slot_k = slabs + n_blocks, FLAG_K
-    else:
-        slabs, slab_rows = slab_layout(n, k, dev, d)
-        slots, slot_k = slabs, k
-    nk_part = torch.empty((slots, slot_k), dtype=torch.float32, device=dev)
-    sx_part = torch.empty((slots, slot_k, d), dtype=torch.float32, device=dev)
-    sq_part = torch.empty((slots, slot_k, d) if diag else (slots, slot_k), dtype=torch.float32, device=dev)
+    slabs, slab_rows = slab_layout(n, k, dev, d)
+    nk_part = torch.empty((slabs, k), dtype=torch.float32, device=dev)
+    sx_part = torch.empty((slabs, k, d), dtype=torch.float32, device=dev)
+    sq_part = torch.empty((slabs, k, d) if diag else (slabs, k), dtype=torch.float32, device=dev)
     xo, xq, xql = copy if copy is not None else (x, x, x)
-    nb_p2 = triton.next_power_of_2(n_blocks)
 
     def grid(meta):
-        return (slabs,) if sparse else (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
+        return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
     try:
         _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
@@ -1413,13 +1322,13 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
                                   HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
                                   HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
-                                  FLAG_ROWS=FLAG_ROWS, NB_P2=nb_p2)
+                                  FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(
             f"the E-step statistics kernel for precision={precision!r}, "
             f"{'diag' if diag else 'spherical'} covariances and D={d} needs more shared memory than this GPU "
             f"offers in every autotune config ({e}); use precision='tf32' (the default) or 'ieee'") from e
-    del copy, xo, xq, xql, x2, lzp, gaps, work   # dead: free the operand copy before the reduction
+    del copy, xo, xq, xql, x2, lzp, gaps, work, counts   # dead: free the operand copy before the reduction
 
     # fixed-order float64 reduction of the partials, units undone: two launches, no host sync
     nk = torch.empty(k, dtype=torch.float32, device=dev)
@@ -1427,12 +1336,11 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     sq = torch.empty((k, d) if diag else (k,), dtype=torch.float32, device=dev)
     block, s_block = 128, min(32, triton.next_power_of_2(slabs))
     perm_arg = perm if perm is not None else nk                  # (written back to the caller's component order)
-    red = dict(SPARSE=sparse, NB_P2=nb_p2, FLAG_K=FLAG_K, BLOCK=block, S_BLOCK=s_block, num_warps=4)
     _reduce_kd_kernel[(triton.cdiv(k * d, block),)](sx_part, sq_part, nk_part, means, params.inv, perm_arg, sx, sq,
-                                                     counts, slabs, k, D=d, DIAG=diag, HAS_PERM=perm is not None,
-                                                     **red)
-    _reduce_k_kernel[(triton.cdiv(k, block),)](nk_part, sq_part, params.inv, perm_arg, nk, sq, counts, slabs, k,
-                                               DIAG=diag, HAS_PERM=perm is not None, **red)
+                                                     slabs, k, D=d, DIAG=diag, HAS_PERM=perm is not None,
+                                                     BLOCK=block, S_BLOCK=s_block, num_warps=4)
+    _reduce_k_kernel[(triton.cdiv(k, block),)](nk_part, sq_part, params.inv, perm_arg, nk, sq, slabs, k, DIAG=diag,
+                                               HAS_PERM=perm is not None, BLOCK=block, S_BLOCK=s_block, num_warps=4)
     if perm is not None and return_best:
         best = perm[best]
     if return_best:

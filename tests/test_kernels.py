@@ -270,45 +270,6 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
         assert work[b, :int(counts[b])].tolist() == torch.nonzero(need[:, b]).flatten().tolist()
 
 
-@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
-def test_sparse_pass2_split_into_any_number_of_programs(monkeypatch, diag):
-    # the sparse pass 2 cuts the concatenated work lists into equal ranges, one per program: a program may cover
-    # several blocks (one partial per segment) or nothing (more programs than listed tiles), and blocks whose list
-    # is empty (here the last two: far-away components) get zero statistics. Any program count gives the float64
-    # statistics; the reduction finds every segment (a missed or doubled one would be off by whole tiles)
-    fr, fk = kestep.FLAG_ROWS, kestep.FLAG_K
-    x, near, var, lw = _clustered(12 * fr + 11, 2 * fk, 20, diag, seed=7)
-    k = 3 * fk + 5
-    means = torch.cat([near, near[:fk + 5] + 300.0])
-    var = torch.cat([var, var[:fk + 5]])
-    lw = torch.log_softmax(torch.cat([lw, lw[:fk + 5]]), 0)
-    perm = torch.cat([kestep.component_order(near, block=fk), torch.arange(2 * fk, k, device=DEVICE)])
-    best = kestep.estep(x, means, var, lw, precision="ieee", return_best=True, skip_log2=0)[4]
-    params = kestep.prepare(means, var, lw, "ieee", comp_perm=perm)
-    order = kestep.row_order(best, perm)
-    n_tiles = -(-x.shape[0] // fr)
-    gaps = torch.empty(n_tiles, dtype=torch.int64, device=DEVICE)
-    kestep.launch_logz(x, params, k, diag, "ieee", order=order, lzp=torch.empty(x.shape[0], device=DEVICE),
-                       gaps=gaps, skip=40.0)
-    counts = kestep._work_lists(gaps, 4)[1].cpu()
-    assert counts[2:].tolist() == [0, 0] and (counts[:2] > 0).all() and counts.sum() < 2 * n_tiles
-    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
-    for programs in (1, 2, 5, int(counts.sum()) + 9):
-        monkeypatch.setattr(kestep, "sparse_programs", lambda k, d, dev, p=programs: p)
-        got = kestep.estep(x, means, var, lw, precision="ieee", params=params, order=order)
-        for name, g, r in zip(("log_norm", "nk", "sx", "sq"), got, ref):
-            assert_close(f"{name} ({programs} programs)", g, r, 1e-4)
-        assert (got[1][2 * fk:] == 0).all(), "components with empty work lists must get Nk = 0"
-
-
-def test_sparse_programs_bound_the_partials():
-    # the sparse partials ((programs + blocks) x FLAG_K x D float32) stay within the dense bound PARTIAL_BYTES
-    for k in (256, 1024, 4096):
-        for d in (16, 128, 256):
-            p = kestep.sparse_programs(k, d, torch.device("cpu"))
-            assert p >= 1 and (p + -(-k // kestep.FLAG_K)) * kestep.FLAG_K * d * 4 <= kestep.PARTIAL_BYTES
-
-
 def test_row_order_sorts_by_component_rank():
     best = torch.tensor([3, 0, 2, 3, 1, 0, 2], device=DEVICE)
     perm = torch.tensor([2, 0, 3, 1], device=DEVICE)          # kernel order: components 2, 0, 3, 1
