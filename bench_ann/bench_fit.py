@@ -10,6 +10,7 @@ log-likelihood (both backends start from the same k-means++ seeds, so the values
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import time
@@ -98,7 +99,13 @@ def run(args):
         configs = [c for c in configs if config_label(*c) in want]
     lookaheads = {"auto": ["auto"], "ab": [False, True]}[args.lookahead]
     configs = [c + (look,) for c in configs for look in lookaheads]
-    for backend, cov, prec, sparse, graphs, look in configs:
+    # --skip-log2: each sparse configuration once per threshold of the sparse pass 2 (kernels' SKIP_LOG2)
+    skips = [float(v) for v in args.skip_log2.split(",")] if args.skip_log2 else [None]
+    configs = [c + (t,) for c in configs for t in (skips if c[3] else [None])]
+    for backend, cov, prec, sparse, graphs, look, skip in configs:
+        if skip is not None:
+            kestep = importlib.import_module("flashgmm_faiss.kernels.estep")   # (the package exports estep())
+            kestep.SKIP_LOG2 = dict.fromkeys(kestep.SKIP_LOG2, skip)
         if backend == "torch":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations
@@ -148,7 +155,8 @@ def run(args):
         em = [h["seconds"] for h in g.history_[1:]]  # the first iteration includes compilation
         km = [h["seconds"] for h in g.kmeans_history_[1:]]
         rows.append({"backend": backend, "covariance_type": cov, "precision": prec, "sparse_estep": sparse,
-                     "cuda_graphs": graphs, "lookahead": look, "graph_replays": getattr(g, "graph_replays_", 0),
+                     "cuda_graphs": graphs, "lookahead": look, "skip_log2": skip,
+                     "graph_replays": getattr(g, "graph_replays_", 0),
                      "n": args.n, "K": args.k, "d": args.d, "em_iter_ms": 1e3 * statistics.median(em),
                      # the mean includes the iterations that rebuild the row orders (sparse E-step)
                      "em_iter_mean_ms": 1e3 * statistics.fmean(em),
@@ -182,6 +190,8 @@ def run(args):
              "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         kind = "-" if r["backend"] == "torch" else ("sparse" if r["sparse_estep"] else "dense")
+        if r["skip_log2"] is not None:
+            kind += f" (2^-{r['skip_log2']:g})"
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
         lines.append(f"| {r['backend']} | {r['covariance_type']} | {r['precision']} | {kind} | {graphs} | "
                      f"{r['lookahead']} | "
@@ -236,6 +246,9 @@ def main():
                    help="rows of X the warm-up fit uses (default all; kernels autotune on K, D and dtype, not N)")
     p.add_argument("--memory-trace", action="store_true",
                    help="record the timed fit's allocations and report what is live at its peak (slower)")
+    p.add_argument("--skip-log2", default=None,
+                   help="comma list of sparse pass-2 thresholds (default kernels.estep.SKIP_LOG2, per precision): "
+                        "each sparse configuration runs once per value, for every precision")
     p.add_argument("--lookahead", default="auto", choices=("auto", "ab"),
                    help="auto: the estimator's default (on for CUDA); ab: each configuration without, then with "
                         "lookahead (the next iteration issued before the host reads the last one's summary)")

@@ -17,8 +17,9 @@ component permutation (:func:`kernels.component_order`, computed once per fit); 
 ``ORDER_REFRESH`` iterations from an E-step that also returns each row's most likely component, and a rebuilt order
 is copied into its chunk's existing buffers (the order tensors keep their addresses for the whole fit, so that an
 EM iteration can be replayed as a CUDA graph, see :meth:`TritonBackend.graph_key`). Under an order the
-E-step skips the (row tile, component block) pairs whose responsibilities pass 1 bounds below 2^-40
-(``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the dense E-step up to those terms; a stale
+E-step skips the (row tile, component block) pairs whose responsibilities pass 1 bounds below 2^-24 ("tf32",
+"bf16") or 2^-40 ("ieee", "bf16x3") (``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the dense
+E-step up to those terms; a stale
 order only costs speed.
 """
 from __future__ import annotations

@@ -38,8 +38,9 @@ Sparse pass 2 (opt-in, ``order=``): when the rows are visited in a :class:`RowOr
 E-step's most likely component, :func:`row_order`) and the components grouped (:func:`component_order`,
 ``prepare(comp_perm=)``), pass 1 also records, per 64-row tile, the 64-component blocks in which some
 responsibility can reach 2^-SKIP_LOG2, and pass 2 visits only those (tile, block) pairs from per-block work
-lists, logits included. Exact up to the dropped terms (< 2^-40 each). On the benchmark's data 12.8 % of the
-pairs remain: E-step 2.19 -> 1.31 ms on an H200 (``bench_ann/results/sparse_pass2``).
+lists, logits included. Exact up to the dropped terms (each < 2^-SKIP_LOG2[precision]: 2^-24 in "tf32" and
+"bf16", 2^-40 in "ieee" and "bf16x3"). On the benchmark's data 12.8 % of the pairs remain: E-step 2.19 -> 1.31 ms
+on an H200 (``bench_ann/results/sparse_pass2``); on a fit's state 15.6 % (29.6 % at 2^-40).
 
 Cost (spherical; diag doubles the GEMM work): 3 GEMMs of ``2 n K D`` FLOPs (logits twice, ``R^T X`` once) plus
 ``2 n K`` exponentials; bytes: X once in fp32, the 16-bit operand copy written once and read once per slab
@@ -120,7 +121,13 @@ PIPELINE_LOGZ = True
 # r < 2^-SKIP_LOG2, logits included. With rows sorted by their most likely component and components grouped by
 # proximity (:func:`row_order`, :func:`component_order`) few pairs remain. A branch around the work inside a dense
 # pass 2 was slower than no skipping (it stops Triton's software pipelining): the work list has no branch.
-SKIP_LOG2 = 40.0
+# Threshold per precision: 2^-24 in "tf32" and "bf16" (fp32's unit roundoff: a dropped term is below the rounding of
+# its row's responsibility sum, and these modes' 11- or 8-bit operands already put errors of many such units into
+# the logits of far pairs); 2^-40 in "ieee" and "bf16x3". Every dropped term is < 2^-SKIP_LOG2, so Nk moves by at
+# most n 2^-SKIP_LOG2 per component. On a fit's state (H100, N=1e6, K=1024, D=128, bf16; bench_ann/ab_threshold.py)
+# 2^-24 keeps 15.6 % of the pairs instead of 29.6 % (sparse E-step 1.485 -> 1.245 ms) and the statistics move by
+# 6e-7 relative to the dense E-step, as much as at 2^-40 (fp32 summation order).
+SKIP_LOG2 = {"tf32": 24.0, "bf16": 24.0, "bf16x3": 40.0, "ieee": 40.0}
 # Diag "tf32": A = -2 mu / var enters the logits as two fp16 terms (one more product per logits tile in both passes
 # and the top-M kernel). One fp16 rounding of A moves every component's implied mean -A~ / (2 P~) by ~2^-12 mu, a
 # bias all its rows share: the one-step variance error from random rows was 1.12e-3 (issue bound 1e-3) and the
@@ -1105,7 +1112,8 @@ class RowOrder(NamedTuple):
     Sorting the rows by their most likely component (and the components by proximity, :func:`component_order`)
     makes the rows of a tile share their few relevant component blocks, so that the sparse pass 2 (``SKIP_LOG2``)
     visits few (row tile, component block) pairs. The statistics are sums over rows: any order gives the same
-    result up to fp32 summation order (and skipped terms below 2^-SKIP_LOG2); a stale order only costs speed."""
+    result up to fp32 summation order (and skipped terms below 2^-SKIP_LOG2[precision]); a stale order only costs
+    speed."""
     rows: torch.Tensor       # (n,) int32: position m processes row rows[m]
     hint: torch.Tensor       # (n,) int32: kernel index of the component expected to dominate position m
 
@@ -1163,15 +1171,16 @@ def _sm_count(device) -> int:
 
 
 def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None,
-                order: RowOrder | None = None, lzp=None, gaps=None, skip=SKIP_LOG2):
+                order: RowOrder | None = None, lzp=None, gaps=None, skip=None):
     """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64 (kernel component index); fills ``x2``
     with ||x||^2 (in the accumulator's units) and ``copy = (xo, xq, xql)`` with the operand copy (rows and, diag,
     the squares and their second 16-bit term) when given. Under a row ``order``, logZ and the argmax are indexed by
     row, ``x2``, the copy and ``lzp`` (logZ again, required) by position. ``gaps`` (cdiv(n, FLAG_ROWS),) int64,
     when given, receives per FLAG_ROWS-row tile the bit set of the FLAG_K-component blocks (at most 64) in which
-    some row's bound of log2 r is >= -skip (the sparse pass 2's input; pass 1 then runs with FLAG_K-component
-    blocks and a multiple of FLAG_ROWS rows per program)."""
+    some row's bound of log2 r is >= -skip (None: ``SKIP_LOG2[precision]``; the sparse pass 2's input; pass 1 then
+    runs with FLAG_K-component blocks and a multiple of FLAG_ROWS rows per program)."""
     n, d = x.shape
+    skip = SKIP_LOG2[precision] if skip is None else skip
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     if order is not None and lzp is None:
         raise ValueError("a row order needs lzp, the position-ordered logZ buffer")
@@ -1258,8 +1267,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         O(n D) buffer at all, so huge chunks fit in a few MiB; slower per row)
     order : :class:`RowOrder` or None; the order in which the rows are visited (:func:`row_order` of the previous
         E-step's ``best``), for block skipping. Any order gives the same statistics up to summation order
-    skip_log2 : float or None; with an ``order``, the sparse pass 2's threshold (None: ``SKIP_LOG2``; 0: dense
-        pass 2). A (row tile, component block) pair whose responsibilities pass 1 bounds below 2^-skip_log2 is
+    skip_log2 : float or None; with an ``order``, the sparse pass 2's threshold (None: ``SKIP_LOG2[precision]``;
+        0: dense pass 2). A (row tile, component block) pair whose responsibilities pass 1 bounds below 2^-skip_log2 is
         skipped, logits included: each dropped term is < 2^-skip_log2. Sparse only for K <= 64 FLAG_K (4096)
     return_best : bool; also return each row's most likely component (argmax of its responsibilities), the input
         of :func:`row_order` for the next E-step
@@ -1273,7 +1282,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     diag = var.ndim == 2
     mode = _MODES[precision]
     copy_mode = mode in _COPY_MODES and bool(copy_rows)
-    skip = SKIP_LOG2 if skip_log2 is None else float(skip_log2)
+    skip = SKIP_LOG2[precision] if skip_log2 is None else float(skip_log2)
     if not skip >= 0:
         raise ValueError(f"skip_log2 must be >= 0 (0 disables block skipping), got {skip_log2!r}")
     if order is not None:

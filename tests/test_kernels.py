@@ -270,6 +270,28 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
         assert work[b, :int(counts[b])].tolist() == torch.nonzero(need[:, b]).flatten().tolist()
 
 
+def test_sparse_threshold_defaults_per_precision():
+    # "tf32" and "bf16" drop terms below 2^-24 by default (fp32's unit roundoff), "ieee" and "bf16x3" below 2^-40:
+    # the default gives exactly the explicit threshold's statistics (both passes use it), and every component's Nk
+    # is within n 2^-threshold (the most the dropped terms can add up to) of the dense E-step's
+    assert kestep.SKIP_LOG2 == {"tf32": 24.0, "bf16": 24.0, "bf16x3": 40.0, "ieee": 40.0}
+    x, means, var, lw = _clustered(12 * kestep.FLAG_ROWS + 11, 2 * kestep.FLAG_K + 5, 20, False, seed=8)
+    perm = kestep.component_order(means, block=kestep.FLAG_K)
+    n = x.shape[0]
+    for precision in ("tf32", "ieee"):
+        t = kestep.SKIP_LOG2[precision]
+        params = kestep.prepare(means, var, lw, precision, kestep.absmax(x), comp_perm=perm)
+        best = kestep.estep(x, means, var, lw, precision=precision, params=params, return_best=True, skip_log2=0)[4]
+        kw = dict(precision=precision, params=params, order=kestep.row_order(best, perm))
+        default = kestep.estep(x, means, var, lw, **kw)
+        explicit = kestep.estep(x, means, var, lw, skip_log2=t, **kw)
+        dense = kestep.estep(x, means, var, lw, skip_log2=0, **kw)
+        for name, a, b in zip(("log_norm", "nk", "sx", "sq"), default, explicit):
+            assert torch.equal(a, b), f"{precision} {name}: the default threshold is not 2^-{t:g}"
+        gap = (default[1].double() - dense[1].double()).abs().max().item()
+        assert gap <= n * 2.0 ** -t + 1e-5 * dense[1].abs().max().item(), (precision, gap)
+
+
 def test_row_order_sorts_by_component_rank():
     best = torch.tensor([3, 0, 2, 3, 1, 0, 2], device=DEVICE)
     perm = torch.tensor([2, 0, 3, 1], device=DEVICE)          # kernel order: components 2, 0, 3, 1
