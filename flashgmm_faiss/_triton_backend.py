@@ -18,9 +18,8 @@ component permutation (:func:`kernels.component_order`, computed once per fit); 
 is copied into its chunk's existing buffers (the order tensors keep their addresses for the whole fit, so that an
 EM iteration can be replayed as a CUDA graph, see :meth:`TritonBackend.graph_key`). Under an order the
 E-step skips the (row tile, component block) pairs whose responsibilities pass 1 bounds below 2^-24 ("tf32",
-"bf16") or 2^-40 ("ieee", "bf16x3") (``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the dense
-E-step up to those terms; a stale
-order only costs speed.
+"bf16") or 2^-40 ("ieee", "bf16x3") (``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the
+dense E-step up to those terms; a stale order only costs speed.
 """
 from __future__ import annotations
 
@@ -159,7 +158,8 @@ class TritonBackend:
 
     def fit_estep(self, chunk, x, means, var, log_weights, center=None) -> EStepStats:
         """:meth:`estep` of the fit data's chunk ``chunk`` (a key: its first row), visited in that chunk's row order
-        when one exists (sparse E-step, see the module docstring); same statistics up to terms below 2^-40."""
+        when one exists (sparse E-step, see the module docstring); same statistics up to terms below
+        2^-SKIP_LOG2[precision]."""
         n, d = x.shape
         k = means.shape[0]
         if d > MAX_D or not self._sparse_ok(k):
