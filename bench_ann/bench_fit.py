@@ -102,10 +102,11 @@ def run(args):
     # --skip-log2: each sparse configuration once per threshold of the sparse pass 2 (kernels' SKIP_LOG2)
     skips = [float(v) for v in args.skip_log2.split(",")] if args.skip_log2 else [None]
     configs = [c + (t,) for c in configs for t in (skips if c[3] else [None])]
+    kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] else None
+    default_skips = dict(kestep.SKIP_LOG2) if kestep else None
     for backend, cov, prec, sparse, graphs, look, skip in configs:
-        if skip is not None:
-            kestep = importlib.import_module("flashgmm_faiss.kernels.estep")   # (the package exports estep())
-            kestep.SKIP_LOG2 = dict.fromkeys(kestep.SKIP_LOG2, skip)
+        if kestep:     # the module, not the estep() the package exports
+            kestep.SKIP_LOG2 = default_skips if skip is None else dict.fromkeys(default_skips, skip)
         if backend == "torch":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations

@@ -113,7 +113,8 @@ def main(argv=None):
     for which in args.which or [1, 2]:
         if which == 1:
             named = dict(common, K=args.k, WITH_ARGMAX=args.sparse, WRITE_X2=True, WRITE_COPY=True,
-                         PIPE=bool(es.PIPELINE_LOGZ), WRITE_GAPS=args.sparse, SKIP=float(es.SKIP_LOG2[args.precision]))
+                         PIPE=bool(es.PIPELINE_LOGZ), WRITE_GAPS=args.sparse,
+                         SKIP=float(es.SKIP_LOG2[args.precision]))
         else:
             named = dict(common, K=args.k, COPY=True, SPARSE=args.sparse)
         kernel, configs = _configs(which, es, named)
