@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ann.bench_kernels import ab_problem, add_shape_args, bench
+from bench_ann.bench_kernels import ab_problem, add_shape_args, bench, rel_err
 
 
 def fit_state(n, k, d, em_iter):
@@ -35,11 +35,6 @@ def fit_state(n, k, d, em_iter):
     var = torch.as_tensor(g.covariances_, device=x.device).float()
     lw = torch.log(torch.as_tensor(g.weights_, device=x.device).float())
     return x, center, means.contiguous(), var, lw
-
-
-def rel_diff(got, ref):
-    return max(float((g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30))
-               for g, r in zip(got, ref))
 
 
 def main(argv=None):
@@ -92,7 +87,7 @@ def main(argv=None):
                     return kernels.estep(x, means, var, lw, precision=prec, center=center, params=params,
                                          order=order, skip_log2=t)
                 fns[f"2^-{t:g}"] = f
-                diff[t] = rel_diff(f()[1:], dense[1:])
+                diff[t] = rel_err(f()[1:], [r.double() for r in dense[1:]])
             times = {name: [] for name in fns}
             for _ in range(a.rounds):
                 for name, f in fns.items():

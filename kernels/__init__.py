@@ -15,5 +15,4 @@ from .estep import FLAG_K, PRECISIONS, RowOrder, absmax, component_order, estep,
 from .kmeans import assign_labels, kmeans_step
 
 __all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "column_stats", "component_order",
-           "estep",
-           "kmeans_step", "prepare", "row_order", "score", "topk_responsibilities"]
+           "estep", "kmeans_step", "prepare", "row_order", "score", "topk_responsibilities"]

@@ -639,6 +639,14 @@ def test_backend_signatures_match_torch_contract():
         TritonBackend("fp16")
 
 
+def test_mirrored_constants_match_the_kernels():
+    # constants the Triton-free modules copy (importing kernels.estep needs Triton) must stay equal to the kernels'
+    from flashgmm_faiss import _chunk_plan, _triton_backend
+    assert _chunk_plan.PARTIAL_BYTES == kestep.PARTIAL_BYTES
+    assert _triton_backend.MAX_D == kestep.MAX_D
+    assert _triton_backend.PRECISIONS == kestep.PRECISIONS
+
+
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_backend_methods_match_torch_backend(diag):
     be = TritonBackend("ieee")
