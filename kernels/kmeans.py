@@ -10,16 +10,17 @@ Assignment (``_kmeans_assign_kernel``): split over rows; a program keeps its BLO
 streams the centroids in BLOCK_K blocks, and keeps a running (min, argmin) of ``||c||^2 - 2 x.c``; no n x K
 matrix exists.
 
-Update: rows are ordered by label with a stable sort (int32 keys), which makes the update a segmented sum.
-``_segment_sum_kernel`` gives each (cluster, piece) one program that sums its rows in a fixed order into fp32
-registers; every cluster is cut into SPLIT equal pieces (SPLIT from n, K and the SM count, see
-``segment_split``) so that a huge cluster does not serialise on one SM, and the SPLIT partials are summed in a
-fixed order. No float atomics (the counts are differences of the sorted labels' offsets) and no host sync, so
-the result is bitwise reproducible and the step can be queued behind the previous one.
+Update: rows are ordered by label with a stable sort (int16 keys when K < 32767), which makes the update a
+segmented sum. ``_segment_sum_kernel`` cuts the sorted order into equal ranges of ``segment_rows(n)`` rows, one
+program each, whatever the cluster sizes; a program sums each cluster's rows within its range in a fixed order
+into fp32 registers and writes one slot per (program p, cluster c) at row ``p + c`` of a (P + K, D) buffer
+(unique: a later program starts at or after this one's last cluster). ``_segment_reduce_kernel`` sums a cluster's
+slots in program order. No float atomics (the counts are differences of the sorted labels' offsets) and no host
+sync, so the result is bitwise reproducible and the step can be queued behind the previous one.
 
 Cost: one GEMM of ``2 n K D`` FLOPs; bytes: X twice (the assignment, then the gathered rows: ``8 n D``),
-plus the sort of n int32 labels and ``~16 n`` bytes of labels/permutation traffic; extra memory
-``O(n + SPLIT K D)``.
+plus the sort of n labels and ``~16 n`` bytes of labels/permutation traffic; extra memory ``O(n + (P + K) D)``
+with P <= 16 x the SM count.
 
 Precision: the distances use the same GEMM modes as the E-step (``"tf32"``: one fp16 product of
 tf32-precision operands with power-of-two scaling; ``"bf16"``, ``"bf16x3"``, ``"ieee"``), with ||c||^2 formed from
@@ -97,40 +98,66 @@ def _kmeans_assign_kernel(
 
 @triton.jit
 def _segment_sum_kernel(
-    # pointers: data and centre, rows sorted by label, cluster offsets into the sorted order (K + 1),
-    # output (SPLIT, K, D)
-    X, CENTER, PERM, OFFSETS, OUT,
-    # sizes
-    K,
-    # compile-time: the segment of cluster k is cut into SPLIT equal pieces, one program each
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CENTER: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    # pointers: data and centre, rows sorted by label, the sorted labels, cluster offsets into the sorted order
+    # (K + 1), output slots (P + K, D)
+    X, CENTER, PERM, SORTED_LABELS, OFFSETS, OUT,
+    # sizes: program p sums the sorted rows [p ROWS, (p + 1) ROWS)
+    N, ROWS,
+    # compile-time
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CENTER: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    piece = tl.program_id(1)
-    seg_lo = tl.load(OFFSETS + k)
-    seg_hi = tl.load(OFFSETS + k + 1)
-    size = tl.cdiv(seg_hi - seg_lo, SPLIT)
-    lo = seg_lo + piece.to(tl.int64) * size
-    hi = tl.minimum(lo + size, seg_hi)
+    p = tl.program_id(0)
+    lo = p.to(tl.int64) * ROWS
+    hi = tl.minimum(lo + ROWS, N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for m0 in range(lo, hi, BLOCK_M):
-        offs = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs < hi
-        rows = tl.load(PERM + offs, mask=mask_m, other=0)
-        acc += _load_rows(X, CENTER, rows, mask_m, offs_d, mask_d, D, HAS_CENTER)
-    out = tl.sum(acc, axis=0)
-    tl.store(OUT + (piece.to(tl.int64) * K + k) * D + offs_d, out, mask=mask_d)
+    c_first = tl.load(SORTED_LABELS + lo).to(tl.int32)
+    c_last = tl.load(SORTED_LABELS + hi - 1).to(tl.int32)
+    # one fp32 sum per cluster that meets the range, in the sorted order; its slot p + c is unique because a later
+    # program starts at or after this one's last cluster
+    for c in range(c_first, c_last + 1):
+        s_lo = tl.maximum(tl.load(OFFSETS + c).to(tl.int64), lo)
+        s_hi = tl.minimum(tl.load(OFFSETS + c + 1).to(tl.int64), hi)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for m0 in range(s_lo, s_hi, BLOCK_M):
+            offs = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs < s_hi
+            rows = tl.load(PERM + offs, mask=mask_m, other=0)
+            acc += _load_rows(X, CENTER, rows, mask_m, offs_d, mask_d, D, HAS_CENTER)
+        tl.store(OUT + (p + c).to(tl.int64) * D + offs_d, tl.sum(acc, axis=0), mask=mask_d)
 
 
-def segment_split(n: int, k: int, device) -> int:
-    """Pieces per cluster in the update: enough programs for ~8 per SM (the gathers are latency-bound: several
-    programs in flight hide it), pieces of at least ~512 rows on average (a function of n, K and the device
-    only, so reruns are bitwise identical)."""
-    want = triton.cdiv(8 * _sm_count(device), max(1, k))
-    return int(max(1, min(64, want, triton.cdiv(n, 512 * max(1, k)))))
+@triton.jit
+def _segment_reduce_kernel(
+    # pointers: the slots of _segment_sum_kernel (P + K, D), cluster offsets (K + 1), sums (K, D)
+    SLOTS, OFFSETS, SUMS,
+    # sizes
+    ROWS,
+    # compile-time
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    c = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    o_lo = tl.load(OFFSETS + c).to(tl.int64)
+    o_hi = tl.load(OFFSETS + c + 1).to(tl.int64)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    # the programs whose ranges meet cluster c, in order (none for an empty cluster): a fixed summation order
+    for p in range(o_lo // ROWS, (o_hi + ROWS - 1) // ROWS):
+        acc += tl.load(SLOTS + (p + c) * D + offs_d, mask=mask_d, other=0.0)
+    tl.store(SUMS + c.to(tl.int64) * D + offs_d, acc, mask=mask_d)
+
+
+# update launch: rows per gathered tile, warps and pipeline stages per program, programs per SM
+SEGMENT_BLOCK_M, SEGMENT_WARPS, SEGMENT_STAGES, SEGMENT_PROGRAMS_PER_SM = 64, 8, 1, 8
+
+
+def segment_rows(n: int, device) -> int:
+    """Sorted rows per program of the update: ``SEGMENT_PROGRAMS_PER_SM`` programs per SM (the gathers are
+    latency-bound: many programs in flight hide it), at least 256 rows each. Every program gets the same number of
+    rows whatever the cluster sizes (a cluster of many times the mean size used to be the tail). A function of n and
+    the device only, so reruns are bitwise identical."""
+    return int(max(256, triton.cdiv(n, SEGMENT_PROGRAMS_PER_SM * _sm_count(device))))
 
 
 def _check(x, centroids, precision, center):
@@ -193,16 +220,22 @@ def kmeans_step(x, centroids, precision="tf32", center=None, x_absmax=None):
     n, d = x.shape
     k = centroids.shape[0]
 
-    # update: a stable sort by label (int32 keys: half the radix passes of int64) makes it a segmented sum; the
-    # cluster offsets come from a search in the sorted labels (bincount would sync with the host to size itself)
-    sorted_labels, perm = torch.sort(labels.to(torch.int32), stable=True)
-    offsets = torch.searchsorted(sorted_labels, torch.arange(k + 1, dtype=torch.int32, device=x.device))
-    counts_i = offsets[1:] - offsets[:-1]
-    split = segment_split(n, k, x.device)
-    part = torch.empty((split, k, d), dtype=torch.float32, device=x.device)
-    block_m = 16 if _interpret() else 32
-    _segment_sum_kernel[(k, split)](x, x if center is None else center, perm, offsets, part, k, D=d,
-                                    BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_CENTER=center is not None,
-                                    SPLIT=split, BLOCK_M=block_m, num_warps=4)
-    sums = part[0] if split == 1 else part.sum(0)
-    return labels, min_dist, counts_i.to(torch.float32), sums
+    # update: a stable sort by label makes it a segmented sum (int16 keys when K allows: half the radix passes of
+    # int32); the cluster offsets come from a search in the sorted labels (bincount would sync with the host)
+    key = torch.int16 if k < 2 ** 15 - 1 else torch.int32
+    sorted_labels, perm = torch.sort(labels.to(key), stable=True)
+    offsets = torch.searchsorted(sorted_labels, torch.arange(k + 1, dtype=key, device=x.device)).to(torch.int32)
+    counts = (offsets[1:] - offsets[:-1]).to(torch.float32)
+    sums = torch.empty((k, d), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return labels, min_dist, counts, sums.zero_()
+    rows = segment_rows(n, x.device)
+    programs = triton.cdiv(n, rows)
+    slots = torch.empty((programs + k, d), dtype=torch.float32, device=x.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    _segment_sum_kernel[(programs,)](x, x if center is None else center, perm, sorted_labels, offsets, slots, n,
+                                     rows, D=d, BLOCK_D=block_d, HAS_CENTER=center is not None,
+                                     BLOCK_M=16 if _interpret() else SEGMENT_BLOCK_M, num_warps=SEGMENT_WARPS,
+                                     num_stages=SEGMENT_STAGES)
+    _segment_reduce_kernel[(k,)](slots, offsets, sums, rows, D=d, BLOCK_D=block_d, num_warps=1)
+    return labels, min_dist, counts, sums

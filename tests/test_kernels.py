@@ -617,15 +617,22 @@ def test_kmeans_step_matches_float64(poisoned, n, k, d):
     assert_close("sums vs own labels", sums, own, 1e-6)
 
 
-def test_kmeans_step_split_pieces(monkeypatch):
-    # one huge cluster split over several programs: force small pieces
-    x, c, _, _ = _problem(45, 3, 6, False, seed=9)
-    c[0] = x.mean(0)  # most rows land in cluster 0
-    monkeypatch.setattr(kkmeans, "segment_split", lambda n, k, dev: 7)     # pieces of ~6 rows, some empty
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_kmeans_step_update_ranges(monkeypatch, rows):
+    # the update's equal ranges of the sorted order: a huge cluster over many programs, programs over several
+    # clusters, empty clusters between them; bitwise-identical reruns
+    x, c, _, _ = _problem(45, 7, 6, False, seed=9)
+    c[0] = x.mean(0)   # most rows land in cluster 0
+    c[3] = 1e3         # cluster 3 stays empty
+    monkeypatch.setattr(kkmeans, "segment_rows", lambda n, dev: rows)
     labels, _, counts, sums = kkmeans.kmeans_step(x, c, precision="ieee")
-    assert int(counts.max()) > 7
-    own = torch.zeros(3, 6, dtype=torch.float64).index_add_(0, labels.cpu(), x.double().cpu())
+    lab = labels.cpu()
+    assert int(counts[3]) == 0 and (rows > 45 or int(counts.max()) > rows)
+    assert torch.equal(counts.cpu().double(), torch.bincount(lab, minlength=7).double())
+    own = torch.zeros(7, 6, dtype=torch.float64).index_add_(0, lab, x.double().cpu())
     assert_close("sums", sums, own, 1e-6)
+    assert torch.equal(sums[3].cpu(), torch.zeros(6))
+    assert torch.equal(kkmeans.kmeans_step(x, c, precision="ieee")[3], sums)
 
 
 # ------------------------------------------------------------------------------------------ backend class
