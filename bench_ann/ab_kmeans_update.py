@@ -2,17 +2,17 @@
 
 Variants: ``baseline``, an older ``kmeans.py`` given by ``--baseline`` (e.g. ``git show b55d60c:kernels/kmeans.py``:
 every cluster cut into the same number of pieces, so the largest clusters' programs form the tail), and ``this
-tree``'s kernels (equal ranges of the sorted order per program, int16 sort keys). Both share the assignment kernel,
-which is timed alone as ``assign``.
+tree``'s kernels (equal ranges of the sorted order per program, int16 sort keys), also with the update launches of
+``--configs``. All share the assignment kernel, which is timed alone as ``assign``.
 
-Problems (n, K, D from ``--n --k --d``): the kernel benchmark's (``bench_kernels.ab_problem``: centred SIFT-like rows,
-centroids from three k-means steps) and ``sift_like``: the fit benchmark's data (``bench_fit.sift_like``, 2000
+Problems (n, K, D from ``--n --k --d``): the kernel benchmark's (``bench_kernels.ab_problem``: centred SIFT-like
+rows, centroids from three k-means steps) and ``sift_like``: the fit benchmark's data (``bench_fit.sift_like``, 2000
 clusters, centred here) after ``--kmeans-iter`` k-means steps from random rows, the state the warm start runs in.
-For each it prints the cluster sizes (max / mean), the median ms of each variant per precision, and whether the
-variants agree (labels and counts equal, largest relative difference of the sums), and writes
-``ab_kmeans_update.json``.
+For each it prints the cluster sizes (max / mean), each variant's median ms per precision (with ``--graphs`` also
+of its CUDA-graph replay) and host issue time, and whether the variants agree (labels and counts equal, largest
+relative difference of the sums, bitwise reruns), and writes ``ab_kmeans_update.json``.
 
-    python -m bench_ann.ab_kmeans_update --baseline /tmp/kmeans_old.py --out DIR
+    python -m bench_ann.ab_kmeans_update --baseline /tmp/kmeans_old.py --graphs --out DIR
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ann.bench_kernels import ab_problem, add_shape_args, bench
+from bench_ann.bench_kernels import ab_problem, add_shape_args, bench, graphed, host_ms
 
 
 def load_copy(path, name):
@@ -61,6 +61,7 @@ def main(argv=None):
                          "'64x8x1x8,32x4x3x16' (the default launch is always timed)")
     ap.add_argument("--precisions", default="tf32,bf16")
     ap.add_argument("--kmeans-iter", type=int, default=10)
+    ap.add_argument("--graphs", action="store_true", help="also time every variant replayed as a CUDA graph")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--out", default=".")
@@ -97,17 +98,21 @@ def main(argv=None):
                 again = variants[name].kmeans_step(x, c, precision=prec, x_absmax=bound)[3]
                 agree[name] = {"labels_counts_equal": same, "sums_rel_diff": diff,
                                "bitwise_rerun": torch.equal(again, o[3])}
+            if a.graphs:   # replays: the GPU time without the host's launch overhead
+                fns.update({f"{name} graph": graphed(f) for name, f in list(fns.items())})
+            host = {name: host_ms(f) for name, f in fns.items()}
             times = {name: [] for name in fns}
             for _ in range(a.rounds):
                 for name, f in fns.items():
                     times[name].append(bench(f, a.rep))
             sizes = {"max_over_mean": float(counts.max() / counts.mean()), "empty": int((counts == 0).sum())}
-            res[prec] = {"cluster_sizes": sizes, "times_ms": times, "agreement": agree}
+            res[prec] = {"cluster_sizes": sizes, "times_ms": times, "host_issue_ms": host, "agreement": agree}
             print(f"[{pname} {prec}] cluster size max/mean {sizes['max_over_mean']:.2f}, empty {sizes['empty']}",
                   flush=True)
             for name, ts in times.items():
                 extra = "" if name not in agree else "  " + json.dumps(agree[name])
-                print(f"  {name:<10} ms " + " ".join(f"{v:.3f}" for v in ts) + extra, flush=True)
+                print(f"  {name:<16} ms " + " ".join(f"{v:.3f}" for v in ts) + f"  host {host[name]:.3f}" + extra,
+                      flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "ab_kmeans_update.json").write_text(json.dumps(out, indent=1))
 
