@@ -142,14 +142,22 @@ def _segment_reduce_kernel(
     o_lo = tl.load(OFFSETS + c).to(tl.int64)
     o_hi = tl.load(OFFSETS + c + 1).to(tl.int64)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    # the programs whose ranges meet cluster c, in order (none for an empty cluster): a fixed summation order
-    for p in range(o_lo // ROWS, (o_hi + ROWS - 1) // ROWS):
+    # the programs whose ranges meet cluster c, in order (none for an empty cluster, whose slots were never
+    # written): a fixed summation order
+    p_end = tl.where(o_hi > o_lo, (o_hi - 1) // ROWS + 1, o_lo // ROWS)
+    for p in range(o_lo // ROWS, p_end):
         acc += tl.load(SLOTS + (p + c) * D + offs_d, mask=mask_d, other=0.0)
     tl.store(SUMS + c.to(tl.int64) * D + offs_d, acc, mask=mask_d)
 
 
 # update launch: rows per gathered tile, warps and pipeline stages per program, programs per SM
 SEGMENT_BLOCK_M, SEGMENT_WARPS, SEGMENT_STAGES, SEGMENT_PROGRAMS_PER_SM = 64, 8, 1, 8
+
+
+def _slot_buffer(rows: int, d: int, device) -> torch.Tensor:
+    """The update's (P + K, D) slots, uninitialised: only the slots some program writes are read (tests poison
+    them)."""
+    return torch.empty((rows, d), dtype=torch.float32, device=device)
 
 
 def segment_rows(n: int, device) -> int:
@@ -231,7 +239,7 @@ def kmeans_step(x, centroids, precision="tf32", center=None, x_absmax=None):
         return labels, min_dist, counts, sums.zero_()
     rows = segment_rows(n, x.device)
     programs = triton.cdiv(n, rows)
-    slots = torch.empty((programs + k, d), dtype=torch.float32, device=x.device)
+    slots = _slot_buffer(programs + k, d, x.device)
     block_d = max(16, triton.next_power_of_2(d))
     _segment_sum_kernel[(programs,)](x, x if center is None else center, perm, sorted_labels, offsets, slots, n,
                                      rows, D=d, BLOCK_D=block_d, HAS_CENTER=center is not None,

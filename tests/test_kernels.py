@@ -617,21 +617,25 @@ def test_kmeans_step_matches_float64(poisoned, n, k, d):
     assert_close("sums vs own labels", sums, own, 1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 64])
 def test_kmeans_step_update_ranges(monkeypatch, rows):
     # the update's equal ranges of the sorted order: a huge cluster over many programs, programs over several
-    # clusters, empty clusters between them; bitwise-identical reruns
+    # clusters, empty clusters between them (at offsets inside a range); slots poisoned with NaN, so a slot read
+    # that no program wrote shows; bitwise-identical reruns
     x, c, _, _ = _problem(45, 7, 6, False, seed=9)
     c[0] = x.mean(0)   # most rows land in cluster 0
-    c[3] = 1e3         # cluster 3 stays empty
+    c[3] = 1e3         # clusters 3 and 6 stay empty: 6's offset is n, inside the last range unless rows divides n
+    c[6] = -1e3
     monkeypatch.setattr(kkmeans, "segment_rows", lambda n, dev: rows)
+    monkeypatch.setattr(kkmeans, "_slot_buffer",
+                        lambda r, d, dev: torch.full((r, d), float("nan"), dtype=torch.float32, device=dev))
     labels, _, counts, sums = kkmeans.kmeans_step(x, c, precision="ieee")
     lab = labels.cpu()
-    assert int(counts[3]) == 0 and (rows > 45 or int(counts.max()) > rows)
+    assert int(counts[3]) == int(counts[6]) == 0 and (rows > 45 or int(counts.max()) > rows)
     assert torch.equal(counts.cpu().double(), torch.bincount(lab, minlength=7).double())
     own = torch.zeros(7, 6, dtype=torch.float64).index_add_(0, lab, x.double().cpu())
     assert_close("sums", sums, own, 1e-6)
-    assert torch.equal(sums[3].cpu(), torch.zeros(6))
+    assert torch.equal(sums[[3, 6]].cpu(), torch.zeros(2, 6))
     assert torch.equal(kkmeans.kmeans_step(x, c, precision="ieee")[3], sums)
 
 
