@@ -20,7 +20,7 @@ sync, so the result is bitwise reproducible and the step can be queued behind th
 
 Cost: one GEMM of ``2 n K D`` FLOPs; bytes: X twice (the assignment, then the gathered rows: ``8 n D``),
 plus the sort of n labels and ``~16 n`` bytes of labels/permutation traffic; extra memory ``O(n + (P + K) D)``
-with P <= 16 x the SM count.
+with P <= ``SEGMENT_PROGRAMS_PER_SM`` x the SM count.
 
 Precision: the distances use the same GEMM modes as the E-step (``"tf32"``: one fp16 product of
 tf32-precision operands with power-of-two scaling; ``"bf16"``, ``"bf16x3"``, ``"ieee"``), with ||c||^2 formed from
@@ -232,7 +232,7 @@ def kmeans_step(x, centroids, precision="tf32", center=None, x_absmax=None):
     # int32); the cluster offsets come from a search in the sorted labels (bincount would sync with the host)
     key = torch.int16 if k < 2 ** 15 - 1 else torch.int32
     sorted_labels, perm = torch.sort(labels.to(key), stable=True)
-    offsets = torch.searchsorted(sorted_labels, torch.arange(k + 1, dtype=key, device=x.device)).to(torch.int32)
+    offsets = torch.searchsorted(sorted_labels, torch.arange(k + 1, dtype=key, device=x.device), out_int32=True)
     counts = (offsets[1:] - offsets[:-1]).to(torch.float32)
     sums = torch.empty((k, d), dtype=torch.float32, device=x.device)
     if n == 0:
