@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 _PTR_TYPES = {   # argument name -> pointer element type (modes 1 and 2 store 16-bit operands)
-    "ROWS": "i32", "HINT": "i32", "BEST": "i64", "GAPS": "i64", "WORK": "i32", "COUNTS": "i32",
+    "ROWS": "i32", "HINT": "i32", "BEST": "i64", "GAPS": "i64", "WORK": "i32", "COUNTS": "i32", "ROWBITS": "i32",
 }
 _OPERANDS = {"A", "A_LO", "P", "P_LO", "XO", "XQ", "XQL"}
 _INTS = {"N", "K", "WSTRIDE", "SLAB_ROWS", "N_SLABS"}
@@ -94,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--sparse", action="store_true", help="the sparse E-step's variants (row order, gaps, lists)")
+    ap.add_argument("--sort-rows", action="store_true",
+                    help="estep(sort_rows=True)'s variants: pass 1 unordered with per-row bits, no copy; pass 2 sparse")
     ap.add_argument("--pass", dest="which", type=int, choices=[1, 2], action="append",
                     help="pass 1 (logZ) and/or pass 2 (statistics); default both")
     ap.add_argument("--no-split-a", action="store_true", help="diag tf32: A as one fp16 term (DIAG_SPLIT_A off)")
@@ -106,17 +108,20 @@ def main(argv=None):
     mode = es._MODES[args.precision]
     op_type = "fp16" if mode == 1 else "bf16"
     diag = args.cov == "diag"
+    sort_rows = args.sort_rows
     common = dict(D=args.d, BLOCK_D=max(16, triton.next_power_of_2(args.d)), DIAG=diag, HAS_CENTER=True, MODE=mode,
-                  EMU=False, HAS_ORDER=args.sparse, FLAG_ROWS=es.FLAG_ROWS,
-                  SPLIT_A=es._split_a(mode, diag) and not args.no_split_a)
+                  EMU=False, FLAG_ROWS=es.FLAG_ROWS, SPLIT_A=es._split_a(mode, diag) and not args.no_split_a)
+    n_blocks = triton.cdiv(args.k, es.FLAG_K)
     rows = []
     for which in args.which or [1, 2]:
         if which == 1:
-            named = dict(common, K=args.k, WITH_ARGMAX=args.sparse, WRITE_X2=True, WRITE_COPY=True,
-                         PIPE=bool(es.PIPELINE_LOGZ), WRITE_GAPS=args.sparse,
-                         SKIP=float(es.SKIP_LOG2[args.precision]))
+            named = dict(common, K=args.k, WITH_ARGMAX=args.sparse or sort_rows, WRITE_X2=True,
+                         WRITE_COPY=not sort_rows, PIPE=bool(es.PIPELINE_LOGZ), HAS_ORDER=args.sparse,
+                         WRITE_GAPS=args.sparse, SKIP=float(es.SKIP_LOG2[args.precision]), ROW_BITS=sort_rows,
+                         NB_PAD=max(2, triton.next_power_of_2(n_blocks)) if sort_rows else 1)
         else:
-            named = dict(common, K=args.k, COPY=True, SPARSE=args.sparse)
+            named = dict(common, K=args.k, COPY=not sort_rows, SPARSE=args.sparse or sort_rows,
+                         HAS_ORDER=args.sparse or sort_rows)
         kernel, configs = _configs(which, es, named)
         for cfg in configs:
             cx = {k: v for k, v in named.items() if k != "K"}
@@ -135,7 +140,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cov": args.cov, "precision": args.precision, "k": args.k, "d": args.d,
-                       "sparse": args.sparse, "split_a": common["SPLIT_A"], "rows": rows}, f, indent=1)
+                       "sparse": args.sparse, "sort_rows": sort_rows, "split_a": common["SPLIT_A"], "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Everything :class:`~flashgmm_faiss.GaussianMixture` allocates on the device beyo
 * O(chunk): the per-chunk buffers, proportional to the rows of one chunk (the kernels' per-row outputs, the
   k-means update's sort, the float32 upload of host data and, in the fused E-step's 16-bit modes, the rows'
   operand copy of 2 D bytes per row, 6 D for diag);
-* O(N): the sparse E-step's row orders (8 bytes per row of the fit data).
+* O(N): the sparse E-step's row orders (8 bytes per row of the fit data). Without room for them, each E-step
+  sorts its chunk's rows itself (a transient order, ``SORT_ROW_BYTES`` per row of the chunk while it runs).
 
 By default the chunk buffers get 512 MiB (at most 1/8 of the free device memory) and the row orders up to 1 GiB.
 ``GaussianMixture(working_memory=M)`` instead bounds the total of the three by M MiB: the O(K D) part is
@@ -33,6 +34,10 @@ PARTIAL_BYTES = 16 << 20         # kernels.estep.PARTIAL_BYTES (not imported: th
 # 445k-row chunks took 0.36 s per EM iteration, 2^20-row ones 0.28 s)
 ESTEP_ROW_BYTES = 16
 ORDER_ROW_BYTES = 40
+# the E-step's transient row order (kernels.estep's sort_rows, when the fit keeps no orders): per-row block bits and
+# argmax (4 + 4), the 16-bit sort keys (2), the argsort's int64 result and its int32 copy (12), the radix sort's
+# scratch (~16), logZ and ||x||^2 in the order (8), and margin
+SORT_ROW_BYTES = 56
 KMEANS_ROW_BYTES = 80
 # bytes per (component, feature) element of the O(K D) part beside the partials: float64 parameters, statistics
 # and M-step temporaries (~12 arrays), the float32 parameters and the kernels' prepared operands, the graphs' copies
@@ -91,10 +96,12 @@ def _row_bytes(backend: str, n_components: int, d: int, resident: bool) -> int:
 
 def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d: int, diag: bool = False,
                 resident: bool = False, free_bytes: int | None = None,
-                working_memory: float | None = None) -> ChunkPlan:
+                working_memory: float | None = None, sort_rows: bool = True) -> ChunkPlan:
     """The chunking of an (n, d) data set for a fit with ``n_components`` components.
 
     ``working_memory`` (MiB): bound of the device memory beyond X (see the module docstring); None: the defaults.
+    ``sort_rows``: the Triton backend's E-steps sort chunks that keep no row order (``SORT_ROW_BYTES`` per row); the
+    chunks are sized for that when the budget leaves no kept orders (False: the dense E-step, larger chunks).
     Raises ValueError when the budget cannot hold the O(K D) part and one chunk of ``MIN_CHUNK_ROWS`` rows."""
     if working_memory is None:
         return ChunkPlan(default_chunk_rows(backend, device, n_components, d, diag, resident, free_bytes))
@@ -122,5 +129,9 @@ def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d
     order_bytes = left - rows * ORDER_ROW_BYTES
     if order_bytes < 8 * rows:
         order_bytes = 0
+    if order_bytes == 0 and sort_rows:
+        # no kept orders: each E-step sorts its chunk (transient order, no operand copy); a chunk sized for the copy
+        # has room for that unless the copy is smaller than the sort's buffers (small D)
+        rows = int(max(MIN_CHUNK_ROWS, min(rows, n, (free // share) // (per_row + SORT_ROW_BYTES))))
     kmeans_rows = int(max(MIN_CHUNK_ROWS, min(rows, (free - rows * upload) // KMEANS_ROW_BYTES)))
     return ChunkPlan(rows, copy, int(order_bytes), kmeans_rows)

@@ -19,7 +19,10 @@ is copied into its chunk's existing buffers (the order tensors keep their addres
 EM iteration can be replayed as a CUDA graph, see :meth:`TritonBackend.graph_key`). Under an order the
 E-step skips the (row tile, component block) pairs whose responsibilities pass 1 bounds below 2^-24 ("tf32",
 "bf16") or 2^-40 ("ieee", "bf16x3") (``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the
-dense E-step up to those terms; a stale order only costs speed.
+dense E-step up to those terms; a stale order only costs speed. A chunk that gets no kept order (the fit's memory
+plan leaves no room for 8 bytes per row, e.g. N=1e8 in 64 MiB) sorts its rows inside each E-step instead
+(``kernels.estep``'s ``sort_rows``: a transient order, ~50 bytes per row of the chunk while it runs), unless
+``TritonBackend.sort_rows`` is False (then it runs the dense E-step).
 """
 from __future__ import annotations
 
@@ -71,7 +74,11 @@ class TritonBackend:
         False: pass 2 converts the float32 rows itself (``kernels.estep``'s ``copy_rows``). Set by
         ``GaussianMixture.fit`` from its ``working_memory`` plan.
     order_bytes : int
-        Bound of the sparse E-step's row orders (8 bytes per row); chunks past it run the dense E-step.
+        Bound of the sparse E-step's row orders (8 bytes per row); chunks past it sort their rows in each E-step
+        (``sort_rows``) or run the dense E-step.
+    sort_rows : bool
+        A chunk without a kept row order runs the sparse E-step on a transient order built inside the call (True,
+        the default) or the dense E-step (False).
     """
 
     fuses_centering = True
@@ -84,9 +91,12 @@ class TritonBackend:
         self.x_absmax = None
         self.copy_rows = True
         self.order_bytes = ROW_ORDER_BYTES
+        self.sort_rows = True
         self._cache = None      # (tensors, their versions, bound, perm, Params) of the last E-step parameters
         # counts of fit_estep calls: chunks run under an order (sparse) or without one, orders activated
-        self.order_stats = {"iterations": 0, "sparse_chunks": 0, "dense_chunks": 0, "refreshes": 0}
+        # (sorted_chunks: sparse on a transient order, see sort_rows)
+        self.order_stats = {"iterations": 0, "sparse_chunks": 0, "sorted_chunks": 0, "dense_chunks": 0,
+                            "refreshes": 0}
         self.end_fit()
 
     def __repr__(self) -> str:
@@ -139,11 +149,12 @@ class TritonBackend:
 
     def graph_key(self):
         """What decides the Python path of this EM iteration's :meth:`fit_estep` calls (call after
-        :meth:`begin_em_iteration`): ``"refresh"`` or ``"plain"`` once every chunk has its row order, ``"dense"``
-        when the sparse E-step does not apply; None in the first iteration and while some chunk of the previous
-        iteration ran without its order. Two iterations of one fit with the same key launch the same kernels on the
-        same buffers (for the same chunks), so the estimator may replay the first one's CUDA graph
-        (``GaussianMixture(cuda_graphs=True)``)."""
+        :meth:`begin_em_iteration`): ``"refresh"`` or ``"plain"`` once every chunk has its row order (or, past the
+        orders' memory bound, sorts its rows in each E-step), ``"dense"`` when no chunk keeps an order (the sparse
+        E-step does not apply, or every chunk sorts its rows in each E-step); None in the first iteration and while
+        some chunk of the previous iteration ran the dense E-step without the order it is due to get. Two iterations
+        of one fit with the same key launch the same kernels on the same buffers (for the same chunks), so the
+        estimator may replay the first one's CUDA graph (``GaussianMixture(cuda_graphs=True)``)."""
         if self._iteration <= 1 or self._last_unordered:
             return None
         if not self._orders:
@@ -171,10 +182,17 @@ class TritonBackend:
         perm = self._perm if order is not None else None
         params = self._params(means, var, log_weights, perm, x, center)
         build = self._refresh and (order is not None or self._order_bytes() + 8 * n <= self.order_bytes)
+        transient = order is None and not build and self.sort_rows
+        if transient and self._perm is None:
+            self._perm = ke.component_order(means)     # the transient orders group the components as kept ones do
+        if transient:
+            params = self._params(means, var, log_weights, self._perm, x, center)
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
-                       copy_rows=self.copy_rows, order=order, return_best=build)
-        self.order_stats["sparse_chunks" if order is not None else "dense_chunks"] += 1
-        self._unordered |= order is None
+                       copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient)
+        self.order_stats["sparse_chunks" if order is not None else
+                         "sorted_chunks" if transient else "dense_chunks"] += 1
+        # a transient order is rebuilt identically in every iteration: it does not make the next one differ
+        self._unordered |= order is None and not transient
         if build:
             if self._perm is None:   # once per fit: the means move little after k-means, and a fixed
                 # permutation keeps the refreshes cheap (component_order is ~80 small launches, 1.6 ms on an H200)

@@ -153,7 +153,10 @@ class GaussianMixture:
         on a fit's state at N=1e6; H100 EM iteration 1.57 -> 1.36 ms against 2^-40). On data with sharp
         posteriors (D ~ 100 and more) the kernels' E-step is ~1.8x faster; a fit's EM iteration gained 1.26x at
         N=1e7 (H200, bench_ann/results/sparse_pass2), and 1.8x at N=1e6 with ``cuda_graphs`` (launch overhead
-        hides it otherwise; bench_ann/results/cuda_graphs).
+        hides it otherwise; bench_ann/results/cuda_graphs). Chunks past the orders' memory (``working_memory``)
+        sort their rows inside each E-step instead (a transient order): N=1e8, K=1024, D=128 in 64 MiB, H100, EM
+        iteration 349 -> 208 ms spherical, 633 -> 421 ms diag against the dense E-step at the same budget
+        (bench_ann/results/v15_transient_orders).
         False: always the dense E-step.
     cuda_graphs : bool, default=True
         Triton backend with X on the CUDA device (a float32 tensor there, or host data that ``data_on_device``
@@ -178,7 +181,8 @@ class GaussianMixture:
         ``data_on_device``): parameters, statistics and the kernels' partial sums (O(K D), estimated), the
         per-chunk buffers and the sparse E-step's row orders. The chunk gets what the O(K D) part leaves; the
         Triton backend's 16-bit row copy (fastest, 2 D bytes per row, 6 D diag) is dropped when fewer than 2^20
-        rows of it fit, and the row orders (8 bytes per row) get what the chunk leaves (none: the dense E-step).
+        rows of it fit, and the row orders (8 bytes per row) get what the chunk leaves (none: each E-step sorts its
+        chunk, ~56 bytes per row while it runs, which the chunk's size allows for).
         A budget too small for the O(K D) part and a 1024-row chunk is refused with the minimum. Measured: N=1e8,
         K=1024, D=128 fits in 64 MiB (``bench_ann/results/``). None (default): 512 MiB of chunk buffers (at most
         1/8 of the free memory) and up to 1 GiB of row orders. ``chunk_size``, when given, overrides the plan's
@@ -398,8 +402,10 @@ class GaussianMixture:
         """The chunking (:func:`~flashgmm_faiss._chunk_plan.plan_chunks`) for this backend, covariance type,
         ``working_memory``, where X lives and the free device memory; ``chunk_size`` overrides its rows."""
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        impl = self._impl
+        sorts = hasattr(impl, "sort_rows") and impl.sort_rows and impl._sparse_ok(self.n_components)
         plan = plan_chunks(self.backend_, device, n, self.n_components, d, self.covariance_type == "diag",
-                           _resident(X, device), free, self.working_memory)
+                           _resident(X, device), free, self.working_memory, sort_rows=sorts)
         return plan._replace(rows=self.chunk_size) if self.chunk_size else plan
 
     def _chunk_rows(self, X, device: torch.device, d: int) -> int:

@@ -40,7 +40,12 @@ E-step's most likely component, :func:`row_order`) and the components grouped (:
 responsibility can reach 2^-SKIP_LOG2, and pass 2 visits only those (tile, block) pairs from per-block work
 lists, logits included. Exact up to the dropped terms (each < 2^-SKIP_LOG2[precision]: 2^-24 in "tf32" and
 "bf16", 2^-40 in "ieee" and "bf16x3"). On the benchmark's data 12.8 % of the pairs remain: E-step 2.19 -> 1.31 ms
-on an H200 (``bench_ann/results/sparse_pass2``); on a fit's state 15.6 % (29.6 % at 2^-40).
+on an H200 (``bench_ann/results/sparse_pass2``); on a fit's state 15.6 % (29.6 % at 2^-40). Without a kept order
+(``sort_rows=True``, for data too large to keep 8 bytes per row) pass 1 visits the rows in their own order, keeps
+each block's row maxima and writes each row's block bits against its final maximum (exact in any order), the call
+sorts the rows by argmax and the sparse pass 2 runs on that transient order: the same pairs as a kept order (H100,
+N=1e6: 1.72 ms spherical, 3.55 ms diag, against 2.31 / 5.60 dense without the row copy;
+``bench_ann/results/v15_transient_orders``).
 
 Cost (spherical; diag doubles the GEMM work): 3 GEMMs of ``2 n K D`` FLOPs (logits twice, ``R^T X`` once) plus
 ``2 n K`` exponentials; bytes: X once in fp32, the 16-bit operand copy written once and read once per slab
@@ -327,12 +332,13 @@ def _component_logits(
 
 
 @triton.jit
-def _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX: tl.constexpr, WRITE_GAPS: tl.constexpr,
-                SKIP: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lse_update(s, k0, m_i, l_i, best, bits, bmax, WITH_ARGMAX: tl.constexpr, WRITE_GAPS: tl.constexpr,
+                ROW_BITS: tl.constexpr, SKIP: tl.constexpr, BLOCK_K: tl.constexpr, NB_PAD: tl.constexpr):
     """One block of the online base-2 log-sum-exp: running max m_i, running sum l_i of 2^(s - m_i), and the
     running argmax (component index offset k0) of s (BM, BK). WRITE_GAPS: sets bit k0 // BLOCK_K of ``bits`` for
     the rows whose bound of log2 r in this block, ``max_k s - m_new``, is >= -SKIP (the log-normaliser is at least
-    the final maximum, which is at least m_new)."""
+    the final maximum, which is at least m_new). ROW_BITS: keeps the block's row maxima in column k0 // BLOCK_K of
+    ``bmax`` (BM, NB_PAD), for bits against the final maximum (:func:`_final_row_bits`)."""
     if WITH_ARGMAX:
         s_max, s_arg = tl.max(s, axis=1, return_indices=True)
         best = tl.where(s_max > m_i, s_arg + k0, best)
@@ -343,7 +349,20 @@ def _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX: tl.constexpr, WRITE_GA
     if WRITE_GAPS:
         bit = tl.full([], 1, tl.int64) << (k0 // BLOCK_K).to(tl.int64)
         bits |= tl.where(s_max - m_new >= -SKIP, bit, 0)
-    return m_new, l_i, best, bits
+    if ROW_BITS:
+        cols = tl.arange(0, NB_PAD)
+        bmax = tl.where(cols[None, :] == k0 // BLOCK_K, s_max[:, None], bmax)
+    return m_new, l_i, best, bits, bmax
+
+
+@triton.jit
+def _final_row_bits(bmax, m_i, SKIP: tl.constexpr, NB_PAD: tl.constexpr):
+    """Per row (BM,) int64: bit b set when block b's largest logit is within SKIP of the row's final maximum
+    m_i, an upper bound of log2 r over the block (logZ >= the maximum). Exact for the row in any visiting order
+    (the running-maximum bits of WRITE_GAPS are only tight when the best block comes first)."""
+    cols = tl.arange(0, NB_PAD)
+    one = tl.full([NB_PAD], 1, tl.int64) << cols.to(tl.int64)
+    return tl.sum(tl.where(bmax - m_i[:, None] >= -SKIP, one[None, :], 0), axis=1)   # distinct powers: OR
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +391,7 @@ def _row_configs():
 
 def _prune_row(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}           # constexprs arrive as keyword arguments
-    gaps = bool(named_args.get("WRITE_GAPS", False))
+    gaps = bool(named_args.get("WRITE_GAPS", False)) or bool(named_args.get("ROW_BITS", False))
     D, K = named_args["D"], named_args["K"]
     diag, es = bool(named_args.get("DIAG", False)), _esize(named_args.get("MODE", 1))
     bd = triton.next_power_of_2(D)
@@ -443,29 +462,31 @@ def _bit_or(a, b):
 
 
 @triton.autotune(configs=_row_configs(), key=["K", "D", "DIAG", "MODE", "PIPE", "HAS_ORDER", "WRITE_GAPS", "SKIP",
-                                              "SPLIT_A"],
+                                              "SPLIT_A", "ROW_BITS"],
                  prune_configs_by={"early_config_prune": _prune_row})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _logz_kernel(
     # pointers: data and centre, row order (source rows, start hints), component parameters, outputs
     X, CENTER, ROWS, HINT, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-    LOGZ, LZP, X2, BEST, XO, XQ, XQL, SCALES, GAPS,
+    LOGZ, LZP, X2, BEST, XO, XQ, XQL, SCALES, GAPS, ROWBITS,
     # sizes (rows are contiguous, stride D)
     N, K,
     # compile-time: feature dims, flags, tiles
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, WRITE_COPY: tl.constexpr, MODE: tl.constexpr,
     EMU: tl.constexpr, PIPE: tl.constexpr, HAS_ORDER: tl.constexpr, WRITE_GAPS: tl.constexpr, SKIP: tl.constexpr,
-    SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, ROW_BITS: tl.constexpr, NB_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # SPLIT_A (diag "tf32"): A enters the logits as two fp16 terms (DIAG_SPLIT_A).
     # Position m processes row ROWS[m] (HAS_ORDER) or row m. Outputs indexed by row (LOGZ, BEST) are written at the
     # source row; those pass 2 streams (LZP, X2, the operand copy) at the position. WRITE_GAPS (BLOCK_M a multiple
     # of FLAG_ROWS, BLOCK_K = FLAG_K, at most 64 blocks): GAPS[tile] (int64) has bit b set when some row of the
     # FLAG_ROWS-row flag tile has a bound of log2 r in block b >= -SKIP: the sparse pass 2's work. Row-local bits,
-    # one OR-reduction per flag tile at the end.
+    # one OR-reduction per flag tile at the end. ROW_BITS (BLOCK_K = FLAG_K, NB_PAD >= the number of blocks, at
+    # most 64): ROWBITS[row] gets the row's block bits against its final maximum (any visiting order; the input of
+    # a transient row order, see estep's sort_rows).
     offs_m, mask_m, offs_d, mask_d = _row_block(N, D, BLOCK_M, BLOCK_D)
     src = _indexed(ROWS, offs_m, mask_m, HAS_ORDER)
     x = _load_rows(X, CENTER, src, mask_m, offs_d, mask_d, D, HAS_CENTER)
@@ -489,6 +510,10 @@ def _logz_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of 2^(s - m)
     best = tl.zeros([BLOCK_M], tl.int32)
     bits = tl.zeros([BLOCK_M], tl.int64)                    # per row: blocks whose bound reaches -SKIP
+    if ROW_BITS:
+        bmax = tl.full([BLOCK_M, NB_PAD], float("-inf"), tl.float32)   # per row: each block's largest logit
+    else:
+        bmax = tl.zeros([1, 1], tl.float32)
     if PIPE:
         # software-pipelined: the product of block j + 1 is issued before the exponentials of block j, so that
         # the tensor cores and the exp/ALU work of one warpgroup can overlap (FA3's intra-warpgroup pipelining)
@@ -504,11 +529,11 @@ def _logz_kernel(
             s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                           offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
                                           SPLIT_A)
-            m_i, l_i, best, bits = _lse_update(s, k_prev, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP,
-                                               BLOCK_K)
+            m_i, l_i, best, bits, bmax = _lse_update(s, k_prev, m_i, l_i, best, bits, bmax, WITH_ARGMAX,
+                                                     WRITE_GAPS, ROW_BITS, SKIP, BLOCK_K, NB_PAD)
             k_prev = k0
-        m_i, l_i, best, bits = _lse_update(s_nxt, k_prev, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP,
-                                           BLOCK_K)
+        m_i, l_i, best, bits, bmax = _lse_update(s_nxt, k_prev, m_i, l_i, best, bits, bmax, WITH_ARGMAX,
+                                                 WRITE_GAPS, ROW_BITS, SKIP, BLOCK_K, NB_PAD)
     else:
         for j in range(0, num_kb):
             k0 = ((b0 + j) % num_kb) * BLOCK_K
@@ -516,7 +541,8 @@ def _logz_kernel(
             s, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                       offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
                                       SPLIT_A)
-            m_i, l_i, best, bits = _lse_update(s, k0, m_i, l_i, best, bits, WITH_ARGMAX, WRITE_GAPS, SKIP, BLOCK_K)
+            m_i, l_i, best, bits, bmax = _lse_update(s, k0, m_i, l_i, best, bits, bmax, WITH_ARGMAX, WRITE_GAPS,
+                                                     ROW_BITS, SKIP, BLOCK_K, NB_PAD)
     logz = (m_i + tl.log2(l_i)) * LN2
     tl.store(LOGZ + src, logz, mask=mask_m)
     if HAS_ORDER:
@@ -524,7 +550,10 @@ def _logz_kernel(
     if WRITE_X2:
         tl.store(X2 + offs_m, x2, mask=mask_m)
     if WITH_ARGMAX:
-        tl.store(BEST + src, best.to(tl.int64), mask=mask_m)
+        tl.store(BEST + src, best.to(BEST.dtype.element_ty), mask=mask_m)
+    if ROW_BITS:
+        rb = _final_row_bits(bmax, m_i, SKIP, NB_PAD)
+        tl.store(ROWBITS + src, rb.to(ROWBITS.dtype.element_ty), mask=mask_m)
     if WRITE_GAPS:      # one bit set per FLAG_ROWS-row flag tile (BLOCK_M is a multiple of FLAG_ROWS)
         TILES: tl.constexpr = BLOCK_M // FLAG_ROWS
         tile_bits = tl.reduce(tl.reshape(bits, [TILES, FLAG_ROWS]), 1, _bit_or)
@@ -1171,20 +1200,29 @@ def _sm_count(device) -> int:
 
 
 def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None,
-                order: RowOrder | None = None, lzp=None, gaps=None, skip=None):
+                order: RowOrder | None = None, lzp=None, gaps=None, skip=None, best=None, row_bits=None):
     """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64 (kernel component index); fills ``x2``
     with ||x||^2 (in the accumulator's units) and ``copy = (xo, xq, xql)`` with the operand copy (rows and, diag,
     the squares and their second 16-bit term) when given. Under a row ``order``, logZ and the argmax are indexed by
     row, ``x2``, the copy and ``lzp`` (logZ again, required) by position. ``gaps`` (cdiv(n, FLAG_ROWS),) int64,
     when given, receives per FLAG_ROWS-row tile the bit set of the FLAG_K-component blocks (at most 64) in which
     some row's bound of log2 r is >= -skip (None: ``SKIP_LOG2[precision]``; the sparse pass 2's input; pass 1 then
-    runs with FLAG_K-component blocks and a multiple of FLAG_ROWS rows per program)."""
+    runs with FLAG_K-component blocks and a multiple of FLAG_ROWS rows per program). ``best`` (n,) int32 or
+    int64: where the argmax goes (with_argmax; default a new int64 tensor). ``row_bits`` (n,) int32 or int64, when
+    given, receives per row the bit set of the FLAG_K-component blocks whose bound of log2 r against the row's
+    final maximum is >= -skip, in any row order (int32 holds at most 31 blocks)."""
     n, d = x.shape
     skip = SKIP_LOG2[precision] if skip is None else skip
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     if order is not None and lzp is None:
         raise ValueError("a row order needs lzp, the position-ordered logZ buffer")
-    best = torch.empty(n if with_argmax else 1, dtype=torch.int64, device=x.device)
+    if best is None:
+        best = torch.empty(n if with_argmax else 1, dtype=torch.int64, device=x.device)
+    n_blocks = triton.cdiv(k, FLAG_K)
+    if row_bits is not None and (row_bits.shape != (n,) or row_bits.dtype not in (torch.int32, torch.int64)
+                                 or n_blocks > (31 if row_bits.dtype == torch.int32 else 64)):
+        raise ValueError(f"row_bits must be int32 (at most 31 blocks) or int64 (at most 64) of shape ({n},); "
+                         f"K={k} has {n_blocks} blocks of {FLAG_K}")
     mode = _MODES[precision]
     xo, xq, xql = copy if copy is not None else (logz, logz, logz)
 
@@ -1198,12 +1236,13 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
     _logz_kernel[grid](x, x if center is None else center, rows, hint, params.a, params.a_lo, params.p,
                        params.p_lo, params.bias2, params.coef2, params.cst, logz, logz if lzp is None else lzp,
                        logz if x2 is None else x2, best, xo, xq, xql, params.scales,
-                       logz if gaps is None else gaps, n, k,
+                       logz if gaps is None else gaps, logz if row_bits is None else row_bits, n, k,
                        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=center is not None,
                        WITH_ARGMAX=with_argmax, WRITE_X2=x2 is not None, WRITE_COPY=copy is not None, MODE=mode,
                        EMU=_interpret(), PIPE=bool(PIPELINE_LOGZ), HAS_ORDER=order is not None,
                        WRITE_GAPS=gaps is not None, SKIP=float(skip), SPLIT_A=_split_a(mode, diag),
-                       FLAG_ROWS=FLAG_ROWS)
+                       FLAG_ROWS=FLAG_ROWS, ROW_BITS=row_bits is not None,
+                       NB_PAD=max(2, triton.next_power_of_2(n_blocks)) if row_bits is not None else 1)
     return logz, (best if with_argmax else None)
 
 
@@ -1234,6 +1273,29 @@ def _work_lists(gaps, n_blocks):
     return work, counts
 
 
+@triton.jit
+def _tile_bits_kernel(ROW_BITS, ROWS, GAPS, N, n_tiles, FLAG_ROWS: tl.constexpr, TILES: tl.constexpr):
+    # GAPS[t] = OR of ROW_BITS[ROWS[p]] over the positions p of flag tile t (the rows it visits in the order)
+    t = tl.program_id(0) * TILES + tl.arange(0, TILES)
+    pos = t.to(tl.int64)[:, None] * FLAG_ROWS + tl.arange(0, FLAG_ROWS)[None, :]
+    mask = pos < N
+    src = tl.load(ROWS + pos, mask=mask, other=0).to(tl.int64)
+    b = tl.load(ROW_BITS + src, mask=mask, other=0).to(tl.int64)     # int32 bits: bit 31 is never set
+    tl.store(GAPS + t, tl.reduce(b, 1, _bit_or), mask=t < n_tiles)
+
+
+def tile_bits(row_bits, rows):
+    """Per FLAG_ROWS-row tile of the order ``rows`` (n,) int32 (position -> row), the OR of the rows' block bits
+    ``row_bits`` (n,) int32 or int64 (by row): (cdiv(n, FLAG_ROWS),) int64, the sparse pass 2's ``gaps``."""
+    n = rows.shape[0]
+    n_tiles = triton.cdiv(n, FLAG_ROWS)
+    gaps = torch.empty(n_tiles, dtype=torch.int64, device=rows.device)
+    tiles = 16
+    _tile_bits_kernel[(triton.cdiv(n_tiles, tiles),)](row_bits, rows, gaps, n, n_tiles, FLAG_ROWS=FLAG_ROWS,
+                                                      TILES=tiles, num_warps=4)
+    return gaps
+
+
 PARTIAL_BYTES = 16 << 20    # bound of the Sx partials (S x K x D float32): caps the slab count for large K D
 
 
@@ -1248,7 +1310,8 @@ def slab_layout(n: int, k: int, device, d: int = 128) -> tuple[int, int]:
 
 
 def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None, params=None, copy_rows=True,
-          order: RowOrder | None = None, skip_log2: float | None = None, return_best: bool = False):
+          order: RowOrder | None = None, skip_log2: float | None = None, return_best: bool = False,
+          sort_rows: bool = False):
     """Fused E-step over one chunk; returns ``(log_norm, nk, sx, sq)`` as in ``_torch_backend.estep``.
 
     Parameters
@@ -1272,6 +1335,13 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         skipped, logits included: each dropped term is < 2^-skip_log2. Sparse only for K <= 64 FLAG_K (4096)
     return_best : bool; also return each row's most likely component (argmax of its responsibilities), the input
         of :func:`row_order` for the next E-step
+    sort_rows : bool; the sparse pass 2 without a kept order (for data too large to hold one, 8 bytes per row):
+        pass 1 visits the rows in their own order and records each row's block bits against its final maximum
+        (exact in any order) and its argmax; the rows are then sorted by argmax within this call (a transient
+        order, freed at return) and pass 2 visits the kept (tile, block) pairs of that order. Implies
+        ``copy_rows=False`` (pass 2 gathers the float32 rows); not with ``order``. Same statistics as ``order``
+        up to summation order and dropped terms; ~50 bytes per row while it runs (bits, argmax, the sort, logZ
+        and ||x||^2 in the order). Sparse only for K <= 64 FLAG_K (4096) and ``skip_log2`` > 0, else dense
 
     Returns
     -------
@@ -1281,10 +1351,13 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     n, d, k = _check_inputs(x, means, var, log_weights, precision, center)
     diag = var.ndim == 2
     mode = _MODES[precision]
-    copy_mode = mode in _COPY_MODES and bool(copy_rows)
     skip = SKIP_LOG2[precision] if skip_log2 is None else float(skip_log2)
     if not skip >= 0:
         raise ValueError(f"skip_log2 must be >= 0 (0 disables block skipping), got {skip_log2!r}")
+    if sort_rows and order is not None:
+        raise ValueError("sort_rows=True builds its own transient row order: pass order=None with it")
+    sort_rows = bool(sort_rows) and skip > 0 and triton.cdiv(k, FLAG_K) <= 64
+    copy_mode = mode in _COPY_MODES and bool(copy_rows) and not sort_rows
     if order is not None:
         if not isinstance(order, RowOrder):
             raise TypeError(f"order must be a RowOrder (see row_order), got {type(order).__name__}")
@@ -1307,11 +1380,27 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         dt = _operand_dtype(mode)
         copy = (torch.empty((n, d), dtype=dt, device=dev), torch.empty((n, d) if diag else (1,), dtype=dt, device=dev),
                 torch.empty((n, d) if diag else (1,), dtype=dt, device=dev))
-    sparse = order is not None and skip > 0 and triton.cdiv(k, FLAG_K) <= 64
-    gaps = torch.empty(triton.cdiv(n, FLAG_ROWS), dtype=torch.int64, device=dev) if sparse else None
-    logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
-                             copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip)
-    work, counts = _work_lists(gaps, triton.cdiv(k, FLAG_K)) if sparse else (logz, logz)
+    n_blocks = triton.cdiv(k, FLAG_K)
+    sparse = (order is not None and skip > 0 and n_blocks <= 64) or sort_rows
+    if sort_rows:
+        # pass 1 in the rows' own order with exact per-row block bits and the argmax; the transient order sorts the
+        # rows by their most likely component (kernel order: grouped by prepare's comp_perm when one is given)
+        row_bits = torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=dev)
+        best = torch.empty(n, dtype=torch.int32, device=dev)
+        logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=True, x2=x2, center=center,
+                              skip=skip, best=best, row_bits=row_bits)
+        rows = torch.argsort(best.to(torch.int16) if k <= 2**15 else best, stable=True).int()
+        gaps = tile_bits(row_bits, rows)
+        del row_bits
+        order = RowOrder(rows, rows)            # the hint is not read by pass 2
+        lzp = logz[rows]                        # pass 2 reads logZ and ||x||^2 by position
+        x2 = x2[rows]
+        best = best.long() if return_best else None
+    else:
+        gaps = torch.empty(triton.cdiv(n, FLAG_ROWS), dtype=torch.int64, device=dev) if sparse else None
+        logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
+                                 copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip)
+    work, counts = _work_lists(gaps, n_blocks) if sparse else (logz, logz)
 
     slabs, slab_rows = slab_layout(n, k, dev, d)
     nk_part = torch.empty((slabs, k), dtype=torch.float32, device=dev)
@@ -1337,7 +1426,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
             f"the E-step statistics kernel for precision={precision!r}, "
             f"{'diag' if diag else 'spherical'} covariances and D={d} needs more shared memory than this GPU "
             f"offers in every autotune config ({e}); use precision='tf32' (the default) or 'ieee'") from e
-    del copy, xo, xq, xql, x2, lzp, gaps, work, counts   # dead: free the operand copy before the reduction
+    del copy, xo, xq, xql, x2, lzp, gaps, work, counts, order   # dead: free the operand copy before the reduction
 
     # fixed-order float64 reduction of the partials, units undone: two launches, no host sync
     nk = torch.empty(k, dtype=torch.float32, device=dev)

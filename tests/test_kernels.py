@@ -270,6 +270,72 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
         assert work[b, :int(counts[b])].tolist() == torch.nonzero(need[:, b]).flatten().tolist()
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
+    # estep(sort_rows=True): pass 1 in the rows' own (here random) order writes exact per-row block bits, the call
+    # sorts the rows by argmax and runs the sparse pass 2 on that transient order. Its statistics are the dense
+    # E-step's up to summation order (the dropped terms are < 2^-skip), its argmax is float64's, a coarse
+    # threshold really drops pairs, and reruns are bitwise identical
+    x, means, var, lw = _clustered(12 * kestep.FLAG_ROWS + 11, 2 * kestep.FLAG_K + 5, 20, diag, seed=7)
+    n, k = x.shape[0], means.shape[0]
+    perm = kestep.component_order(means, block=kestep.FLAG_K)
+    params = kestep.prepare(means, var, lw, precision, kestep.absmax(x), comp_perm=perm)
+    dense = kestep.estep(x, means, var, lw, precision=precision, params=params, skip_log2=0)
+    got = kestep.estep(x, means, var, lw, precision=precision, params=params, sort_rows=True, return_best=True)
+    again = kestep.estep(x, means, var, lw, precision=precision, params=params, sort_rows=True, return_best=True)
+    coarse = kestep.estep(x, means, var, lw, precision=precision, params=params, sort_rows=True, skip_log2=1e-3)
+    tol = 5e-5 if precision == "ieee" else 2e-4
+    for name, a, b, c, e in zip(("log_norm", "nk", "sx", "sq"), dense, got, coarse, again):
+        assert_close(f"{precision} {name} sort_rows", b, a, tol)
+        assert torch.equal(b, e), f"{name}: two sort_rows runs differ"
+        if name != "log_norm":
+            assert _rel(c, a) > 1e-4, f"{name}: skipping below ~1 changed nothing: no pair is ever dropped"
+    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))
+    top2 = lp.topk(2, dim=1).values
+    # rows whose best component leads by more than the mode's logit error (on a GPU "tf32" rounds the operands
+    # to 11 bits: ~0.5 nats at these magnitudes)
+    clear = top2[:, 0] - top2[:, 1] > (1e-2 if precision == "ieee" else 2.0)
+    assert clear.sum() > 100
+    assert got[4].dtype == torch.int64 and torch.equal(got[4].cpu()[clear], lp.argmax(1)[clear])
+    # the per-row bits against the final maximum (int32 and int64 outputs): set for every block whose largest
+    # log2 r reaches -skip, clear for every block below it, whatever the visiting order; slack for the logits'
+    # error: 1e-3 (fp32 products), 2 (log2 units) for "tf32" on a GPU (11-bit operands: ~0.5 nats here)
+    slack = 1e-3 if precision == "ieee" else 2.0
+    fk = kestep.FLAG_K
+    n_blocks = -(-k // fk)
+    log2r = ((lp - torch.logsumexp(lp, 1, keepdim=True)) / math.log(2))[:, perm.cpu()]
+    pad = torch.full((n, n_blocks * fk), float("-inf"), dtype=torch.float64)
+    pad[:, :k] = log2r
+    block_max = pad.reshape(n, n_blocks, fk).amax(2)
+    row_max = block_max.amax(1, keepdim=True)
+    for skip in (40.0, 6.0):
+        for dtype in (torch.int32, torch.int64):
+            bits = torch.empty(n, dtype=dtype, device=DEVICE)
+            kestep.launch_logz(x, params, k, diag, precision, skip=skip, row_bits=bits)
+            has = torch.stack([(bits.cpu().long() >> b) & 1 for b in range(n_blocks)], 1).bool()
+            assert has[block_max >= -skip + slack].all(), f"skip {skip}: a needed block is missing"
+            # the kernel's bound is against the row's maximum logit (logZ is at least that)
+            assert not has[block_max - row_max < -skip - slack].any(), f"skip {skip}: a block far below is set"
+            assert (bits.cpu().long() >> n_blocks == 0).all()
+            if skip == 6.0:
+                assert 0.2 < has.float().mean() < 0.9, "the bits are too uniform for the test to mean anything"
+    # the tile bits of an order: the OR of its rows' bits per FLAG_ROWS positions
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1)).int().to(DEVICE)
+    row_bits = torch.randint(0, 2 ** 31 - 1, (n,), generator=torch.Generator().manual_seed(2)).int().to(DEVICE)
+    gaps = kestep.tile_bits(row_bits, rows).cpu()
+    fr = kestep.FLAG_ROWS
+    want = [0] * (-(-n // fr))
+    for p, r in enumerate(rows.cpu().tolist()):
+        want[p // fr] |= int(row_bits[r])
+    assert gaps.tolist() == want
+    with pytest.raises(ValueError, match="sort_rows=True builds its own"):
+        kestep.estep(x, means, var, lw, params=params, sort_rows=True,
+                     order=kestep.row_order(got[4], perm))
+    with pytest.raises(ValueError, match="row_bits must be int32"):
+        kestep.launch_logz(x, params, k, diag, precision, row_bits=torch.empty(n - 1, dtype=torch.int32))
+
+
 def test_sparse_threshold_defaults_per_precision():
     # "tf32" and "bf16" drop terms below 2^-24 by default (fp32's unit roundoff), "ieee" and "bf16x3" below 2^-40:
     # the default gives exactly the explicit threshold's statistics (both passes use it), and every component's Nk
@@ -913,8 +979,8 @@ def test_estimator_lookahead_on_the_kernels_gives_the_same_fit(monkeypatch):
 @pytest.mark.parametrize("cov", ["spherical", "diag"])
 def test_estimator_follows_the_working_memory_plan(cov, monkeypatch):
     # GaussianMixture(working_memory=...) hands its plan to the backend: no 16-bit operand copy (pass 2 converts
-    # the float32 rows) and no row orders when the budget leaves none; same fit as the default plan, and the
-    # backend's defaults are back after the fit
+    # the float32 rows) and no kept row orders when the budget leaves none, so that every E-step sorts its chunk
+    # (sort_rows); same fit as the default plan, and the backend's defaults are back after the fit
     from flashgmm_faiss import GaussianMixture
     from flashgmm_faiss import _chunk_plan as cp
     from flashgmm_faiss import gmm as gmm_module
@@ -932,7 +998,7 @@ def test_estimator_follows_the_working_memory_plan(cov, monkeypatch):
     estep, kmeans_step = kernels.estep, kernels.kmeans_step
 
     def recording(*args, **kwargs):
-        calls.append((kwargs.get("copy_rows", True), kwargs.get("order") is not None))
+        calls.append((kwargs.get("copy_rows", True), kwargs.get("order") is not None, kwargs.get("sort_rows")))
         return estep(*args, **kwargs)
 
     def recording_kmeans(x, *args, **kwargs):
@@ -947,10 +1013,20 @@ def test_estimator_follows_the_working_memory_plan(cov, monkeypatch):
     kmeans_rows.clear()
     # the plan of a tight budget: no copy, no orders, k-means on pieces of 37 rows
     monkeypatch.setattr(gmm_module, "plan_chunks", lambda *args, **kwargs: cp.ChunkPlan(k + 5, False, 0, 37))
+    keys = []      # the graph keys: an iteration of transient orders repeats the previous one (a CUDA graph may)
+    begin = type(a._impl).begin_em_iteration
+
+    def recording_begin(self):
+        begin(self)
+        keys.append(self.graph_key())
+    monkeypatch.setattr(type(a._impl), "begin_em_iteration", recording_begin)
     with pytest.warns(Warning):
         b = GaussianMixture(k, working_memory=64, **kw).fit(x)
-    assert default_calls and all(c for c, _ in default_calls) and any(o for _, o in default_calls)
-    assert calls and not any(c for c, _ in calls) and not any(o for _, o in calls)
+    assert keys[:3] == [None, "dense", "dense"]
+    assert default_calls and all(c for c, _, _ in default_calls) and any(o for _, o, _ in default_calls)
+    assert not any(t for _, _, t in default_calls)
+    assert calls and not any(c for c, _, _ in calls) and not any(o for _, o, _ in calls)
+    assert all(t for _, _, t in calls) and b._impl.order_stats["sorted_chunks"] == len(calls)
     assert max(kmeans_rows) == 37 and sum(kmeans_rows) % x.shape[0] == 0
     assert b._impl.copy_rows and b._impl.order_bytes == cp.ROW_ORDER_BYTES
     assert [h["n_reseeded"] for h in a.history_] == [h["n_reseeded"] for h in b.history_] == [0] * 3
