@@ -89,11 +89,7 @@ def main(argv=None):
             for rows in chunks:
                 fns[f"sorted_chunks_{rows}"] = chunked(rows)
             # pairs visited: the transient order's tile bits, and the kept order's gaps from its pass 1
-            rb = torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=x.device)
-            bst = torch.empty(n, dtype=torch.int32, device=x.device)
-            ke.launch_logz(x, params, a.k, diag, prec, with_argmax=True, center=center, best=bst, row_bits=rb)
-            rows = torch.argsort(bst.to(torch.int16) if a.k <= 2**15 else bst, stable=True).int()
-            kept = {"sorted": pairs_kept(ke.tile_bits(rb, rows), n_blocks)}
+            kept = {"sorted": pairs_kept(ke.transient_order(x, params, a.k, diag, prec, center=center)[3], n_blocks)}
             gaps = torch.empty(triton.cdiv(n, ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
             ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order,
                            lzp=torch.empty(n, device=x.device), gaps=gaps)

@@ -164,6 +164,11 @@ class TritonBackend:
     def _sparse_ok(self, k: int) -> bool:
         return self.sparse and MIN_SPARSE_BLOCKS <= -(-k // self._k().FLAG_K) <= 64
 
+    def sorts_chunks(self, k: int) -> bool:
+        """Whether a fit with k components sorts, in each E-step, the chunks that keep no row order
+        (:attr:`sort_rows` and the sparse E-step applies): the memory plan sizes chunks for it."""
+        return self.sort_rows and self._sparse_ok(k)
+
     def _order_bytes(self) -> int:
         return sum(8 * o.rows.numel() for o in self._orders.values())
 
@@ -179,14 +184,12 @@ class TritonBackend:
         order = self._orders.get(chunk)
         if order is not None and order.rows.shape[0] != n:
             order = None                           # the chunking changed: this chunk starts afresh
-        perm = self._perm if order is not None else None
-        params = self._params(means, var, log_weights, perm, x, center)
         build = self._refresh and (order is not None or self._order_bytes() + 8 * n <= self.order_bytes)
         transient = order is None and not build and self.sort_rows
         if transient and self._perm is None:
             self._perm = ke.component_order(means)     # the transient orders group the components as kept ones do
-        if transient:
-            params = self._params(means, var, log_weights, self._perm, x, center)
+        perm = self._perm if order is not None or transient else None
+        params = self._params(means, var, log_weights, perm, x, center)
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
                        copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient)
         self.order_stats["sparse_chunks" if order is not None else

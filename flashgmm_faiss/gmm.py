@@ -402,8 +402,7 @@ class GaussianMixture:
         """The chunking (:func:`~flashgmm_faiss._chunk_plan.plan_chunks`) for this backend, covariance type,
         ``working_memory``, where X lives and the free device memory; ``chunk_size`` overrides its rows."""
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        impl = self._impl
-        sorts = hasattr(impl, "sort_rows") and impl.sort_rows and impl._sparse_ok(self.n_components)
+        sorts = hasattr(self._impl, "sorts_chunks") and self._impl.sorts_chunks(self.n_components)
         plan = plan_chunks(self.backend_, device, n, self.n_components, d, self.covariance_type == "diag",
                            _resident(X, device), free, self.working_memory, sort_rows=sorts)
         return plan._replace(rows=self.chunk_size) if self.chunk_size else plan
