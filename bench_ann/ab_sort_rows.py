@@ -11,7 +11,9 @@ times, interleaved over ``--rounds`` rounds on the same data and parameters (one
 * ``dense_copy``: the dense E-step with the row copy;
 
 and reports the fraction of (tile, block) pairs each sparse form visits and the relative difference of its
-statistics from the dense E-step's. Problems: the kernel benchmark's (``bench_kernels.ab_problem``) and, with
+statistics from the dense E-step's. Diag in "tf32" / "bf16" also times ``sorted_unscreened`` (the transient order
+without :mod:`kernels.screen`, ``SCREEN_DIAG = False``) and the parts of both: ``pass1_row_bits`` (the unscreened
+pass 1 with per-row bits), ``screen`` (the screen alone) and ``sparse_logz`` (the exact logZ on the kept blocks). Problems: the kernel benchmark's (``bench_kernels.ab_problem``) and, with
 ``--fit-state``, a fit's state (``ab_threshold.fit_state``). Writes ``ab_sort_rows.json``.
 
     python -m bench_ann.ab_sort_rows --fit-state --diag --chunks 262144,495160 --out DIR
@@ -40,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--precision", default="tf32")
     ap.add_argument("--diag", action="store_true", help="also diag covariances")
     ap.add_argument("--fit-state", action="store_true")
+    ap.add_argument("--no-spherical", action="store_true", help="diag only (with --diag)")
     ap.add_argument("--em-iter", type=int, default=8)
     ap.add_argument("--chunks", default="262144", help="comma list of chunk sizes for the chunked sorted E-step")
     ap.add_argument("--rounds", type=int, default=3)
@@ -49,6 +52,7 @@ def main(argv=None):
     import triton
     from flashgmm_faiss import kernels
     ke = importlib.import_module("flashgmm_faiss.kernels.estep")
+    ks = importlib.import_module("flashgmm_faiss.kernels.screen")
     prec = a.precision
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "n": a.n, "k": a.k, "d": a.d, "precision": prec, "problems": {}}
@@ -57,8 +61,12 @@ def main(argv=None):
     problems["bench_kernels"] = (x, None, means, {"spherical": var_sph, "diag": var_diag}, lw)
     if a.fit_state:
         from bench_ann.ab_threshold import fit_state
-        xf, cf, mf, vf, lwf = fit_state(a.n, a.k, a.d, a.em_iter)
-        problems["fit_state"] = (xf, cf, mf, {"spherical": vf}, lwf)
+        if not a.no_spherical:
+            xf, cf, mf, vf, lwf = fit_state(a.n, a.k, a.d, a.em_iter)
+            problems["fit_state"] = (xf, cf, mf, {"spherical": vf}, lwf)
+        if a.diag:      # a diag fit's own state (same data)
+            xf, cf, mf, vf, lwf = fit_state(a.n, a.k, a.d, a.em_iter, "diag")
+            problems["fit_state_diag"] = (xf, cf, mf, {"diag": vf}, lwf)
     chunks = [int(float(c)) for c in a.chunks.split(",") if c]
     n_blocks = triton.cdiv(a.k, ke.FLAG_K)
     for pname, (x, center, means, variances, lw) in problems.items():
@@ -66,7 +74,7 @@ def main(argv=None):
         perm = kernels.component_order(means)
         res = out["problems"].setdefault(pname, {})
         for cov, var in variances.items():
-            if cov == "diag" and not a.diag:
+            if (cov == "diag" and not a.diag) or (cov == "spherical" and a.no_spherical):
                 continue
             diag = cov == "diag"
             params = kernels.prepare(means, var, lw, prec, float(kernels.absmax(x, center)), comp_perm=perm)
@@ -90,11 +98,35 @@ def main(argv=None):
                 fns[f"sorted_chunks_{rows}"] = chunked(rows)
             # pairs visited: the transient order's tile bits, and the kept order's gaps from its pass 1
             kept = {"sorted": pairs_kept(ke.transient_order(x, params, a.k, diag, prec, center=center)[3], n_blocks)}
+            if ks.screens(ke._MODES[prec], diag):
+                def unscreened(f):
+                    def g():
+                        ks.SCREEN_DIAG = False
+                        try:
+                            return f()
+                        finally:
+                            ks.SCREEN_DIAG = True
+                    return g
+                fns["sorted_unscreened"] = unscreened(fns["sorted"])
+                for rows in chunks:
+                    fns[f"sorted_unscreened_chunks_{rows}"] = unscreened(chunked(rows))
+                kept["sorted_unscreened"] = pairs_kept(unscreened(
+                    lambda: ke.transient_order(x, params, a.k, diag, prec, center=center))()[3], n_blocks)
+                skip = ke.SKIP_LOG2[prec]
+                row_bits = torch.empty(n, dtype=torch.int32, device=x.device)
+                best_buf = torch.empty(n, dtype=torch.int32, device=x.device)
+                _, _, rows_s, gaps_s, _ = ke.transient_order(x, params, a.k, diag, prec, center=center)
+                fns["pass1_row_bits"] = lambda: ke.launch_logz(x, params, a.k, diag, prec, with_argmax=True,
+                                                               center=center, best=best_buf, row_bits=row_bits)
+                fns["screen"] = lambda: ks.screen_rows(x, params, a.k, prec, skip, center=center)
+                fns["sparse_logz"] = lambda: ks.sparse_logz(x, params, a.k, prec, rows_s, gaps_s, center=center,
+                                                            best=best_buf)
             gaps = torch.empty(triton.cdiv(n, ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
             ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order,
                            lzp=torch.empty(n, device=x.device), gaps=gaps)
             kept["kept_order"] = pairs_kept(gaps, n_blocks)
-            diff = {name: rel_err(fns[name]()[1:], dense) for name in ("sorted", "kept_order", "dense_nocopy")}
+            diff = {name: rel_err(fns[name]()[1:], dense)
+                    for name in ("sorted", "kept_order", "dense_nocopy", "sorted_unscreened") if name in fns}
             peak = {name: peak_extra(fns[name]) for name in ("sorted", "dense_nocopy", "kept_order")}
             peak.update({name: peak_extra(f) for name, f in fns.items() if name.startswith("sorted_chunks")})
             times = {name: [] for name in fns}
@@ -102,8 +134,8 @@ def main(argv=None):
                 for name, f in fns.items():
                     times[name].append(bench(f, a.rep))
             res[cov] = {"times_ms": times, "pairs_kept": kept, "rel_diff_vs_dense": diff, "peak_extra_mib": peak}
-            print(f"[{pname} {cov} {prec}] pairs kept: sorted {kept['sorted']:.3f}, kept order "
-                  f"{kept['kept_order']:.3f}; rel diff vs dense: "
+            print(f"[{pname} {cov} {prec}] pairs kept: " + ", ".join(f"{k} {v:.3f}" for k, v in kept.items())
+                  + "; rel diff vs dense: "
                   + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()), flush=True)
             for name, ts in times.items():
                 print(f"  {name:<24} ms " + " ".join(f"{v:.3f}" for v in ts)

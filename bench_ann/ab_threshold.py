@@ -22,14 +22,14 @@ import torch
 from bench_ann.bench_kernels import ab_problem, add_shape_args, bench, rel_err
 
 
-def fit_state(n, k, d, em_iter):
+def fit_state(n, k, d, em_iter, covariance_type="spherical"):
     """(x, center, means, var, log_weights), means in the centred frame, after a GaussianMixture fit (bf16,
     sparse E-step) of ``em_iter`` EM iterations on the fit benchmark's data."""
     from bench_ann.bench_fit import sift_like
     from flashgmm_faiss import GaussianMixture
     x = sift_like(n, d, 2000)
-    g = GaussianMixture(k, kmeans_iter=10, max_iter=em_iter, tol=0, backend="triton", precision="bf16",
-                        device="cuda").fit(x)
+    g = GaussianMixture(k, covariance_type=covariance_type, kmeans_iter=10, max_iter=em_iter, tol=0,
+                        backend="triton", precision="bf16", device="cuda").fit(x)
     center = x.mean(0)
     means = torch.as_tensor(g.means_, device=x.device).float() - center
     var = torch.as_tensor(g.covariances_, device=x.device).float()
