@@ -11,10 +11,9 @@ times, interleaved over ``--rounds`` rounds on the same data and parameters (one
 * ``dense_copy``: the dense E-step with the row copy;
 
 and reports the fraction of (tile, block) pairs each sparse form visits and the relative difference of its
-statistics from the dense E-step's. Diag in "tf32" / "bf16" also times ``sorted_unscreened`` (the transient order
-without :mod:`kernels.screen`, ``SCREEN_DIAG = False``) and the parts of both: ``pass1_row_bits`` (the unscreened
-pass 1 with per-row bits), ``screen`` (the screen alone) and ``sparse_logz`` (the exact logZ on the kept blocks). Problems: the kernel benchmark's (``bench_kernels.ab_problem``) and, with
-``--fit-state``, a fit's state (``ab_threshold.fit_state``). Writes ``ab_sort_rows.json``.
+statistics from the dense E-step's. Problems: the kernel benchmark's (``bench_kernels.ab_problem``) and, with
+``--fit-state``, a fit's state (``ab_threshold.fit_state``; with ``--diag`` also a diag fit's own state;
+``--no-spherical``: diag only). Writes ``ab_sort_rows.json``.
 
     python -m bench_ann.ab_sort_rows --fit-state --diag --chunks 262144,495160 --out DIR
 """
@@ -52,7 +51,6 @@ def main(argv=None):
     import triton
     from flashgmm_faiss import kernels
     ke = importlib.import_module("flashgmm_faiss.kernels.estep")
-    ks = importlib.import_module("flashgmm_faiss.kernels.screen")
     prec = a.precision
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "n": a.n, "k": a.k, "d": a.d, "precision": prec, "problems": {}}
@@ -98,35 +96,11 @@ def main(argv=None):
                 fns[f"sorted_chunks_{rows}"] = chunked(rows)
             # pairs visited: the transient order's tile bits, and the kept order's gaps from its pass 1
             kept = {"sorted": pairs_kept(ke.transient_order(x, params, a.k, diag, prec, center=center)[3], n_blocks)}
-            if ks.screens(ke._MODES[prec], diag):
-                def unscreened(f):
-                    def g():
-                        ks.SCREEN_DIAG = False
-                        try:
-                            return f()
-                        finally:
-                            ks.SCREEN_DIAG = True
-                    return g
-                fns["sorted_unscreened"] = unscreened(fns["sorted"])
-                for rows in chunks:
-                    fns[f"sorted_unscreened_chunks_{rows}"] = unscreened(chunked(rows))
-                kept["sorted_unscreened"] = pairs_kept(unscreened(
-                    lambda: ke.transient_order(x, params, a.k, diag, prec, center=center))()[3], n_blocks)
-                skip = ke.SKIP_LOG2[prec]
-                row_bits = torch.empty(n, dtype=torch.int32, device=x.device)
-                best_buf = torch.empty(n, dtype=torch.int32, device=x.device)
-                _, _, rows_s, gaps_s, _ = ke.transient_order(x, params, a.k, diag, prec, center=center)
-                fns["pass1_row_bits"] = lambda: ke.launch_logz(x, params, a.k, diag, prec, with_argmax=True,
-                                                               center=center, best=best_buf, row_bits=row_bits)
-                fns["screen"] = lambda: ks.screen_rows(x, params, a.k, prec, skip, center=center)
-                fns["sparse_logz"] = lambda: ks.sparse_logz(x, params, a.k, prec, rows_s, gaps_s, center=center,
-                                                            best=best_buf)
             gaps = torch.empty(triton.cdiv(n, ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
             ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order,
                            lzp=torch.empty(n, device=x.device), gaps=gaps)
             kept["kept_order"] = pairs_kept(gaps, n_blocks)
-            diff = {name: rel_err(fns[name]()[1:], dense)
-                    for name in ("sorted", "kept_order", "dense_nocopy", "sorted_unscreened") if name in fns}
+            diff = {name: rel_err(fns[name]()[1:], dense) for name in ("sorted", "kept_order", "dense_nocopy")}
             peak = {name: peak_extra(fns[name]) for name in ("sorted", "dense_nocopy", "kept_order")}
             peak.update({name: peak_extra(f) for name, f in fns.items() if name.startswith("sorted_chunks")})
             times = {name: [] for name in fns}

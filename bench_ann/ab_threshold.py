@@ -24,7 +24,8 @@ from bench_ann.bench_kernels import ab_problem, add_shape_args, bench, rel_err
 
 def fit_state(n, k, d, em_iter, covariance_type="spherical"):
     """(x, center, means, var, log_weights), means in the centred frame, after a GaussianMixture fit (bf16,
-    sparse E-step) of ``em_iter`` EM iterations on the fit benchmark's data."""
+    sparse E-step) of ``em_iter`` EM iterations on the fit benchmark's data; var (K,) or, for
+    ``covariance_type="diag"``, (K, D)."""
     from bench_ann.bench_fit import sift_like
     from flashgmm_faiss import GaussianMixture
     x = sift_like(n, d, 2000)

@@ -104,15 +104,9 @@ def run(args):
     configs = [c + (t,) for c in configs for t in (skips if c[3] else [None])]
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] else None
     default_skips = dict(kestep.SKIP_LOG2) if kestep else None
-    # --screen ab: each diag configuration with and without the screened transient order (kernels.screen)
-    configs = [c + (scr,) for c in configs
-               for scr in ([True, False] if args.screen == "ab" and c[1] == "diag" else [None])]
-    kscreen = importlib.import_module("flashgmm_faiss.kernels.screen") if args.screen == "ab" else None
-    for backend, cov, prec, sparse, graphs, look, skip, screen in configs:
+    for backend, cov, prec, sparse, graphs, look, skip in configs:
         if kestep:     # the module, not the estep() the package exports
             kestep.SKIP_LOG2 = default_skips if skip is None else dict.fromkeys(default_skips, skip)
-        if kscreen:
-            kscreen.SCREEN_DIAG = screen is not False
         if backend == "torch":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations
@@ -162,7 +156,7 @@ def run(args):
         em = [h["seconds"] for h in g.history_[1:]]  # the first iteration includes compilation
         km = [h["seconds"] for h in g.kmeans_history_[1:]]
         rows.append({"backend": backend, "covariance_type": cov, "precision": prec, "sparse_estep": sparse,
-                     "cuda_graphs": graphs, "lookahead": look, "skip_log2": skip, "screen": screen,
+                     "cuda_graphs": graphs, "lookahead": look, "skip_log2": skip,
                      "graph_replays": getattr(g, "graph_replays_", 0),
                      "n": args.n, "K": args.k, "d": args.d, "em_iter_ms": 1e3 * statistics.median(em),
                      # the mean includes the iterations that rebuild the row orders (sparse E-step)
@@ -199,8 +193,6 @@ def run(args):
         kind = "-" if r["backend"] == "torch" else ("sparse" if r["sparse_estep"] else "dense")
         if r["skip_log2"] is not None:
             kind += f" (2^-{r['skip_log2']:g})"
-        if r.get("screen") is not None:
-            kind += ", screened" if r["screen"] else ", unscreened"
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
         lines.append(f"| {r['backend']} | {r['covariance_type']} | {r['precision']} | {kind} | {graphs} | "
                      f"{r['lookahead']} | "
@@ -261,8 +253,6 @@ def main():
     p.add_argument("--lookahead", default="auto", choices=("auto", "ab"),
                    help="auto: the estimator's default (on for CUDA); ab: each configuration without, then with "
                         "lookahead (the next iteration issued before the host reads the last one's summary)")
-    p.add_argument("--screen", default="on", choices=("on", "ab"),
-                   help="ab: diag fits with and without the screened transient order (kernels.screen.SCREEN_DIAG)")
     p.add_argument("--out", default="bench_ann/results")
     run(p.parse_args())
 

@@ -1299,26 +1299,16 @@ def tile_bits(row_bits, rows):
 def transient_order(x, params: Params, k, diag, precision, center=None, x2=None, skip=None):
     """Pass 1 in the rows' own order with each row's exact block bits and argmax, then the order that sorts the rows
     by their most likely component (kernel order: grouped by prepare's ``comp_perm`` when one is given): the first
-    half of ``estep(sort_rows=True)``. Returns ``(logz, best, rows, gaps, lzp)``: logZ (n,) float32 and best (n,)
-    int32 (kernel component index) by row, rows (n,) int32 (position -> row, stable), the order's per-tile block
-    bits (cdiv(n, FLAG_ROWS),) int64 (:func:`tile_bits`) and logZ by position (pass 2's input); ``x2`` (n,), when
-    given, receives ||x||^2 by position. Diag in "tf32" / "bf16" is screened (:mod:`.screen`: bounds from the two
-    large products on every pair, exact logZ on the kept blocks only)."""
-    from . import screen   # (imports this module)
-
-    mode = _MODES[precision]
-    if screen.screens(mode, diag):
-        return screen.screened_order(x, params, k, precision, center=center, x2=x2, skip=skip)
+    half of ``estep(sort_rows=True)``. Returns ``(logz, best, rows, gaps)``: logZ (n,) float32 and best (n,) int32
+    (kernel component index) by row, rows (n,) int32 (position -> row, stable) and the order's per-tile block
+    bits (cdiv(n, FLAG_ROWS),) int64 (:func:`tile_bits`). ``x2``: as in :func:`launch_logz` (by row)."""
     n = x.shape[0]
     row_bits = torch.empty(n, dtype=torch.int32 if triton.cdiv(k, FLAG_K) <= 31 else torch.int64, device=x.device)
     best = torch.empty(n, dtype=torch.int32, device=x.device)
-    x2_row = torch.empty(n, dtype=torch.float32, device=x.device) if x2 is not None else None
-    logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=True, x2=x2_row, center=center, skip=skip,
+    logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=True, x2=x2, center=center, skip=skip,
                           best=best, row_bits=row_bits)
     rows = torch.argsort(best.to(torch.int16) if k <= 2**15 else best, stable=True).int()
-    if x2 is not None:
-        torch.index_select(x2_row, 0, rows, out=x2)
-    return logz, best, rows, tile_bits(row_bits, rows), logz[rows]
+    return logz, best, rows, tile_bits(row_bits, rows)
 
 
 PARTIAL_BYTES = 16 << 20    # bound of the Sx partials (S x K x D float32): caps the slab count for large K D
@@ -1408,10 +1398,10 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     n_blocks = triton.cdiv(k, FLAG_K)
     sparse = (order is not None and skip > 0 and n_blocks <= 64) or sort_rows
     if sort_rows:
-        # pass 2 reads logZ and ||x||^2 by position
-        logz, best, rows, gaps, lzp = transient_order(x, params, k, diag, precision, center=center, x2=x2,
-                                                      skip=skip)
+        logz, best, rows, gaps = transient_order(x, params, k, diag, precision, center=center, x2=x2, skip=skip)
         order = RowOrder(rows, rows)            # the hint is not read by pass 2
+        lzp = logz[rows]                        # pass 2 reads logZ and ||x||^2 by position
+        x2 = x2[rows]
         best = best.long() if return_best else None
     else:
         gaps = torch.empty(triton.cdiv(n, FLAG_ROWS), dtype=torch.int64, device=dev) if sparse else None

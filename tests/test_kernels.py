@@ -33,7 +33,6 @@ from flashgmm_faiss._triton_backend import TritonBackend  # noqa: E402
 kassign = importlib.import_module("flashgmm_faiss.kernels.assign")
 kestep = importlib.import_module("flashgmm_faiss.kernels.estep")
 kkmeans = importlib.import_module("flashgmm_faiss.kernels.kmeans")
-kscreen = importlib.import_module("flashgmm_faiss.kernels.screen")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
@@ -335,70 +334,6 @@ def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
                      order=kestep.row_order(got[4], perm))
     with pytest.raises(ValueError, match="row_bits must be int32"):
         kestep.launch_logz(x, params, k, diag, precision, row_bits=torch.empty(n - 1, dtype=torch.int32))
-
-
-def _bit_table(bits, n_blocks):
-    return torch.stack([(bits.cpu().long() >> b) & 1 for b in range(n_blocks)], 1).bool()
-
-
-@pytest.mark.parametrize("precision,case", [("tf32", "clustered"), ("tf32", "collapsed"), ("tf32", "k_over_31_blocks"),
-                                            ("bf16", "clustered"), ("bf16", "collapsed")])
-def test_screened_transient_order_matches_the_exact_one(poisoned, monkeypatch, precision, case):
-    # diag, 16-bit modes: the screen (two of the logits' products on every pair plus a Cauchy-Schwarz bound of the
-    # rest) must keep every block the exact per-row bits keep, and not many more on clustered data; the exact logZ
-    # over the kept blocks, the argmax and the E-step statistics must match the unscreened transient order's. The
-    # "collapsed" case is uncentred with one variance of 1e-3 at |mu| ~ 40 (the bounds grow there: more blocks
-    # kept, never fewer); "k_over_31_blocks" needs int64 row bits
-    n, k = 12 * kestep.FLAG_ROWS + 11, 2 * kestep.FLAG_K + 5
-    if case == "k_over_31_blocks":
-        n, k = 40 * kestep.FLAG_ROWS + 3, 33 * kestep.FLAG_K + 3
-    x, means, var, lw = _clustered(n, k, 20, True, seed=9)
-    if case == "collapsed":
-        x, means = (x * 3.0 + 40.0).contiguous(), (means * 3.0 + 40.0).contiguous()
-        var = (var * 9.0).contiguous()
-        var[0, 0] = 1e-3
-        x[:5, 0] = means[0, 0] + 0.03 * torch.arange(5, dtype=torch.float32, device=DEVICE)
-    perm = kestep.component_order(means, block=kestep.FLAG_K)
-    params = kestep.prepare(means, var, lw, precision, kestep.absmax(x), comp_perm=perm)
-    skip = kestep.SKIP_LOG2[precision]
-    n_blocks = -(-k // kestep.FLAG_K)
-    exact = torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=DEVICE)
-    kestep.launch_logz(x, params, k, True, precision, skip=skip, row_bits=exact)
-    best, screened = kscreen.screen_rows(x, params, k, precision, skip)
-    assert screened.dtype == exact.dtype
-    ex, sc = _bit_table(exact, n_blocks), _bit_table(screened, n_blocks)
-    assert not (ex & ~sc).any(), "the screen dropped a block the exact bits keep"
-    assert (screened.cpu().long() >> n_blocks == 0).all()
-    if case != "collapsed":
-        # bf16's remainders of the squares are ~2^-9 of them (tf32's 2^-12): wider bounds
-        assert sc.sum() <= (1.1 if precision == "tf32" else 1.3) * ex.sum() + 2, f"the screen keeps {int(sc.sum())} row blocks, exact {int(ex.sum())}"
-        assert ex.float().mean() < 0.7, "too many blocks kept for the test to mean anything"
-    # the screened transient order against the unscreened one (both exact for the kernel's logits)
-    got = kestep.transient_order(x, params, k, True, precision)
-    monkeypatch.setattr(kscreen, "SCREEN_DIAG", False)
-    ref = kestep.transient_order(x, params, k, True, precision)
-    assert_close(f"{case} logZ", got[0], ref[0], 1e-6)
-    assert torch.equal(got[4].cpu(), got[0].cpu()[got[2].long().cpu()]), "logZ by position is not logZ[rows]"
-    lp = tb.log_prob(*(t.double().cpu() for t in (x, means, var, lw)))[:, perm.cpu()]
-    top2 = lp.topk(2, dim=1).values
-    clear = top2[:, 0] - top2[:, 1] > 2.0
-    assert clear.sum() > 100
-    assert torch.equal(got[1].cpu()[clear], lp.argmax(1)[clear]), "the screened order's argmax is not float64's"
-    assert torch.equal(torch.sort(got[2].cpu()).values, torch.arange(n, dtype=torch.int32)), "rows is no permutation"
-    # E-step statistics: screened against unscreened sort_rows, and against the dense E-step
-    dense = kestep.estep(x, means, var, lw, precision=precision, params=params, skip_log2=0)
-    unscreened = kestep.estep(x, means, var, lw, precision=precision, params=params, sort_rows=True)
-    monkeypatch.setattr(kscreen, "SCREEN_DIAG", True)
-    st = kestep.estep(x, means, var, lw, precision=precision, params=params, sort_rows=True, return_best=True)
-    again = kestep.estep(x, means, var, lw, precision=precision, params=params, sort_rows=True, return_best=True)
-    for name, a, b, c, e in zip(("log_norm", "nk", "sx", "sq"), dense, unscreened, st, again):
-        # (diag Sq = Sxx - 2 mu Sx + Nk mu^2 amplifies the summation order: 5.0e-5 on an H100, collapsed case)
-        assert_close(f"{case} {name} screened vs unscreened", c, b, 2e-4 if name == "sq" else 5e-5)
-        # (the dropped terms, < 2^-24 each in "tf32": 2.1e-4 on sq at K=2115 on an H100)
-        assert_close(f"{case} {name} screened vs dense", c, a, 5e-4 if name == "sq" else 2e-4)
-        assert torch.equal(c, e), f"{name}: two screened runs differ"
-    with pytest.raises(ValueError, match="the screen is for diag"):
-        kscreen.screen_rows(x, params, k, "ieee", skip)
 
 
 def test_sparse_threshold_defaults_per_precision():
