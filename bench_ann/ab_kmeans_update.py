@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ann.bench_kernels import ab_problem, add_shape_args, bench, graphed, host_ms
+from bench_ann.bench_kernels import ab_problem, add_shape_args, add_timing_args, bench, graphed, host_ms
 
 
 def load_copy(path, name):
@@ -55,6 +55,7 @@ def sift_like_state(n, k, d, iters, kernels):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     add_shape_args(ap)
+    add_timing_args(ap, rep=100)
     ap.add_argument("--baseline", default=None, help="path of an older kernels/kmeans.py to compare with")
     ap.add_argument("--configs", default="",
                     help="extra update launches of this tree, BLOCK_M x warps x stages x programs per SM, e.g. "
@@ -62,9 +63,6 @@ def main(argv=None):
     ap.add_argument("--precisions", default="tf32,bf16")
     ap.add_argument("--kmeans-iter", type=int, default=10)
     ap.add_argument("--graphs", action="store_true", help="also time every variant replayed as a CUDA graph")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rep", type=int, default=100)
-    ap.add_argument("--out", default=".")
     a = ap.parse_args(argv)
     from flashgmm_faiss import kernels
     kk = importlib.import_module("flashgmm_faiss.kernels.kmeans")

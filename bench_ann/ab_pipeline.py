@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_kernels import ab_problem, add_shape_args, autotuned_configs, gemm_ceiling, sorted_inputs
+from .bench_kernels import ab_problem, add_shape_args, add_timing_args, autotuned_configs, gemm_ceiling, sorted_inputs
 
 
 def health(tag=""):
@@ -41,14 +41,12 @@ def health(tag=""):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_args(ap)
+    add_timing_args(ap, rep=40, out="bench_ann/results/ab_pipeline")
     ap.add_argument("--precisions", default="tf32")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rep", type=int, default=40, help="do_bench ms per measurement")
     ap.add_argument("--min-bf16", type=float, default=0.0,
                     help="abort when the first health check gives fewer bf16 TFLOP/s (a degraded machine)")
     ap.add_argument("--sorted", action="store_true",
                     help="also the sparse E-step's path: rows sorted, components grouped, pass 1 with the gaps")
-    ap.add_argument("--out", default="bench_ann/results/ab_pipeline")
     args = ap.parse_args(argv)
 
     import triton

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ann.bench_kernels import ab_problem, add_shape_args, bench
+from bench_ann.bench_kernels import ab_problem, add_shape_args, add_timing_args, bench
 
 
 def kept_fraction(x, means, var, lw, rows, perm, bm, bk, t):
@@ -39,10 +39,8 @@ def kept_fraction(x, means, var, lw, rows, perm, bm, bk, t):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     add_shape_args(ap)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rep", type=int, default=60)
+    add_timing_args(ap)
     ap.add_argument("--precision", default="tf32")
-    ap.add_argument("--out", default=".")
     a = ap.parse_args(argv)
     from flashgmm_faiss import kernels
     ke = importlib.import_module("flashgmm_faiss.kernels.estep")

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bench_ann.bench_kernels import ab_problem, add_shape_args, bench, peak_extra, rel_err
+from bench_ann.ab_threshold import add_fit_state_args, fit_state
+from bench_ann.bench_kernels import ab_problem, add_shape_args, add_timing_args, bench, peak_extra, rel_err
 
 
 def pairs_kept(gaps, n_blocks):
@@ -38,15 +39,12 @@ def pairs_kept(gaps, n_blocks):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     add_shape_args(ap)
+    add_fit_state_args(ap)
+    add_timing_args(ap)
     ap.add_argument("--precision", default="tf32")
     ap.add_argument("--diag", action="store_true", help="also diag covariances")
-    ap.add_argument("--fit-state", action="store_true")
     ap.add_argument("--no-spherical", action="store_true", help="diag only (with --diag)")
-    ap.add_argument("--em-iter", type=int, default=8)
     ap.add_argument("--chunks", default="262144", help="comma list of chunk sizes for the chunked sorted E-step")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rep", type=int, default=60)
-    ap.add_argument("--out", default=".")
     a = ap.parse_args(argv)
     import triton
     from flashgmm_faiss import kernels
@@ -58,7 +56,6 @@ def main(argv=None):
     x, _, means, var_sph, var_diag, lw, _ = ab_problem(a.n, a.k, a.d, kernels, with_order=False)
     problems["bench_kernels"] = (x, None, means, {"spherical": var_sph, "diag": var_diag}, lw)
     if a.fit_state:
-        from bench_ann.ab_threshold import fit_state
         if not a.no_spherical:
             xf, cf, mf, vf, lwf = fit_state(a.n, a.k, a.d, a.em_iter)
             problems["fit_state"] = (xf, cf, mf, {"spherical": vf}, lwf)

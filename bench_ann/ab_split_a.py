@@ -18,16 +18,15 @@ import time
 import torch
 
 from .ab_pipeline import health, write_result
-from .bench_kernels import ab_problem, add_shape_args, autotuned_configs, ref_stats, rel_err, sorted_inputs
+from .bench_kernels import (ab_problem, add_shape_args, add_timing_args, autotuned_configs, ref_stats, rel_err,
+                            sorted_inputs)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_args(ap)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rep", type=int, default=40, help="do_bench ms per measurement")
+    add_timing_args(ap, rep=40, out="bench_ann/results/ab_split_a")
     ap.add_argument("--err-rows", type=int, default=1 << 18)
-    ap.add_argument("--out", default="bench_ann/results/ab_split_a")
     args = ap.parse_args(argv)
 
     import triton

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from bench_ann.bench_kernels import ab_problem, add_shape_args, bench, rel_err
+from bench_ann.bench_kernels import ab_problem, add_shape_args, add_timing_args, bench, rel_err
+
+
+def add_fit_state_args(ap):
+    """--fit-state (also a fit's own state, :func:`fit_state`) and --em-iter (its EM iterations)."""
+    ap.add_argument("--fit-state", action="store_true")
+    ap.add_argument("--em-iter", type=int, default=8)
 
 
 def fit_state(n, k, d, em_iter, covariance_type="spherical"):
@@ -41,14 +47,11 @@ def fit_state(n, k, d, em_iter, covariance_type="spherical"):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     add_shape_args(ap)
+    add_fit_state_args(ap)
+    add_timing_args(ap)
     ap.add_argument("--thresholds", default="40,32,28,24,20")
     ap.add_argument("--precisions", default="bf16,tf32")
     ap.add_argument("--diag", action="store_true", help="also diag covariances (tf32)")
-    ap.add_argument("--fit-state", action="store_true")
-    ap.add_argument("--em-iter", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rep", type=int, default=60)
-    ap.add_argument("--out", default=".")
     a = ap.parse_args(argv)
     import triton
     from flashgmm_faiss import kernels

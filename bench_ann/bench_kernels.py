@@ -156,6 +156,14 @@ def add_shape_args(ap):
     ap.add_argument("--d", type=int, default=128)
 
 
+def add_timing_args(ap, rep: int = 60, out: str = "."):
+    """The A/B scripts' timing and output: --rounds (interleaved rounds), --rep (do_bench ms per measurement),
+    --out (the result folder)."""
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rep", type=int, default=rep, help="do_bench ms per measurement")
+    ap.add_argument("--out", default=out)
+
+
 def ab_problem(n, k, d, kernels, with_order=True):
     """The A/B scripts' problem: centred SIFT-like x (n, d) (:func:`make_data`), its bound max |x|, the
     :func:`make_params` parameters (means, spherical and diag variances, log-weights) and the kernels' component
