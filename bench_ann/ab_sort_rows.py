@@ -13,7 +13,8 @@ times, interleaved over ``--rounds`` rounds on the same data and parameters (one
 and reports the fraction of (tile, block) pairs each sparse form visits and the relative difference of its
 statistics from the dense E-step's. Problems: the kernel benchmark's (``bench_kernels.ab_problem``) and, with
 ``--fit-state``, a fit's state (``ab_threshold.fit_state``; with ``--diag`` also a diag fit's own state;
-``--no-spherical``: diag only). Writes ``ab_sort_rows.json``.
+``--no-spherical``: diag only). Writes ``ab_sort_rows.json``; ``--profile`` adds per-kernel GPU times of the sorted
+E-step.
 
     python -m bench_ann.ab_sort_rows --fit-state --diag --chunks 262144,495160 --out DIR
 """
@@ -28,6 +29,7 @@ import torch
 
 from bench_ann.ab_threshold import add_fit_state_args, fit_state
 from bench_ann.bench_kernels import ab_problem, add_shape_args, add_timing_args, bench, peak_extra, rel_err
+from bench_ann.profile_fit import _profile
 
 
 def pairs_kept(gaps, n_blocks):
@@ -45,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--diag", action="store_true", help="also diag covariances")
     ap.add_argument("--no-spherical", action="store_true", help="diag only (with --diag)")
     ap.add_argument("--chunks", default="262144", help="comma list of chunk sizes for the chunked sorted E-step")
+    ap.add_argument("--profile", action="store_true",
+                    help="also a torch.profiler table of 10 sorted E-steps per problem (profile_<problem>_<cov>.txt "
+                         "in --out): the time of each kernel (pass 1, the sort, the work lists, pass 2, reduction)")
     a = ap.parse_args(argv)
     import triton
     from flashgmm_faiss import kernels
@@ -104,6 +109,12 @@ def main(argv=None):
             for _ in range(a.rounds):
                 for name, f in fns.items():
                     times[name].append(bench(f, a.rep))
+            if a.profile:
+                def ten_sorted():
+                    for _ in range(10):
+                        fns["sorted"]()
+                Path(a.out).mkdir(parents=True, exist_ok=True)
+                _profile(f"{pname}_{cov}", ten_sorted, Path(a.out), rows=25)
             res[cov] = {"times_ms": times, "pairs_kept": kept, "rel_diff_vs_dense": diff, "peak_extra_mib": peak}
             print(f"[{pname} {cov} {prec}] pairs kept: " + ", ".join(f"{k} {v:.3f}" for k, v in kept.items())
                   + "; rel diff vs dense: "

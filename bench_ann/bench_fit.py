@@ -102,9 +102,12 @@ def run(args):
     # --skip-log2: each sparse configuration once per threshold of the sparse pass 2 (kernels' SKIP_LOG2)
     skips = [float(v) for v in args.skip_log2.split(",")] if args.skip_log2 else [None]
     configs = [c + (t,) for c in configs for t in (skips if c[3] else [None])]
+    # --chunk: each configuration once per chunk size (None: the estimator's plan)
+    chunks = [None if v.strip().lower() in ("none", "plan") else int(float(v)) for v in str(args.chunk).split(",")]
+    configs = [c + (ch,) for c in configs for ch in chunks]
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] else None
     default_skips = dict(kestep.SKIP_LOG2) if kestep else None
-    for backend, cov, prec, sparse, graphs, look, skip in configs:
+    for backend, cov, prec, sparse, graphs, look, skip, chunk in configs:
         if kestep:     # the module, not the estep() the package exports
             kestep.SKIP_LOG2 = default_skips if skip is None else dict.fromkeys(default_skips, skip)
         if backend == "torch":
@@ -114,7 +117,7 @@ def run(args):
             # max_iter: past the first rebuild of the row orders, so that every kernel variant the timed fit
             # launches (sparse E-step, with and without the argmax for the next order) is compiled and autotuned
             w = GaussianMixture(args.k, covariance_type=cov, kmeans_iter=1, max_iter=7, backend=backend,
-                                device="cuda", precision=prec, seed=0, chunk_size=args.chunk, sparse_estep=sparse,
+                                device="cuda", precision=prec, seed=0, chunk_size=chunk, sparse_estep=sparse,
                                 cuda_graphs=graphs, data_on_device=on_device, working_memory=args.working_memory)
             w._lookahead = look
             w.fit(X[:args.warmup_rows] if args.warmup_rows else X)
@@ -130,7 +133,7 @@ def run(args):
             warnings.simplefilter("ignore")
             g = GaussianMixture(args.k, covariance_type=cov, kmeans_iter=args.kmeans_iter, max_iter=args.em_iter,
                                 tol=0.0, backend=backend, device="cuda", precision=prec, seed=0,
-                                chunk_size=args.chunk, sparse_estep=sparse, cuda_graphs=graphs,
+                                chunk_size=chunk, sparse_estep=sparse, cuda_graphs=graphs,
                                 data_on_device=on_device, working_memory=args.working_memory)
             g._lookahead = look
             g.fit(X)
@@ -171,7 +174,7 @@ def run(args):
                      "peak_extra_reserved_mib": peak_reserved / 2**20, "x_mib": x_bytes / 2**20,
                      "working_memory_mib": args.working_memory, "copy_rows": plan.copy_rows,
                      "order_bytes": plan.order_bytes, "peak_breakdown": trace,
-                     "final_log_likelihood": g.lower_bound_, "chunk_size": args.chunk,
+                     "final_log_likelihood": g.lower_bound_, "chunk_size": chunk,
                      "chunk_rows_used": plan.rows,
                      "assign_ms_by_cap": assign_ms, "host_data": bool(args.host_data),
                      "data_on_device": args.data_on_device})
@@ -233,7 +236,9 @@ def main():
     add_problem_args(p)
     p.add_argument("--kmeans-iter", type=int, default=5)
     p.add_argument("--em-iter", type=int, default=10)
-    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--chunk", default="None",
+                   help="rows per chunk (GaussianMixture(chunk_size=...)); a comma list runs each configuration once "
+                        "per value, 'None' being the estimator's plan, e.g. None,262144")
     p.add_argument("--diag", action="store_true")
     p.add_argument("--host-data", action="store_true", help="pass X as a numpy array (host memory)")
     p.add_argument("--data-on-device", default="auto", choices=("auto", "true", "false"),
