@@ -8,7 +8,9 @@ Everything :class:`~flashgmm_faiss.GaussianMixture` allocates on the device beyo
   k-means update's sort, the float32 upload of host data and, in the fused E-step's 16-bit modes, the rows'
   operand copy of 2 D bytes per row, 6 D for diag);
 * O(N): the sparse E-step's row orders (8 bytes per row of the fit data). Without room for them, each E-step
-  sorts its chunk's rows itself (a transient order, ``SORT_ROW_BYTES`` per row of the chunk while it runs).
+  sorts its chunk's rows itself (a transient order, ``SORT_ROW_BYTES`` per row of the chunk while pass 1 and the
+  sort run; the partial sums and ``PASS2_ROW_BYTES`` per row come after them, so such a chunk is sized for the
+  larger of the two phases, not their sum).
 
 By default the chunk buffers get 512 MiB (at most 1/8 of the free device memory) and the row orders up to 1 GiB.
 ``GaussianMixture(working_memory=M)`` instead bounds the total of the three by M MiB: the O(K D) part is
@@ -34,10 +36,14 @@ PARTIAL_BYTES = 16 << 20         # kernels.estep.PARTIAL_BYTES (not imported: th
 # 445k-row chunks took 0.36 s per EM iteration, 2^20-row ones 0.28 s)
 ESTEP_ROW_BYTES = 16
 ORDER_ROW_BYTES = 40
-# the E-step's transient row order (kernels.estep's sort_rows, when the fit keeps no orders): per-row block bits and
-# argmax (4 + 4), the 16-bit sort keys (2), the argsort's int64 result and its int32 copy (12), the radix sort's
-# scratch (~16), logZ and ||x||^2 in the order (8), and margin
-SORT_ROW_BYTES = 56
+# the E-step on a transient row order (kernels.estep's sort_rows, when the fit keeps no orders) runs in two phases
+# that never hold their buffers at once. Pass 1 and the argsort: per-row block bits and argmax (4 + 4), the 16-bit
+# sort keys (2), the argsort's int64 result and its int32 copy (12), the radix sort's scratch. The sparse pass 2 and
+# the reduction, beside the per-slab partial sums: the order (4), logZ in the order (4), ||x||^2 in the order while
+# the unordered one is alive (4, spherical), the work lists (~1). Measured on an H100 (bench_ann/estep_memory.py,
+# K=1024, D=128, logZ and ||x||^2 included): 46.2 and 17.1 bytes per row; the constants add ~20 % and ~40 %
+SORT_ROW_BYTES = 40
+PASS2_ROW_BYTES = 8
 KMEANS_ROW_BYTES = 80
 # bytes per (component, feature) element of the O(K D) part beside the partials: float64 parameters, statistics
 # and M-step temporaries (~12 arrays), the float32 parameters and the kernels' prepared operands, the graphs' copies
@@ -76,12 +82,16 @@ def default_chunk_rows(backend: str, device: torch.device, n_components: int, d:
     return max(256, budget // max(n_components, 1))
 
 
+def partial_bytes(backend: str, diag: bool) -> int:
+    """Bound of the fused E-step's per-slab partial sums (bytes): allocated by each E-step for its pass 2 and the
+    reduction only (not during pass 1, the transient order's sort or a k-means step)."""
+    return PARTIAL_BYTES * (2 if diag else 1) if backend == "triton" else 0
+
+
 def fixed_bytes(backend: str, n_components: int, d: int, diag: bool) -> int:
-    """Estimated O(K D) device memory of a fit (bytes): what a budget must hold before any chunk."""
-    kd = n_components * d
-    if backend == "triton":
-        return KD_BYTES * kd + PARTIAL_BYTES * (2 if diag else 1)
-    return KD_BYTES * kd
+    """Estimated O(K D) device memory of a fit (bytes): what a budget must hold before any chunk (the parameters,
+    statistics and M-step temporaries, and the E-step's partial sums)."""
+    return KD_BYTES * n_components * d + partial_bytes(backend, diag)
 
 
 def _row_bytes(backend: str, n_components: int, d: int, resident: bool) -> int:
@@ -100,8 +110,9 @@ def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d
     """The chunking of an (n, d) data set for a fit with ``n_components`` components.
 
     ``working_memory`` (MiB): bound of the device memory beyond X (see the module docstring); None: the defaults.
-    ``sort_rows``: the Triton backend's E-steps sort chunks that keep no row order (``SORT_ROW_BYTES`` per row); the
-    chunks are sized for that when the budget leaves no kept orders (False: the dense E-step, larger chunks).
+    ``sort_rows``: the Triton backend's E-steps sort chunks that keep no row order; the chunks are sized for the
+    sort (``SORT_ROW_BYTES`` per row) and, separately, for pass 2 beside the partial sums (``PASS2_ROW_BYTES``) when
+    the budget leaves no kept orders (False: the dense E-step, chunks beside the partial sums).
     Raises ValueError when the budget cannot hold the O(K D) part and one chunk of ``MIN_CHUNK_ROWS`` rows."""
     if working_memory is None:
         return ChunkPlan(default_chunk_rows(backend, device, n_components, d, diag, resident, free_bytes))
@@ -129,9 +140,13 @@ def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d
     order_bytes = left - rows * ORDER_ROW_BYTES
     if order_bytes < 8 * rows:
         order_bytes = 0
+    partials = partial_bytes(backend, diag)
     if order_bytes == 0 and sort_rows:
-        # no kept orders: each E-step sorts its chunk (transient order, no operand copy); a chunk sized for the copy
-        # has room for that unless the copy is smaller than the sort's buffers (small D)
-        rows = int(max(MIN_CHUNK_ROWS, min(rows, n, (free // share) // (per_row + SORT_ROW_BYTES))))
-    kmeans_rows = int(max(MIN_CHUNK_ROWS, min(rows, (free - rows * upload) // KMEANS_ROW_BYTES)))
+        # no kept orders: each E-step sorts its chunk (transient order, no operand copy) in two phases, each sized
+        # on its own: pass 1 and the sort (no partial sums yet), then pass 2 beside the partial sums (at N=1e8,
+        # K=1024, D=128 in 64 MiB: diag chunks of ~560k rows instead of 2^18 when both phases were summed)
+        rows = int(max(MIN_CHUNK_ROWS, min(n, ((free + partials) // share) // (per_row + SORT_ROW_BYTES),
+                                           (free // share) // (per_row + PASS2_ROW_BYTES))))
+    # the k-means step allocates no partial sums
+    kmeans_rows = int(max(MIN_CHUNK_ROWS, min(rows, (free + partials - rows * upload) // KMEANS_ROW_BYTES)))
     return ChunkPlan(rows, copy, int(order_bytes), kmeans_rows)

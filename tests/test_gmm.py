@@ -432,24 +432,31 @@ def test_working_memory_plan_stays_within_the_budget(backend):
                             assert fixed + p.rows * per_row <= budget and p.order_bytes == 0
                             continue
                         copy_row = (6 if diag else 2) * d
-                        # kept orders, or a transient order per E-step (which then writes no copy)
-                        order_rows = cp.ORDER_ROW_BYTES if p.order_bytes else 0
-                        sort_rows = 0 if p.order_bytes else cp.SORT_ROW_BYTES
-                        em = fixed + p.rows * (per_row + order_rows + max(copy_row * p.copy_rows, sort_rows)) \
-                            + p.order_bytes
+                        partials = cp.partial_bytes(backend, diag)
+                        if p.order_bytes:   # kept orders (8 bytes per row) and the row copy
+                            em = fixed + p.rows * (per_row + cp.ORDER_ROW_BYTES + copy_row * p.copy_rows) \
+                                + p.order_bytes
+                        else:   # a transient order per E-step (no copy): pass 1 and the sort, then pass 2
+                            em = max(fixed - partials + p.rows * (per_row + cp.SORT_ROW_BYTES),
+                                     fixed + p.rows * (per_row + cp.PASS2_ROW_BYTES))
                         upload = 0 if resident else 4 * d
-                        kmeans = fixed + p.rows * upload + p.kmeans_rows * cp.KMEANS_ROW_BYTES
+                        kmeans = fixed - partials + p.rows * upload + p.kmeans_rows * cp.KMEANS_ROW_BYTES
                         assert em <= budget and kmeans <= budget, (n, k, d, diag, resident, mib, p)
                         assert p.kmeans_rows <= p.rows and (p.order_bytes == 0 or p.order_bytes >= 8 * p.rows)
                         share = 1 if resident else 2
                         fits_copy = fixed + share * min(n, cp.MIN_COPY_ROWS) * (per_row + copy_row) <= budget
                         assert p.copy_rows == fits_copy, (n, k, d, diag, resident, mib, p)
     # the N=1e8, K=1024, D=128 in 64 MiB: no operand copy, no kept row orders (each E-step sorts its
-    # chunk), E-step chunks of ~470k rows and k-means pieces of ~400k
-    p = cp.plan_chunks("triton", dev, 10 ** 8, 1024, 128, False, True, None, 64)
-    assert not p.copy_rows and p.order_bytes == 0 and 2 ** 18 < p.kmeans_rows <= p.rows < 2 ** 19
-    assert p.rows * (cp.ESTEP_ROW_BYTES + cp.SORT_ROW_BYTES) + cp.fixed_bytes("triton", 1024, 128, False) \
-        <= 64 * cp.MIB
+    # chunk), spherical chunks of ~720k rows (the sort, not the partials, limits them), diag ~560k (the partials)
+    kd = cp.KD_BYTES * 1024 * 128
+    for diag in (False, True):
+        p = cp.plan_chunks("triton", dev, 10 ** 8, 1024, 128, diag, True, None, 64)
+        assert not p.copy_rows and p.order_bytes == 0 and 2 ** 19 < p.kmeans_rows <= p.rows
+        sort_phase = kd + p.rows * (cp.ESTEP_ROW_BYTES + cp.SORT_ROW_BYTES)
+        pass2_phase = kd + cp.partial_bytes("triton", diag) + p.rows * (cp.ESTEP_ROW_BYTES + cp.PASS2_ROW_BYTES)
+        assert max(sort_phase, pass2_phase) <= 64 * cp.MIB
+        assert 64 * cp.MIB - (sort_phase if not diag else pass2_phase) < 72   # the binding phase leaves < a row
+        assert 2 ** 19 < p.rows < 2 ** 20
     # a fit that runs the dense E-step (sparse_estep=False) keeps chunks of more than 2^20 rows
     q = cp.plan_chunks("triton", dev, 10 ** 8, 1024, 128, False, True, None, 64, sort_rows=False)
     assert not q.copy_rows and q.order_bytes == 0 and q.rows > 2 ** 20 and q.kmeans_rows < q.rows
