@@ -43,9 +43,9 @@ lists, logits included. Exact up to the dropped terms (each < 2^-SKIP_LOG2[preci
 on an H200 (``bench_ann/results/sparse_pass2``); on a fit's state 15.6 % (29.6 % at 2^-40). Without a kept order
 (``sort_rows=True``, for data too large to keep 8 bytes per row) pass 1 visits the rows in their own order, keeps
 each block's row maxima and writes each row's block bits against its final maximum (exact in any order), the call
-sorts the rows by argmax and the sparse pass 2 runs on that transient order: the same pairs as a kept order (H100,
-N=1e6: 1.72 ms spherical, 3.55 ms diag, against 2.31 / 5.60 dense without the row copy;
-``bench_ann/results/v15_transient_orders``).
+sorts the rows by those bit sets (``TRANSIENT_SORT_KEY``) and the sparse pass 2 runs on that transient order (H100,
+N=1e6, a fit's state: 1.35 ms spherical, 3.07 ms diag, against 3.27 / 5.87 dense without the row copy and 1.24 /
+3.08 under a kept order with the row copy; ``bench_ann/results/v18_bits_sort_key``).
 
 Cost (spherical; diag doubles the GEMM work): 3 GEMMs of ``2 n K D`` FLOPs (logits twice, ``R^T X`` once) plus
 ``2 n K`` exponentials; bytes: X once in fp32, the 16-bit operand copy written once and read once per slab
@@ -138,6 +138,13 @@ SKIP_LOG2 = {"tf32": 24.0, "bf16": 24.0, "bf16x3": 40.0, "ieee": 40.0}
 # bias all its rows share: the one-step variance error from random rows was 1.12e-3 (issue bound 1e-3) and the
 # float64 model gives 1.9e-4 with the split (NOTES.md, v9). A module switch (read at each launch) for A/B runs.
 DIAG_SPLIT_A = True
+# The transient row order (estep's sort_rows) sorts the rows by their block bits, the exact set of component blocks
+# whose responsibilities reach 2^-SKIP_LOG2, so that each FLAG_ROWS-row tile mostly holds rows with one bit set and
+# the tile's union (pass 2's work) stays near the rows' own fraction; pass 1 then needs no per-element argmax.
+# "argmax" (v15) sorts by the most likely component, as kept orders do. A CPU simulation on a fit's state (2^16
+# SIFT-like rows, K=1024, float64): tile pairs kept 18.8 % -> 9.7 % spherical, 8.1 % -> 6.7 % diag (rows alone:
+# 7.6 % and 6.3 %). A module switch (read at each call) for A/B runs.
+TRANSIENT_SORT_KEY = "bits"
 
 
 def _interpret() -> bool:
@@ -1300,18 +1307,30 @@ def tile_bits(row_bits, rows):
     return gaps
 
 
-def transient_order(x, params: Params, k, diag, precision, center=None, x2=None, skip=None):
-    """Pass 1 in the rows' own order with each row's exact block bits and argmax, then the order that sorts the rows
-    by their most likely component (kernel order: grouped by prepare's ``comp_perm`` when one is given): the first
-    half of ``estep(sort_rows=True)``. Returns ``(logz, best, rows, gaps)``: logZ (n,) float32 and best (n,) int32
-    (kernel component index) by row, rows (n,) int32 (position -> row, stable) and the order's per-tile block
-    bits (cdiv(n, FLAG_ROWS),) int64 (:func:`tile_bits`). ``x2``: as in :func:`launch_logz` (by row)."""
+def _argsort_bits(row_bits, n_blocks):
+    """Stable argsort (int64) that groups equal block bit sets ``row_bits`` (n,) int32 or int64: 16-bit keys for
+    at most 16 blocks (the narrowing wraps bit 15, a bijection, so equal sets stay adjacent)."""
+    return torch.argsort(row_bits.to(torch.int16) if n_blocks <= 16 else row_bits, stable=True)
+
+
+def transient_order(x, params: Params, k, diag, precision, center=None, x2=None, skip=None, with_best=False):
+    """Pass 1 in the rows' own order with each row's exact block bits, then an order of the rows that groups them
+    (:data:`TRANSIENT_SORT_KEY`: by block bit set, or by most likely component in the kernel order, grouped by
+    prepare's ``comp_perm`` when one is given): the first half of ``estep(sort_rows=True)``. Returns ``(logz,
+    best, rows, gaps)``: logZ (n,) float32 and best (n,) int32 (kernel component index; None unless ``with_best``
+    or the argmax key) by row, rows (n,) int32 (position -> row, stable) and the order's per-tile block bits
+    (cdiv(n, FLAG_ROWS),) int64 (:func:`tile_bits`). ``x2``: as in :func:`launch_logz` (by row)."""
+    if TRANSIENT_SORT_KEY not in ("bits", "argmax"):
+        raise ValueError(f"TRANSIENT_SORT_KEY must be 'bits' or 'argmax', got {TRANSIENT_SORT_KEY!r}")
     n = x.shape[0]
-    row_bits = torch.empty(n, dtype=torch.int32 if triton.cdiv(k, FLAG_K) <= 31 else torch.int64, device=x.device)
-    best = torch.empty(n, dtype=torch.int32, device=x.device)
-    logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=True, x2=x2, center=center, skip=skip,
+    n_blocks = triton.cdiv(k, FLAG_K)
+    row_bits = torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=x.device)
+    by_bits = TRANSIENT_SORT_KEY == "bits"
+    with_best = with_best or not by_bits
+    best = torch.empty(n, dtype=torch.int32, device=x.device) if with_best else None
+    logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=with_best, x2=x2, center=center, skip=skip,
                           best=best, row_bits=row_bits)
-    rows = _argsort_components(best, k).int()
+    rows = (_argsort_bits(row_bits, n_blocks) if by_bits else _argsort_components(best, k)).int()
     return logz, best, rows, tile_bits(row_bits, rows)
 
 
@@ -1356,11 +1375,11 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         of :func:`row_order` for the next E-step
     sort_rows : bool; the sparse pass 2 without a kept order (for data too large to hold one, 8 bytes per row):
         pass 1 visits the rows in their own order and records each row's block bits against its final maximum
-        (exact in any order) and its argmax; the rows are then sorted by argmax within this call (a transient
-        order, freed at return) and pass 2 visits the kept (tile, block) pairs of that order. Implies
-        ``copy_rows=False`` (pass 2 gathers the float32 rows); not with ``order``. Same statistics as ``order``
-        up to summation order and dropped terms; ~50 bytes per row while it runs (bits, argmax, the sort, logZ
-        and ||x||^2 in the order). Sparse only for K <= 64 FLAG_K (4096) and ``skip_log2`` > 0, else dense
+        (exact in any order); the rows are then sorted by those bit sets within this call (a transient order,
+        freed at return; :data:`TRANSIENT_SORT_KEY`) and pass 2 visits the kept (tile, block) pairs of that order.
+        Implies ``copy_rows=False`` (pass 2 gathers the float32 rows); not with ``order``. Same statistics as
+        ``order`` up to summation order and dropped terms; ~50 bytes per row while pass 1 and the sort run (bits,
+        the sort, logZ and ||x||^2), then ~17 beside the partial sums (bench_ann/estep_memory.py). Sparse only for K <= 64 FLAG_K (4096) and ``skip_log2`` > 0, else dense
 
     Returns
     -------
@@ -1402,7 +1421,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     n_blocks = triton.cdiv(k, FLAG_K)
     sparse = (order is not None and skip > 0 and n_blocks <= 64) or sort_rows
     if sort_rows:
-        logz, best, rows, gaps = transient_order(x, params, k, diag, precision, center=center, x2=x2, skip=skip)
+        logz, best, rows, gaps = transient_order(x, params, k, diag, precision, center=center, x2=x2, skip=skip,
+                                                 with_best=return_best)
         order = RowOrder(rows, rows)            # the hint is not read by pass 2
         lzp = logz[rows]                        # pass 2 reads logZ (and, spherical, ||x||^2) by position
         if not diag:                            # the diag pass 2 never reads ||x||^2

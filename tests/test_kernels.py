@@ -274,7 +274,7 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
     # estep(sort_rows=True): pass 1 in the rows' own (here random) order writes exact per-row block bits, the call
-    # sorts the rows by argmax and runs the sparse pass 2 on that transient order. Its statistics are the dense
+    # sorts the rows (by their bit sets) and runs the sparse pass 2 on that transient order. Its statistics are the dense
     # E-step's up to summation order (the dropped terms are < 2^-skip), its argmax is float64's, a coarse
     # threshold really drops pairs, and reruns are bitwise identical
     x, means, var, lw = _clustered(12 * kestep.FLAG_ROWS + 11, 2 * kestep.FLAG_K + 5, 20, diag, seed=7)
@@ -334,6 +334,49 @@ def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
                      order=kestep.row_order(got[4], perm))
     with pytest.raises(ValueError, match="row_bits must be int32"):
         kestep.launch_logz(x, params, k, diag, precision, row_bits=torch.empty(n - 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_transient_order_groups_equal_block_bits(poisoned, diag, monkeypatch):
+    # the transient order sorts the rows by their exact block bit sets (TRANSIENT_SORT_KEY "bits", the default):
+    # a stable sort of the bits, so every tile but those at a boundary between two bit sets holds one set, and
+    # pass 1 computes no argmax unless asked; "argmax" (v15) sorts by the most likely component. Both give the
+    # dense E-step's statistics up to summation order
+    x, means, var, lw = _clustered(12 * kestep.FLAG_ROWS + 11, 2 * kestep.FLAG_K + 5, 20, diag, seed=7)
+    n, k = x.shape[0], means.shape[0]
+    fr, n_blocks = kestep.FLAG_ROWS, -(-k // kestep.FLAG_K)
+    perm = kestep.component_order(means, block=kestep.FLAG_K)
+    params = kestep.prepare(means, var, lw, "ieee", kestep.absmax(x), comp_perm=perm)
+    bits = torch.empty(n, dtype=torch.int32, device=DEVICE)
+    kestep.launch_logz(x, params, k, diag, "ieee", row_bits=bits)
+    bits = bits.cpu().long()
+    dense = kestep.estep(x, means, var, lw, precision="ieee", params=params, skip_log2=0)
+    for key in ("bits", "argmax"):
+        monkeypatch.setattr(kestep, "TRANSIENT_SORT_KEY", key)
+        logz, best, rows, gaps = kestep.transient_order(x, params, k, diag, "ieee")
+        rows = rows.cpu().long()
+        assert sorted(rows.tolist()) == list(range(n))
+        assert gaps.cpu().tolist() == kestep.tile_bits(bits.int().to(DEVICE), rows.int().to(DEVICE)).cpu().tolist()
+        assert_close(f"{key} logZ", logz, dense[0], 1e-6)
+        if key == "bits":
+            assert best is None
+            key_of = bits[rows]           # at most 16 blocks here: the 16-bit key is the bit set itself
+            assert (key_of[1:] >= key_of[:-1]).all()
+            same = key_of[1:] == key_of[:-1]
+            assert (rows[1:][same] > rows[:-1][same]).all(), "not stable"
+            distinct = len(set(bits.tolist()))
+            assert distinct >= 3, "too few distinct bit sets for the test to mean anything"
+            mixed = sum(len(set(key_of[t:t + fr].tolist())) > 1 for t in range(0, n, fr))
+            assert mixed <= distinct - 1
+        else:
+            b = best.cpu().long()[rows]      # kernel component indices: already in the grouped order
+            assert (b[1:] >= b[:-1]).all()
+        got = kestep.estep(x, means, var, lw, precision="ieee", params=params, sort_rows=True)
+        for name, a, g in zip(("log_norm", "nk", "sx", "sq"), dense, got):
+            assert_close(f"{key} {name}", g, a, 5e-5)
+    monkeypatch.setattr(kestep, "TRANSIENT_SORT_KEY", "block")
+    with pytest.raises(ValueError, match="TRANSIENT_SORT_KEY"):
+        kestep.transient_order(x, params, k, diag, "ieee")
 
 
 def test_sparse_threshold_defaults_per_precision():
