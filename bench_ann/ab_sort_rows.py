@@ -7,6 +7,8 @@ times, interleaved over ``--rounds`` rounds on the same data and parameters (one
 
 * ``dense_nocopy``: the dense E-step without the row copy (what such a fit ran before);
 * ``sorted``: the E-step with ``sort_rows=True`` (no row copy), whole problem and in chunks of ``--chunks`` rows;
+* ``sorted_argmax``: the same with the v15 transient order (rows sorted by most likely component instead of by
+  block bit set, ``kernels.estep.TRANSIENT_SORT_KEY``);
 * ``kept_order``: the sparse E-step under a kept :class:`RowOrder` with the row copy (the default plan's E-step);
 * ``dense_copy``: the dense E-step with the row copy;
 
@@ -96,14 +98,27 @@ def main(argv=None):
             }
             for rows in chunks:
                 fns[f"sorted_chunks_{rows}"] = chunked(rows)
-            # pairs visited: the transient order's tile bits, and the kept order's gaps from its pass 1
-            kept = {"sorted": pairs_kept(ke.transient_order(x, params, a.k, diag, prec, center=center)[3], n_blocks)}
+
+            def by_argmax(f):       # the v15 transient order (sorted by most likely component)
+                def g():
+                    default, ke.TRANSIENT_SORT_KEY = ke.TRANSIENT_SORT_KEY, "argmax"
+                    try:
+                        return f()
+                    finally:
+                        ke.TRANSIENT_SORT_KEY = default
+                return g
+            fns["sorted_argmax"] = by_argmax(fns["sorted"])
+            # pairs visited: the transient orders' tile bits, and the kept order's gaps from its pass 1
+            kept = {"sorted": pairs_kept(ke.transient_order(x, params, a.k, diag, prec, center=center)[3], n_blocks),
+                    "sorted_argmax": pairs_kept(by_argmax(lambda: ke.transient_order(
+                        x, params, a.k, diag, prec, center=center))()[3], n_blocks)}
             gaps = torch.empty(triton.cdiv(n, ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
             ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order,
                            lzp=torch.empty(n, device=x.device), gaps=gaps)
             kept["kept_order"] = pairs_kept(gaps, n_blocks)
-            diff = {name: rel_err(fns[name]()[1:], dense) for name in ("sorted", "kept_order", "dense_nocopy")}
-            peak = {name: peak_extra(fns[name]) for name in ("sorted", "dense_nocopy", "kept_order")}
+            diff = {name: rel_err(fns[name]()[1:], dense)
+                    for name in ("sorted", "sorted_argmax", "kept_order", "dense_nocopy")}
+            peak = {name: peak_extra(fns[name]) for name in ("sorted", "sorted_argmax", "dense_nocopy", "kept_order")}
             peak.update({name: peak_extra(f) for name, f in fns.items() if name.startswith("sorted_chunks")})
             times = {name: [] for name in fns}
             for _ in range(a.rounds):

@@ -102,14 +102,19 @@ def run(args):
     # --skip-log2: each sparse configuration once per threshold of the sparse pass 2 (kernels' SKIP_LOG2)
     skips = [float(v) for v in args.skip_log2.split(",")] if args.skip_log2 else [None]
     configs = [c + (t,) for c in configs for t in (skips if c[3] else [None])]
+    # --sort-key: each sparse configuration once per transient-order key (kernels.estep.TRANSIENT_SORT_KEY)
+    sort_keys = args.sort_key.split(",") if args.sort_key else [None]
+    configs = [c + (sk,) for c in configs for sk in (sort_keys if c[3] else [None])]
     # --chunk: each configuration once per chunk size (None: the estimator's plan)
     chunks = [None if v.strip().lower() in ("none", "plan") else int(float(v)) for v in str(args.chunk).split(",")]
     configs = [c + (ch,) for c in configs for ch in chunks]
-    kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] else None
+    kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] or args.sort_key else None
     default_skips = dict(kestep.SKIP_LOG2) if kestep else None
-    for backend, cov, prec, sparse, graphs, look, skip, chunk in configs:
+    default_key = kestep.TRANSIENT_SORT_KEY if kestep else None
+    for backend, cov, prec, sparse, graphs, look, skip, sort_key, chunk in configs:
         if kestep:     # the module, not the estep() the package exports
             kestep.SKIP_LOG2 = default_skips if skip is None else dict.fromkeys(default_skips, skip)
+            kestep.TRANSIENT_SORT_KEY = sort_key or default_key
         if backend == "torch":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations
@@ -159,7 +164,7 @@ def run(args):
         em = [h["seconds"] for h in g.history_[1:]]  # the first iteration includes compilation
         km = [h["seconds"] for h in g.kmeans_history_[1:]]
         rows.append({"backend": backend, "covariance_type": cov, "precision": prec, "sparse_estep": sparse,
-                     "cuda_graphs": graphs, "lookahead": look, "skip_log2": skip,
+                     "cuda_graphs": graphs, "lookahead": look, "skip_log2": skip, "sort_key": sort_key,
                      "graph_replays": getattr(g, "graph_replays_", 0),
                      "n": args.n, "K": args.k, "d": args.d, "em_iter_ms": 1e3 * statistics.median(em),
                      # the mean includes the iterations that rebuild the row orders (sparse E-step)
@@ -196,6 +201,8 @@ def run(args):
         kind = "-" if r["backend"] == "torch" else ("sparse" if r["sparse_estep"] else "dense")
         if r["skip_log2"] is not None:
             kind += f" (2^-{r['skip_log2']:g})"
+        if r["sort_key"] is not None:
+            kind += f", sorted by {r['sort_key']}"
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
         lines.append(f"| {r['backend']} | {r['covariance_type']} | {r['precision']} | {kind} | {graphs} | "
                      f"{r['lookahead']} | "
@@ -255,6 +262,9 @@ def main():
     p.add_argument("--skip-log2", default=None,
                    help="comma list of sparse pass-2 thresholds (default kernels.estep.SKIP_LOG2, per precision): "
                         "each sparse configuration runs once per value, for every precision")
+    p.add_argument("--sort-key", default=None,
+                   help="comma list of transient row-order keys ('bits', 'argmax'; kernels.estep.TRANSIENT_SORT_KEY): "
+                        "each sparse configuration runs once per key (chunks without kept row orders)")
     p.add_argument("--lookahead", default="auto", choices=("auto", "ab"),
                    help="auto: the estimator's default (on for CUDA); ab: each configuration without, then with "
                         "lookahead (the next iteration issued before the host reads the last one's summary)")
