@@ -1379,7 +1379,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         freed at return; :data:`TRANSIENT_SORT_KEY`) and pass 2 visits the kept (tile, block) pairs of that order.
         Implies ``copy_rows=False`` (pass 2 gathers the float32 rows); not with ``order``. Same statistics as
         ``order`` up to summation order and dropped terms; ~50 bytes per row while pass 1 and the sort run (bits,
-        the sort, logZ and ||x||^2), then ~17 beside the partial sums (bench_ann/estep_memory.py). Sparse only for K <= 64 FLAG_K (4096) and ``skip_log2`` > 0, else dense
+        the sort, logZ and ||x||^2), then ~17 beside the partial sums (bench_ann/estep_memory.py). Sparse only
+        for K <= 64 FLAG_K (4096) and ``skip_log2`` > 0, else dense
 
     Returns
     -------

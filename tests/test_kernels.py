@@ -274,8 +274,8 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
     # estep(sort_rows=True): pass 1 in the rows' own (here random) order writes exact per-row block bits, the call
-    # sorts the rows (by their bit sets) and runs the sparse pass 2 on that transient order. Its statistics are the dense
-    # E-step's up to summation order (the dropped terms are < 2^-skip), its argmax is float64's, a coarse
+    # sorts the rows (by their bit sets) and runs the sparse pass 2 on that transient order. Its statistics are the
+    # dense E-step's up to summation order (the dropped terms are < 2^-skip), its argmax is float64's, a coarse
     # threshold really drops pairs, and reruns are bitwise identical
     x, means, var, lw = _clustered(12 * kestep.FLAG_ROWS + 11, 2 * kestep.FLAG_K + 5, 20, diag, seed=7)
     n, k = x.shape[0], means.shape[0]
