@@ -79,9 +79,14 @@ class TritonBackend:
     sort_rows : bool
         A chunk without a kept row order runs the sparse E-step on a transient order built inside the call (True,
         the default) or the dense E-step (False).
+    order_key : {"bits", "argmax"}
+        How kept row orders are sorted when they are (re)built: by (the best component's block, the rows' block
+        bits) ("bits", the default: a tile then mostly holds one bit set, so pass 2 visits fewer pairs) or by the
+        best component ("argmax", before v19). A class attribute, so that benchmarks can switch it.
     """
 
     fuses_centering = True
+    order_key = "bits"
 
     def __init__(self, precision: str = "tf32", sparse: bool = True):
         if precision not in PRECISIONS:
@@ -190,8 +195,10 @@ class TritonBackend:
             self._perm = ke.component_order(means)     # the transient orders group the components as kept ones do
         perm = self._perm if order is not None or transient else None
         params = self._params(means, var, log_weights, perm, x, center)
+        by_bits = build and self.order_key == "bits"
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
-                       copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient)
+                       copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient,
+                       return_row_bits=by_bits)
         self.order_stats["sparse_chunks" if order is not None else
                          "sorted_chunks" if transient else "dense_chunks"] += 1
         # a transient order is rebuilt identically in every iteration: it does not make the next one differ
@@ -201,7 +208,7 @@ class TritonBackend:
                 # permutation keeps the refreshes cheap (component_order is ~80 small launches, 1.6 ms on an H200)
                 self._perm = ke.component_order(means)
             # in place when the chunk has an order (after this chunk's E-step read it, in stream order)
-            self._orders[chunk] = ke.row_order(out[4], self._perm, out=order)
+            self._orders[chunk] = ke.row_order(out[4], self._perm, out=order, row_bits=out[5] if by_bits else None)
             self.order_stats["refreshes"] += not self._built     # iterations that (re)built orders
             self._built = True
             out = out[:4]

@@ -1178,18 +1178,32 @@ def _argsort_components(key, k=None):
     return torch.argsort(key.to(torch.int16) if k is not None and k <= 2**15 else key, stable=True)
 
 
-def row_order(best, comp_perm=None, out: RowOrder | None = None) -> RowOrder:
+def row_order(best, comp_perm=None, out: RowOrder | None = None, row_bits=None) -> RowOrder:
     """The :class:`RowOrder` that sorts rows by ``best`` (n,) (each row's most likely component, e.g. returned by
-    :func:`estep` with ``return_best=True``), in the kernel component order ``comp_perm`` when given. With ``out``
-    (an order of the same n rows) it is written into out's tensors, which keep their addresses (a CUDA graph that
-    reads them stays valid), and out is returned."""
+    :func:`estep` with ``return_best=True``), in the kernel component order ``comp_perm`` when given. With
+    ``row_bits`` (n,) int32 or int64 (each row's block bits, :func:`estep`'s ``return_row_bits``), the rows are
+    sorted by (the best component's FLAG_K-block, block bits) instead: a tile then mostly holds one bit set and
+    one best block, which pass 1 visits first (its running-maximum bits are tight), so pass 2's per-tile union
+    stays near the rows' own fraction (see ``TRANSIENT_SORT_KEY``). With ``out`` (an order of the same n rows) it
+    is written into out's tensors, which keep their addresses (a CUDA graph that reads them stays valid), and out
+    is returned. The hint is each position's best component either way."""
     key = best.long()
     if comp_perm is not None:
         rank = torch.empty_like(comp_perm)
         rank[comp_perm] = torch.arange(comp_perm.numel(), device=comp_perm.device)
         key = rank[key]
     key = key.int()
-    rows = _argsort_components(key, comp_perm.numel() if comp_perm is not None else None)
+    k = comp_perm.numel() if comp_perm is not None else None
+    if row_bits is not None:
+        if row_bits.shape != key.shape or row_bits.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"row_bits must be int32 or int64 of the shape of best {tuple(key.shape)}, got "
+                             f"{row_bits.dtype} {tuple(row_bits.shape)}")
+        # lexicographic (block, bits): a stable sort by bits, then a stable sort of that by block
+        by_bits = _argsort_bits(row_bits, triton.cdiv(k, FLAG_K) if k is not None else 64)
+        block = torch.div(key, FLAG_K, rounding_mode="floor")[by_bits]
+        rows = by_bits[_argsort_components(block, triton.cdiv(k, FLAG_K) if k is not None else None)]
+    else:
+        rows = _argsort_components(key, k)
     if out is not None:
         out.rows.copy_(rows)
         torch.index_select(key, 0, rows, out=out.hint)
@@ -1349,7 +1363,7 @@ def slab_layout(n: int, k: int, device, d: int = 128) -> tuple[int, int]:
 
 def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None, params=None, copy_rows=True,
           order: RowOrder | None = None, skip_log2: float | None = None, return_best: bool = False,
-          sort_rows: bool = False):
+          sort_rows: bool = False, return_row_bits: bool = False):
     """Fused E-step over one chunk; returns ``(log_norm, nk, sx, sq)`` as in ``_torch_backend.estep``.
 
     Parameters
@@ -1373,6 +1387,9 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         skipped, logits included: each dropped term is < 2^-skip_log2. Sparse only for K <= 64 FLAG_K (4096)
     return_best : bool; also return each row's most likely component (argmax of its responsibilities), the input
         of :func:`row_order` for the next E-step
+    return_row_bits : bool; also return each row's block bits (n,) int32 (int64 past 31 blocks of FLAG_K), bit b
+        set when block b's responsibilities reach 2^-skip_log2 (against the row's final maximum), the other input
+        of :func:`row_order`; not with ``sort_rows``
     sort_rows : bool; the sparse pass 2 without a kept order (for data too large to hold one, 8 bytes per row):
         pass 1 visits the rows in their own order and records each row's block bits against its final maximum
         (exact in any order); the rows are then sorted by those bit sets within this call (a transient order,
@@ -1385,7 +1402,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     Returns
     -------
     log_norm (n,), nk (K,), sx (K, D), sq (K,) or (K, D): float32, statistics in the centred frame, in the
-    caller's component order; then best (n,) int64 if ``return_best``
+    caller's component order; then best (n,) int64 if ``return_best``, then the row bits if ``return_row_bits``
     """
     n, d, k = _check_inputs(x, means, var, log_weights, precision, center)
     diag = var.ndim == 2
@@ -1395,6 +1412,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         raise ValueError(f"skip_log2 must be >= 0 (0 disables block skipping), got {skip_log2!r}")
     if sort_rows and order is not None:
         raise ValueError("sort_rows=True builds its own transient row order: pass order=None with it")
+    if sort_rows and return_row_bits:
+        raise ValueError("return_row_bits is for building kept row orders (row_order); not with sort_rows=True")
     sort_rows = bool(sort_rows) and skip > 0 and triton.cdiv(k, FLAG_K) <= 64
     copy_mode = mode in _COPY_MODES and bool(copy_rows) and not sort_rows
     if order is not None:
@@ -1431,8 +1450,10 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         best = best.long() if return_best else None
     else:
         gaps = torch.empty(triton.cdiv(n, FLAG_ROWS), dtype=torch.int64, device=dev) if sparse else None
+        row_bits = torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64,
+                               device=dev) if return_row_bits else None
         logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
-                                 copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip)
+                                 copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip, row_bits=row_bits)
     work, counts = _work_lists(gaps, n_blocks) if sparse else (logz, logz)
 
     slabs, slab_rows = slab_layout(n, k, dev, d)
@@ -1474,6 +1495,5 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                                HAS_PERM=perm is not None, BLOCK=block, S_BLOCK=s_block, num_warps=4)
     if perm is not None and return_best:
         best = perm[best]
-    if return_best:
-        return logz, nk, sx, sq, best
-    return logz, nk, sx, sq
+    out = (logz, nk, sx, sq) + ((best,) if return_best else ())
+    return out + (row_bits,) if return_row_bits else out

@@ -351,6 +351,11 @@ def test_transient_order_groups_equal_block_bits(poisoned, diag, monkeypatch):
     kestep.launch_logz(x, params, k, diag, "ieee", row_bits=bits)
     bits = bits.cpu().long()
     dense = kestep.estep(x, means, var, lw, precision="ieee", params=params, skip_log2=0)
+    # the same bits from an E-step that returns them (the input of a kept order, row_order's row_bits)
+    full = kestep.estep(x, means, var, lw, precision="ieee", params=params, return_best=True, return_row_bits=True)
+    assert len(full) == 6 and torch.equal(full[5].cpu().long(), bits)
+    with pytest.raises(ValueError, match="return_row_bits"):
+        kestep.estep(x, means, var, lw, precision="ieee", params=params, sort_rows=True, return_row_bits=True)
     for key in ("bits", "argmax"):
         monkeypatch.setattr(kestep, "TRANSIENT_SORT_KEY", key)
         logz, best, rows, gaps = kestep.transient_order(x, params, k, diag, "ieee")
@@ -416,6 +421,21 @@ def test_row_order_sorts_by_component_rank():
     again = kestep.row_order(best, perm, out=old)
     assert again is old and (old.rows.data_ptr(), old.hint.data_ptr()) == ptrs
     assert torch.equal(old.rows, order.rows) and torch.equal(old.hint, order.hint)
+    # with row bits: sorted by (block of the best component in the kernel order, bits), stable; the hint is still
+    # each position's best component (kernel order)
+    fk = kestep.FLAG_K
+    best = torch.tensor([5 * fk + 1, 1, fk, 2, 5 * fk, 3, fk + 2, 4], device=DEVICE)     # 6 blocks of fk
+    perm = torch.arange(6 * fk, device=DEVICE).flip(0)                                   # kernel rank = 6 fk - 1 - c
+    bits = torch.tensor([6, 3, 9, 3, 6, 1, 9, 3], dtype=torch.int32, device=DEVICE)
+    order = kestep.row_order(best, perm, row_bits=bits)
+    krank = 6 * fk - 1 - best.cpu()
+    got = [(int(krank[r]) // fk, int(bits[r]), r) for r in order.rows.cpu().tolist()]
+    assert got == sorted(got), got                     # (block, bits), then the row: stable
+    assert order.hint.cpu().tolist() == [int(krank[r]) for r in order.rows.cpu().tolist()]
+    again = kestep.row_order(best, perm, out=kestep.row_order(torch.zeros_like(best), perm), row_bits=bits.long())
+    assert torch.equal(again.rows, order.rows) and torch.equal(again.hint, order.hint)
+    with pytest.raises(ValueError, match="row_bits must be"):
+        kestep.row_order(best, perm, row_bits=bits[:-1])
     # a component order groups nearby means: two far-apart groups of 8 means stay in separate halves
     g = torch.Generator().manual_seed(0)
     means = torch.cat([torch.randn(8, 4, generator=g), 100 + torch.randn(8, 4, generator=g)])[
@@ -914,12 +934,15 @@ def test_gpu_odd_shapes_and_reproducible(d, diag):
 
 
 # ------------------------------------------------------------------------------------------ estimator on the kernels
-def test_estimator_sparse_estep_matches_dense(monkeypatch):
-    # GaussianMixture(backend="triton") keeps a row order per chunk (rebuilt every ORDER_REFRESH iterations) and
-    # runs the sparse E-step under it: the fit must equal the dense one (dropped terms < 2^-40), across chunks of
-    # unequal size, a refresh, and after the fit the orders are freed
+@pytest.mark.parametrize("order_key", ["bits", "argmax"])
+def test_estimator_sparse_estep_matches_dense(monkeypatch, order_key):
+    # GaussianMixture(backend="triton") keeps a row order per chunk (rebuilt every ORDER_REFRESH iterations, sorted
+    # by (best block, row bits) or by best component) and runs the sparse E-step under it: the fit must equal the
+    # dense one (dropped terms < 2^-40), across chunks of unequal size, a refresh, and after the fit the orders are
+    # freed
     from flashgmm_faiss import GaussianMixture
     from flashgmm_faiss import _triton_backend as tbe
+    monkeypatch.setattr(tbe.TritonBackend, "order_key", order_key)
     # 8 rows per component (K = 64 in the interpreter, 256 on a GPU: ~1 row per component made EM re-seed
     # degenerate components, and which ones re-seed is chaotic), chunks that end inside a row tile
     k = tbe.MIN_SPARSE_BLOCKS * kestep.FLAG_K
