@@ -9,7 +9,8 @@ times, interleaved over ``--rounds`` rounds on the same data and parameters (one
 * ``sorted``: the E-step with ``sort_rows=True`` (no row copy), whole problem and in chunks of ``--chunks`` rows;
 * ``sorted_argmax``: the same with the v15 transient order (rows sorted by most likely component instead of by
   block bit set, ``kernels.estep.TRANSIENT_SORT_KEY``);
-* ``kept_order``: the sparse E-step under a kept :class:`RowOrder` with the row copy (the default plan's E-step);
+* ``kept_order``: the sparse E-step under a kept :class:`RowOrder` with the row copy (the default plan's E-step),
+  sorted by most likely component; ``kept_order_bits``: the same order sorted by (best block, row bits);
 * ``dense_copy``: the dense E-step with the row copy;
 
 and reports the fraction of (tile, block) pairs each sparse form visits and the relative difference of its
@@ -81,8 +82,9 @@ def main(argv=None):
             diag = cov == "diag"
             params = kernels.prepare(means, var, lw, prec, float(kernels.absmax(x, center)), comp_perm=perm)
             kw = dict(precision=prec, center=center, params=params)
-            best = kernels.estep(x, means, var, lw, return_best=True, **kw)[4]
+            best, bits = kernels.estep(x, means, var, lw, return_best=True, return_row_bits=True, **kw)[4:]
             order = kernels.row_order(best, perm)
+            order_bits = kernels.row_order(best, perm, row_bits=bits)
             dense = [t.double() for t in kernels.estep(x, means, var, lw, skip_log2=0, **kw)[1:]]
 
             def chunked(rows):
@@ -94,6 +96,7 @@ def main(argv=None):
                 "dense_nocopy": lambda: kernels.estep(x, means, var, lw, copy_rows=False, **kw),
                 "dense_copy": lambda: kernels.estep(x, means, var, lw, **kw),
                 "kept_order": lambda: kernels.estep(x, means, var, lw, order=order, **kw),
+                "kept_order_bits": lambda: kernels.estep(x, means, var, lw, order=order_bits, **kw),
                 "sorted": lambda: kernels.estep(x, means, var, lw, sort_rows=True, **kw),
             }
             for rows in chunks:
@@ -116,8 +119,11 @@ def main(argv=None):
             ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order,
                            lzp=torch.empty(n, device=x.device), gaps=gaps)
             kept["kept_order"] = pairs_kept(gaps, n_blocks)
+            ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order_bits,
+                           lzp=torch.empty(n, device=x.device), gaps=gaps)
+            kept["kept_order_bits"] = pairs_kept(gaps, n_blocks)
             diff = {name: rel_err(fns[name]()[1:], dense)
-                    for name in ("sorted", "sorted_argmax", "kept_order", "dense_nocopy")}
+                    for name in ("sorted", "sorted_argmax", "kept_order", "kept_order_bits", "dense_nocopy")}
             peak = {name: peak_extra(fns[name]) for name in ("sorted", "sorted_argmax", "dense_nocopy", "kept_order")}
             peak.update({name: peak_extra(f) for name, f in fns.items() if name.startswith("sorted_chunks")})
             times = {name: [] for name in fns}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from flashgmm_faiss import GaussianMixture
+from flashgmm_faiss._triton_backend import TritonBackend
 
 
 GENERATE_ROWS = 1 << 24   # sift_like draws larger data sets in pieces of this many rows (no 2 n d temporaries)
@@ -111,10 +112,12 @@ def run(args):
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] or args.sort_key else None
     default_skips = dict(kestep.SKIP_LOG2) if kestep else None
     default_key = kestep.TRANSIENT_SORT_KEY if kestep else None
+    default_order_key = TritonBackend.order_key
     for backend, cov, prec, sparse, graphs, look, skip, sort_key, chunk in configs:
         if kestep:     # the module, not the estep() the package exports
             kestep.SKIP_LOG2 = default_skips if skip is None else dict.fromkeys(default_skips, skip)
             kestep.TRANSIENT_SORT_KEY = sort_key or default_key
+            TritonBackend.order_key = sort_key or default_order_key      # kept orders: the same key
         if backend == "torch":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         with warnings.catch_warnings():   # warm-up on X: compilation, autotuning, integer specialisations
@@ -263,8 +266,9 @@ def main():
                    help="comma list of sparse pass-2 thresholds (default kernels.estep.SKIP_LOG2, per precision): "
                         "each sparse configuration runs once per value, for every precision")
     p.add_argument("--sort-key", default=None,
-                   help="comma list of transient row-order keys ('bits', 'argmax'; kernels.estep.TRANSIENT_SORT_KEY): "
-                        "each sparse configuration runs once per key (chunks without kept row orders)")
+                   help="comma list of row-order keys ('bits', 'argmax'; kernels.estep.TRANSIENT_SORT_KEY for "
+                        "transient orders, TritonBackend.order_key for kept ones): each sparse configuration runs "
+                        "once per key")
     p.add_argument("--lookahead", default="auto", choices=("auto", "ab"),
                    help="auto: the estimator's default (on for CUDA); ab: each configuration without, then with "
                         "lookahead (the next iteration issued before the host reads the last one's summary)")
