@@ -235,3 +235,29 @@ def test_kmeans_warm_start_graph_replay_is_bitwise_the_eager_one():
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     # k-means: iterations 2..6 replayed (the 2nd right after its capture); EM (sparse, K=256): the 4th
     assert a.graph_replays_ == 5 + 1 and b.graph_replays_ == 0
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_working_memory_peak_stays_within_the_budget(cov):
+    # the memory plan's per-row constants are upper estimates of measured allocations (bench_ann/estep_memory.py):
+    # a fit of K=1024, D=128 in working_memory=64 with a transient row order per chunk (several chunks, no kept
+    # orders) must allocate at most 64 MiB beyond X, k-means warm start and CUDA graphs included
+    from bench_ann.bench_fit import sift_like as sift_like_gpu
+    X = sift_like_gpu(2_500_000, 128, 2000, seed=3)
+    kw = dict(covariance_type=cov, kmeans_iter=2, max_iter=3, tol=0.0, backend="triton", device="cuda", seed=0,
+              working_memory=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        GaussianMixture(1024, **{**kw, "max_iter": 1, "kmeans_iter": 1}).fit(X[:1_600_000])   # compile, autotune
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        g = GaussianMixture(1024, **kw).fit(X)
+        torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    plan = g._plan(X, len(X), torch.device("cuda"), 128)
+    assert plan.order_bytes == 0 and not plan.copy_rows and plan.rows < len(X) // 2
+    assert g._impl.order_stats["sorted_chunks"] > 0 and g._impl.order_stats["sparse_chunks"] == 0
+    assert peak <= 64, f"peak {peak:.1f} MiB beyond X for working_memory=64"
+    assert np.isfinite(g.lower_bound_)
