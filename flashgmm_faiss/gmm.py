@@ -156,7 +156,9 @@ class GaussianMixture:
         hides it otherwise; bench_ann/results/cuda_graphs). Chunks past the orders' memory (``working_memory``)
         sort their rows inside each E-step instead (a transient order): N=1e8, K=1024, D=128 in 64 MiB, H100, EM
         iteration 349 -> 208 ms spherical, 633 -> 421 ms diag against the dense E-step at the same budget
-        (bench_ann/results/v15_transient_orders).
+        (bench_ann/results/v15_transient_orders); 142 ms and 319 ms since the plan sizes chunks per E-step phase
+        and the orders group rows by their block bit sets (v17, v18). Kept orders sort rows by (best block, block
+        bits): 1.22 ms per spherical EM iteration at N=1e6 (v19).
         False: always the dense E-step.
     cuda_graphs : bool, default=True
         Triton backend with X on the CUDA device (a float32 tensor there, or host data that ``data_on_device``
