@@ -12,17 +12,18 @@ implementation, run on pieces of the chunk whose (rows, K) matrices hold at most
 
 Sparse E-step during a fit: ``GaussianMixture.fit`` calls :meth:`TritonBackend.begin_em_iteration` before each EM
 iteration and :meth:`TritonBackend.fit_estep` with the chunk's first row as its key. The backend keeps one
-:class:`kernels.RowOrder` per chunk (8 bytes per row: rows sorted by their most likely component's block, then
-by their block bits, see ``order_key``) and one component permutation (:func:`kernels.component_order`, computed
-once per fit); the orders are rebuilt every ``ORDER_REFRESH`` iterations from an E-step that also returns each
-row's most likely component and block bits, and a rebuilt order is copied into its chunk's existing buffers
-(the order tensors keep their addresses for the whole fit, so that an EM iteration can be replayed as a CUDA graph,
-see :meth:`TritonBackend.graph_key`). Under an order the E-step skips the (row tile, component block) pairs
-whose responsibilities pass 1 bounds below 2^-24 ("tf32", "bf16") or 2^-40 ("ieee", "bf16x3")
-(``kernels/estep.py``, ``SKIP_LOG2``): the statistics are those of the dense E-step up to those terms; a stale order only costs speed. A chunk that gets no kept order (the fit's memory
-plan leaves no room for 8 bytes per row, e.g. N=1e8 in 64 MiB) sorts its rows inside each E-step instead
-(``kernels.estep``'s ``sort_rows``: a transient order sorted by block bit sets, ~50 bytes per row of the chunk
-while it runs), unless ``TritonBackend.sort_rows`` is False (then it runs the dense E-step).
+:class:`kernels.RowOrder` per chunk (8 bytes per row: rows sorted by their most likely component's block, then by
+their block bits, see ``order_key``) and one component permutation (:func:`kernels.component_order`, computed once
+per fit); the orders are rebuilt every ``ORDER_REFRESH`` iterations from an E-step that also returns each row's most
+likely component and block bits, and a rebuilt order is copied into its chunk's existing buffers (the order tensors
+keep their addresses for the whole fit, so that an EM iteration can be replayed as a CUDA graph, see
+:meth:`TritonBackend.graph_key`). Under an order the E-step skips the (row tile, component block) pairs whose
+responsibilities pass 1 bounds below 2^-24 ("tf32", "bf16") or 2^-40 ("ieee", "bf16x3") (``kernels/estep.py``,
+``SKIP_LOG2``): the statistics are those of the dense E-step up to those terms; a stale order only costs speed. A
+chunk that gets no kept order (the fit's memory plan leaves no room for 8 bytes per row, e.g. N=1e8 in 64 MiB) sorts
+its rows inside each E-step instead (``kernels.estep``'s ``sort_rows``: a transient order sorted by block bit sets,
+~50 bytes per row of the chunk while it runs), unless ``TritonBackend.sort_rows`` is False (then it runs the dense
+E-step).
 """
 from __future__ import annotations
 
