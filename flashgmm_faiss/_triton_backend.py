@@ -196,6 +196,8 @@ class TritonBackend:
             self._perm = ke.component_order(means)     # the transient orders group the components as kept ones do
         perm = self._perm if order is not None or transient else None
         params = self._params(means, var, log_weights, perm, x, center)
+        if self.order_key not in ("bits", "argmax"):
+            raise ValueError(f"TritonBackend.order_key must be 'bits' or 'argmax', got {self.order_key!r}")
         by_bits = build and self.order_key == "bits"
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
                        copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient,

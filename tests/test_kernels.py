@@ -978,6 +978,9 @@ def test_estimator_sparse_estep_matches_dense(monkeypatch, order_key):
         assert_close(name, torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name)), 1e-5)
     assert a.lower_bound_ == pytest.approx(b.lower_bound_, rel=1e-6)
     assert [h["n_reseeded"] for h in a.history_] == [h["n_reseeded"] for h in b.history_]
+    monkeypatch.setattr(tbe.TritonBackend, "order_key", "block")
+    with pytest.raises(ValueError, match="order_key"):
+        GaussianMixture(k, **{**kw, "max_iter": 1}).fit(x)
 
 
 def test_estimator_lookahead_on_the_kernels_gives_the_same_fit(monkeypatch):
