@@ -384,6 +384,23 @@ def test_transient_order_groups_equal_block_bits(poisoned, diag, monkeypatch):
         kestep.transient_order(x, params, k, diag, "ieee")
 
 
+def test_kept_order_from_int64_row_bits(poisoned):
+    # past 31 blocks the row bits are int64 (bit 31 and above set): an E-step under a kept order built from them
+    # (row_order's row_bits: two stable sorts, no packed key) gives the dense statistics, and the order is
+    # lexicographic in (best block, bits)
+    fk = kestep.FLAG_K
+    x, means, var, lw = _clustered(34 * fk + 5, 33 * fk, 4, False, seed=11)    # means near rows: every block used
+    dense = kestep.estep(x, means, var, lw, precision="ieee", skip_log2=0)
+    *_, best, bits = kestep.estep(x, means, var, lw, precision="ieee", return_best=True, return_row_bits=True)
+    assert bits.dtype == torch.int64 and bool((bits.cpu() >> 31).any())
+    order = kestep.row_order(best, row_bits=bits)
+    key = [(int(best[r]) // fk, int(bits[r]), r) for r in order.rows.cpu().tolist()]
+    assert key == sorted(key)
+    got = kestep.estep(x, means, var, lw, precision="ieee", order=order)
+    for name, a, g in zip(("log_norm", "nk", "sx", "sq"), dense, got):
+        assert_close(f"int64 bits {name}", g, a, 5e-5)
+
+
 def test_sparse_threshold_defaults_per_precision():
     # "tf32" and "bf16" drop terms below 2^-24 by default (fp32's unit roundoff), "ieee" and "bf16x3" below 2^-40:
     # the default gives exactly the explicit threshold's statistics (both passes use it), and every component's Nk
