@@ -116,12 +116,10 @@ def main(argv=None):
                     "sorted_argmax": pairs_kept(by_argmax(lambda: ke.transient_order(
                         x, params, a.k, diag, prec, center=center))()[3], n_blocks)}
             gaps = torch.empty(triton.cdiv(n, ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
-            ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order,
-                           lzp=torch.empty(n, device=x.device), gaps=gaps)
-            kept["kept_order"] = pairs_kept(gaps, n_blocks)
-            ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order_bits,
-                           lzp=torch.empty(n, device=x.device), gaps=gaps)
-            kept["kept_order_bits"] = pairs_kept(gaps, n_blocks)
+            for name, o in (("kept_order", order), ("kept_order_bits", order_bits)):
+                ke.launch_logz(x, params, a.k, diag, prec, center=center, order=o,
+                               lzp=torch.empty(n, device=x.device), gaps=gaps)
+                kept[name] = pairs_kept(gaps, n_blocks)
             diff = {name: rel_err(fns[name]()[1:], dense)
                     for name in ("sorted", "sorted_argmax", "kept_order", "kept_order_bits", "dense_nocopy")}
             peak = {name: peak_extra(fns[name]) for name in ("sorted", "sorted_argmax", "dense_nocopy", "kept_order")}

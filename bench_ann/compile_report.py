@@ -115,7 +115,9 @@ def main(argv=None):
     rows = []
     for which in args.which or [1, 2]:
         if which == 1:
-            named = dict(common, K=args.k, WITH_ARGMAX=args.sparse or sort_rows, WRITE_X2=True,
+            # the transient order's pass 1 computes the argmax only for the argmax sort key (TRANSIENT_SORT_KEY)
+            argmax = args.sparse or (sort_rows and es.TRANSIENT_SORT_KEY == "argmax")
+            named = dict(common, K=args.k, WITH_ARGMAX=argmax, WRITE_X2=True,
                          WRITE_COPY=not sort_rows, PIPE=bool(es.PIPELINE_LOGZ), HAS_ORDER=args.sparse,
                          WRITE_GAPS=args.sparse, SKIP=float(es.SKIP_LOG2[args.precision]), ROW_BITS=sort_rows,
                          NB_PAD=max(2, triton.next_power_of_2(n_blocks)) if sort_rows else 1)

@@ -30,10 +30,10 @@ ROW_ORDER_BYTES = 1 << 30        # default bound of the row orders (sparse E-ste
 PARTIAL_BYTES = 16 << 20         # kernels.estep.PARTIAL_BYTES (not imported: that module needs Triton)
 # Triton backend, bytes per row of a chunk without the operand copy. E-step: logZ and ||x||^2 (4 each) and margin;
 # with row orders also pass 1's logZ in the order (4), the argmax and the row bits for the next order (8 + 4) and
-# that order's two stable sorts (bits, then block: ~32). k-means step: labels (8), distances (4), int32 labels, their sorted copy and the permutation (16), the
-# sort's scratch (~16) and margin: the k-means warm start runs on sub-chunks of ``ChunkPlan.kmeans_rows`` rows,
-# so that its larger per-row buffers do not shrink the E-step's chunks (N=1e8 spherical on an H100 in 64 MiB:
-# 445k-row chunks took 0.36 s per EM iteration, 2^20-row ones 0.28 s)
+# that order's two stable sorts (bits, then block: ~32). k-means step: labels (8), distances (4), int32 labels,
+# their sorted copy and the permutation (16), the sort's scratch (~16) and margin: the k-means warm start runs on
+# sub-chunks of ``ChunkPlan.kmeans_rows`` rows, so that its larger per-row buffers do not shrink the E-step's chunks
+# (N=1e8 spherical on an H100 in 64 MiB: 445k-row chunks took 0.36 s per EM iteration, 2^20-row ones 0.28 s)
 ESTEP_ROW_BYTES = 16
 ORDER_ROW_BYTES = 48
 # the E-step on a transient row order (kernels.estep's sort_rows, when the fit keeps no orders) runs in two phases

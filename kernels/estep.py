@@ -1199,9 +1199,10 @@ def row_order(best, comp_perm=None, out: RowOrder | None = None, row_bits=None) 
             raise ValueError(f"row_bits must be int32 or int64 of the shape of best {tuple(key.shape)}, got "
                              f"{row_bits.dtype} {tuple(row_bits.shape)}")
         # lexicographic (block, bits): a stable sort by bits, then a stable sort of that by block
-        by_bits = _argsort_bits(row_bits, triton.cdiv(k, FLAG_K) if k is not None else 64)
+        n_blocks = triton.cdiv(k, FLAG_K) if k is not None else None      # None: unknown, wide keys
+        by_bits = _argsort_bits(row_bits, 64 if n_blocks is None else n_blocks)
         block = torch.div(key, FLAG_K, rounding_mode="floor")[by_bits]
-        rows = by_bits[_argsort_components(block, triton.cdiv(k, FLAG_K) if k is not None else None)]
+        rows = by_bits[_argsort_components(block, n_blocks)]
     else:
         rows = _argsort_components(key, k)
     if out is not None:
@@ -1321,6 +1322,11 @@ def tile_bits(row_bits, rows):
     return gaps
 
 
+def _row_bits_buffer(n, n_blocks, device):
+    """Per-row block bits (n,): int32 for at most 31 blocks (bit 31 stays clear), int64 up to 64."""
+    return torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=device)
+
+
 def _argsort_bits(row_bits, n_blocks):
     """Stable argsort (int64) that groups equal block bit sets ``row_bits`` (n,) int32 or int64: 16-bit keys for
     at most 16 blocks (the narrowing wraps bit 15, a bijection, so equal sets stay adjacent)."""
@@ -1338,7 +1344,7 @@ def transient_order(x, params: Params, k, diag, precision, center=None, x2=None,
         raise ValueError(f"TRANSIENT_SORT_KEY must be 'bits' or 'argmax', got {TRANSIENT_SORT_KEY!r}")
     n = x.shape[0]
     n_blocks = triton.cdiv(k, FLAG_K)
-    row_bits = torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=x.device)
+    row_bits = _row_bits_buffer(n, n_blocks, x.device)
     by_bits = TRANSIENT_SORT_KEY == "bits"
     with_best = with_best or not by_bits
     best = torch.empty(n, dtype=torch.int32, device=x.device) if with_best else None
@@ -1450,8 +1456,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         best = best.long() if return_best else None
     else:
         gaps = torch.empty(triton.cdiv(n, FLAG_ROWS), dtype=torch.int64, device=dev) if sparse else None
-        row_bits = torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64,
-                               device=dev) if return_row_bits else None
+        row_bits = _row_bits_buffer(n, n_blocks, dev) if return_row_bits else None
         logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
                                  copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip, row_bits=row_bits)
     work, counts = _work_lists(gaps, n_blocks) if sparse else (logz, logz)
