@@ -10,10 +10,11 @@ Times, interleaved over ``--rounds`` rounds in one process, on the kernel benchm
 for each variant in ``VARIANTS`` (a dict of module attributes to set), and the statistics' relative difference
 from the dense E-step and the largest |logZ| difference from ``base``. Writes ``ab_diag_pass1.json``.
 
-v20 variants: ``base`` (the shipped pass 1) and ``no_alo`` (``DIAG_NO_ALO_LOAD``: a DIAGNOSTIC that reads A in
-place of A's second fp16 term, so one parameter tile less per block and WRONG logits; it asks whether pass 1 is
-bound by the parameters' L2 traffic). The v20 FUSE4 run (one fused product per block) used this script with
-``fuse4`` variants whose kernel code was not kept (NOTES.md v20).
+Variants now: ``base`` and ``no_pipeline`` (``PIPELINE_LOGZ = False``). A variant naming a switch the module lacks
+is an error. v20 ran ``base`` against ``no_alo`` (``DIAG_NO_ALO_LOAD``: a DIAGNOSTIC that read A in place of A's
+second fp16 term, one parameter tile less per block and WRONG logits, to ask whether pass 1 is bound by the
+parameters' L2 traffic; removed after the run), and earlier against ``fuse4`` variants (one fused product per
+block) whose kernel code was not kept (NOTES.md v20).
 
     python -m bench_ann.ab_diag_pass1 --fit-state --out DIR
 """
@@ -29,7 +30,8 @@ import torch
 from bench_ann.ab_threshold import add_fit_state_args, fit_state
 from bench_ann.bench_kernels import ab_problem, add_shape_args, add_timing_args, autotuned_configs, bench, rel_err
 
-VARIANTS = {"base": {}, "no_alo": {"DIAG_NO_ALO_LOAD": True}}
+# the v20 run used {"base": {}, "no_alo": {"DIAG_NO_ALO_LOAD": True}} (commit "v20 diagnostic"; the switch is gone)
+VARIANTS = {"base": {}, "no_pipeline": {"PIPELINE_LOGZ": False}}
 
 
 def main(argv=None):
@@ -48,6 +50,11 @@ def main(argv=None):
     problems = {"bench_kernels": (x, None, means, var_diag, lw)}
     if a.fit_state:
         problems["fit_state_diag"] = fit_state(a.n, a.k, a.d, a.em_iter, "diag")
+    for name, switches in VARIANTS.items():
+        missing = [key for key in switches if not hasattr(ke, key)]
+        if missing:
+            raise SystemExit(f"variant {name!r}: kernels.estep has no switch {missing}")
+
     def variant(name, f):
         def g():
             saved = {key: getattr(ke, key) for key in VARIANTS[name]}

@@ -145,7 +145,6 @@ DIAG_SPLIT_A = True
 # SIFT-like rows, K=1024, float64): tile pairs kept 18.8 % -> 9.7 % spherical, 8.1 % -> 6.7 % diag (rows alone:
 # 7.6 % and 6.3 %). A module switch (read at each call) for A/B runs.
 TRANSIENT_SORT_KEY = "bits"
-DIAG_NO_ALO_LOAD = False     # v20 diagnostic only: WRONG logits (A_lo read as A), one parameter tile less
 
 
 def _interpret() -> bool:
@@ -297,7 +296,7 @@ def _component_logits(
     BIAS2, COEF2, CST,
     offs_k, mask_k, offs_d, mask_d,
     D: tl.constexpr, DIAG: tl.constexpr, MODE: tl.constexpr, EMU: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_A: tl.constexpr, NO_ALO: tl.constexpr = False,
+    SPLIT_A: tl.constexpr,
 ):
     """Base-2 logits s = l * log2(e) (BM, BK) and distances (BM, BK, in the accumulator's units) of a row tile
     against one component block. Components k >= K get bias -inf, hence s = -inf and 2^(s - logZ2) = 0."""
@@ -328,9 +327,7 @@ def _component_logits(
     else:
         acc = x2[:, None] + cst[None, :]
     a_t = tl.load(A + t_ptrs, mask=t_mask, other=0.0)
-    if NO_ALO:
-        a_lo_t = a_t
-    elif MODE == 3 or SPLIT_A:
+    if MODE == 3 or SPLIT_A:
         a_lo_t = tl.load(A_LO + t_ptrs, mask=t_mask, other=0.0)
     else:
         a_lo_t = a_t
@@ -472,7 +469,7 @@ def _bit_or(a, b):
 
 
 @triton.autotune(configs=_row_configs(), key=["K", "D", "DIAG", "MODE", "PIPE", "HAS_ORDER", "WRITE_GAPS", "SKIP",
-                                              "SPLIT_A", "ROW_BITS", "NO_ALO"],
+                                              "SPLIT_A", "ROW_BITS"],
                  prune_configs_by={"early_config_prune": _prune_row})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -487,7 +484,7 @@ def _logz_kernel(
     WITH_ARGMAX: tl.constexpr, WRITE_X2: tl.constexpr, WRITE_COPY: tl.constexpr, MODE: tl.constexpr,
     EMU: tl.constexpr, PIPE: tl.constexpr, HAS_ORDER: tl.constexpr, WRITE_GAPS: tl.constexpr, SKIP: tl.constexpr,
     SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, ROW_BITS: tl.constexpr, NB_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NO_ALO: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # SPLIT_A (diag "tf32"): A enters the logits as two fp16 terms (DIAG_SPLIT_A).
     # Position m processes row ROWS[m] (HAS_ORDER) or row m. Outputs indexed by row (LOGZ, BEST) are written at the
@@ -531,14 +528,14 @@ def _logz_kernel(
         offs_k = k_prev + tl.arange(0, BLOCK_K)
         s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                       offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                      SPLIT_A, NO_ALO)
+                                      SPLIT_A)
         for j in range(1, num_kb):
             s = s_nxt
             k0 = ((b0 + j) % num_kb) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s_nxt, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                           offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                          SPLIT_A, NO_ALO)
+                                          SPLIT_A)
             m_i, l_i, best, bits, bmax = _lse_update(s, k_prev, m_i, l_i, best, bits, bmax, WITH_ARGMAX,
                                                      WRITE_GAPS, ROW_BITS, SKIP, BLOCK_K, NB_PAD)
             k_prev = k0
@@ -550,7 +547,7 @@ def _logz_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             s, _d = _component_logits(xh, xl, qh, ql, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
                                       offs_k, offs_k < K, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K,
-                                      SPLIT_A, NO_ALO)
+                                      SPLIT_A)
             m_i, l_i, best, bits, bmax = _lse_update(s, k0, m_i, l_i, best, bits, bmax, WITH_ARGMAX, WRITE_GAPS,
                                                      ROW_BITS, SKIP, BLOCK_K, NB_PAD)
     logz = (m_i + tl.log2(l_i)) * LN2
@@ -1271,8 +1268,7 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
                        EMU=_interpret(), PIPE=bool(PIPELINE_LOGZ), HAS_ORDER=order is not None,
                        WRITE_GAPS=gaps is not None, SKIP=float(skip), SPLIT_A=_split_a(mode, diag),
                        FLAG_ROWS=FLAG_ROWS, ROW_BITS=row_bits is not None,
-                       NB_PAD=max(2, triton.next_power_of_2(n_blocks)) if row_bits is not None else 1,
-                       NO_ALO=bool(DIAG_NO_ALO_LOAD) and diag and _split_a(mode, diag))
+                       NB_PAD=max(2, triton.next_power_of_2(n_blocks)) if row_bits is not None else 1)
     return logz, (best if with_argmax else None)
 
 
