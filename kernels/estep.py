@@ -1135,8 +1135,8 @@ def prepare_reference(means, var, log_weights, precision, x_bound=None, comp_per
 
 def _check_perm(perm, size, device, name):
     if not isinstance(perm, torch.Tensor) or perm.dtype not in (torch.int32, torch.int64) or perm.shape != (size,):
-        raise ValueError(f"{name} must be an integer tensor of shape ({size},), a permutation "
-                         f"(got {type(perm).__name__} {getattr(perm, 'dtype', '')} {tuple(getattr(perm, 'shape', ()))})")
+        got = f"{type(perm).__name__} {getattr(perm, 'dtype', '')} {tuple(getattr(perm, 'shape', ()))}"
+        raise ValueError(f"{name} must be an integer tensor of shape ({size},), a permutation (got {got})")
     if perm.device != device:
         raise ValueError(f"{name} is on {perm.device} but the data are on {device}")
     return perm.long()
