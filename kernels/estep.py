@@ -145,6 +145,12 @@ DIAG_SPLIT_A = True
 # SIFT-like rows, K=1024, float64): tile pairs kept 18.8 % -> 9.7 % spherical, 8.1 % -> 6.7 % diag (rows alone:
 # 7.6 % and 6.3 %). A module switch (read at each call) for A/B runs.
 TRANSIENT_SORT_KEY = "bits"
+# The diag "tf32" pass 1 of transient orders (no argmax) as a Gluon kernel on Hopper GPUs (kernels/logz_gluon.py:
+# asynchronous wgmma with one wait per component block, parameter tiles through a TMA ring), bit for bit the same
+# logZ and bits as _logz_kernel. H100, N=1e6, K=1024, D=128: pass 1 2.37 -> 2.08-2.20 ms, sorted E-step 3.41 ->
+# 3.28-3.34 ms; the N=1e8 diag fit in 64 MiB 321.6 -> 295.3 ms per EM iteration (same process; NOTES.md v21).
+# A module switch (read at each call) for A/B runs; the Triton kernel runs everywhere else.
+GLUON_PASS1 = True
 
 
 def _interpret() -> bool:
@@ -1348,6 +1354,14 @@ def transient_order(x, params: Params, k, diag, precision, center=None, x2=None,
     by_bits = TRANSIENT_SORT_KEY == "bits"
     with_best = with_best or not by_bits
     best = torch.empty(n, dtype=torch.int32, device=x.device) if with_best else None
+    if GLUON_PASS1 and not with_best and not _interpret() and diag and precision == "tf32":
+        from . import logz_gluon
+        if logz_gluon.supported(x, k, x.shape[1]):
+            x2 = torch.empty(n, dtype=torch.float32, device=x.device) if x2 is None else x2
+            skip = SKIP_LOG2[precision] if skip is None else skip
+            logz = logz_gluon.launch_diag_logz(x, params, k, center, skip, row_bits, x2)
+            rows = _argsort_bits(row_bits, n_blocks).int()
+            return logz, best, rows, tile_bits(row_bits, rows)
     logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=with_best, x2=x2, center=center, skip=skip,
                           best=best, row_bits=row_bits)
     rows = (_argsort_bits(row_bits, n_blocks) if by_bits else _argsort_components(best, k)).int()

@@ -950,6 +950,48 @@ def test_gpu_odd_shapes_and_reproducible(d, diag):
     assert (counts >= 1).all() and (counts <= 8).all() and int(counts.sum()) == lists.numel()
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(1 << 18, 1024), (100_003, 1000)], ids=["K1024", "K1000-odd-n"])
+def test_gpu_gluon_diag_pass1_matches_triton_kernel(n, k):
+    # the Gluon diag "tf32" pass 1 of transient orders (kernels.logz_gluon, Hopper only): logZ, ||x~||^2 and the
+    # block bits equal the Triton kernel's bit for bit (same operands, products in the same order, same
+    # log-sum-exp), logZ is within the tf32 bound of float64, a K that is not a multiple of the block (TMA's zero
+    # fill past K) and a ragged last row tile included; the sorted E-step is bitwise the same with and without it
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon pass 1 is for Hopper GPUs (sm_90)")
+    lg = importlib.import_module("flashgmm_faiss.kernels.logz_gluon")
+    x = _sift_like(n, 128, k, seed=3)
+    center = x.double().mean(0).float()
+    xc = (x - center).contiguous()
+    means, var, lw = _fit_params(xc, k, True, seed=4)
+    assert lg.supported(x, k, 128) and not lg.supported(x.cpu(), k, 128)
+    params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x, center))
+    skip = kestep.SKIP_LOG2["tf32"]
+    n_blocks = -(-k // kestep.FLAG_K)
+    bits_t = kestep._row_bits_buffer(n, n_blocks, x.device)
+    x2_t = torch.empty(n, device=x.device)
+    logz_t, _ = kestep.launch_logz(x, params, k, True, "tf32", center=center, x2=x2_t, row_bits=bits_t, skip=skip)
+    bits_g = torch.full_like(bits_t, -1)                              # poisoned outputs
+    x2_g = torch.full_like(x2_t, float("nan"))
+    logz_g = torch.full_like(logz_t, float("nan"))
+    lg.launch_diag_logz(x, params, k, center, skip, bits_g, x2_g, logz=logz_g)
+    assert torch.equal(logz_g, logz_t)
+    assert torch.equal(bits_g, bits_t)
+    assert torch.equal(x2_g, x2_t)
+    assert_close("gluon pass 1 log_norm", logz_g, _ref_estep_chunked(xc, means, var, lw)[0], 1e-3)
+    saved = kestep.GLUON_PASS1
+    try:
+        runs = []
+        for flag in (False, True):
+            kestep.GLUON_PASS1 = flag
+            runs.append(kestep.estep(x, means, var, lw, precision="tf32", center=center, sort_rows=True))
+    finally:
+        kestep.GLUON_PASS1 = saved
+    for name, a, b in zip(("log_norm", "nk", "sx", "sq"), *runs):
+        assert torch.equal(a, b), f"sorted E-step {name} differs with the Gluon pass 1"
+
+
 # ------------------------------------------------------------------------------------------ estimator on the kernels
 @pytest.mark.parametrize("order_key", ["bits", "argmax"])
 def test_estimator_sparse_estep_matches_dense(monkeypatch, order_key):

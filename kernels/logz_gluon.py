@@ -1,0 +1,193 @@
+"""Diag "tf32" pass 1 as a Gluon kernel for Hopper (sm_90): explicit asynchronous wgmma and a TMA ring.
+
+The Triton pass 1 (:func:`kernels.estep._logz_kernel`) computes four fp16 products per (row tile, component
+block) for diag "tf32" logits, ``ql . P + qh . P + xh . A_lo + xh . A`` (the squares and A each as two fp16
+terms). Triton 3.6 waits for each product's tensor-core group before issuing the next (``wgmma.wait_group 0``
+after every product), so the tensor cores and the exponentials of a warpgroup never overlap. Here the four
+products of block j + 1 are issued asynchronously before the log-sum-exp of block j, with one wait per block at
+the end of the iteration; the row operands are the wgmma A operand in registers (``A_REG``; or in shared memory)
+and the parameter tiles arrive through a TMA ring with one mbarrier per stage. H100: pass 1 -9 to -12 %
+(bench_ann/results/v21_gluon_pass1).
+
+Scope: the transient-order form of pass 1 only (``launch_logz(..., row_bits=...)`` without a row order, argmax,
+gaps or operand copy): per row logZ, ||x~||^2 and the exact block bits. Same operands, same products in the same
+order and the same log-sum-exp as the Triton kernel, which stays the reference (and the only form that runs
+under ``TRITON_INTERPRET=1``: Gluon kernels do not).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+_LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, stage, cst, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                 mma: gl.constexpr):
+    """Issues (asynchronously) the four fp16 products of one component block, accumulated onto its constant
+    ``cst`` (BLOCK_K,): cst + ql . P + qh . P + xh . A_lo + xh . A, (BLOCK_M, BLOCK_K) fp32 in the wgmma layout."""
+    acc = gl.zeros([BLOCK_M, BLOCK_K], gl.float32, mma) + cst[None, :]
+    at = a_s.index(stage).permute((1, 0))
+    alot = alo_s.index(stage).permute((1, 0))
+    pt = p_s.index(stage).permute((1, 0))
+    acc = warpgroup_mma(ql_s, pt, acc, is_async=True)
+    acc = warpgroup_mma(qh_s, pt, acc, is_async=True)
+    acc = warpgroup_mma(xh_s, alot, acc, is_async=True)
+    acc = warpgroup_mma(xh_s, at, acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _block_cst(CST, k0, K, BLOCK_K: gl.constexpr, mma: gl.constexpr):
+    """One block's accumulator constants (BLOCK_K,)."""
+    offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+    return gl.load(CST + offs_k, mask=offs_k < K, other=0.0)
+
+
+@gluon.jit
+def _block_bias(BIAS2, COEF2, k0, K, BLOCK_K: gl.constexpr, mma: gl.constexpr):
+    """One block's (bias, coef) (BLOCK_K,) each; components >= K get bias -inf (their logits are -inf)."""
+    offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+    mask_k = offs_k < K
+    return gl.load(BIAS2 + offs_k, mask=mask_k, other=float("-inf")), gl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
+
+
+@gluon.jit
+def _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, stage, k0, pred):
+    """TMA of one block's three parameter tiles into ring stage ``stage``, completing on the stage's mbarrier."""
+    bar = bars.index(stage)
+    mbarrier.expect(bar, 3 * a_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(a_desc, [k0, 0], bar, a_s.index(stage), pred=pred)
+    tma.async_copy_global_to_shared(alo_desc, [k0, 0], bar, alo_s.index(stage), pred=pred)
+    tma.async_copy_global_to_shared(p_desc, [k0, 0], bar, p_s.index(stage), pred=pred)
+
+
+@gluon.jit
+def _lse_block(dist, j, bias, coef, m_i, l_i, bmax, BLOCK_K: gl.constexpr, mma: gl.constexpr):
+    """Base-2 logits of block j, the online log-sum-exp and the block's row maxima (column j of bmax)."""
+    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+    s = bias[None, :] + coef[None, :] * dist
+    s_max = gl.max(s, axis=1)
+    m_new = gl.maximum(m_i, s_max)
+    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(gl.exp2(s - m_new[:, None]), axis=1)
+    bmax = gl.where(cols[None, :] == j, s_max[:, None], bmax)
+    return m_new, l_i, bmax
+
+
+@gluon.jit(do_not_specialize=["N"])    # chunks of any row count share one compiled kernel
+def _diag_logz_kernel(
+    X, CENTER, a_desc, alo_desc, p_desc, BIAS2, COEF2, CST, SCALES, LOGZ, X2, ROWBITS,
+    N, K,
+    D: gl.constexpr, HAS_CENTER: gl.constexpr, SKIP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr, A_REG: gl.constexpr, num_warps: gl.constexpr,
+):
+    rows: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_K, 16])
+    op_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    pid = gl.program_id(0)
+
+    # the row tile's operands (as _row_operands, MODE 1, diag), kept in shared memory for the products
+    offs_m = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, rows))
+    mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+    x = gl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    if HAS_CENTER:
+        c = gl.load(CENTER + offs_d)
+        x = gl.where(mask, x - c[None, :], 0.0)
+    x = x * gl.load(SCALES)
+    xh = x.to(gl.float16)
+    xv = xh.to(gl.float32)
+    x2 = gl.sum(xv * xv, axis=1)
+    q = xv * xv * gl.load(SCALES + 1)
+    qh = q.to(gl.float16)
+    ql = (q - qh.to(gl.float32)).to(gl.float16)
+    gl.store(X2 + offs_m, x2, mask=offs_m < N)
+    if A_REG:       # the wgmma A operands in registers (half the shared-memory reads of the products)
+        dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        xh_s = gl.convert_layout(xh, dot_a)
+        qh_s = gl.convert_layout(qh, dot_a)
+        ql_s = gl.convert_layout(ql, dot_a)
+    else:
+        xh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, xh)
+        qh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, qh)
+        ql_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, ql)
+
+    # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, D), one mbarrier per stage
+    a_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
+    alo_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
+    p_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    gl.thread_barrier()
+    num_kb = gl.cdiv(K, BLOCK_K)
+    for i in gl.static_range(STAGES):
+        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, i, i * BLOCK_K, i < num_kb)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
+    bmax = gl.full([BLOCK_M, BLOCK_K], float("-inf"), gl.float32, mma)
+    mbarrier.wait(bars.index(0), 0)
+    acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, 0, _block_cst(CST, 0, K, BLOCK_K, mma), BLOCK_M, BLOCK_K,
+                       mma)
+    dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    # Iteration j: refill the stage block j used, issue block j + 1's products, block j's log-sum-exp, wait. The
+    # wait closes the iteration, so that the loop-carried tile is complete at the back edge (a carried accumulator
+    # of products in flight is copied by plain moves there, and ptxas then serialises every wgmma). Measured on an
+    # H100 against other orders: the refill after the issue, or the next block's constants carried, were slower.
+    for j in range(0, num_kb - 1):
+        gl.thread_barrier()      # every warp is done with stage j % STAGES (block j, waited): refill it
+        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, j % STAGES, (j + STAGES) * BLOCK_K,
+                    j + STAGES < num_kb)
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(bars.index(nxt), ((j + 1) // STAGES) & 1)
+        acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, nxt, _block_cst(CST, (j + 1) * BLOCK_K, K, BLOCK_K, mma),
+                           BLOCK_M, BLOCK_K, mma)
+        bias, coef = _block_bias(BIAS2, COEF2, j * BLOCK_K, K, BLOCK_K, mma)
+        m_i, l_i, bmax = _lse_block(dist, j, bias, coef, m_i, l_i, bmax, BLOCK_K, mma)
+        dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    bias, coef = _block_bias(BIAS2, COEF2, (num_kb - 1) * BLOCK_K, K, BLOCK_K, mma)
+    m_i, l_i, bmax = _lse_block(dist, num_kb - 1, bias, coef, m_i, l_i, bmax, BLOCK_K, mma)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    offs_r = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+    mask_r = offs_r < N
+    gl.store(LOGZ + offs_r, (m_i + gl.log2(l_i)) * _LN2, mask=mask_r)
+    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+    one = gl.full([BLOCK_K], 1, gl.int64, gl.SliceLayout(0, mma)) << cols.to(gl.int64)
+    rb = gl.sum(gl.where(bmax - m_i[:, None] >= -SKIP, one[None, :], 0), axis=1)
+    gl.store(ROWBITS + offs_r, rb.to(ROWBITS.dtype.element_ty), mask=mask_r)
+
+
+def supported(x, k, d) -> bool:
+    """Whether :func:`launch_diag_logz` applies to diag "tf32" rows x (n, d): a Hopper GPU (sm_90), D a power of
+    two in [16, 128] (one tile of features, TMA-aligned rows), at most 64 component blocks of 64."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and d in (16, 32, 64, 128)
+            and triton.cdiv(k, 64) <= 64)
+
+
+def launch_diag_logz(x, params, k, center, skip, row_bits, x2, logz=None, block_m=64, stages=2, num_warps=4,
+                     a_reg=True):
+    """Diag "tf32" pass 1 without a row order: logZ (n,) float32 by row, and ``x2`` (n,) float32 and
+    ``row_bits`` (n,) int32/int64 filled in place, as ``estep.launch_logz(..., row_bits=row_bits, x2=x2)``.
+    x (n, D) float32 contiguous; params from ``estep.prepare`` (diag, "tf32")."""
+    n, d = x.shape
+    block_k = 64
+    logz = torch.empty(n, dtype=torch.float32, device=x.device) if logz is None else logz
+    layout = gl.NVMMASharedLayout.get_default_for([block_k, d], gl.float16)
+    descs = [TensorDescriptor.from_tensor(t, [block_k, d], layout) for t in (params.a, params.a_lo, params.p)]
+    grid = (triton.cdiv(n, block_m),)
+    _diag_logz_kernel[grid](x, x if center is None else center, *descs, params.bias2, params.coef2, params.cst,
+                            params.scales, logz, x2, row_bits, n, k, D=d, HAS_CENTER=center is not None,
+                            SKIP=float(skip), BLOCK_M=block_m, BLOCK_K=block_k, STAGES=stages,
+                            A_REG=a_reg, num_warps=num_warps)
+    return logz
