@@ -569,6 +569,7 @@ def _logz_kernel(
         tl.store(ROWBITS + src, rb.to(ROWBITS.dtype.element_ty), mask=mask_m)
     if WRITE_GAPS:      # one bit set per FLAG_ROWS-row flag tile (BLOCK_M is a multiple of FLAG_ROWS)
         TILES: tl.constexpr = BLOCK_M // FLAG_ROWS
+        bits = tl.where(mask_m, bits, 0)        # rows past N (zeros) would add work items to the last tile
         tile_bits = tl.reduce(tl.reshape(bits, [TILES, FLAG_ROWS]), 1, _bit_or)
         ft = tl.program_id(0) * TILES + tl.arange(0, TILES)
         tl.store(GAPS + ft, tile_bits, mask=ft < tl.cdiv(N, FLAG_ROWS))
