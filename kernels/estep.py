@@ -145,12 +145,18 @@ DIAG_SPLIT_A = True
 # SIFT-like rows, K=1024, float64): tile pairs kept 18.8 % -> 9.7 % spherical, 8.1 % -> 6.7 % diag (rows alone:
 # 7.6 % and 6.3 %). A module switch (read at each call) for A/B runs.
 TRANSIENT_SORT_KEY = "bits"
-# The diag "tf32" pass 1 of transient orders (no argmax) as a Gluon kernel on Hopper GPUs (kernels/logz_gluon.py:
-# asynchronous wgmma with one wait per component block, parameter tiles through a TMA ring), bit for bit the same
-# logZ and bits as _logz_kernel. H100, N=1e6, K=1024, D=128: pass 1 2.37 -> 2.08-2.20 ms, sorted E-step 3.41 ->
-# 3.28-3.34 ms; the N=1e8 diag fit in 64 MiB 321.6 -> 295.3 ms per EM iteration (same process; NOTES.md v21).
-# A module switch (read at each call) for A/B runs; the Triton kernel runs everywhere else.
+# The diag "tf32" pass 1 without the argmax (transient orders; assign's logZ) as a
+# Gluon kernel on Hopper GPUs (kernels/logz_gluon.py: asynchronous wgmma with one wait per component block,
+# parameter tiles through a TMA ring), bit for bit the same outputs as _logz_kernel. H100, N=1e6, K=1024, D=128:
+# transient pass 1 2.37 -> 2.08-2.20 ms, sorted E-step 3.41 -> 3.28-3.34 ms; the N=1e8 diag fit in 64 MiB 321.6 ->
+# 295.3 ms per EM iteration (same process; NOTES.md v21). A module switch (read at each call) for A/B runs; the
+# Triton kernel runs everywhere else.
 GLUON_PASS1 = True
+# ... and for the kept orders' form too (a row order, the operand copy, the flag tiles' bits). Off: no gain
+# measured (H100, N=1e6 diag "tf32" fit, same process: 3.18 / 3.24 ms per EM iteration with it, 3.14 / 3.16 without;
+# kernel A/B on a fit's state: pass 1 2.49-2.91 vs 2.49-2.55 ms; NOTES.md v22). Bit for bit the same outputs either
+# way (||x||^2 up to its summation order, which the diag E-step does not read).
+GLUON_PASS1_KEPT = False
 
 
 def _interpret() -> bool:
@@ -1232,6 +1238,17 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
+def _gluon_pass1(x, k, diag, mode, with_argmax, kept=False) -> bool:
+    """Whether pass 1 runs as the Gluon kernel (kernels/logz_gluon.py; GLUON_PASS1, and GLUON_PASS1_KEPT for the
+    ``kept`` form: a row order, operand copy or flag-tile bits): diag "tf32" (A in two terms) without the argmax,
+    on a Hopper GPU, for the shapes that kernel supports."""
+    if not (GLUON_PASS1 and (GLUON_PASS1_KEPT or not kept) and diag and _split_a(mode, diag) and not with_argmax
+            and not _interpret() and FLAG_ROWS == 64 and FLAG_K == 64):
+        return False
+    from . import logz_gluon
+    return logz_gluon.supported(x, k, x.shape[1])
+
+
 def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None,
                 order: RowOrder | None = None, lzp=None, gaps=None, skip=None, best=None, row_bits=None):
     """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64 (kernel component index); fills ``x2``
@@ -1257,15 +1274,20 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
         raise ValueError(f"row_bits must be int32 (at most 31 blocks) or int64 (at most 64) of shape ({n},); "
                          f"K={k} has {n_blocks} blocks of {FLAG_K}")
     mode = _MODES[precision]
+    if gaps is not None and (gaps.shape != (triton.cdiv(n, FLAG_ROWS),) or gaps.dtype != torch.int64
+                             or triton.cdiv(k, FLAG_K) > 64):
+        raise ValueError(f"gaps must be int64 of shape ({triton.cdiv(n, FLAG_ROWS)},) and K <= {64 * FLAG_K}")
+    if _gluon_pass1(x, k, diag, mode, with_argmax, kept=order is not None or copy is not None or gaps is not None):
+        from . import logz_gluon
+        logz_gluon.launch_diag_logz(x, params, k, center, skip, row_bits=row_bits, x2=x2, logz=logz, order=order,
+                                    lzp=lzp, copy=copy, gaps=gaps)
+        return logz, None
     xo, xq, xql = copy if copy is not None else (logz, logz, logz)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
     rows, hint = order if order is not None else (logz, logz)
-    if gaps is not None and (gaps.shape != (triton.cdiv(n, FLAG_ROWS),) or gaps.dtype != torch.int64
-                             or triton.cdiv(k, FLAG_K) > 64):
-        raise ValueError(f"gaps must be int64 of shape ({triton.cdiv(n, FLAG_ROWS)},) and K <= {64 * FLAG_K}")
     _logz_kernel[grid](x, x if center is None else center, rows, hint, params.a, params.a_lo, params.p,
                        params.p_lo, params.bias2, params.coef2, params.cst, logz, logz if lzp is None else lzp,
                        logz if x2 is None else x2, best, xo, xq, xql, params.scales,
@@ -1355,14 +1377,6 @@ def transient_order(x, params: Params, k, diag, precision, center=None, x2=None,
     by_bits = TRANSIENT_SORT_KEY == "bits"
     with_best = with_best or not by_bits
     best = torch.empty(n, dtype=torch.int32, device=x.device) if with_best else None
-    if GLUON_PASS1 and not with_best and not _interpret() and diag and precision == "tf32":
-        from . import logz_gluon
-        if logz_gluon.supported(x, k, x.shape[1]):
-            x2 = torch.empty(n, dtype=torch.float32, device=x.device) if x2 is None else x2
-            skip = SKIP_LOG2[precision] if skip is None else skip
-            logz = logz_gluon.launch_diag_logz(x, params, k, center, skip, row_bits, x2)
-            rows = _argsort_bits(row_bits, n_blocks).int()
-            return logz, best, rows, tile_bits(row_bits, rows)
     logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=with_best, x2=x2, center=center, skip=skip,
                           best=best, row_bits=row_bits)
     rows = (_argsort_bits(row_bits, n_blocks) if by_bits else _argsort_components(best, k)).int()

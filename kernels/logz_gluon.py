@@ -9,10 +9,13 @@ the end of the iteration; the row operands are the wgmma A operand in registers 
 and the parameter tiles arrive through a TMA ring with one mbarrier per stage. H100: pass 1 -9 to -12 %
 (bench_ann/results/v21_gluon_pass1).
 
-Scope: the transient-order form of pass 1 only (``launch_logz(..., row_bits=...)`` without a row order, argmax,
-gaps or operand copy): per row logZ, ||x~||^2 and the exact block bits. Same operands, same products in the same
-order and the same log-sum-exp as the Triton kernel, which stays the reference (and the only form that runs
-under ``TRITON_INTERPRET=1``: Gluon kernels do not).
+Scope: every diag "tf32" pass 1 without the argmax (``estep.launch_logz`` dispatches to it on Hopper GPUs): the
+transient orders' (per row logZ, ||x~||^2 and exact block bits), ``assign``'s (logZ alone, for the top-k
+responsibilities) and, behind ``estep.GLUON_PASS1_KEPT`` (off: no gain measured, v22), the kept orders' steady
+iterations (rows in a given order from their hinted block, logZ by row and position, the operand copy, the 64-row
+tiles' block bits for the sparse pass 2). Same operands, same products in the same order and the same log-sum-exp
+as the Triton kernel, which stays the reference (and the only form that runs under ``TRITON_INTERPRET=1``: Gluon
+kernels do not), and runs everything else (the argmax of the order rebuilds, ``score``/``predict``).
 """
 from __future__ import annotations
 
@@ -69,35 +72,55 @@ def _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, stage, k0, pred
 
 
 @gluon.jit
-def _lse_block(dist, j, bias, coef, m_i, l_i, bmax, BLOCK_K: gl.constexpr, mma: gl.constexpr):
-    """Base-2 logits of block j, the online log-sum-exp and the block's row maxima (column j of bmax)."""
-    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+def _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr,
+               SKIP: gl.constexpr, BLOCK_K: gl.constexpr, mma: gl.constexpr):
+    """Base-2 logits of component block ``blk``, the online log-sum-exp, and (WRITE_GAPS) the block's bit in the
+    rows' running-maximum bits ``bits`` (BLOCK_M,) int64 or (ROW_BITS) the block's row maxima in column ``blk`` of
+    ``bmax`` (BLOCK_M, BLOCK_K), as ``estep._lse_update``."""
     s = bias[None, :] + coef[None, :] * dist
     s_max = gl.max(s, axis=1)
     m_new = gl.maximum(m_i, s_max)
     l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(gl.exp2(s - m_new[:, None]), axis=1)
-    bmax = gl.where(cols[None, :] == j, s_max[:, None], bmax)
-    return m_new, l_i, bmax
+    if WRITE_GAPS:
+        bits = bits | gl.where(s_max - m_new >= -SKIP, gl.full_like(bits, 1) << blk.to(gl.int64), 0)
+    if ROW_BITS:
+        cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+        bmax = gl.where(cols[None, :] == blk, s_max[:, None], bmax)
+    return m_new, l_i, bits, bmax
+
+
+@gluon.jit
+def _or(a, b):
+    return a | b
 
 
 @gluon.jit(do_not_specialize=["N"])    # chunks of any row count share one compiled kernel
 def _diag_logz_kernel(
-    X, CENTER, a_desc, alo_desc, p_desc, BIAS2, COEF2, CST, SCALES, LOGZ, X2, ROWBITS,
-    N, K,
-    D: gl.constexpr, HAS_CENTER: gl.constexpr, SKIP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr, A_REG: gl.constexpr, num_warps: gl.constexpr,
+    X, CENTER, ROWS, HINT, a_desc, alo_desc, p_desc, BIAS2, COEF2, CST, SCALES, LOGZ, LZP, X2, XO, XQ, XQL, GAPS,
+    ROWBITS, N, K,
+    D: gl.constexpr, HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
+    WRITE_COPY: gl.constexpr, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, A_REG: gl.constexpr, num_warps: gl.constexpr,
 ):
+    # Outputs as estep._logz_kernel's: position m processes row ROWS[m] (HAS_ORDER) or row m; LOGZ is written at
+    # the row, LZP (logZ again), X2 and the operand copy (XO, XQ, XQL) at the position. WRITE_GAPS (BLOCK_M = the
+    # flag tile's 64 rows): GAPS[program] = the OR of its rows' running-maximum block bits. ROW_BITS: ROWBITS[row] =
+    # the row's block bits against its final maximum.
     rows: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_K, 16])
     op_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     pid = gl.program_id(0)
 
-    # the row tile's operands (as _row_operands, MODE 1, diag), kept in shared memory for the products
+    # the row tile's operands (as _row_operands, MODE 1, diag)
     offs_m = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, rows))
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-    x = gl.load(X + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    if HAS_ORDER:
+        src = gl.load(ROWS + offs_m, mask=offs_m < N, other=0).to(gl.int64)
+    else:
+        src = offs_m
+    x = gl.load(X + src[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     if HAS_CENTER:
         c = gl.load(CENTER + offs_d)
         x = gl.where(mask, x - c[None, :], 0.0)
@@ -108,7 +131,13 @@ def _diag_logz_kernel(
     q = xv * xv * gl.load(SCALES + 1)
     qh = q.to(gl.float16)
     ql = (q - qh.to(gl.float32)).to(gl.float16)
-    gl.store(X2 + offs_m, x2, mask=offs_m < N)
+    if WRITE_X2:
+        gl.store(X2 + offs_m, x2, mask=offs_m < N)
+    if WRITE_COPY:
+        cp = offs_m[:, None] * D + offs_d[None, :]
+        gl.store(XO + cp, xh, mask=mask)
+        gl.store(XQ + cp, qh, mask=mask)
+        gl.store(XQL + cp, ql, mask=mask)
     if A_REG:       # the wgmma A operands in registers (half the shared-memory reads of the products)
         dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         xh_s = gl.convert_layout(xh, dot_a)
@@ -119,6 +148,12 @@ def _diag_logz_kernel(
         qh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, qh)
         ql_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, ql)
 
+    # component blocks are visited from the block of the tile's hinted component (as the Triton kernel)
+    num_kb = gl.cdiv(K, BLOCK_K)
+    if HAS_ORDER:
+        b0 = gl.load(HINT + pid.to(gl.int64) * BLOCK_M) // BLOCK_K
+    else:
+        b0 = pid * 0
     # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, D), one mbarrier per stage
     a_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
     alo_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
@@ -128,44 +163,58 @@ def _diag_logz_kernel(
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
     gl.thread_barrier()
-    num_kb = gl.cdiv(K, BLOCK_K)
     for i in gl.static_range(STAGES):
-        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, i, i * BLOCK_K, i < num_kb)
+        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, i, ((b0 + i) % num_kb) * BLOCK_K, i < num_kb)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
+    bits = gl.zeros([BLOCK_M], gl.int64, gl.SliceLayout(1, mma))
     bmax = gl.full([BLOCK_M, BLOCK_K], float("-inf"), gl.float32, mma)
     mbarrier.wait(bars.index(0), 0)
-    acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, 0, _block_cst(CST, 0, K, BLOCK_K, mma), BLOCK_M, BLOCK_K,
-                       mma)
+    acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, 0, _block_cst(CST, b0 * BLOCK_K, K, BLOCK_K, mma),
+                       BLOCK_M, BLOCK_K, mma)
     dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     # Iteration j: refill the stage block j used, issue block j + 1's products, block j's log-sum-exp, wait. The
     # wait closes the iteration, so that the loop-carried tile is complete at the back edge (a carried accumulator
     # of products in flight is copied by plain moves there, and ptxas then serialises every wgmma). Measured on an
     # H100 against other orders: the refill after the issue, or the next block's constants carried, were slower.
     for j in range(0, num_kb - 1):
+        blk = (b0 + j) % num_kb
         gl.thread_barrier()      # every warp is done with stage j % STAGES (block j, waited): refill it
-        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, j % STAGES, (j + STAGES) * BLOCK_K,
-                    j + STAGES < num_kb)
+        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, j % STAGES,
+                    ((b0 + j + STAGES) % num_kb) * BLOCK_K, j + STAGES < num_kb)
         nxt = (j + 1) % STAGES
         mbarrier.wait(bars.index(nxt), ((j + 1) // STAGES) & 1)
-        acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, nxt, _block_cst(CST, (j + 1) * BLOCK_K, K, BLOCK_K, mma),
-                           BLOCK_M, BLOCK_K, mma)
-        bias, coef = _block_bias(BIAS2, COEF2, j * BLOCK_K, K, BLOCK_K, mma)
-        m_i, l_i, bmax = _lse_block(dist, j, bias, coef, m_i, l_i, bmax, BLOCK_K, mma)
+        acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, nxt,
+                           _block_cst(CST, ((blk + 1) % num_kb) * BLOCK_K, K, BLOCK_K, mma), BLOCK_M, BLOCK_K, mma)
+        bias, coef = _block_bias(BIAS2, COEF2, blk * BLOCK_K, K, BLOCK_K, mma)
+        m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP,
+                                          BLOCK_K, mma)
         dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    bias, coef = _block_bias(BIAS2, COEF2, (num_kb - 1) * BLOCK_K, K, BLOCK_K, mma)
-    m_i, l_i, bmax = _lse_block(dist, num_kb - 1, bias, coef, m_i, l_i, bmax, BLOCK_K, mma)
+    blk = (b0 + num_kb - 1) % num_kb
+    bias, coef = _block_bias(BIAS2, COEF2, blk * BLOCK_K, K, BLOCK_K, mma)
+    m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP,
+                                      BLOCK_K, mma)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
     offs_r = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     mask_r = offs_r < N
-    gl.store(LOGZ + offs_r, (m_i + gl.log2(l_i)) * _LN2, mask=mask_r)
-    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
-    one = gl.full([BLOCK_K], 1, gl.int64, gl.SliceLayout(0, mma)) << cols.to(gl.int64)
-    rb = gl.sum(gl.where(bmax - m_i[:, None] >= -SKIP, one[None, :], 0), axis=1)
-    gl.store(ROWBITS + offs_r, rb.to(ROWBITS.dtype.element_ty), mask=mask_r)
+    logz = (m_i + gl.log2(l_i)) * _LN2
+    if HAS_ORDER:
+        src_r = gl.convert_layout(src, gl.SliceLayout(1, mma))
+        gl.store(LOGZ + src_r, logz, mask=mask_r)
+        gl.store(LZP + offs_r, logz, mask=mask_r)
+    else:
+        src_r = offs_r
+        gl.store(LOGZ + offs_r, logz, mask=mask_r)
+    if ROW_BITS:
+        cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+        one = gl.full([BLOCK_K], 1, gl.int64, gl.SliceLayout(0, mma)) << cols.to(gl.int64)
+        rb = gl.sum(gl.where(bmax - m_i[:, None] >= -SKIP, one[None, :], 0), axis=1)
+        gl.store(ROWBITS + src_r, rb.to(ROWBITS.dtype.element_ty), mask=mask_r)
+    if WRITE_GAPS:      # rows past N keep bits 0
+        gl.store(GAPS + pid, gl.reduce(gl.where(mask_r, bits, 0), 0, _or))
 
 
 def supported(x, k, d) -> bool:
@@ -175,19 +224,31 @@ def supported(x, k, d) -> bool:
             and triton.cdiv(k, 64) <= 64)
 
 
-def launch_diag_logz(x, params, k, center, skip, row_bits, x2, logz=None, block_m=64, stages=2, num_warps=4,
-                     a_reg=True):
-    """Diag "tf32" pass 1 without a row order: logZ (n,) float32 by row, and ``x2`` (n,) float32 and
-    ``row_bits`` (n,) int32/int64 filled in place, as ``estep.launch_logz(..., row_bits=row_bits, x2=x2)``.
-    x (n, D) float32 contiguous; params from ``estep.prepare`` (diag, "tf32")."""
+def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=None, order=None, lzp=None, copy=None,
+                     gaps=None, block_m=64, stages=2, num_warps=4, a_reg=True):
+    """Diag "tf32" pass 1 without the argmax, as ``estep.launch_logz(x, params, k, True, "tf32", center=center,
+    skip=skip, row_bits=row_bits, x2=x2, order=order, lzp=lzp, copy=copy, gaps=gaps)`` (which calls it on Hopper
+    GPUs) and with the same outputs bit for bit: logZ (n,) float32 by row (a new tensor, or ``logz``), and filled
+    in place when given: ``x2`` (n,) float32, ``lzp`` (n,) float32 and the operand copy ``copy = (xo, xq, xql)``
+    ((n, D) float16 each) by position, ``row_bits`` (n,) int32/int64 by row, ``gaps`` (cdiv(n, 64),) int64.
+    x (n, D) float32 contiguous; params from ``estep.prepare`` (diag, "tf32"); order an ``estep.RowOrder``."""
     n, d = x.shape
     block_k = 64
+    if gaps is not None and block_m != 64:
+        raise ValueError("gaps are per 64-row flag tile: block_m must be 64")
+    if order is not None and lzp is None:
+        raise ValueError("a row order needs lzp, the position-ordered logZ buffer")
     logz = torch.empty(n, dtype=torch.float32, device=x.device) if logz is None else logz
     layout = gl.NVMMASharedLayout.get_default_for([block_k, d], gl.float16)
     descs = [TensorDescriptor.from_tensor(t, [block_k, d], layout) for t in (params.a, params.a_lo, params.p)]
+    rows, hint = order if order is not None else (logz, logz)
+    xo, xq, xql = copy if copy is not None else (logz, logz, logz)
     grid = (triton.cdiv(n, block_m),)
-    _diag_logz_kernel[grid](x, x if center is None else center, *descs, params.bias2, params.coef2, params.cst,
-                            params.scales, logz, x2, row_bits, n, k, D=d, HAS_CENTER=center is not None,
-                            SKIP=float(skip), BLOCK_M=block_m, BLOCK_K=block_k, STAGES=stages,
-                            A_REG=a_reg, num_warps=num_warps)
+    _diag_logz_kernel[grid](x, x if center is None else center, rows, hint, *descs, params.bias2, params.coef2,
+                            params.cst, params.scales, logz, logz if lzp is None else lzp, logz if x2 is None else x2,
+                            xo, xq, xql, logz if gaps is None else gaps, logz if row_bits is None else row_bits, n, k,
+                            D=d, HAS_CENTER=center is not None, HAS_ORDER=order is not None, WRITE_X2=x2 is not None,
+                            WRITE_COPY=copy is not None, WRITE_GAPS=gaps is not None, ROW_BITS=row_bits is not None,
+                            SKIP=float(skip), BLOCK_M=block_m, BLOCK_K=block_k, STAGES=stages, A_REG=a_reg,
+                            num_warps=num_warps)
     return logz

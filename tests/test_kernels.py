@@ -950,46 +950,85 @@ def test_gpu_odd_shapes_and_reproducible(d, diag):
     assert (counts >= 1).all() and (counts <= 8).all() and int(counts.sum()) == lists.numel()
 
 
+def _pass1_outputs(form, n, d, n_blocks, order):
+    """Poisoned output buffers of one pass-1 form (the launch_logz keywords) for the Gluon/Triton comparison."""
+    dev = "cuda"
+    if form == "logz":
+        return {}
+    out = {"x2": torch.full((n,), float("nan"), device=dev)}
+    if form == "transient":
+        out["row_bits"] = torch.full((n,), -1, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=dev)
+    else:
+        out.update(order=order, lzp=torch.full((n,), float("nan"), device=dev),
+                   copy=tuple(torch.full((n, d), float("nan"), dtype=torch.float16, device=dev) for _ in range(3)),
+                   gaps=torch.full((-(-n // kestep.FLAG_ROWS),), -1, dtype=torch.int64, device=dev))
+    return out
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("n,k", [(1 << 18, 1024), (100_003, 1000)], ids=["K1024", "K1000-odd-n"])
-def test_gpu_gluon_diag_pass1_matches_triton_kernel(n, k):
-    # the Gluon diag "tf32" pass 1 of transient orders (kernels.logz_gluon, Hopper only): logZ, ||x~||^2 and the
-    # block bits equal the Triton kernel's bit for bit (same operands, products in the same order, same
-    # log-sum-exp), logZ is within the tf32 bound of float64, a K that is not a multiple of the block (TMA's zero
-    # fill past K) and a ragged last row tile included; the sorted E-step is bitwise the same with and without it
+def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k):
+    # the Gluon diag "tf32" pass 1 (kernels.logz_gluon, Hopper only) in its three forms (transient orders: logZ,
+    # ||x~||^2, exact block bits; kept orders: rows in a given order from the hinted block, logZ by row and by
+    # position, the operand copy, the flag tiles' bits; logz: logZ alone, as assign) equals the Triton kernel bit
+    # for bit (same operands, products in the same order, same log-sum-exp), into poisoned buffers; logZ is within
+    # the tf32 bound of float64; a K that is not a multiple of the block (TMA's zero fill past K) and a ragged last row
+    # tile included. The E-step (sorted, and on a kept order) is bitwise the same with and without it.
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon pass 1 is for Hopper GPUs (sm_90)")
     lg = importlib.import_module("flashgmm_faiss.kernels.logz_gluon")
-    x = _sift_like(n, 128, k, seed=3)
+    d = 128
+    x = _sift_like(n, d, k, seed=3)
     center = x.double().mean(0).float()
     xc = (x - center).contiguous()
     means, var, lw = _fit_params(xc, k, True, seed=4)
-    assert lg.supported(x, k, 128) and not lg.supported(x.cpu(), k, 128)
-    params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x, center))
-    skip = kestep.SKIP_LOG2["tf32"]
+    assert lg.supported(x, k, d) and not lg.supported(x.cpu(), k, d)
+    perm = kestep.component_order(means)
+    params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x, center), comp_perm=perm)
     n_blocks = -(-k // kestep.FLAG_K)
-    bits_t = kestep._row_bits_buffer(n, n_blocks, x.device)
-    x2_t = torch.empty(n, device=x.device)
-    logz_t, _ = kestep.launch_logz(x, params, k, True, "tf32", center=center, x2=x2_t, row_bits=bits_t, skip=skip)
-    bits_g = torch.full_like(bits_t, -1)                              # poisoned outputs
-    x2_g = torch.full_like(x2_t, float("nan"))
-    logz_g = torch.full_like(logz_t, float("nan"))
-    lg.launch_diag_logz(x, params, k, center, skip, bits_g, x2_g, logz=logz_g)
-    assert torch.equal(logz_g, logz_t)
-    assert torch.equal(bits_g, bits_t)
-    assert torch.equal(x2_g, x2_t)
-    assert_close("gluon pass 1 log_norm", logz_g, _ref_estep_chunked(xc, means, var, lw)[0], 1e-3)
-    saved = kestep.GLUON_PASS1
-    try:
-        runs = []
+    assert kestep._gluon_pass1(x, k, True, 1, False) and not kestep._gluon_pass1(x, k, True, 1, False, kept=True)
+    monkeypatch.setattr(kestep, "GLUON_PASS1", False)
+    first = kestep.estep(x, means, var, lw, precision="tf32", center=center, params=params, return_best=True,
+                         return_row_bits=True)
+    bits = first[5]
+    order = kestep.row_order(first[4], perm, row_bits=bits)
+    ref_lz = _ref_estep_chunked(xc, means, var, lw)[0]
+    monkeypatch.setattr(kestep, "GLUON_PASS1_KEPT", True)   # the kept form (off by default) as well
+    for form in ("transient", "kept", "logz"):
+        outs = {}
         for flag in (False, True):
-            kestep.GLUON_PASS1 = flag
-            runs.append(kestep.estep(x, means, var, lw, precision="tf32", center=center, sort_rows=True))
-    finally:
-        kestep.GLUON_PASS1 = saved
-    for name, a, b in zip(("log_norm", "nk", "sx", "sq"), *runs):
-        assert torch.equal(a, b), f"sorted E-step {name} differs with the Gluon pass 1"
+            monkeypatch.setattr(kestep, "GLUON_PASS1", flag)
+            assert kestep._gluon_pass1(x, k, True, 1, False, kept=form == "kept") == flag
+            kw = _pass1_outputs(form, n, d, n_blocks, order)
+            lz, _ = kestep.launch_logz(x, params, k, True, "tf32", center=center, **kw)
+            outs[flag] = (lz, kw)
+        (lz_t, kw_t), (lz_g, kw_g) = outs[False], outs[True]
+        assert torch.equal(lz_g, lz_t), form
+        for name in kw_t:
+            if name == "order":
+                continue
+            if name == "x2":    # a row sum of 128 fp32 squares, whose order follows the autotuned layout; the diag
+                torch.testing.assert_close(kw_g[name], kw_t[name], rtol=1e-5, atol=0)   # E-step never reads it
+                continue
+            for a, b in zip(*((v,) if torch.is_tensor(v) else v for v in (kw_g[name], kw_t[name]))):
+                assert torch.equal(a, b), f"{form}: {name} differs from the Triton kernel's"
+        assert_close(f"gluon pass 1 ({form}) log_norm", lz_g, ref_lz, 1e-3)
+        if form == "kept":
+            assert torch.equal(kw_g["lzp"], lz_g[order.rows.long()])
+    # the direct launcher into poisoned buffers (transient form): the same logZ as the other forms without order
+    bits_g, x2_g = torch.full_like(bits, -1), torch.full((n,), float("nan"), device=x.device)
+    logz_g = torch.full((n,), float("nan"), device=x.device)
+    lg.launch_diag_logz(x, params, k, center, kestep.SKIP_LOG2["tf32"], bits_g, x2_g, logz=logz_g)
+    assert torch.equal(logz_g, lz_t)
+    runs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(kestep, "GLUON_PASS1", flag)
+        runs[flag] = [kestep.estep(x, means, var, lw, precision="tf32", center=center, sort_rows=True),
+                      kestep.estep(x, means, var, lw, precision="tf32", center=center, params=params, order=order)]
+    for kind, a_run, b_run in zip(("sorted", "kept order"), runs[False], runs[True]):
+        for name, a, b in zip(("log_norm", "nk", "sx", "sq"), a_run, b_run):
+            assert torch.equal(a, b), f"{kind} E-step {name} differs with the Gluon pass 1"
 
 
 # ------------------------------------------------------------------------------------------ estimator on the kernels
