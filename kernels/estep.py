@@ -1266,8 +1266,6 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     if order is not None and lzp is None:
         raise ValueError("a row order needs lzp, the position-ordered logZ buffer")
-    if best is None:
-        best = torch.empty(n if with_argmax else 1, dtype=torch.int64, device=x.device)
     n_blocks = triton.cdiv(k, FLAG_K)
     if row_bits is not None and (row_bits.shape != (n,) or row_bits.dtype not in (torch.int32, torch.int64)
                                  or n_blocks > (31 if row_bits.dtype == torch.int32 else 64)):
@@ -1282,6 +1280,8 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
         logz_gluon.launch_diag_logz(x, params, k, center, skip, row_bits=row_bits, x2=x2, logz=logz, order=order,
                                     lzp=lzp, copy=copy, gaps=gaps)
         return logz, None
+    if best is None:
+        best = torch.empty(n if with_argmax else 1, dtype=torch.int64, device=x.device)
     xo, xq, xql = copy if copy is not None else (logz, logz, logz)
 
     def grid(meta):

@@ -987,7 +987,8 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k):
     perm = kestep.component_order(means)
     params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x, center), comp_perm=perm)
     n_blocks = -(-k // kestep.FLAG_K)
-    assert kestep._gluon_pass1(x, k, True, 1, False) and not kestep._gluon_pass1(x, k, True, 1, False, kept=True)
+    tf32 = kestep._MODES["tf32"]
+    assert kestep._gluon_pass1(x, k, True, tf32, False) and not kestep._gluon_pass1(x, k, True, tf32, False, kept=True)
     monkeypatch.setattr(kestep, "GLUON_PASS1", False)
     first = kestep.estep(x, means, var, lw, precision="tf32", center=center, params=params, return_best=True,
                          return_row_bits=True)
@@ -999,7 +1000,7 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k):
         outs = {}
         for flag in (False, True):
             monkeypatch.setattr(kestep, "GLUON_PASS1", flag)
-            assert kestep._gluon_pass1(x, k, True, 1, False, kept=form == "kept") == flag
+            assert kestep._gluon_pass1(x, k, True, tf32, False, kept=form == "kept") == flag
             kw = _pass1_outputs(form, n, d, n_blocks, order)
             lz, _ = kestep.launch_logz(x, params, k, True, "tf32", center=center, **kw)
             outs[flag] = (lz, kw)
