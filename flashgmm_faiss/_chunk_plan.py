@@ -12,7 +12,9 @@ Everything :class:`~flashgmm_faiss.GaussianMixture` allocates on the device beyo
   sort run; the partial sums and ``PASS2_ROW_BYTES`` per row come after them, so such a chunk is sized for the
   larger of the two phases, not their sum).
 
-By default the chunk buffers get 512 MiB (at most 1/8 of the free device memory) and the row orders up to 1 GiB.
+By default the chunk buffers get 512 MiB (at most 1/8 of the free device memory) and the row orders up to 1 GiB;
+a fit that keeps no row orders by choice (diag, ``TritonBackend.kept_orders``) fills the 512 MiB with transient-order
+chunks and has no operand copy (:func:`default_transient_plan`).
 ``GaussianMixture(working_memory=M)`` instead bounds the total of the three by M MiB: the O(K D) part is
 estimated, the chunk takes what remains (with the operand copy only when at least ``MIN_COPY_ROWS`` rows fit
 with it, or the whole data set; without the copy pass 2 converts the float32 rows itself), and the row orders
@@ -75,11 +77,28 @@ def default_chunk_rows(backend: str, device: torch.device, n_components: int, d:
     4.3 ms per EM iteration against 3.3 ms for the same iteration in one chunk (H200). Torch backend: 2^27 (GPU) or
     2^24 (CPU) entries of one (chunk, K) matrix."""
     if backend == "triton":
-        budget = TRITON_CHUNK_BYTES if free_bytes is None else max(2 ** 26, min(TRITON_CHUNK_BYTES, free_bytes // 8))
         per_row = (6 if diag else 2) * d + (0 if resident else 4 * d)
-        return max(1024, budget // per_row)
+        return max(1024, _triton_chunk_budget(free_bytes) // per_row)
     budget = 2 ** 27 if device.type == "cuda" else 2 ** 24  # elements of one (chunk, K) matrix
     return max(256, budget // max(n_components, 1))
+
+
+def _triton_chunk_budget(free_bytes: int | None) -> int:
+    """The Triton backend's default per-chunk buffers (bytes): 512 MiB, at most 1/8 of the free device memory
+    when known, never below 64 MiB."""
+    return TRITON_CHUNK_BYTES if free_bytes is None else max(2 ** 26, min(TRITON_CHUNK_BYTES, free_bytes // 8))
+
+
+def default_transient_plan(d: int, resident: bool = False, free_bytes: int | None = None) -> ChunkPlan:
+    """The Triton backend's default plan for a fit that keeps no row orders (each E-step sorts its chunk, see
+    ``plan_chunks``'s ``kept_orders``): no operand copy, chunks whose E-step buffers (``ESTEP_ROW_BYTES`` and
+    the sort's ``SORT_ROW_BYTES`` per row, plus the float32 upload unless X is resident) fill the default chunk
+    budget, and k-means pieces within it. Resident D=128 data: 9.6M-row chunks (one chunk at N=1e6, where the
+    operand copy's 6 D bytes per row of a diag fit gave 699,050)."""
+    budget = _triton_chunk_budget(free_bytes)
+    rows = max(MIN_CHUNK_ROWS, budget // (ESTEP_ROW_BYTES + SORT_ROW_BYTES + (0 if resident else 4 * d)))
+    kmeans_rows = budget // KMEANS_ROW_BYTES
+    return ChunkPlan(rows, False, 0, None if kmeans_rows >= rows else max(MIN_CHUNK_ROWS, kmeans_rows))
 
 
 def partial_bytes(backend: str, diag: bool) -> int:
@@ -106,15 +125,20 @@ def _row_bytes(backend: str, n_components: int, d: int, resident: bool) -> int:
 
 def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d: int, diag: bool = False,
                 resident: bool = False, free_bytes: int | None = None,
-                working_memory: float | None = None, sort_rows: bool = True) -> ChunkPlan:
+                working_memory: float | None = None, sort_rows: bool = True, kept_orders: bool = True) -> ChunkPlan:
     """The chunking of an (n, d) data set for a fit with ``n_components`` components.
 
     ``working_memory`` (MiB): bound of the device memory beyond X (see the module docstring); None: the defaults.
     ``sort_rows``: the Triton backend's E-steps sort chunks that keep no row order; the chunks are sized for the
     sort (``SORT_ROW_BYTES`` per row) and, separately, for pass 2 beside the partial sums (``PASS2_ROW_BYTES``) when
     the budget leaves no kept orders (False: the dense E-step, chunks beside the partial sums).
+    ``kept_orders`` False (with ``sort_rows``): the fit keeps no row orders and no operand copy even when the
+    memory allows them (``TritonBackend.kept_orders``; diag fits); its chunks are sized for the transient orders.
     Raises ValueError when the budget cannot hold the O(K D) part and one chunk of ``MIN_CHUNK_ROWS`` rows."""
+    transient_only = backend == "triton" and sort_rows and not kept_orders
     if working_memory is None:
+        if transient_only:
+            return default_transient_plan(d, resident, free_bytes)
         return ChunkPlan(default_chunk_rows(backend, device, n_components, d, diag, resident, free_bytes))
     budget = int(float(working_memory) * MIB)
     fixed = fixed_bytes(backend, n_components, d, diag)
@@ -133,12 +157,12 @@ def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d
         return ChunkPlan(int(min(n, free // per_row)), True, 0)
     copy_row = (6 if diag else 2) * d
     with_copy = (free // share) // (per_row + copy_row)
-    copy = bool(with_copy >= min(n, MIN_COPY_ROWS))
+    copy = bool(with_copy >= min(n, MIN_COPY_ROWS)) and not transient_only
     rows = int(max(MIN_CHUNK_ROWS, min(n, with_copy if copy else (free // share) // per_row)))
     left = free - rows * (per_row + (copy_row if copy else 0))
     # row orders: 8 bytes per ordered row, and their per-chunk buffers, when at least one chunk can have one
     order_bytes = left - rows * ORDER_ROW_BYTES
-    if order_bytes < 8 * rows:
+    if order_bytes < 8 * rows or transient_only:
         order_bytes = 0
     partials = partial_bytes(backend, diag)
     if order_bytes == 0 and sort_rows:

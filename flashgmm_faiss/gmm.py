@@ -400,18 +400,20 @@ class GaussianMixture:
             for s in range(0, x.shape[0], pieces):
                 yield start + s, x[s:s + pieces], kw
 
-    def _plan(self, X, n: int, device: torch.device, d: int) -> ChunkPlan:
+    def _plan(self, X, n: int, device: torch.device, d: int, fit: bool = True) -> ChunkPlan:
         """The chunking (:func:`~flashgmm_faiss._chunk_plan.plan_chunks`) for this backend, covariance type,
-        ``working_memory``, where X lives and the free device memory; ``chunk_size`` overrides its rows."""
+        ``working_memory``, where X lives and the free device memory; ``chunk_size`` overrides its rows. ``fit``
+        False: the chunks of inference (``predict``, ``score_samples``, ...), as a fit that keeps row orders."""
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         sorts = hasattr(self._impl, "sorts_chunks") and self._impl.sorts_chunks(self.n_components)
+        kept = not fit or not hasattr(self._impl, "keeps_orders") or self._impl.keeps_orders(self.covariance_type)
         plan = plan_chunks(self.backend_, device, n, self.n_components, d, self.covariance_type == "diag",
-                           _resident(X, device), free, self.working_memory, sort_rows=sorts)
+                           _resident(X, device), free, self.working_memory, sort_rows=sorts, kept_orders=kept)
         return plan._replace(rows=self.chunk_size) if self.chunk_size else plan
 
     def _chunk_rows(self, X, device: torch.device, d: int) -> int:
         """Rows per chunk of ``X`` (see :meth:`_plan`)."""
-        return self._plan(X, len(X), device, d).rows
+        return self._plan(X, len(X), device, d, fit=False).rows
 
     def fit_predict(self, X, y=None):
         return self.fit(X).predict(X)

@@ -465,6 +465,48 @@ def test_working_memory_plan_stays_within_the_budget(backend):
                                                                  None)
 
 
+def test_plan_without_kept_orders_sizes_chunks_for_transient_orders():
+    # kept_orders=False (diag fits, TritonBackend.kept_orders): no operand copy and no row orders even when the
+    # memory allows them; default chunks fill the 512 MiB chunk budget (or 1/8 of the free memory) with the
+    # transient E-step's per-row buffers, k-means pieces stay within it; a budget gives the chunks of a plan whose
+    # budget leaves no orders; a dense fit (sort_rows=False) and the torch backend are unaffected
+    from flashgmm_faiss import _chunk_plan as cp
+    dev = torch.device("cpu")
+    for free, budget in ((None, 2 ** 29), (2 ** 31, 2 ** 28), (2 ** 20, 2 ** 26)):
+        for d in (50, 128, 256):
+            for resident in (False, True):
+                p = cp.plan_chunks("triton", dev, 10 ** 7, 1024, d, True, resident, free, kept_orders=False)
+                per_row = cp.ESTEP_ROW_BYTES + cp.SORT_ROW_BYTES + (0 if resident else 4 * d)
+                assert not p.copy_rows and p.order_bytes == 0
+                assert p.rows * per_row <= budget < (p.rows + 1) * per_row, (free, d, resident, p)
+                kmeans = p.rows if p.kmeans_rows is None else p.kmeans_rows
+                assert kmeans <= p.rows and kmeans * cp.KMEANS_ROW_BYTES <= budget
+    # resident D=128: 9.6M rows per chunk (one chunk at N=1e6; 699,050 rows with the diag operand copy)
+    assert cp.plan_chunks("triton", dev, 10 ** 6, 1024, 128, True, True, kept_orders=False).rows == 2 ** 29 // 56
+    for n in (5_000, 2_000_000, 100_000_000):
+        for diag in (False, True):
+            for resident in (False, True):
+                for mib in (512, 8192):
+                    args = ("triton", dev, n, 1024, 128, diag, resident, None, mib)
+                    p = cp.plan_chunks(*args, kept_orders=False)
+                    assert not p.copy_rows and p.order_bytes == 0
+                    fixed, partials = cp.fixed_bytes("triton", 1024, 128, diag), cp.partial_bytes("triton", diag)
+                    per_row = cp._row_bytes("triton", 1024, 128, resident)
+                    share = 1 if resident else 2
+                    assert max(fixed - partials + share * p.rows * (per_row + cp.SORT_ROW_BYTES),
+                               fixed + share * p.rows * (per_row + cp.PASS2_ROW_BYTES)) <= mib * cp.MIB
+                    assert p.rows == min(n, (cp.MIB * mib - fixed + partials) // share // (per_row + cp.SORT_ROW_BYTES),
+                                         (cp.MIB * mib - fixed) // share // (per_row + cp.PASS2_ROW_BYTES))
+                    kept = cp.plan_chunks(*args)
+                    assert p.rows <= n and (kept.order_bytes > 0 or kept.rows == p.rows)
+                    assert cp.plan_chunks(*args, sort_rows=False, kept_orders=False) == \
+                        cp.plan_chunks(*args, sort_rows=False)
+    for args in (("torch", dev, 10 ** 6, 1024, 128, True), ("torch", dev, 10 ** 6, 1024, 128, True, True, None, 512)):
+        assert cp.plan_chunks(*args, kept_orders=False) == cp.plan_chunks(*args)
+    assert cp.plan_chunks("triton", dev, 10 ** 6, 1024, 128, True, True, sort_rows=False, kept_orders=False) == \
+        cp.plan_chunks("triton", dev, 10 ** 6, 1024, 128, True, True)
+
+
 def test_working_memory_is_validated_and_sets_the_chunks():
     X, _ = make_blobs(n=3000, d=8, k=4, seed=2)
     for bad in (-1, 0, "64", float("nan"), True):
