@@ -109,11 +109,17 @@ def run(args):
     # --chunk: each configuration once per chunk size (None: the estimator's plan)
     chunks = [None if v.strip().lower() in ("none", "plan") else int(float(v)) for v in str(args.chunk).split(",")]
     configs = [c + (ch,) for c in configs for ch in chunks]
+    # --row-orders: each sparse configuration with kept row orders (where the plan has room) and with transient
+    # ones only (every chunk sorts its rows inside each E-step, as at N=1e8 in 64 MiB): TritonBackend.kept_orders
+    row_orders = args.row_orders.split(",") if args.row_orders else [None]
+    configs = [c + (ro,) for c in configs for ro in (row_orders if c[3] else [None])]
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] or args.sort_key else None
     default_skips = dict(kestep.SKIP_LOG2) if kestep else None
     default_key = kestep.TRANSIENT_SORT_KEY if kestep else None
     default_order_key = TritonBackend.order_key
-    for backend, cov, prec, sparse, graphs, look, skip, sort_key, chunk in configs:
+    default_kept = TritonBackend.kept_orders
+    for backend, cov, prec, sparse, graphs, look, skip, sort_key, chunk, orders in configs:
+        TritonBackend.kept_orders = {None: default_kept, "kept": ("spherical", "diag"), "transient": ()}[orders]
         if kestep:     # the module, not the estep() the package exports
             kestep.SKIP_LOG2 = default_skips if skip is None else dict.fromkeys(default_skips, skip)
             kestep.TRANSIENT_SORT_KEY = sort_key or default_key
@@ -168,7 +174,7 @@ def run(args):
         km = [h["seconds"] for h in g.kmeans_history_[1:]]
         rows.append({"backend": backend, "covariance_type": cov, "precision": prec, "sparse_estep": sparse,
                      "cuda_graphs": graphs, "lookahead": look, "skip_log2": skip, "sort_key": sort_key,
-                     "graph_replays": getattr(g, "graph_replays_", 0),
+                     "row_orders": orders, "graph_replays": getattr(g, "graph_replays_", 0),
                      "n": args.n, "K": args.k, "d": args.d, "em_iter_ms": 1e3 * statistics.median(em),
                      # the mean includes the iterations that rebuild the row orders (sparse E-step)
                      "em_iter_mean_ms": 1e3 * statistics.fmean(em),
@@ -187,7 +193,11 @@ def run(args):
                      "assign_ms_by_cap": assign_ms, "host_data": bool(args.host_data),
                      "data_on_device": args.data_on_device})
         print(rows[-1], flush=True)
-    ref = rows[0]["em_iter_mean_ms"] if rows[0]["backend"] == "torch" else float("nan")
+    # speed-up against the torch fit of the same covariance type, where the run has one
+    refs = {}
+    for r in rows:
+        if r["backend"] == "torch":
+            refs.setdefault(r["covariance_type"], r["em_iter_mean_ms"])
     where = f"in host memory (numpy), data_on_device={args.data_on_device}" if args.host_data else "in GPU memory"
     lines = [f"# End-to-end GaussianMixture.fit on {dev}", "",
              f"N={args.n}, K={args.k}, D={args.d}, {args.kmeans_iter} k-means + {args.em_iter} EM iterations, "
@@ -206,11 +216,15 @@ def run(args):
             kind += f" (2^-{r['skip_log2']:g})"
         if r["sort_key"] is not None:
             kind += f", sorted by {r['sort_key']}"
+        if r["row_orders"] is not None:
+            kind += f", {r['row_orders']} row orders"
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
+        ref = refs.get(r["covariance_type"])
+        speedup = f"{ref / r['em_iter_mean_ms']:.1f}x" if ref else "-"
         lines.append(f"| {r['backend']} | {r['covariance_type']} | {r['precision']} | {kind} | {graphs} | "
                      f"{r['lookahead']} | "
                      f"{r['em_iter_ms']:.2f} | "
-                     f"{r['em_iter_mean_ms']:.2f} | {ref / r['em_iter_mean_ms']:.1f}x | {r['kmeans_iter_ms']:.2f} | "
+                     f"{r['em_iter_mean_ms']:.2f} | {speedup} | {r['kmeans_iter_ms']:.2f} | "
                      f"{r['other_seconds']:.2f} | "
                      f"{r['fit_seconds']:.2f} | {r['peak_extra_mib']:.1f} ({r['peak_extra_reserved_mib']:.0f}) | "
                      f"{r['chunk_rows_used']} ({'yes' if r['copy_rows'] else 'no'}) | "
@@ -269,6 +283,10 @@ def main():
                    help="comma list of row-order keys ('bits', 'argmax'; kernels.estep.TRANSIENT_SORT_KEY for "
                         "transient orders, TritonBackend.order_key for kept ones): each sparse configuration runs "
                         "once per key")
+    p.add_argument("--row-orders", default=None,
+                   help="comma list of kept,transient: each sparse configuration with kept row orders (where the "
+                        "memory plan has room) and/or with transient orders only (every E-step sorts its chunk); "
+                        "default: TritonBackend.kept_orders (spherical kept, diag transient)")
     p.add_argument("--lookahead", default="auto", choices=("auto", "ab"),
                    help="auto: the estimator's default (on for CUDA); ab: each configuration without, then with "
                         "lookahead (the next iteration issued before the host reads the last one's summary)")
