@@ -94,7 +94,8 @@ def run(args):
         configs += [("triton", "spherical", prec, sparse, graphs)
                     for sparse in (False, True) for graphs in (False, True)]
     if args.diag:
-        configs += [("triton", "diag", "tf32", sparse, graphs) for sparse in (False, True) for graphs in (False, True)]
+        configs += [("triton", "diag", prec, sparse, graphs) for prec in ("tf32", "bf16")
+                    for sparse in (False, True) for graphs in (False, True)]
     if args.configs:   # e.g. "torch,spherical-tf32-sparse-graphs": labels as printed by --list-configs
         want = set(args.configs.split(","))
         configs = [c for c in configs if config_label(*c) in want]
@@ -114,6 +115,8 @@ def run(args):
     row_orders = args.row_orders.split(",") if args.row_orders else [None]
     configs = [c + (ro,) for c in configs for ro in (row_orders if c[3] else [None])]
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] or args.sort_key else None
+    if args.no_gluon_pass1:   # as on GPUs other than Hopper: every pass 1 runs the Triton kernel
+        importlib.import_module("flashgmm_faiss.kernels.estep").GLUON_PASS1 = False
     default_skips = dict(kestep.SKIP_LOG2) if kestep else None
     default_key = kestep.TRANSIENT_SORT_KEY if kestep else None
     default_order_key = TritonBackend.order_key
@@ -287,6 +290,9 @@ def main():
                    help="comma list of kept,transient: each sparse configuration with kept row orders (where the "
                         "memory plan has room) and/or with transient orders only (every E-step sorts its chunk); "
                         "default: TritonBackend.kept_orders (spherical kept, diag transient)")
+    p.add_argument("--no-gluon-pass1", action="store_true",
+                   help="run every pass 1 as the Triton kernel (kernels.estep.GLUON_PASS1 = False), as on GPUs "
+                        "other than Hopper")
     p.add_argument("--lookahead", default="auto", choices=("auto", "ab"),
                    help="auto: the estimator's default (on for CUDA); ab: each configuration without, then with "
                         "lookahead (the next iteration issued before the host reads the last one's summary)")
