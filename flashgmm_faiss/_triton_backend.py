@@ -92,7 +92,9 @@ class TritonBackend:
         pays for the rebuild. On an H100 at N=1e6, K=1024, D=128 (v23, same process): 2.79 ms per diag "tf32"
         EM iteration (median) against 3.15 (3.6 averaged over iterations 4..27, rebuilds and graph captures
         included), with 61 MiB instead of 585 MiB of buffers. Spherical fits keep them: 1.21 ms (1.31 averaged
-        over the 4-iteration refresh cycle) against 1.45. A class attribute, so that benchmarks can switch it.
+        over the 4-iteration refresh cycle) against 1.45. Diag bf16, and diag "tf32" with the Triton pass 1
+        (GPUs other than Hopper): equal medians, lower means without the rebuilds. A class attribute, so that
+        benchmarks can switch it.
     """
 
     fuses_centering = True
