@@ -893,27 +893,54 @@ class GaussianMixture:
                 f"backend={self.backend!r})")
 
 
-def kmeans_plusplus(x: torch.Tensor, K: int, rng) -> torch.Tensor:
+SEED_GRAPH_STEPS = 32   # k-means++ steps per CUDA graph (kmeans_plusplus on a GPU)
+
+
+def kmeans_plusplus(x: torch.Tensor, K: int, rng, cuda_graphs: bool = True) -> torch.Tensor:
     """k-means++ seeding (D^2 sampling, no greedy trials) on the rows of x (n, D): returns (K, D) distinct rows.
 
     Each seed is drawn by inverse CDF: one uniform per seed from ``rng`` (numpy, drawn up front) against the
     cumulative squared distances on x's device, so the loop never waits for the device (the numpy draw over an
     n-vector copied to the host every step cost ~0.9 ms per seed on an H100 run: 0.9 s for K=1024, more than
-    the whole EM). When every remaining row coincides with a seed (total distance 0), duplicates are replaced by
-    unused rows at the end."""
+    the whole EM). On a GPU (``cuda_graphs``) the steps are replayed as CUDA graphs of ``SEED_GRAPH_STEPS``
+    steps: the same kernels, the same seeds, without a launch per kernel. When every remaining row coincides
+    with a seed (total distance 0), duplicates are replaced by unused rows at the end."""
     n = x.shape[0]
     u = torch.as_tensor(rng.random(K), dtype=torch.float64, device=x.device)
     first = int(rng.integers(n))
     seeds = torch.empty(K, dtype=torch.int64, device=x.device)
     seeds[0] = first
-    d2 = _sq_dist_to_row(x, x[first:first + 1])
-    for j in range(1, K):
+    update = _seed_distance_update(x)
+    d2 = update(torch.full((n,), math.inf, dtype=torch.float64, device=x.device), seeds[:1])
+    j = torch.ones(1, dtype=torch.int64, device=x.device)    # the next seed's index, on the device
+
+    def step():
         cdf = torch.cumsum(d2, 0)
         # the first row whose cumulative distance exceeds u_j * total: a row with d2 = 0 is never drawn while the
         # total is positive (its cdf equals its predecessor's)
-        idx = torch.searchsorted(cdf, (u[j] * cdf[-1]).reshape(1), right=True).clamp_max_(n - 1)
-        seeds[j] = idx[0]
-        d2 = torch.minimum(d2, _sq_dist_to_row(x, x[idx]))
+        idx = torch.searchsorted(cdf, u.index_select(0, j) * cdf[-1:], right=True).clamp_max_(n - 1)
+        seeds.index_copy_(0, j, idx)
+        update(d2, idx)
+        j.add_(1)
+    left = K - 1
+    if cuda_graphs and x.is_cuda and left > 2 * SEED_GRAPH_STEPS:
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):          # warm-up steps (real ones) off the capturing stream
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        left -= 2
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(SEED_GRAPH_STEPS):
+                step()
+        for _ in range(left // SEED_GRAPH_STEPS):
+            graph.replay()
+        left %= SEED_GRAPH_STEPS
+        del graph
+    for _ in range(left):
+        step()
     order = seeds.cpu().numpy()
     _, first_seen = np.unique(order, return_index=True)
     if len(first_seen) < K:   # degenerate data: fewer distinct rows at positive distance than K
@@ -921,6 +948,17 @@ def kmeans_plusplus(x: torch.Tensor, K: int, rng) -> torch.Tensor:
         unused = np.setdiff1d(np.arange(n), keep)
         order = np.concatenate([keep, rng.choice(unused, size=K - len(keep), replace=False)])
     return x[torch.as_tensor(order, device=x.device)].clone()
+
+
+def _seed_distance_update(x: torch.Tensor):
+    """``f(d2, s) -> d2``: d2 (n,) float64 <- min(d2, squared distances of the rows of x (n, D) to row s), in
+    place, s (1,) int64 on x's device. The fused kernel (``kernels/seeding.py``) for float32 CUDA samples, torch
+    elsewhere (both sum fp32 differences: exact zeros for rows equal to the seed)."""
+    if x.is_cuda and x.dtype == torch.float32 and _triton_available():
+        from .kernels import min_sq_dist_
+        xc = x.contiguous()
+        return lambda d2, s: min_sq_dist_(d2, xc, s)
+    return lambda d2, s: torch.minimum(d2, _sq_dist_to_row(x, x.index_select(0, s)), out=d2)
 
 
 def _sq_dist_to_row(x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:

@@ -742,6 +742,63 @@ def test_column_stats_reject_bad_input():
         kcs.column_stats(torch.zeros(0, 3, device=DEVICE))
 
 
+# ------------------------------------------------------------------------------------------------ k-means++ seeding
+@pytest.mark.parametrize("n,d", [(1, 1), (37, 5), (130, 100), (200, 3)])
+def test_seeding_distance_update_matches_float64(n, d):
+    # d2 <- min(d2, ||x - x_s||^2) in place, row tiles and a feature block that end inside the data (n = 37,
+    # d = 100), against float64: +inf entries take the distance, smaller ones stay, rows equal to the seed get
+    # exactly 0 (k-means++ must never draw them again), and the seed index is read on the device
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g) * 30.0 + 100.0
+    s = n // 2
+    x[::3] = x[s].clone()                                # duplicates of the seed row
+    d2 = torch.rand(n, generator=g, dtype=torch.float64) * 2 * d * 900.0
+    d2[::2] = math.inf
+    x, d2 = x.to(DEVICE), d2.to(DEVICE)
+    sd = torch.tensor([s], device=DEVICE)
+    want = ks.min_sq_dist_reference(d2.cpu(), x.cpu(), sd.cpu())
+    got = ks.min_sq_dist_(d2, x, sd)
+    assert got is d2 and got.dtype == torch.float64
+    assert_close("d2", got, want, 1e-6)
+    assert torch.all(got.cpu()[::3] == 0) and torch.all(torch.isfinite(got))
+    assert torch.all(got.cpu() <= want * (1 + 1e-6))
+    assert torch.equal(ks.min_sq_dist_(d2.clone(), x, sd), got)          # idempotent: min with itself
+
+
+def test_seeding_distance_update_rejects_bad_input():
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    x, d2, s = torch.zeros(4, 3, device=DEVICE), torch.zeros(4, dtype=torch.float64, device=DEVICE), \
+        torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32"):
+        ks.min_sq_dist_(d2, x.double(), s)
+    with pytest.raises(TypeError, match="float64"):
+        ks.min_sq_dist_(d2.float(), x, s)
+    with pytest.raises(TypeError, match="shape"):
+        ks.min_sq_dist_(d2[:3], x, s)
+    with pytest.raises(TypeError, match="int64"):
+        ks.min_sq_dist_(d2, x, s.int())
+    with pytest.raises(ValueError, match="contiguous"):
+        ks.min_sq_dist_(d2, torch.zeros(3, 4, device=DEVICE).T, s)
+
+
+def test_kmeans_plusplus_on_the_seeding_kernel_matches_the_torch_path(monkeypatch):
+    # the estimator's seeding with the kernel's distance update (as on CUDA) against the torch path: distinct
+    # rows, and the same seeds (both sum fp32 differences; the draws are far from any rounding tie here)
+    import numpy as np
+
+    from flashgmm_faiss import gmm as gmm_module
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 7, generator=g) * 5.0 + torch.randn(300, 1, generator=g) * 50.0
+    want = gmm_module.kmeans_plusplus(x, 12, np.random.default_rng(4))
+    xd = x.to(DEVICE)
+    monkeypatch.setattr(gmm_module, "_seed_distance_update", lambda x: (lambda d2, s: ks.min_sq_dist_(d2, xd, s)))
+    got = gmm_module.kmeans_plusplus(xd, 12, np.random.default_rng(4))
+    assert torch.equal(got.cpu(), want)
+    assert torch.unique(got, dim=0).shape[0] == 12
+
+
 # ------------------------------------------------------------------------------------------------ k-means
 @pytest.mark.parametrize("n,k,d", SHAPES + [(37, 1, 9)])
 def test_kmeans_step_matches_float64(poisoned, n, k, d):
