@@ -240,8 +240,10 @@ def run(args):
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"fit_{dev.replace(' ', '_').lower()}_n{args.n}" + (f"_wm{args.working_memory:g}" if args.working_memory
-                                                                 else "")
+    # K and D enter the name when they are not the defaults (1024, 128), so runs at several shapes keep their files
+    stem = (f"fit_{dev.replace(' ', '_').lower()}_n{args.n}"
+            + ("" if (args.k, args.d) == (1024, 128) else f"_k{args.k}_d{args.d}")
+            + (f"_wm{args.working_memory:g}" if args.working_memory else ""))
     meta = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": "python -m bench_ann.bench_fit " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                     for k, v in vars(args).items()),
