@@ -6,8 +6,8 @@ Times, after a warm-up, with a device synchronisation around each (medians of ``
 * the same with ``init`` given as an array: everything but the seeding;
 * the sample draw alone (``rng.choice`` of max(50 K, 10^4) rows and their gather) and ``kmeans_plusplus`` alone,
   replayed as CUDA graphs (the default) and launched eagerly (the seeds must be equal);
-* ``fit(kmeans_iter=1, max_iter=0)`` minus ``fit(kmeans_iter=0, max_iter=0)``: one k-means iteration with the
-  k-means variances pass.
+* ``fit(kmeans_iter=1, max_iter=0)``: the set-up plus one k-means iteration and the k-means variances pass (the
+  iteration's cost is its difference with the first row).
 
     python -m bench_ann.time_fit_setup --n 1000000 --k 1024 --d 128 --out bench_ann/results/fit_setup
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from flashgmm_faiss import GaussianMixture
-from flashgmm_faiss.gmm import kmeans_plusplus
+from flashgmm_faiss.gmm import kmeans_plusplus, seeding_sample_rows
 
 from .bench_fit import add_problem_args, sift_like
 
@@ -52,7 +52,7 @@ def run(args):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return GaussianMixture(k, **{**kw, **extra}).fit(X)
-    m = min(n, max(50 * k, 10000))
+    m = seeding_sample_rows(n, k)
     center = X.double().mean(0).float()
 
     def draw():

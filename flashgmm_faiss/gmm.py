@@ -427,7 +427,7 @@ class GaussianMixture:
         if self.init == "random":
             idx = rng.choice(n, size=K, replace=False)
             return (data.rows(idx) - data.center).double()
-        m = min(n, max(50 * K, 10000))
+        m = seeding_sample_rows(n, K)
         idx = rng.choice(n, size=m, replace=False) if m < n else np.arange(n)
         sample = data.rows(idx).sub_(data.center)     # in place: the sample is max(50 K, 10^4) rows
         return kmeans_plusplus(sample, K, rng).double()
@@ -894,6 +894,11 @@ class GaussianMixture:
 
 
 SEED_GRAPH_STEPS = 32   # k-means++ steps per CUDA graph (kmeans_plusplus on a GPU)
+
+
+def seeding_sample_rows(n: int, K: int) -> int:
+    """Rows of the sample that the k-means++ initialisation seeds K components on: max(50 K, 10^4), at most n."""
+    return min(n, max(50 * K, 10000))
 
 
 def kmeans_plusplus(x: torch.Tensor, K: int, rng, cuda_graphs: bool = True) -> torch.Tensor:
