@@ -4,8 +4,9 @@ Times, after a warm-up, with a device synchronisation around each (medians of ``
 
 * ``fit(kmeans_iter=0, max_iter=0)``: the whole set-up (validation pass, sample, k-means++ seeding, variances);
 * the same with ``init`` given as an array: everything but the seeding;
-* the sample draw alone (``rng.choice`` of max(50 K, 10^4) rows and their gather) and ``kmeans_plusplus`` alone,
-  replayed as CUDA graphs (the default) and launched eagerly (the seeds must be equal);
+* the sample draw alone (``rng.choice`` of max(50 K, 10^4) rows and their gather) and ``kmeans_plusplus`` alone
+  on each of its paths ("fused": update kernel and one-program draw, the default; "update": the update kernel and
+  torch's cumulative sum and search; "torch"), replayed as CUDA graphs and launched eagerly (seeds must be equal);
 * ``fit(kmeans_iter=1, max_iter=0)``: the set-up plus one k-means iteration and the k-means variances pass (the
   iteration's cost is its difference with the first row).
 
@@ -60,15 +61,20 @@ def run(args):
         return X[torch.as_tensor(idx, device="cuda")].sub_(center)
     sample = draw()
 
-    def seed(graphs=True):
-        return kmeans_plusplus(sample, k, np.random.default_rng(1), cuda_graphs=graphs)
-    same_seeds = bool(torch.equal(seed(True), seed(False)))
+    def seed(graphs=True, path="fused"):
+        return kmeans_plusplus(sample, k, np.random.default_rng(1), cuda_graphs=graphs, path=path)
+    ref = seed(True)
+    same_seeds = all(bool(torch.equal(seed(g, p), ref))
+                     for g, p in ((False, "fused"), (True, "update"), (False, "update"), (True, "torch")))
     parts = {
         "fit, no iterations (set-up)": lambda: fit(kmeans_iter=0, max_iter=0),
         "fit, no iterations, init given (no seeding)": lambda: fit(kmeans_iter=0, max_iter=0, init=init),
         f"sample draw ({m} rows)": draw,
         "k-means++ seeding (CUDA graphs)": seed,
         "k-means++ seeding (eager launches)": lambda: seed(False),
+        "k-means++ seeding, update kernel + torch search (CUDA graphs)": lambda: seed(True, "update"),
+        "k-means++ seeding, update kernel + torch search (eager)": lambda: seed(False, "update"),
+        "k-means++ seeding, torch only (CUDA graphs)": lambda: seed(True, "torch"),
         "fit, one k-means iteration (+ its variances pass)": lambda: fit(kmeans_iter=1, max_iter=0),
     }
     for fn in parts.values():        # warm-up: compilation, autotuning
@@ -76,14 +82,14 @@ def run(args):
     rows = [{"part": name, "ms": _timed(fn, args.rep)} for name, fn in parts.items()]
     lines = [f"# GaussianMixture.fit set-up on {dev}", "",
              f"N={n}, K={k}, D={d}, cov={args.cov}, X on the GPU, torch {torch.__version__}; medians of {args.rep} "
-             f"runs after a warm-up. Seeds with and without CUDA graphs equal: {same_seeds}.", "",
+             f"runs after a warm-up. Seeds of every path, with and without CUDA graphs, equal: {same_seeds}.", "",
              "| part | ms |", "|---|---:|"]
     lines += [f"| {r['part']} | {r['ms']:.1f} |" for r in rows]
     md = "\n".join(lines)
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"fit_setup_{dev.lower().replace(' ', '_')}_n{n}_{args.cov}"
+    stem = f"fit_setup_{dev.lower().replace(' ', '_')}_n{n}_k{k}_d{d}_{args.cov}"
     meta = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "args": vars(args), "same_seeds": same_seeds, "rows": rows}
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=1))

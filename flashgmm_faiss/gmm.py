@@ -901,7 +901,10 @@ def seeding_sample_rows(n: int, K: int) -> int:
     return min(n, max(50 * K, 10000))
 
 
-def kmeans_plusplus(x: torch.Tensor, K: int, rng, cuda_graphs: bool = True) -> torch.Tensor:
+SEEDING_PATHS = ("fused", "update", "torch")
+
+
+def kmeans_plusplus(x: torch.Tensor, K: int, rng, cuda_graphs: bool = True, path: str | None = None) -> torch.Tensor:
     """k-means++ seeding (D^2 sampling, no greedy trials) on the rows of x (n, D): returns (K, D) distinct rows.
 
     Each seed is drawn by inverse CDF: one uniform per seed from ``rng`` (numpy, drawn up front) against the
@@ -909,24 +912,45 @@ def kmeans_plusplus(x: torch.Tensor, K: int, rng, cuda_graphs: bool = True) -> t
     n-vector copied to the host every step cost ~0.9 ms per seed on an H100 run: 0.9 s for K=1024, more than
     the whole EM). On a GPU (``cuda_graphs``) the steps are replayed as CUDA graphs of ``SEED_GRAPH_STEPS``
     steps: the same kernels, the same seeds, without a launch per kernel. When every remaining row coincides
-    with a seed (total distance 0), duplicates are replaced by unused rows at the end."""
+    with a seed (total distance 0), duplicates are replaced by unused rows at the end.
+
+    ``path`` picks a step's kernels: ``"fused"`` (the distance update with tile sums, then the one-program draw of
+    ``kernels/seeding.py``: two kernels per seed), ``"update"`` (that update, then torch's cumulative sum and
+    search), ``"torch"`` (torch only); None takes "fused" for float32 samples on a GPU with Triton, else "torch".
+    All three draw the same seeds but for uniforms within ~1e-16 relative of a boundary (summation order)."""
     n = x.shape[0]
+    if path is None:
+        path = "fused" if x.is_cuda and x.dtype == torch.float32 and _triton_available() else "torch"
+    if path not in SEEDING_PATHS:
+        raise ValueError(f"path must be one of {SEEDING_PATHS} or None, got {path!r}")
     u = torch.as_tensor(rng.random(K), dtype=torch.float64, device=x.device)
     first = int(rng.integers(n))
     seeds = torch.empty(K, dtype=torch.int64, device=x.device)
     seeds[0] = first
-    update = _seed_distance_update(x)
-    d2 = update(torch.full((n,), math.inf, dtype=torch.float64, device=x.device), seeds[:1])
     j = torch.ones(1, dtype=torch.int64, device=x.device)    # the next seed's index, on the device
+    d2 = torch.full((n,), math.inf, dtype=torch.float64, device=x.device)
+    if path == "fused":
+        from .kernels import seeding as ks
+        xc = x.contiguous()
+        tile_sums = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=x.device)
+        last = seeds[:1].clone()
+        ks.min_sq_dist_(d2, xc, last, tile_sums)
 
-    def step():
-        cdf = torch.cumsum(d2, 0)
-        # the first row whose cumulative distance exceeds u_j * total: a row with d2 = 0 is never drawn while the
-        # total is positive (its cdf equals its predecessor's)
-        idx = torch.searchsorted(cdf, u.index_select(0, j) * cdf[-1:], right=True).clamp_max_(n - 1)
-        seeds.index_copy_(0, j, idx)
-        update(d2, idx)
-        j.add_(1)
+        def step():
+            ks.draw_seed_(seeds, j, last, u, d2, tile_sums)
+            ks.min_sq_dist_(d2, xc, last, tile_sums)
+    else:
+        update = _seed_distance_update(x, kernel=path == "update")
+        update(d2, seeds[:1])
+
+        def step():
+            cdf = torch.cumsum(d2, 0)
+            # the first row whose cumulative distance exceeds u_j * total: a row with d2 = 0 is never drawn while
+            # the total is positive (its cdf equals its predecessor's)
+            idx = torch.searchsorted(cdf, u.index_select(0, j) * cdf[-1:], right=True).clamp_max_(n - 1)
+            seeds.index_copy_(0, j, idx)
+            update(d2, idx)
+            j.add_(1)
     left = K - 1
     if cuda_graphs and x.is_cuda and left > 2 * SEED_GRAPH_STEPS:
         side = torch.cuda.Stream(device=x.device)
@@ -955,11 +979,11 @@ def kmeans_plusplus(x: torch.Tensor, K: int, rng, cuda_graphs: bool = True) -> t
     return x[torch.as_tensor(order, device=x.device)].clone()
 
 
-def _seed_distance_update(x: torch.Tensor):
+def _seed_distance_update(x: torch.Tensor, kernel: bool):
     """``f(d2, s) -> d2``: d2 (n,) float64 <- min(d2, squared distances of the rows of x (n, D) to row s), in
-    place, s (1,) int64 on x's device. The fused kernel (``kernels/seeding.py``) for float32 CUDA samples, torch
-    elsewhere (both sum fp32 differences: exact zeros for rows equal to the seed)."""
-    if x.is_cuda and x.dtype == torch.float32 and _triton_available():
+    place, s (1,) int64 on x's device. The fused kernel (``kernels/seeding.py``) if ``kernel`` (float32 samples),
+    else torch (both sum fp32 differences: exact zeros for rows equal to the seed)."""
+    if kernel:
         from .kernels import min_sq_dist_
         xc = x.contiguous()
         return lambda d2, s: min_sq_dist_(d2, xc, s)

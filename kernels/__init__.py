@@ -6,7 +6,7 @@ One module per kernel family, each with its ``@triton.jit`` kernels, a thin laun
 * :mod:`.kmeans` -- k-means step (online argmin assignment, sort-based contention-free update);
 * :mod:`.assign` -- scoring (logZ + argmax) and multi-assignment (per-row top components above tau);
 * :mod:`.column_stats` -- per-feature sum, minimum and maximum of a chunk (the data centre and range);
-* :mod:`.seeding` -- the k-means++ step's distance update (min of the squared distances to a new seed).
+* :mod:`.seeding` -- the k-means++ step: distance update (min of the squared distances to a new seed), seed draw.
 
 Set ``TRITON_INTERPRET=1`` *before* importing this package to run the kernels on CPU tensors.
 """
@@ -14,8 +14,8 @@ from .assign import assign, score, topk_responsibilities
 from .column_stats import column_stats
 from .estep import FLAG_K, PRECISIONS, RowOrder, absmax, component_order, estep, prepare, row_order
 from .kmeans import assign_labels, kmeans_step
-from .seeding import min_sq_dist_
+from .seeding import draw_seed_, min_sq_dist_
 
 __all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "column_stats", "component_order",
-           "estep", "kmeans_step", "min_sq_dist_", "prepare", "row_order", "score",
+           "draw_seed_", "estep", "kmeans_step", "min_sq_dist_", "prepare", "row_order", "score",
            "topk_responsibilities"]

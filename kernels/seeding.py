@@ -1,4 +1,5 @@
-"""The k-means++ seeding step's distance update: ``d2 = min(d2, ||x_i - x_s||^2)`` in one pass over the sample.
+"""The k-means++ seeding step on the device: the distance update ``d2 = min(d2, ||x_i - x_s||^2)`` in one pass
+over the sample, and the draw of the next seed.
 
 What it computes
 ----------------
@@ -13,8 +14,20 @@ Why a kernel: torch's ``cdist`` over a (51,200 x 128) sample against one row, sq
 ~100 of the ~105 us of a seeding step replayed as a CUDA graph on an H100 (K=1024: 0.1 s, most of a fit's set-up
 time at N=1e6); this pass reads the sample once (26 MB) and writes d2.
 
+The draw (:func:`draw_seed_`): with ``block_sums`` the update also writes the float64 sum of d2 over each tile of
+``BLOCK_M`` rows, and one program then draws the next seed by inverse CDF without torch's cumulative sum and
+search (two kernels per seed instead of six): the total over the tile sums, ``target = u_j * total``, the first
+tile whose running sum exceeds the target, then the first row of that tile whose running sum exceeds what is left.
+It only picks rows with d2 > 0 while the total is positive (rounding can never make it draw a row at distance
+0: the tile and the row must both have positive mass, else the last tile and row with positive mass are taken),
+and row n - 1 when every distance is 0 (as ``searchsorted`` clamped to n - 1 does). In exact arithmetic this is
+the torch path's row (the first with cumulative d2 > u_j * total); the sums are associated differently, so a
+draw within ~1e-16 relative of a boundary may differ. The seed counter j, the seeds and the newest seed's index
+live on the device, so the loop can be replayed as a CUDA graph. Reference: :func:`draw_seed_reference`.
+
 Caveats: x contiguous float32, d2 contiguous float64, both on the GPU (or the CPU under ``TRITON_INTERPRET=1``);
-NaN handling is not defined (the estimator checks finiteness first). Reference: :func:`min_sq_dist_reference`.
+NaN handling is not defined (the estimator checks finiteness first). Reference of the update:
+:func:`min_sq_dist_reference`.
 """
 from __future__ import annotations
 
@@ -28,9 +41,14 @@ BLOCK_M = 64
 BLOCK_D = 64
 
 
+DRAW_CHUNK = 1024      # tile sums per iteration of the draw program
+
+
 @triton.jit
-def _min_sq_dist_kernel(X, S, D2, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program p: rows [p BLOCK_M, (p + 1) BLOCK_M): d2 = min(d2, ||x - x_s||^2), the sum in fp32."""
+def _min_sq_dist_kernel(X, S, D2, BSUM, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                        WRITE_BSUM: tl.constexpr):
+    """Program p: rows [p BLOCK_M, (p + 1) BLOCK_M): d2 = min(d2, ||x - x_s||^2), the sum in fp32; with
+    WRITE_BSUM, BSUM[p] = the float64 sum of the updated d2 over these rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     seed = tl.load(S).to(tl.int64)
@@ -43,7 +61,50 @@ def _min_sq_dist_kernel(X, S, D2, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.const
         diff = x - r[None, :]
         acc += tl.sum(diff * diff, axis=1)
     old = tl.load(D2 + rows, mask=rmask, other=0.0)
-    tl.store(D2 + rows, tl.minimum(old, acc.to(tl.float64)), mask=rmask)
+    new = tl.minimum(old, acc.to(tl.float64))
+    tl.store(D2 + rows, new, mask=rmask)
+    if WRITE_BSUM:
+        tl.store(BSUM + tl.program_id(0), tl.sum(tl.where(rmask, new, 0.0), axis=0))
+
+
+@triton.jit
+def _draw_seed_kernel(BSUM, D2, U, J, SEEDS, LAST, NB, N, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: j = J[0]; draws the row of the next seed from d2 by inverse CDF against U[j] times the total
+    (tile sums BSUM (NB,), then the rows of one tile), stores it to SEEDS[j] and LAST[0], and sets J[0] = j + 1."""
+    j = tl.load(J)
+    total = tl.zeros((), dtype=tl.float64)
+    for c0 in range(0, NB, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        total += tl.sum(tl.load(BSUM + idx, mask=idx < NB, other=0.0), axis=0)
+    target = tl.load(U + j) * total
+    # the first tile with running sum > target and positive mass (and the tile sums before it); the last tile
+    # with positive mass in case rounding leaves the target at or beyond every running sum
+    run = tl.zeros((), dtype=tl.float64)
+    found = NB
+    before = tl.zeros((), dtype=tl.float64)
+    last = -1
+    for c0 in range(0, NB, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        b = tl.load(BSUM + idx, mask=idx < NB, other=0.0)
+        cs = run + tl.cumsum(b, axis=0)
+        first = tl.min(tl.where((cs > target) & (b > 0), idx, NB), axis=0)
+        pre = tl.sum(tl.where(idx == first, cs - b, 0.0), axis=0)
+        before = tl.where(first < found, pre, before)
+        found = tl.minimum(found, first)
+        last = tl.maximum(last, tl.max(tl.where(b > 0, idx, -1), axis=0))
+        run = tl.sum(b, axis=0) + run
+    hit = found < NB
+    tile = tl.where(hit, found, tl.maximum(last, 0))
+    rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.load(D2 + rows, mask=rows < N, other=0.0)
+    cs = tl.cumsum(d, axis=0)
+    first_row = tl.min(tl.where((cs > target - before) & (d > 0), rows, N), axis=0)
+    last_row = tl.max(tl.where(d > 0, rows, -1), axis=0)
+    row = tl.where(hit & (first_row < N), first_row, last_row)
+    row = tl.where(last >= 0, row, N - 1)           # every distance 0: the last row, as searchsorted clamped
+    tl.store(SEEDS + j, row.to(tl.int64))
+    tl.store(LAST, row.to(tl.int64))
+    tl.store(J, j + 1)
 
 
 def min_sq_dist_reference(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -52,7 +113,31 @@ def min_sq_dist_reference(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor) ->
     return torch.minimum(d2, (x64 - x64[s.reshape(-1)[0]]).square().sum(1))
 
 
-def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def draw_seed_reference(d2: torch.Tensor, u: float) -> int:
+    """Float64 reference of :func:`draw_seed_`'s row: the first row whose cumulative d2 exceeds u times the total
+    (exact rational arithmetic over the float64 values), n - 1 when the total is 0."""
+    from fractions import Fraction
+    vals = [Fraction(float(v)) for v in d2.double().cpu().tolist()]
+    target = Fraction(float(u)) * sum(vals)
+    run = Fraction(0)
+    for i, v in enumerate(vals):
+        run += v
+        if run > target:
+            return i
+    return len(vals) - 1
+
+
+def block_sums_size(n: int) -> int:
+    """Length of the ``block_sums`` buffer that :func:`min_sq_dist_` fills for a sample of n rows."""
+    return triton.cdiv(n, _block_m())
+
+
+def _block_m() -> int:
+    return 16 if _interpret() else BLOCK_M
+
+
+def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+                 block_sums: torch.Tensor | None = None) -> torch.Tensor:
     """Update the squared distances to the nearest seed with a new seed, in place (no host sync).
 
     Parameters
@@ -60,6 +145,8 @@ def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Te
     d2 : (n,) float64, contiguous: squared distances to the nearest seed so far (+inf before the first seed)
     x : (n, D) float32, contiguous, on d2's device: the sample
     s : (1,) int64 on the device: the new seed's row in x (0 <= s < n, not checked on the device)
+    block_sums : optional (block_sums_size(n),) float64 on the device: receives the sum of the updated d2 over
+        each tile of rows, for :func:`draw_seed_`
 
     Returns
     -------
@@ -78,9 +165,61 @@ def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Te
         raise ValueError(f"x, d2 and s must be on one device (got {x.device}, {d2.device}, {s.device})")
     if x.device.type != "cuda" and not _interpret():
         raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    if block_sums is not None:
+        _check_block_sums(block_sums, n, d2.device)
     if n == 0:
         return d2
     block_d = min(BLOCK_D, max(16, triton.next_power_of_2(d)))
-    block_m = 16 if _interpret() else BLOCK_M
-    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, n, d, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    block_m = _block_m()
+    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, d2 if block_sums is None else block_sums, n, d,
+                                                     BLOCK_M=block_m, BLOCK_D=block_d,
+                                                     WRITE_BSUM=block_sums is not None, num_warps=4)
     return d2
+
+
+def _check_block_sums(block_sums, n: int, device) -> None:
+    want = block_sums_size(n)
+    if not isinstance(block_sums, torch.Tensor) or block_sums.dtype != torch.float64 or block_sums.shape != (want,):
+        raise TypeError(f"block_sums must be a float64 tensor of shape ({want},) (block_sums_size(n))")
+    if not block_sums.is_contiguous() or block_sums.device != device:
+        raise ValueError(f"block_sums must be contiguous and on {device}")
+
+
+def draw_seed_(seeds: torch.Tensor, j: torch.Tensor, last: torch.Tensor, u: torch.Tensor, d2: torch.Tensor,
+               block_sums: torch.Tensor) -> torch.Tensor:
+    """Draw the next k-means++ seed on the device (no host sync): ``seeds[j] = last[0] = row; j += 1``.
+
+    Parameters
+    ----------
+    seeds : (K,) int64: the seeds' rows; entry j is written (j < K, not checked on the device)
+    j : (1,) int64: the index of the seed to draw, incremented
+    last : (1,) int64: receives the drawn row (the ``s`` of the next :func:`min_sq_dist_`)
+    u : (K,) float64: one uniform in [0, 1) per seed; u[j] is used
+    d2 : (n,) float64, contiguous: squared distances to the nearest seed
+    block_sums : (block_sums_size(n),) float64: d2's tile sums, as written by the last :func:`min_sq_dist_`
+
+    Returns
+    -------
+    seeds
+    """
+    for name, t, dtype in (("seeds", seeds, torch.int64), ("j", j, torch.int64), ("last", last, torch.int64),
+                           ("u", u, torch.float64), ("d2", d2, torch.float64)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.ndim != 1 or not t.is_contiguous():
+            raise TypeError(f"{name} must be a contiguous 1-D {dtype} tensor")
+    if j.numel() != 1 or last.numel() != 1:
+        raise TypeError("j and last must hold one element each")
+    if u.numel() < seeds.numel():
+        raise ValueError(f"u needs one uniform per seed: {u.numel()} < {seeds.numel()}")
+    n = d2.numel()
+    if n == 0:
+        raise ValueError("d2 is empty: there are no rows to draw a seed from")
+    _check_block_sums(block_sums, n, d2.device)
+    if len({t.device for t in (seeds, j, last, u, d2)}) != 1:
+        raise ValueError("seeds, j, last, u, d2 and block_sums must be on one device")
+    if d2.device.type != "cuda" and not _interpret():
+        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    nb = block_sums.numel()
+    chunk = min(DRAW_CHUNK, max(16, triton.next_power_of_2(nb)))
+    _draw_seed_kernel[(1,)](block_sums, d2, u, j, seeds, last, nb, n, BLOCK_M=_block_m(), CHUNK=chunk,
+                            num_warps=4)
+    return seeds

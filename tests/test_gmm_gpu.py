@@ -271,7 +271,9 @@ def test_working_memory_peak_stays_within_the_budget(cov):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kmeans_plusplus_graph_replay_is_the_eager_seeding_and_the_kernel_matches_float64():
     # the estimator's sample size at K=1024 (51,200 rows): seeds replayed as CUDA graphs equal the eagerly
-    # launched ones bit for bit and are distinct rows; the fused distance update against float64
+    # launched ones bit for bit and are distinct rows, on the fused path (update + one-program draw) and on the
+    # update kernel with torch's search; both equal the torch path's seeds (the uniforms are far from rounding
+    # ties); the fused distance update against float64
     from flashgmm_faiss.gmm import kmeans_plusplus
     from flashgmm_faiss.kernels import seeding
     x = torch.as_tensor(sift_like(51_200, 128, 300, seed=5), device="cuda")
@@ -280,6 +282,8 @@ def test_kmeans_plusplus_graph_replay_is_the_eager_seeding_and_the_kernel_matche
     b = kmeans_plusplus(x, 1024, np.random.default_rng(0), cuda_graphs=False)
     assert torch.equal(a, b)
     assert torch.unique(a, dim=0).shape[0] == 1024
+    for path in ("update", "torch"):
+        assert torch.equal(kmeans_plusplus(x, 1024, np.random.default_rng(0), path=path), a), path
     d2 = torch.rand(x.shape[0], dtype=torch.float64, device="cuda") * 1e5
     s = torch.tensor([77], device="cuda")
     want = seeding.min_sq_dist_reference(d2, x, s)

@@ -782,21 +782,109 @@ def test_seeding_distance_update_rejects_bad_input():
         ks.min_sq_dist_(d2, torch.zeros(3, 4, device=DEVICE).T, s)
 
 
-def test_kmeans_plusplus_on_the_seeding_kernel_matches_the_torch_path(monkeypatch):
-    # the estimator's seeding with the kernel's distance update (as on CUDA) against the torch path: distinct
-    # rows, and the same seeds (both sum fp32 differences; the draws are far from any rounding tie here)
+@pytest.mark.parametrize("path", ["update", "fused"])
+def test_kmeans_plusplus_on_the_seeding_kernels_matches_the_torch_path(path):
+    # the estimator's seeding on the kernels (as on CUDA: the distance update, and with "fused" the one-program
+    # draw) against the torch path: distinct rows, and the same seeds (both sum fp32 differences; the draws are
+    # far from any rounding tie here); 300 rows make 19 tiles of the interpreter's 16 rows, the last one partial
     import numpy as np
 
     from flashgmm_faiss import gmm as gmm_module
-    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 7, generator=g) * 5.0 + torch.randn(300, 1, generator=g) * 50.0
-    want = gmm_module.kmeans_plusplus(x, 12, np.random.default_rng(4))
-    xd = x.to(DEVICE)
-    monkeypatch.setattr(gmm_module, "_seed_distance_update", lambda x: (lambda d2, s: ks.min_sq_dist_(d2, xd, s)))
-    got = gmm_module.kmeans_plusplus(xd, 12, np.random.default_rng(4))
+    want = gmm_module.kmeans_plusplus(x, 12, np.random.default_rng(4), path="torch")
+    got = gmm_module.kmeans_plusplus(x.to(DEVICE), 12, np.random.default_rng(4), path=path)
     assert torch.equal(got.cpu(), want)
     assert torch.unique(got, dim=0).shape[0] == 12
+
+
+def test_kmeans_plusplus_fused_path_on_degenerate_data_returns_distinct_rows():
+    # 3 distinct values in 40 rows, 6 seeds: once the total distance is 0 the draw takes row n - 1 (as the torch
+    # path's clamped search does) and the duplicates are replaced by unused rows: the same seeds as torch
+    import numpy as np
+
+    from flashgmm_faiss.gmm import kmeans_plusplus
+    x = torch.tensor([[1.0, 2.0]] * 17 + [[5.0, 5.0]] * 20 + [[9.0, 0.0]] * 3)
+    want = kmeans_plusplus(x, 6, np.random.default_rng(0), path="torch")
+    got = kmeans_plusplus(x.to(DEVICE), 6, np.random.default_rng(0), path="fused")
+    assert torch.equal(got.cpu(), want)
+    assert {tuple(r) for r in got[:3].cpu().tolist()} == {(1.0, 2.0), (5.0, 5.0), (9.0, 0.0)}
+
+
+@pytest.mark.parametrize("n", [1, 16, 45, 2100])
+def test_seed_draw_matches_exact_inverse_cdf(poisoned, n):
+    # the one-program draw against exact rational arithmetic over the same float64 d2: zero rows (never drawn),
+    # a tile of zeros, a partial last tile, several chunks of tile sums (n = 2100: 132 tiles of 16 rows, chunks
+    # of 128 when DRAW_CHUNK is lowered), u near 0 and near 1; j, seeds and last updated on the device
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    g = torch.Generator().manual_seed(n)
+    d2 = torch.rand(n, generator=g, dtype=torch.float64) * 100.0
+    d2[::3] = 0.0
+    d2[16:32] = 0.0
+    if n > 1:
+        d2[0] = 0.0
+    us = torch.tensor([0.0, 1e-9, 0.37, 0.5, 0.999999, 1.0 - 2.0 ** -53], dtype=torch.float64)
+    for chunk in (16, ks.DRAW_CHUNK):
+        ks.DRAW_CHUNK, old = chunk, ks.DRAW_CHUNK
+        try:
+            x = torch.zeros(n, 2, device=DEVICE)
+            sums = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=DEVICE)   # NaN: poisoned
+            # tile sums from the update kernel itself: a seed far away leaves d2 as it is
+            x[0] = -1e3
+            dd = d2.to(DEVICE).clone()
+            ks.min_sq_dist_(dd, x, torch.tensor([0], device=DEVICE), sums)
+            if n > 1:
+                assert torch.equal(dd.cpu()[1:], d2[1:])
+            dref = dd.cpu()
+            assert_close("tile sums", sums, dref.new_tensor([dref[i:i + ks._block_m()].sum().item()
+                                                              for i in range(0, n, ks._block_m())]), 1e-12)
+            seeds = torch.full((len(us),), -7, dtype=torch.int64, device=DEVICE)
+            j = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+            last = torch.full((1,), -7, dtype=torch.int64, device=DEVICE)
+            for k in range(len(us)):
+                ks.draw_seed_(seeds, j, last, us.to(DEVICE), dd, sums)
+                assert int(j) == k + 1 and int(last) == int(seeds[k])
+            got = seeds.cpu().tolist()
+            want = [ks.draw_seed_reference(dref, float(u)) for u in us]
+            assert got == want, (chunk, got, want)
+            assert all(float(dref[i]) > 0 for i in got) or float(dref.sum()) == 0
+        finally:
+            ks.DRAW_CHUNK = old
+
+
+def test_seed_draw_with_all_distances_zero_takes_the_last_row():
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    d2 = torch.zeros(40, dtype=torch.float64, device=DEVICE)
+    sums = torch.zeros(ks.block_sums_size(40), dtype=torch.float64, device=DEVICE)
+    seeds = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    j = torch.ones(1, dtype=torch.int64, device=DEVICE)
+    last = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    ks.draw_seed_(seeds, j, last, torch.full((2,), 0.5, dtype=torch.float64, device=DEVICE), d2, sums)
+    assert seeds.cpu().tolist() == [0, 39] and int(last) == 39 and int(j) == 2
+
+
+def test_seed_draw_rejects_bad_input():
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    i64 = dict(dtype=torch.int64, device=DEVICE)
+    seeds, j, last = torch.zeros(4, **i64), torch.zeros(1, **i64), torch.zeros(1, **i64)
+    u = torch.zeros(4, dtype=torch.float64, device=DEVICE)
+    d2 = torch.ones(20, dtype=torch.float64, device=DEVICE)
+    sums = torch.zeros(ks.block_sums_size(20), dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="block_sums"):
+        ks.draw_seed_(seeds, j, last, u, d2, sums[:-1])
+    with pytest.raises(TypeError, match="u must be"):
+        ks.draw_seed_(seeds, j, last, u.float(), d2, sums)
+    with pytest.raises(ValueError, match="one uniform per seed"):
+        ks.draw_seed_(seeds, j, last, u[:2], d2, sums)
+    with pytest.raises(TypeError, match="one element"):
+        ks.draw_seed_(seeds, seeds, last, u, d2, sums)
+    with pytest.raises(ValueError, match="no rows"):
+        ks.draw_seed_(seeds, j, last, u, d2[:0], sums[:0])
+    with pytest.raises(TypeError, match="block_sums"):
+        ks.min_sq_dist_(d2, torch.zeros(20, 3, device=DEVICE), j, sums.float())
+    from flashgmm_faiss.gmm import kmeans_plusplus
+    with pytest.raises(ValueError, match="path must be"):
+        kmeans_plusplus(torch.zeros(5, 2), 2, __import__("numpy").random.default_rng(0), path="cuda")
 
 
 # ------------------------------------------------------------------------------------------------ k-means
