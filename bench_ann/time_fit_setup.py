@@ -5,8 +5,9 @@ Times, after a warm-up, with a device synchronisation around each (medians of ``
 * ``fit(kmeans_iter=0, max_iter=0)``: the whole set-up (validation pass, sample, k-means++ seeding, variances);
 * the same with ``init`` given as an array: everything but the seeding;
 * the sample draw alone (``rng.choice`` of max(50 K, 10^4) rows and their gather) and ``kmeans_plusplus`` alone
-  on each of its paths ("fused": update kernel and one-program draw, the default; "update": the update kernel and
-  torch's cumulative sum and search; "torch"), replayed as CUDA graphs and launched eagerly (seeds must be equal);
+  on each of its paths (``SEEDING_PATHS``: "pruned" and "fused", the update kernel and the one-program draw with and
+  without the triangle-inequality pruning; "update", the update kernel and torch's cumulative sum and search;
+  "torch"), replayed as CUDA graphs and launched eagerly (all seeds must equal the default path's);
 * ``fit(kmeans_iter=1, max_iter=0)``: the set-up plus one k-means iteration and the k-means variances pass (the
   iteration's cost is its difference with the first row).
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from flashgmm_faiss import GaussianMixture
-from flashgmm_faiss.gmm import kmeans_plusplus, seeding_sample_rows
+from flashgmm_faiss.gmm import SEEDING_PATHS, kmeans_plusplus, seeding_sample_rows
 
 from .bench_fit import add_problem_args, sift_like
 
@@ -61,22 +62,23 @@ def run(args):
         return X[torch.as_tensor(idx, device="cuda")].sub_(center)
     sample = draw()
 
-    def seed(graphs=True, path="fused"):
+    def seed(graphs=True, path=None):
         return kmeans_plusplus(sample, k, np.random.default_rng(1), cuda_graphs=graphs, path=path)
     ref = seed(True)
-    same_seeds = all(bool(torch.equal(seed(g, p), ref))
-                     for g, p in ((False, "fused"), (True, "update"), (False, "update"), (True, "torch")))
+    paths = [p for p in SEEDING_PATHS if p != "torch" or not args.no_torch_path]
+    same_seeds = all(bool(torch.equal(seed(g, p), ref)) for p in paths for g in (True, False) if p != "torch" or g)
     parts = {
         "fit, no iterations (set-up)": lambda: fit(kmeans_iter=0, max_iter=0),
         "fit, no iterations, init given (no seeding)": lambda: fit(kmeans_iter=0, max_iter=0, init=init),
         f"sample draw ({m} rows)": draw,
-        "k-means++ seeding (CUDA graphs)": seed,
-        "k-means++ seeding (eager launches)": lambda: seed(False),
-        "k-means++ seeding, update kernel + torch search (CUDA graphs)": lambda: seed(True, "update"),
-        "k-means++ seeding, update kernel + torch search (eager)": lambda: seed(False, "update"),
-        "k-means++ seeding, torch only (CUDA graphs)": lambda: seed(True, "torch"),
-        "fit, one k-means iteration (+ its variances pass)": lambda: fit(kmeans_iter=1, max_iter=0),
     }
+    for p in paths:
+        parts[f"k-means++ seeding, path={p} (CUDA graphs)"] = lambda p=p: seed(True, p)
+        if p != "torch":
+            parts[f"k-means++ seeding, path={p} (eager launches)"] = lambda p=p: seed(False, p)
+    parts.update({
+        "fit, one k-means iteration (+ its variances pass)": lambda: fit(kmeans_iter=1, max_iter=0),
+    })
     for fn in parts.values():        # warm-up: compilation, autotuning
         fn()
     rows = [{"part": name, "ms": _timed(fn, args.rep)} for name, fn in parts.items()]
@@ -101,6 +103,8 @@ def main():
     add_problem_args(p)
     p.add_argument("--cov", default="spherical", choices=["spherical", "diag"])
     p.add_argument("--rep", type=int, default=5)
+    p.add_argument("--no-torch-path", action="store_true",
+                   help="skip kmeans_plusplus(path='torch') (19 s per run at K=16384)")
     p.add_argument("--out", default="bench_ann/results/fit_setup")
     main_args = p.parse_args()
     run(main_args)

@@ -14,8 +14,8 @@ from .assign import assign, score, topk_responsibilities
 from .column_stats import column_stats
 from .estep import FLAG_K, PRECISIONS, RowOrder, absmax, component_order, estep, prepare, row_order
 from .kmeans import assign_labels, kmeans_step
-from .seeding import draw_seed_, min_sq_dist_
+from .seeding import draw_seed_, min_sq_dist_, pruned_min_sq_dist_, seed_gaps_
 
 __all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "column_stats", "component_order",
-           "draw_seed_", "estep", "kmeans_step", "min_sq_dist_", "prepare", "row_order", "score",
-           "topk_responsibilities"]
+           "draw_seed_", "estep", "kmeans_step", "min_sq_dist_", "prepare", "pruned_min_sq_dist_", "row_order",
+           "score", "seed_gaps_", "topk_responsibilities"]

@@ -44,27 +44,60 @@ BLOCK_D = 64
 DRAW_CHUNK = 1024      # tile sums per iteration of the draw program
 
 
+PRUNE_FACTOR = 4.0625   # skip a row when ||s - c||^2 >= PRUNE_FACTOR d2 (4 = the triangle inequality, + margin)
+
+
 @triton.jit
-def _min_sq_dist_kernel(X, S, D2, BSUM, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                        WRITE_BSUM: tl.constexpr):
+def _min_sq_dist_kernel(X, S, D2, BSUM, NEAREST, GAPS, J, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                        WRITE_BSUM: tl.constexpr, PRUNE: tl.constexpr, PRUNE_FACTOR: tl.constexpr):
     """Program p: rows [p BLOCK_M, (p + 1) BLOCK_M): d2 = min(d2, ||x - x_s||^2), the sum in fp32; with
-    WRITE_BSUM, BSUM[p] = the float64 sum of the updated d2 over these rows."""
+    WRITE_BSUM, BSUM[p] = the float64 sum of the updated d2 over these rows. With PRUNE, a row whose nearest seed
+    c = NEAREST[row] has GAPS[c] = ||x_s - c||^2 >= PRUNE_FACTOR d2 is not read (it cannot get closer to s), and a
+    row that gets closer takes NEAREST = J[0] - 1 (the new seed's index)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
+    old = tl.load(D2 + rows, mask=rmask, other=0.0)
+    if PRUNE:
+        near = tl.load(NEAREST + rows, mask=rmask, other=0)
+        gap = tl.load(GAPS + near, mask=rmask, other=0.0)
+        need = rmask & ((gap < PRUNE_FACTOR * old) | (gap != gap))     # d2 = +inf and NaN gaps (unset) are read
+    else:
+        need = rmask
     seed = tl.load(S).to(tl.int64)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=need[:, None] & cmask[None, :], other=0.0)
         r = tl.load(X + seed * D + cols, mask=cmask, other=0.0)
         diff = x - r[None, :]
         acc += tl.sum(diff * diff, axis=1)
-    old = tl.load(D2 + rows, mask=rmask, other=0.0)
-    new = tl.minimum(old, acc.to(tl.float64))
-    tl.store(D2 + rows, new, mask=rmask)
+    dist = acc.to(tl.float64)
+    new = tl.where(need, tl.minimum(old, dist), old)
+    tl.store(D2 + rows, new, mask=need)
+    if PRUNE:
+        tl.store(NEAREST + rows, (tl.load(J) - 1).to(tl.int32), mask=need & (dist < old))
     if WRITE_BSUM:
         tl.store(BSUM + tl.program_id(0), tl.sum(tl.where(rmask, new, 0.0), axis=0))
+
+
+@triton.jit
+def _seed_gaps_kernel(X, SEEDS, J, S, GAPS, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program p: seeds [p BLOCK_K, (p + 1) BLOCK_K) below J[0]: GAPS[k] = ||x_s - x_seeds[k]||^2 (fp32 sum of
+    differences, stored in float64); later seeds are not read."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < tl.load(J)
+    sid = tl.load(SEEDS + ks, mask=kmask, other=0).to(tl.int64)
+    seed = tl.load(S).to(tl.int64)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        c = tl.load(X + sid[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        r = tl.load(X + seed * D + cols, mask=cmask, other=0.0)
+        diff = c - r[None, :]
+        acc += tl.sum(diff * diff, axis=1)
+    tl.store(GAPS + ks, acc.to(tl.float64), mask=kmask)
 
 
 @triton.jit
@@ -171,10 +204,90 @@ def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
         return d2
     block_d = min(BLOCK_D, max(16, triton.next_power_of_2(d)))
     block_m = _block_m()
-    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, d2 if block_sums is None else block_sums, n, d,
-                                                     BLOCK_M=block_m, BLOCK_D=block_d,
-                                                     WRITE_BSUM=block_sums is not None, num_warps=4)
+    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, d2 if block_sums is None else block_sums, s, d2, s,
+                                                     n, d, BLOCK_M=block_m, BLOCK_D=block_d,
+                                                     WRITE_BSUM=block_sums is not None, PRUNE=False,
+                                                     PRUNE_FACTOR=PRUNE_FACTOR, num_warps=4)
     return d2
+
+
+def pruned_min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor, block_sums: torch.Tensor,
+                        nearest: torch.Tensor, gaps: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """:func:`min_sq_dist_` that reads only the rows the new seed may bring closer (no host sync).
+
+    A row whose nearest seed c has ``||x_s - c||^2 >= PRUNE_FACTOR * d2`` keeps its d2 unread: by the triangle
+    inequality its distance to s is at least sqrt(d2) (PRUNE_FACTOR = 4 + a margin far above fp32 rounding), so
+    the result equals the unpruned update's bit for bit. The rows read are those of the Voronoi cells whose seed
+    lies near s; they shrink as the seeds outnumber the data's clusters.
+
+    Parameters
+    ----------
+    d2, x, s, block_sums : as in :func:`min_sq_dist_` (block_sums required)
+    nearest : (n,) int32: each row's nearest seed so far (an index into the seeds); rows that get closer to s
+        take j[0] - 1. Any values while d2 is +inf (before the first seed).
+    gaps : (K,) float64: ``||x_s - x_seeds[k]||^2`` for the seeds k < j[0] (:func:`seed_gaps_`)
+    j : (1,) int64: the number of seeds so far, s included (s is seed j[0] - 1)
+
+    Returns
+    -------
+    d2, updated
+    """
+    if not isinstance(nearest, torch.Tensor) or nearest.dtype != torch.int32 or nearest.shape != d2.shape:
+        raise TypeError(f"nearest must be an int32 tensor of d2's shape {tuple(d2.shape)}")
+    if not isinstance(gaps, torch.Tensor) or gaps.dtype != torch.float64 or gaps.ndim != 1:
+        raise TypeError("gaps must be a 1-D float64 tensor (one entry per seed)")
+    if not isinstance(j, torch.Tensor) or j.dtype != torch.int64 or j.numel() != 1:
+        raise TypeError("j must be an int64 tensor of one element")
+    min_sq_dist_(d2[:0], x[:0], s)       # the same argument checks, no launch
+    n, d = x.shape
+    if d2.shape != (n,):
+        raise TypeError(f"d2 must be a float64 tensor of shape ({n},)")
+    _check_block_sums(block_sums, n, d2.device)
+    if not (nearest.is_contiguous() and gaps.is_contiguous()) or len({nearest.device, gaps.device, j.device,
+                                                                       d2.device}) != 1:
+        raise ValueError(f"nearest and gaps must be contiguous and, with j, on {d2.device}")
+    if n == 0:
+        return d2
+    block_d = min(BLOCK_D, max(16, triton.next_power_of_2(d)))
+    block_m = _block_m()
+    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, block_sums, nearest, gaps, j, n, d, BLOCK_M=block_m,
+                                                     BLOCK_D=block_d, WRITE_BSUM=True, PRUNE=True,
+                                                     PRUNE_FACTOR=PRUNE_FACTOR, num_warps=4)
+    return d2
+
+
+def seed_gaps_(gaps: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, j: torch.Tensor,
+               s: torch.Tensor) -> torch.Tensor:
+    """``gaps[k] = ||x_s - x_seeds[k]||^2`` for k < j[0], in place on the device (no host sync); later entries
+    are left as they are.
+
+    Parameters
+    ----------
+    gaps : (K,) float64, contiguous
+    x : (n, D) float32, contiguous: the sample
+    seeds : (K,) int64: the seeds' rows in x
+    j : (1,) int64: how many seeds are set
+    s : (1,) int64: the new seed's row
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2 or not x.is_contiguous():
+        raise TypeError("x must be a contiguous 2-D float32 torch.Tensor")
+    if not isinstance(gaps, torch.Tensor) or gaps.dtype != torch.float64 or not gaps.is_contiguous():
+        raise TypeError("gaps must be a contiguous float64 tensor")
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != gaps.shape:
+        raise TypeError(f"seeds must be an int64 tensor of gaps' shape {tuple(gaps.shape)}")
+    for name, t in (("j", j), ("s", s)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
+            raise TypeError(f"{name} must be an int64 tensor of one element")
+    if len({gaps.device, x.device, seeds.device, j.device, s.device}) != 1:
+        raise ValueError("gaps, x, seeds, j and s must be on one device")
+    k, d = gaps.numel(), x.shape[1]
+    if k == 0:
+        return gaps
+    block_k = 16 if _interpret() else 64
+    block_d = min(BLOCK_D, max(16, triton.next_power_of_2(d)))
+    _seed_gaps_kernel[(triton.cdiv(k, block_k),)](x, seeds, j, s, gaps, d, BLOCK_K=block_k, BLOCK_D=block_d,
+                                                   num_warps=4)
+    return gaps
 
 
 def _check_block_sums(block_sums, n: int, device) -> None:

@@ -282,7 +282,7 @@ def test_kmeans_plusplus_graph_replay_is_the_eager_seeding_and_the_kernel_matche
     b = kmeans_plusplus(x, 1024, np.random.default_rng(0), cuda_graphs=False)
     assert torch.equal(a, b)
     assert torch.unique(a, dim=0).shape[0] == 1024
-    for path in ("update", "torch"):
+    for path in ("pruned", "fused", "update", "torch"):
         assert torch.equal(kmeans_plusplus(x, 1024, np.random.default_rng(0), path=path), a), path
     d2 = torch.rand(x.shape[0], dtype=torch.float64, device="cuda") * 1e5
     s = torch.tensor([77], device="cuda")

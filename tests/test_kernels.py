@@ -782,7 +782,7 @@ def test_seeding_distance_update_rejects_bad_input():
         ks.min_sq_dist_(d2, torch.zeros(3, 4, device=DEVICE).T, s)
 
 
-@pytest.mark.parametrize("path", ["update", "fused"])
+@pytest.mark.parametrize("path", ["update", "fused", "pruned"])
 def test_kmeans_plusplus_on_the_seeding_kernels_matches_the_torch_path(path):
     # the estimator's seeding on the kernels (as on CUDA: the distance update, and with "fused" the one-program
     # draw) against the torch path: distinct rows, and the same seeds (both sum fp32 differences; the draws are
@@ -809,6 +809,67 @@ def test_kmeans_plusplus_fused_path_on_degenerate_data_returns_distinct_rows():
     got = kmeans_plusplus(x.to(DEVICE), 6, np.random.default_rng(0), path="fused")
     assert torch.equal(got.cpu(), want)
     assert {tuple(r) for r in got[:3].cpu().tolist()} == {(1.0, 2.0), (5.0, 5.0), (9.0, 0.0)}
+
+
+def test_pruned_seeding_equals_the_unpruned_one_bit_for_bit_and_keeps_nearest_seeds():
+    # clustered data with more seeds than clusters (where the pruning skips most rows): the pruned steps give the
+    # unpruned d2 bit for bit after every seed, and each row's nearest seed is one at distance d2 (fp32 sums)
+    import numpy as np
+
+    from flashgmm_faiss.gmm import kmeans_plusplus
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    g = torch.Generator().manual_seed(11)
+    centres = torch.randn(6, 9, generator=g) * 40.0
+    x = (centres[torch.arange(333) % 6] + torch.randn(333, 9, generator=g)).to(DEVICE)
+    K = 40
+    seeds_f = kmeans_plusplus(x, K, np.random.default_rng(2), path="fused")
+    seeds_p = kmeans_plusplus(x, K, np.random.default_rng(2), path="pruned")
+    assert torch.equal(seeds_f, seeds_p)
+    # step by step on fixed seeds: both updates from the same state
+    order = torch.randperm(333, generator=g)[:K].to(DEVICE)
+    n = x.shape[0]
+    d2a = torch.full((n,), math.inf, dtype=torch.float64, device=DEVICE)
+    d2b = d2a.clone()
+    sa = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=DEVICE)
+    sb = sa.clone()
+    nearest = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    gaps = torch.zeros(K, dtype=torch.float64, device=DEVICE)
+    for k in range(K):
+        s = order[k:k + 1].clone()
+        j = torch.tensor([k + 1], device=DEVICE)
+        ks.min_sq_dist_(d2a, x, s, sa)
+        ks.seed_gaps_(gaps, x, order.clone(), j, s)
+        ks.pruned_min_sq_dist_(d2b, x, s, sb, nearest, gaps, j)
+        assert torch.equal(d2a, d2b), k
+        assert torch.equal(sa, sb), k
+    near_rows = order.cpu()[nearest.cpu().long()]
+    xc = x.cpu()
+    dist = ((xc - xc[near_rows]) ** 2).sum(1).double()
+    assert_close("d2 vs nearest seed", d2b, dist, 1e-6)
+    want_gaps = ((xc[order.cpu()] - xc[order.cpu()[-1]]) ** 2).sum(1).double()
+    assert_close("gaps", gaps, want_gaps, 1e-6)
+
+
+def test_pruned_update_skips_exactly_the_rows_the_triangle_inequality_rules_out():
+    # every row is a copy of the new seed (so a row that is read gets d2 = 0); rows whose nearest seed's gap is
+    # >= PRUNE_FACTOR d2 must keep d2 (not read), the others get 0 and take the new seed as nearest
+    ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    n = 50
+    x = torch.ones(n, 4, device=DEVICE)
+    d2 = torch.full((n,), 10.0, dtype=torch.float64, device=DEVICE)
+    d2[7] = math.inf
+    nearest = (torch.arange(n, device=DEVICE) % 3).to(torch.int32)
+    gaps = torch.tensor([40.0, 40.625, 41.0], dtype=torch.float64, device=DEVICE)   # seed 0 gap < 4.0625 * 10
+    sums = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=DEVICE)
+    j = torch.tensor([3], device=DEVICE)
+    ks.pruned_min_sq_dist_(d2, x, torch.tensor([0], device=DEVICE), sums, nearest, gaps, j)
+    read = (torch.arange(n) % 3 == 0) | (torch.arange(n) == 7)
+    assert torch.equal(d2.cpu() == 0, read)
+    assert torch.all(d2.cpu()[~read] == 10.0)
+    want_near = torch.where(read, 2, torch.arange(n) % 3)
+    assert torch.equal(nearest.cpu().long(), want_near)
+    assert_close("tile sums", sums, torch.stack([d2.cpu()[i:i + ks._block_m()].sum()
+                                                  for i in range(0, n, ks._block_m())]), 1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 16, 45, 2100])
@@ -882,6 +943,20 @@ def test_seed_draw_rejects_bad_input():
         ks.draw_seed_(seeds, j, last, u, d2[:0], sums[:0])
     with pytest.raises(TypeError, match="block_sums"):
         ks.min_sq_dist_(d2, torch.zeros(20, 3, device=DEVICE), j, sums.float())
+    x = torch.zeros(20, 3, device=DEVICE)
+    near, gaps = torch.zeros(20, dtype=torch.int32, device=DEVICE), torch.zeros(4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="nearest"):
+        ks.pruned_min_sq_dist_(d2, x, last, sums, near.long(), gaps, j)
+    with pytest.raises(TypeError, match="gaps"):
+        ks.pruned_min_sq_dist_(d2, x, last, sums, near, gaps.float(), j)
+    with pytest.raises(TypeError, match="block_sums"):
+        ks.pruned_min_sq_dist_(d2, x, last, sums[1:], near, gaps, j)
+    with pytest.raises(TypeError, match="float32"):
+        ks.pruned_min_sq_dist_(d2, x.double(), last, sums, near, gaps, j)
+    with pytest.raises(TypeError, match="seeds"):
+        ks.seed_gaps_(gaps, x, seeds[:2], j, last)
+    with pytest.raises(TypeError, match="x must be"):
+        ks.seed_gaps_(gaps, x.T, seeds, j, last)
     from flashgmm_faiss.gmm import kmeans_plusplus
     with pytest.raises(ValueError, match="path must be"):
         kmeans_plusplus(torch.zeros(5, 2), 2, __import__("numpy").random.default_rng(0), path="cuda")
