@@ -15,7 +15,9 @@ responsibilities) and, behind ``estep.GLUON_PASS1_KEPT`` (off: no gain measured,
 iterations (rows in a given order from their hinted block, logZ by row and position, the operand copy, the 64-row
 tiles' block bits for the sparse pass 2). Same operands, same products in the same order and the same log-sum-exp
 as the Triton kernel, which stays the reference (and the only form that runs under ``TRITON_INTERPRET=1``: Gluon
-kernels do not), and runs everything else (the argmax of the order rebuilds, ``score``/``predict``).
+kernels do not), and runs everything else (the argmax of the order rebuilds, ``score``/``predict``). D from 16 to 128 in steps of
+8: the features are padded to a power of two DP (masked row loads; the TMA's zero fill past D for the parameter
+tiles), as the Triton kernel pads them (v26: D=96 at D=128's cost).
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def _or(a, b):
 def _diag_logz_kernel(
     X, CENTER, ROWS, HINT, a_desc, alo_desc, p_desc, BIAS2, COEF2, CST, SCALES, LOGZ, LZP, X2, XO, XQ, XQL, GAPS,
     ROWBITS, N, K,
-    D: gl.constexpr, HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
+    D: gl.constexpr, DP: gl.constexpr, HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
     WRITE_COPY: gl.constexpr, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, A_REG: gl.constexpr, num_warps: gl.constexpr,
 ):
@@ -114,7 +116,7 @@ def _diag_logz_kernel(
 
     # the row tile's operands (as _row_operands, MODE 1, diag)
     offs_m = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, rows))
+    offs_d = gl.arange(0, DP, layout=gl.SliceLayout(0, rows))      # DP = D padded to a power of two: zeros
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
     if HAS_ORDER:
         src = gl.load(ROWS + offs_m, mask=offs_m < N, other=0).to(gl.int64)
@@ -122,7 +124,7 @@ def _diag_logz_kernel(
         src = offs_m
     x = gl.load(X + src[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     if HAS_CENTER:
-        c = gl.load(CENTER + offs_d)
+        c = gl.load(CENTER + offs_d, mask=offs_d < D, other=0.0)
         x = gl.where(mask, x - c[None, :], 0.0)
     x = x * gl.load(SCALES)
     xh = x.to(gl.float16)
@@ -144,9 +146,9 @@ def _diag_logz_kernel(
         qh_s = gl.convert_layout(qh, dot_a)
         ql_s = gl.convert_layout(ql, dot_a)
     else:
-        xh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, xh)
-        qh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, qh)
-        ql_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], op_layout, ql)
+        xh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, xh)
+        qh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, qh)
+        ql_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, ql)
 
     # component blocks are visited from the block of the tile's hinted component (as the Triton kernel)
     num_kb = gl.cdiv(K, BLOCK_K)
@@ -154,10 +156,11 @@ def _diag_logz_kernel(
         b0 = gl.load(HINT + pid.to(gl.int64) * BLOCK_M) // BLOCK_K
     else:
         b0 = pid * 0
-    # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, D), one mbarrier per stage
-    a_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
-    alo_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
-    p_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, D], a_desc.layout)
+    # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, DP), one mbarrier per stage (the TMA fills
+    # the columns past D, and the rows past K, with zeros)
+    a_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, DP], a_desc.layout)
+    alo_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, DP], a_desc.layout)
+    p_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, DP], a_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
@@ -218,9 +221,10 @@ def _diag_logz_kernel(
 
 
 def supported(x, k, d) -> bool:
-    """Whether :func:`launch_diag_logz` applies to diag "tf32" rows x (n, d): a Hopper GPU (sm_90), D a power of
-    two in [16, 128] (one tile of features, TMA-aligned rows), at most 64 component blocks of 64."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and d in (16, 32, 64, 128)
+    """Whether :func:`launch_diag_logz` applies to diag "tf32" rows x (n, d): a Hopper GPU (sm_90), 16 <= D <= 128
+    and a multiple of 8 (one tile of features padded to a power of two, 16-byte aligned parameter rows for the
+    TMA), at most 64 component blocks of 64."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and 16 <= d <= 128 and d % 8 == 0
             and triton.cdiv(k, 64) <= 64)
 
 
@@ -239,15 +243,17 @@ def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=No
     if order is not None and lzp is None:
         raise ValueError("a row order needs lzp, the position-ordered logZ buffer")
     logz = torch.empty(n, dtype=torch.float32, device=x.device) if logz is None else logz
-    layout = gl.NVMMASharedLayout.get_default_for([block_k, d], gl.float16)
-    descs = [TensorDescriptor.from_tensor(t, [block_k, d], layout) for t in (params.a, params.a_lo, params.p)]
+    dp = max(16, triton.next_power_of_2(d))
+    layout = gl.NVMMASharedLayout.get_default_for([block_k, dp], gl.float16)
+    descs = [TensorDescriptor.from_tensor(t, [block_k, dp], layout) for t in (params.a, params.a_lo, params.p)]
     rows, hint = order if order is not None else (logz, logz)
     xo, xq, xql = copy if copy is not None else (logz, logz, logz)
     grid = (triton.cdiv(n, block_m),)
     _diag_logz_kernel[grid](x, x if center is None else center, rows, hint, *descs, params.bias2, params.coef2,
                             params.cst, params.scales, logz, logz if lzp is None else lzp, logz if x2 is None else x2,
                             xo, xq, xql, logz if gaps is None else gaps, logz if row_bits is None else row_bits, n, k,
-                            D=d, HAS_CENTER=center is not None, HAS_ORDER=order is not None, WRITE_X2=x2 is not None,
+                            D=d, DP=dp, HAS_CENTER=center is not None, HAS_ORDER=order is not None,
+                            WRITE_X2=x2 is not None,
                             WRITE_COPY=copy is not None, WRITE_GAPS=gaps is not None, ROW_BITS=row_bits is not None,
                             SKIP=float(skip), BLOCK_M=block_m, BLOCK_K=block_k, STAGES=stages, A_REG=a_reg,
                             num_warps=num_warps)

@@ -1187,18 +1187,19 @@ def _pass1_outputs(form, n, d, n_blocks, order):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("n,k", [(1 << 18, 1024), (100_003, 1000)], ids=["K1024", "K1000-odd-n"])
-def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k):
+@pytest.mark.parametrize("n,k,d", [(1 << 18, 1024, 128), (100_003, 1000, 128), (65_537, 1024, 96)],
+                         ids=["K1024", "K1000-odd-n", "D96-padded"])
+def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d):
     # the Gluon diag "tf32" pass 1 (kernels.logz_gluon, Hopper only) in its three forms (transient orders: logZ,
     # ||x~||^2, exact block bits; kept orders: rows in a given order from the hinted block, logZ by row and by
     # position, the operand copy, the flag tiles' bits; logz: logZ alone, as assign) equals the Triton kernel bit
     # for bit (same operands, products in the same order, same log-sum-exp), into poisoned buffers; logZ is within
-    # the tf32 bound of float64; a K that is not a multiple of the block (TMA's zero fill past K) and a ragged last row
-    # tile included. The E-step (sorted, and on a kept order) is bitwise the same with and without it.
+    # the tf32 bound of float64; a K that is not a multiple of the block (TMA's zero fill past K), a ragged last row
+    # tile and D=96 (features padded to 128: TMA's zero fill past D) included. The E-step (sorted, and on a kept
+    # order) is bitwise the same with and without it.
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon pass 1 is for Hopper GPUs (sm_90)")
     lg = importlib.import_module("flashgmm_faiss.kernels.logz_gluon")
-    d = 128
     x = _sift_like(n, d, k, seed=3)
     center = x.double().mean(0).float()
     xc = (x - center).contiguous()
