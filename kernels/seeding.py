@@ -48,6 +48,21 @@ PRUNE_FACTOR = 4.0625   # skip a row when ||s - c||^2 >= PRUNE_FACTOR d2 (4 = th
 
 
 @triton.jit
+def _sq_dists_to_row(X, idx, mask, seed, D, BLOCK_D: tl.constexpr):
+    """fp32 ``sum_j (x_ij - x_seed,j)^2`` for the rows idx (B,) of X (n, D) where mask (B,) holds, 0 elsewhere (the
+    other rows are not read)."""
+    acc = tl.zeros(idx.shape, dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        x = tl.load(X + idx[:, None] * D + cols[None, :], mask=mask[:, None] & cmask[None, :], other=0.0)
+        r = tl.load(X + seed * D + cols, mask=cmask, other=0.0)
+        diff = x - r[None, :]
+        acc += tl.sum(diff * diff, axis=1)
+    return acc
+
+
+@triton.jit
 def _min_sq_dist_kernel(X, S, D2, BSUM, NEAREST, GAPS, J, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                         WRITE_BSUM: tl.constexpr, PRUNE: tl.constexpr, PRUNE_FACTOR: tl.constexpr):
     """Program p: rows [p BLOCK_M, (p + 1) BLOCK_M): d2 = min(d2, ||x - x_s||^2), the sum in fp32; with
@@ -63,16 +78,7 @@ def _min_sq_dist_kernel(X, S, D2, BSUM, NEAREST, GAPS, J, N, D, BLOCK_M: tl.cons
         need = rmask & ((gap < PRUNE_FACTOR * old) | (gap != gap))     # d2 = +inf and NaN gaps (unset) are read
     else:
         need = rmask
-    seed = tl.load(S).to(tl.int64)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=need[:, None] & cmask[None, :], other=0.0)
-        r = tl.load(X + seed * D + cols, mask=cmask, other=0.0)
-        diff = x - r[None, :]
-        acc += tl.sum(diff * diff, axis=1)
-    dist = acc.to(tl.float64)
+    dist = _sq_dists_to_row(X, rows, need, tl.load(S).to(tl.int64), D, BLOCK_D).to(tl.float64)
     new = tl.where(need, tl.minimum(old, dist), old)
     tl.store(D2 + rows, new, mask=need)
     if PRUNE:
@@ -88,15 +94,7 @@ def _seed_gaps_kernel(X, SEEDS, J, S, GAPS, D, BLOCK_K: tl.constexpr, BLOCK_D: t
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < tl.load(J)
     sid = tl.load(SEEDS + ks, mask=kmask, other=0).to(tl.int64)
-    seed = tl.load(S).to(tl.int64)
-    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        c = tl.load(X + sid[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        r = tl.load(X + seed * D + cols, mask=cmask, other=0.0)
-        diff = c - r[None, :]
-        acc += tl.sum(diff * diff, axis=1)
+    acc = _sq_dists_to_row(X, sid, kmask, tl.load(S).to(tl.int64), D, BLOCK_D)
     tl.store(GAPS + ks, acc.to(tl.float64), mask=kmask)
 
 
