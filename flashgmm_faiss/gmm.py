@@ -935,29 +935,27 @@ def kmeans_plusplus(x: torch.Tensor, K: int, rng, cuda_graphs: bool = True, path
     seeds[0] = first
     j = torch.ones(1, dtype=torch.int64, device=x.device)    # the next seed's index, on the device
     d2 = torch.full((n,), math.inf, dtype=torch.float64, device=x.device)
-    if path == "fused":
+    if path in ("fused", "pruned"):
         from .kernels import seeding as ks
         xc = x.contiguous()
         tile_sums = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=x.device)
-        last = seeds[:1].clone()
-        ks.min_sq_dist_(d2, xc, last, tile_sums)
+        last = seeds[:1].clone()          # the newest seed's row
+        if path == "pruned":
+            nearest = torch.zeros(n, dtype=torch.int32, device=x.device)
+            gaps = torch.zeros(K, dtype=torch.float64, device=x.device)
+
+            def update():
+                ks.pruned_min_sq_dist_(d2, xc, last, tile_sums, nearest, gaps, j)
+        else:
+            def update():
+                ks.min_sq_dist_(d2, xc, last, tile_sums)
+        update()
 
         def step():
             ks.draw_seed_(seeds, j, last, u, d2, tile_sums)
-            ks.min_sq_dist_(d2, xc, last, tile_sums)
-    elif path == "pruned":
-        from .kernels import seeding as ks
-        xc = x.contiguous()
-        tile_sums = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=x.device)
-        last = seeds[:1].clone()
-        nearest = torch.zeros(n, dtype=torch.int32, device=x.device)
-        gaps = torch.zeros(K, dtype=torch.float64, device=x.device)
-        ks.pruned_min_sq_dist_(d2, xc, last, tile_sums, nearest, gaps, j)
-
-        def step():
-            ks.draw_seed_(seeds, j, last, u, d2, tile_sums)
-            ks.seed_gaps_(gaps, xc, seeds, j, last)
-            ks.pruned_min_sq_dist_(d2, xc, last, tile_sums, nearest, gaps, j)
+            if path == "pruned":
+                ks.seed_gaps_(gaps, xc, seeds, j, last)
+            update()
     else:
         update = _seed_distance_update(x, kernel=path == "update")
         update(d2, seeds[:1])

@@ -15,9 +15,9 @@ responsibilities) and, behind ``estep.GLUON_PASS1_KEPT`` (off: no gain measured,
 iterations (rows in a given order from their hinted block, logZ by row and position, the operand copy, the 64-row
 tiles' block bits for the sparse pass 2). Same operands, same products in the same order and the same log-sum-exp
 as the Triton kernel, which stays the reference (and the only form that runs under ``TRITON_INTERPRET=1``: Gluon
-kernels do not), and runs everything else (the argmax of the order rebuilds, ``score``/``predict``). D from 16 to 128 in steps of
-8: the features are padded to a power of two DP (masked row loads; the TMA's zero fill past D for the parameter
-tiles), as the Triton kernel pads them (v26: D=96 at D=128's cost).
+kernels do not), and runs everything else (the argmax of the order rebuilds, ``score``/``predict``). D from 16
+to 128 in steps of 8: the features are padded to a power of two DP (masked row loads; the TMA's zero fill past D
+for the parameter tiles), as the Triton kernel pads them (v26: D=96 at D=128's cost).
 """
 from __future__ import annotations
 

@@ -183,9 +183,15 @@ def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
     -------
     d2, updated: ``min(d2, ||x - x[s]||^2)``
     """
+    _check_update(d2, x, s, block_sums)
+    return _launch_update(d2, x, s, block_sums)
+
+
+def _check_update(d2, x, s, block_sums) -> None:
+    """The argument checks of :func:`min_sq_dist_` (block_sums None or the tile sums' buffer)."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2:
         raise TypeError("x must be a 2-D float32 torch.Tensor")
-    n, d = x.shape
+    n = x.shape[0]
     if not isinstance(d2, torch.Tensor) or d2.dtype != torch.float64 or d2.shape != (n,):
         raise TypeError(f"d2 must be a float64 tensor of shape ({n},)")
     if not isinstance(s, torch.Tensor) or s.dtype != torch.int64 or s.numel() != 1:
@@ -198,15 +204,25 @@ def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
         raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
     if block_sums is not None:
         _check_block_sums(block_sums, n, d2.device)
+
+
+def _launch_update(d2, x, s, block_sums, pruning=None):
+    """Launches the update on checked arguments; ``pruning`` = (nearest, gaps, j) or None."""
+    n, d = x.shape
     if n == 0:
         return d2
-    block_d = min(BLOCK_D, max(16, triton.next_power_of_2(d)))
+    nearest, gaps, j = pruning if pruning is not None else (s, d2, s)     # placeholders, not read
     block_m = _block_m()
-    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, d2 if block_sums is None else block_sums, s, d2, s,
-                                                     n, d, BLOCK_M=block_m, BLOCK_D=block_d,
-                                                     WRITE_BSUM=block_sums is not None, PRUNE=False,
+    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, d2 if block_sums is None else block_sums, nearest,
+                                                     gaps, j, n, d, BLOCK_M=block_m, BLOCK_D=_block_d(d),
+                                                     WRITE_BSUM=block_sums is not None, PRUNE=pruning is not None,
                                                      PRUNE_FACTOR=PRUNE_FACTOR, num_warps=4)
     return d2
+
+
+def _block_d(d: int) -> int:
+    """The feature block of the row-distance kernels for D = d."""
+    return min(BLOCK_D, max(16, triton.next_power_of_2(d)))
 
 
 def pruned_min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor, block_sums: torch.Tensor,
@@ -236,22 +252,13 @@ def pruned_min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor, bloc
         raise TypeError("gaps must be a 1-D float64 tensor (one entry per seed)")
     if not isinstance(j, torch.Tensor) or j.dtype != torch.int64 or j.numel() != 1:
         raise TypeError("j must be an int64 tensor of one element")
-    min_sq_dist_(d2[:0], x[:0], s)       # the same argument checks, no launch
-    n, d = x.shape
-    if d2.shape != (n,):
-        raise TypeError(f"d2 must be a float64 tensor of shape ({n},)")
-    _check_block_sums(block_sums, n, d2.device)
+    _check_update(d2, x, s, block_sums)
+    if block_sums is None:
+        raise TypeError("block_sums is required: a float64 tensor of shape (block_sums_size(n),)")
     if not (nearest.is_contiguous() and gaps.is_contiguous()) or len({nearest.device, gaps.device, j.device,
                                                                        d2.device}) != 1:
         raise ValueError(f"nearest and gaps must be contiguous and, with j, on {d2.device}")
-    if n == 0:
-        return d2
-    block_d = min(BLOCK_D, max(16, triton.next_power_of_2(d)))
-    block_m = _block_m()
-    _min_sq_dist_kernel[(triton.cdiv(n, block_m),)](x, s, d2, block_sums, nearest, gaps, j, n, d, BLOCK_M=block_m,
-                                                     BLOCK_D=block_d, WRITE_BSUM=True, PRUNE=True,
-                                                     PRUNE_FACTOR=PRUNE_FACTOR, num_warps=4)
-    return d2
+    return _launch_update(d2, x, s, block_sums, (nearest, gaps, j))
 
 
 def seed_gaps_(gaps: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, j: torch.Tensor,
@@ -282,8 +289,7 @@ def seed_gaps_(gaps: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, j: torc
     if k == 0:
         return gaps
     block_k = 16 if _interpret() else 64
-    block_d = min(BLOCK_D, max(16, triton.next_power_of_2(d)))
-    _seed_gaps_kernel[(triton.cdiv(k, block_k),)](x, seeds, j, s, gaps, d, BLOCK_K=block_k, BLOCK_D=block_d,
+    _seed_gaps_kernel[(triton.cdiv(k, block_k),)](x, seeds, j, s, gaps, d, BLOCK_K=block_k, BLOCK_D=_block_d(d),
                                                    num_warps=4)
     return gaps
 

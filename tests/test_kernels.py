@@ -872,12 +872,15 @@ def test_pruned_update_skips_exactly_the_rows_the_triangle_inequality_rules_out(
                                                   for i in range(0, n, ks._block_m())]), 1e-12)
 
 
+@pytest.mark.parametrize("chunk", [16, None], ids=["chunk16", "chunk-default"])
 @pytest.mark.parametrize("n", [1, 16, 45, 2100])
-def test_seed_draw_matches_exact_inverse_cdf(poisoned, n):
+def test_seed_draw_matches_exact_inverse_cdf(poisoned, monkeypatch, n, chunk):
     # the one-program draw against exact rational arithmetic over the same float64 d2: zero rows (never drawn),
-    # a tile of zeros, a partial last tile, several chunks of tile sums (n = 2100: 132 tiles of 16 rows, chunks
-    # of 128 when DRAW_CHUNK is lowered), u near 0 and near 1; j, seeds and last updated on the device
+    # a tile of zeros, a partial last tile, several chunks of tile sums (n = 2100: 132 tiles of 16 rows, 9 chunks
+    # when DRAW_CHUNK is lowered to 16), u near 0 and near 1; j, seeds and last updated on the device
     ks = importlib.import_module("flashgmm_faiss.kernels.seeding")
+    if chunk is not None:
+        monkeypatch.setattr(ks, "DRAW_CHUNK", chunk)
     g = torch.Generator().manual_seed(n)
     d2 = torch.rand(n, generator=g, dtype=torch.float64) * 100.0
     d2[::3] = 0.0
@@ -885,32 +888,27 @@ def test_seed_draw_matches_exact_inverse_cdf(poisoned, n):
     if n > 1:
         d2[0] = 0.0
     us = torch.tensor([0.0, 1e-9, 0.37, 0.5, 0.999999, 1.0 - 2.0 ** -53], dtype=torch.float64)
-    for chunk in (16, ks.DRAW_CHUNK):
-        ks.DRAW_CHUNK, old = chunk, ks.DRAW_CHUNK
-        try:
-            x = torch.zeros(n, 2, device=DEVICE)
-            sums = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=DEVICE)   # NaN: poisoned
-            # tile sums from the update kernel itself: a seed far away leaves d2 as it is
-            x[0] = -1e3
-            dd = d2.to(DEVICE).clone()
-            ks.min_sq_dist_(dd, x, torch.tensor([0], device=DEVICE), sums)
-            if n > 1:
-                assert torch.equal(dd.cpu()[1:], d2[1:])
-            dref = dd.cpu()
-            assert_close("tile sums", sums, dref.new_tensor([dref[i:i + ks._block_m()].sum().item()
-                                                              for i in range(0, n, ks._block_m())]), 1e-12)
-            seeds = torch.full((len(us),), -7, dtype=torch.int64, device=DEVICE)
-            j = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-            last = torch.full((1,), -7, dtype=torch.int64, device=DEVICE)
-            for k in range(len(us)):
-                ks.draw_seed_(seeds, j, last, us.to(DEVICE), dd, sums)
-                assert int(j) == k + 1 and int(last) == int(seeds[k])
-            got = seeds.cpu().tolist()
-            want = [ks.draw_seed_reference(dref, float(u)) for u in us]
-            assert got == want, (chunk, got, want)
-            assert all(float(dref[i]) > 0 for i in got) or float(dref.sum()) == 0
-        finally:
-            ks.DRAW_CHUNK = old
+    x = torch.zeros(n, 2, device=DEVICE)
+    sums = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=DEVICE)   # NaN: poisoned
+    # tile sums from the update kernel itself: a seed far away leaves d2 as it is
+    x[0] = -1e3
+    dd = d2.to(DEVICE).clone()
+    ks.min_sq_dist_(dd, x, torch.tensor([0], device=DEVICE), sums)
+    if n > 1:
+        assert torch.equal(dd.cpu()[1:], d2[1:])
+    dref = dd.cpu()
+    assert_close("tile sums", sums, dref.new_tensor([dref[i:i + ks._block_m()].sum().item()
+                                                      for i in range(0, n, ks._block_m())]), 1e-12)
+    seeds = torch.full((len(us),), -7, dtype=torch.int64, device=DEVICE)
+    j = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    last = torch.full((1,), -7, dtype=torch.int64, device=DEVICE)
+    for k in range(len(us)):
+        ks.draw_seed_(seeds, j, last, us.to(DEVICE), dd, sums)
+        assert int(j) == k + 1 and int(last) == int(seeds[k])
+    got = seeds.cpu().tolist()
+    want = [ks.draw_seed_reference(dref, float(u)) for u in us]
+    assert got == want, (got, want)
+    assert all(float(dref[i]) > 0 for i in got) or float(dref.sum()) == 0
 
 
 def test_seed_draw_with_all_distances_zero_takes_the_last_row():
