@@ -30,12 +30,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 _LN2 = gl.constexpr(0.6931471805599453)
-# The warp-specialised form (two consumer warpgroups of 64 rows sharing one ring, a one-warp TMA producer), where it
-# applies (rows in natural order, no operand copy); 12 warps at WS_MAXNREG registers each, the consumers raised to
-# WS_CONSUMER_REGS (setmaxnreg), the producer lowered to 24.
-WARP_SPECIALIZE = False     # v27: no faster than the one-warpgroup kernel (bench_ann/results/v27_warp_specialized)
-WS_MAXNREG = 168
-WS_CONSUMER_REGS = 240
 
 
 @gluon.jit
@@ -98,89 +92,8 @@ def _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS: gl.const
 
 
 @gluon.jit
-def _lse_block_smem(dist, blk, bias, coef, m_i, l_i, bits, bmax_s, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr,
-                    SKIP: gl.constexpr):
-    """:func:`_lse_block` with the block's row maxima stored in row ``blk`` of ``bmax_s`` (NB_PAD, BLOCK_M) shared
-    memory (ROW_BITS) instead of a register tile."""
-    s = bias[None, :] + coef[None, :] * dist
-    s_max = gl.max(s, axis=1)
-    m_new = gl.maximum(m_i, s_max)
-    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(gl.exp2(s - m_new[:, None]), axis=1)
-    if WRITE_GAPS:
-        bits = bits | gl.where(s_max - m_new >= -SKIP, gl.full_like(bits, 1) << blk.to(gl.int64), 0)
-    if ROW_BITS:
-        bmax_s.index(blk).store(s_max)
-    return m_new, l_i, bits
-
-
-@gluon.jit
 def _or(a, b):
     return a | b
-
-
-@gluon.jit
-def _row_operands(X, CENTER, SCALES, X2, XO, XQ, XQL, src, offs_m, N, D: gl.constexpr, DP: gl.constexpr,
-                  HAS_CENTER: gl.constexpr, WRITE_X2: gl.constexpr, WRITE_COPY: gl.constexpr, A_REG: gl.constexpr,
-                  BLOCK_M: gl.constexpr, rows: gl.constexpr, mma: gl.constexpr):
-    """The row tile's wgmma A operands (xh, qh, ql) as estep._row_operands (MODE 1, diag): the rows src (BLOCK_M,)
-    centred and scaled, in fp16, their squares in two fp16 terms; in registers (A_REG) or shared memory. Writes
-    ||x~||^2 (WRITE_X2) and the operand copy (WRITE_COPY) at the positions offs_m (BLOCK_M,) in layout ``rows``."""
-    offs_d = gl.arange(0, DP, layout=gl.SliceLayout(0, rows))      # DP = D padded to a power of two: zeros
-    mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-    x = gl.load(X + src[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    if HAS_CENTER:
-        c = gl.load(CENTER + offs_d, mask=offs_d < D, other=0.0)
-        x = gl.where(mask, x - c[None, :], 0.0)
-    x = x * gl.load(SCALES)
-    xh = x.to(gl.float16)
-    xv = xh.to(gl.float32)
-    q = xv * xv * gl.load(SCALES + 1)
-    qh = q.to(gl.float16)
-    ql = (q - qh.to(gl.float32)).to(gl.float16)
-    if WRITE_X2:
-        gl.store(X2 + offs_m, gl.sum(xv * xv, axis=1), mask=offs_m < N)
-    if WRITE_COPY:
-        cp = offs_m[:, None] * D + offs_d[None, :]
-        gl.store(XO + cp, xh, mask=mask)
-        gl.store(XQ + cp, qh, mask=mask)
-        gl.store(XQL + cp, ql, mask=mask)
-    if A_REG:       # the wgmma A operands in registers (half the shared-memory reads of the products)
-        dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        xh_s = gl.convert_layout(xh, dot_a)
-        qh_s = gl.convert_layout(qh, dot_a)
-        ql_s = gl.convert_layout(ql, dot_a)
-    else:
-        op_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        xh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, xh)
-        qh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, qh)
-        ql_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, ql)
-    return xh_s, qh_s, ql_s
-
-
-@gluon.jit
-def _write_outputs(m_i, l_i, bits, bmax, src_rows, pid_tile, LOGZ, LZP, GAPS, ROWBITS, N, HAS_ORDER: gl.constexpr,
-                   WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_K: gl.constexpr, mma: gl.constexpr):
-    """logZ of the row tile ``pid_tile`` (BLOCK_M rows) by row (and by position under an order: LZP), its rows'
-    final block bits (ROW_BITS) and the tile's OR of running-maximum bits (WRITE_GAPS); src_rows (BLOCK_M,) the rows
-    in the rows layout (HAS_ORDER)."""
-    offs_r = pid_tile.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-    mask_r = offs_r < N
-    logz = (m_i + gl.log2(l_i)) * _LN2
-    if HAS_ORDER:
-        src_r = gl.convert_layout(src_rows, gl.SliceLayout(1, mma))
-        gl.store(LOGZ + src_r, logz, mask=mask_r)
-        gl.store(LZP + offs_r, logz, mask=mask_r)
-    else:
-        src_r = offs_r
-        gl.store(LOGZ + offs_r, logz, mask=mask_r)
-    if ROW_BITS:
-        cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
-        one = gl.full([BLOCK_K], 1, gl.int64, gl.SliceLayout(0, mma)) << cols.to(gl.int64)
-        rb = gl.sum(gl.where(bmax - m_i[:, None] >= -SKIP, one[None, :], 0), axis=1)
-        gl.store(ROWBITS + src_r, rb.to(ROWBITS.dtype.element_ty), mask=mask_r)
-    if WRITE_GAPS:      # rows past N keep bits 0
-        gl.store(GAPS + pid_tile, gl.reduce(gl.where(mask_r, bits, 0), 0, _or))
 
 
 @gluon.jit(do_not_specialize=["N"])    # chunks of any row count share one compiled kernel
@@ -198,15 +111,44 @@ def _diag_logz_kernel(
     rows: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_K, 16])
+    op_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     pid = gl.program_id(0)
 
+    # the row tile's operands (as _row_operands, MODE 1, diag)
     offs_m = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
+    offs_d = gl.arange(0, DP, layout=gl.SliceLayout(0, rows))      # DP = D padded to a power of two: zeros
+    mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
     if HAS_ORDER:
         src = gl.load(ROWS + offs_m, mask=offs_m < N, other=0).to(gl.int64)
     else:
         src = offs_m
-    xh_s, qh_s, ql_s = _row_operands(X, CENTER, SCALES, X2, XO, XQ, XQL, src, offs_m, N, D, DP, HAS_CENTER, WRITE_X2,
-                                     WRITE_COPY, A_REG, BLOCK_M, rows, mma)
+    x = gl.load(X + src[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    if HAS_CENTER:
+        c = gl.load(CENTER + offs_d, mask=offs_d < D, other=0.0)
+        x = gl.where(mask, x - c[None, :], 0.0)
+    x = x * gl.load(SCALES)
+    xh = x.to(gl.float16)
+    xv = xh.to(gl.float32)
+    x2 = gl.sum(xv * xv, axis=1)
+    q = xv * xv * gl.load(SCALES + 1)
+    qh = q.to(gl.float16)
+    ql = (q - qh.to(gl.float32)).to(gl.float16)
+    if WRITE_X2:
+        gl.store(X2 + offs_m, x2, mask=offs_m < N)
+    if WRITE_COPY:
+        cp = offs_m[:, None] * D + offs_d[None, :]
+        gl.store(XO + cp, xh, mask=mask)
+        gl.store(XQ + cp, qh, mask=mask)
+        gl.store(XQL + cp, ql, mask=mask)
+    if A_REG:       # the wgmma A operands in registers (half the shared-memory reads of the products)
+        dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        xh_s = gl.convert_layout(xh, dot_a)
+        qh_s = gl.convert_layout(qh, dot_a)
+        ql_s = gl.convert_layout(ql, dot_a)
+    else:
+        xh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, xh)
+        qh_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, qh)
+        ql_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, DP], op_layout, ql)
 
     # component blocks are visited from the block of the tile's hinted component (as the Triton kernel)
     num_kb = gl.cdiv(K, BLOCK_K)
@@ -259,110 +201,23 @@ def _diag_logz_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    _write_outputs(m_i, l_i, bits, bmax, src, pid, LOGZ, LZP, GAPS, ROWBITS, N, HAS_ORDER, WRITE_GAPS, ROW_BITS, SKIP,
-                   BLOCK_M, BLOCK_K, mma)
-
-
-@gluon.jit
-def _ws_loader(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, ready, empty, K, BLOCK_K: gl.constexpr,
-               STAGES: gl.constexpr):
-    """Producer partition (one warp): TMA of every component block's parameter tiles into the ring, block j into
-    stage j % STAGES once both consumers have released that stage (``empty``, initially free)."""
-    num_kb = gl.cdiv(K, BLOCK_K)
-    for j in range(num_kb):
-        stage = j % STAGES
-        mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1)
-        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, ready, stage, j * BLOCK_K, True)
-
-
-@gluon.jit
-def _ws_consumer(tile, X, CENTER, BIAS2, COEF2, CST, SCALES, LOGZ, X2, GAPS, ROWBITS, N, K, a_s, alo_s, p_s, ready,
-                 empty, bmax, D: gl.constexpr, DP: gl.constexpr, HAS_CENTER: gl.constexpr, WRITE_X2: gl.constexpr,
-                 WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, NB_PAD: gl.constexpr, PIPE: gl.constexpr):
-    """Consumer partition (one warpgroup): the row tile ``tile`` (BLOCK_M rows) against every component block from
-    the ring, as the loop of :func:`_diag_logz_kernel`; a stage is released once its products have completed."""
-    rows: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_K, 16])
-    offs_m = tile.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
-    xh_s, qh_s, ql_s = _row_operands(X, CENTER, SCALES, X2, X, X, X, offs_m, offs_m, N, D, DP, HAS_CENTER, WRITE_X2,
-                                     False, True, BLOCK_M, rows, mma)
-    num_kb = gl.cdiv(K, BLOCK_K)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
-    bits = gl.zeros([BLOCK_M], gl.int64, gl.SliceLayout(1, mma))
-    if PIPE:    # block j + 1's products in flight during block j's log-sum-exp (as _diag_logz_kernel)
-        mbarrier.wait(ready.index(0), 0)
-        acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, 0, _block_cst(CST, 0, K, BLOCK_K, mma), BLOCK_M, BLOCK_K,
-                           mma)
-        dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index(0), count=1)
-        for j in range(0, num_kb - 1):
-            nxt = (j + 1) % STAGES
-            mbarrier.wait(ready.index(nxt), ((j + 1) // STAGES) & 1)
-            acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, nxt,
-                               _block_cst(CST, (j + 1) * BLOCK_K, K, BLOCK_K, mma), BLOCK_M, BLOCK_K, mma)
-            bias, coef = _block_bias(BIAS2, COEF2, j * BLOCK_K, K, BLOCK_K, mma)
-            m_i, l_i, bits = _lse_block_smem(dist, j, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP)
-            dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(empty.index(nxt), count=1)
-        bias, coef = _block_bias(BIAS2, COEF2, (num_kb - 1) * BLOCK_K, K, BLOCK_K, mma)
-        m_i, l_i, bits = _lse_block_smem(dist, num_kb - 1, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP)
-    else:       # products, wait, log-sum-exp: the other consumer's products fill the tensor cores meanwhile
-        for j in range(num_kb):
-            stage = j % STAGES
-            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-            acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, stage, _block_cst(CST, j * BLOCK_K, K, BLOCK_K, mma),
-                               BLOCK_M, BLOCK_K, mma)
-            dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(empty.index(stage), count=1)
-            bias, coef = _block_bias(BIAS2, COEF2, j * BLOCK_K, K, BLOCK_K, mma)
-            m_i, l_i, bits = _lse_block_smem(dist, j, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP)
-    _write_outputs(m_i, l_i, bits, m_i, offs_m, tile, LOGZ, LOGZ, GAPS, ROWBITS, N, False, WRITE_GAPS, False,
-                   SKIP, BLOCK_M, BLOCK_K, mma)
-    if ROW_BITS:        # the rows' block bits against their final maximum, from the block maxima in shared memory
-        gl.thread_barrier()     # the maxima were stored by one lane of the lanes that share a row
-        rb = gl.zeros([BLOCK_M], gl.int64, gl.SliceLayout(1, mma))
-        for b in range(num_kb):
-            bm = bmax.index(b).load(gl.SliceLayout(1, mma))
-            rb = rb | gl.where(bm - m_i >= -SKIP, gl.full_like(rb, 1) << b, 0)
-        offs_r = tile.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-        gl.store(ROWBITS + offs_r, rb.to(ROWBITS.dtype.element_ty), mask=offs_r < N)
-
-
-@gluon.jit(do_not_specialize=["N"])
-def _diag_logz_ws_kernel(
-    X, CENTER, a_desc, alo_desc, p_desc, BIAS2, COEF2, CST, SCALES, LOGZ, X2, GAPS, ROWBITS, N, K,
-    D: gl.constexpr, DP: gl.constexpr, HAS_CENTER: gl.constexpr, WRITE_X2: gl.constexpr, WRITE_GAPS: gl.constexpr,
-    ROW_BITS: gl.constexpr, SKIP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    NB_PAD: gl.constexpr, PIPE: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-):
-    # Warp-specialised form of _diag_logz_kernel without a row order or operand copy: one CTA runs two row tiles of
-    # BLOCK_M rows, one per consumer warpgroup (the default partition and a 4-warp worker), which share one ring of
-    # parameter tiles filled by a one-warp TMA producer. Half the parameter traffic per row of the one-tile CTAs,
-    # and no CTA barrier in the loop: each consumer waits for its stage's TMA and releases it after its products.
-    a_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, DP], a_desc.layout)
-    alo_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, DP], a_desc.layout)
-    p_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_K, DP], a_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    bm_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    bmax0 = gl.allocate_shared_memory(gl.float32, [NB_PAD, BLOCK_M], bm_layout)     # per consumer: block maxima
-    bmax1 = gl.allocate_shared_memory(gl.float32, [NB_PAD, BLOCK_M], bm_layout)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
-    fence_async_shared()
-    pid = gl.program_id(0)
-    gl.warp_specialize([
-        (_ws_consumer, (2 * pid, X, CENTER, BIAS2, COEF2, CST, SCALES, LOGZ, X2, GAPS, ROWBITS, N, K, a_s, alo_s, p_s,
-                        ready, empty, bmax0, D, DP, HAS_CENTER, WRITE_X2, WRITE_GAPS, ROW_BITS, SKIP, BLOCK_M,
-                        BLOCK_K, STAGES, NB_PAD, PIPE)),
-        (_ws_consumer, (2 * pid + 1, X, CENTER, BIAS2, COEF2, CST, SCALES, LOGZ, X2, GAPS, ROWBITS, N, K, a_s, alo_s,
-                        p_s, ready, empty, bmax1, D, DP, HAS_CENTER, WRITE_X2, WRITE_GAPS, ROW_BITS, SKIP, BLOCK_M,
-                        BLOCK_K, STAGES, NB_PAD, PIPE)),
-        (_ws_loader, (a_desc, alo_desc, p_desc, a_s, alo_s, p_s, ready, empty, K, BLOCK_K, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    offs_r = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+    mask_r = offs_r < N
+    logz = (m_i + gl.log2(l_i)) * _LN2
+    if HAS_ORDER:
+        src_r = gl.convert_layout(src, gl.SliceLayout(1, mma))
+        gl.store(LOGZ + src_r, logz, mask=mask_r)
+        gl.store(LZP + offs_r, logz, mask=mask_r)
+    else:
+        src_r = offs_r
+        gl.store(LOGZ + offs_r, logz, mask=mask_r)
+    if ROW_BITS:
+        cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+        one = gl.full([BLOCK_K], 1, gl.int64, gl.SliceLayout(0, mma)) << cols.to(gl.int64)
+        rb = gl.sum(gl.where(bmax - m_i[:, None] >= -SKIP, one[None, :], 0), axis=1)
+        gl.store(ROWBITS + src_r, rb.to(ROWBITS.dtype.element_ty), mask=mask_r)
+    if WRITE_GAPS:      # rows past N keep bits 0
+        gl.store(GAPS + pid, gl.reduce(gl.where(mask_r, bits, 0), 0, _or))
 
 
 def supported(x, k, d) -> bool:
@@ -374,48 +229,23 @@ def supported(x, k, d) -> bool:
 
 
 def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=None, order=None, lzp=None, copy=None,
-                     gaps=None, block_m=64, stages=2, num_warps=4, a_reg=True, ws=None, ws_stages=3, ws_block_k=64,
-                     ws_pipe=True):
+                     gaps=None, block_m=64, stages=2, num_warps=4, a_reg=True):
     """Diag "tf32" pass 1 without the argmax, as ``estep.launch_logz(x, params, k, True, "tf32", center=center,
     skip=skip, row_bits=row_bits, x2=x2, order=order, lzp=lzp, copy=copy, gaps=gaps)`` (which calls it on Hopper
     GPUs) and with the same outputs bit for bit: logZ (n,) float32 by row (a new tensor, or ``logz``), and filled
     in place when given: ``x2`` (n,) float32, ``lzp`` (n,) float32 and the operand copy ``copy = (xo, xq, xql)``
     ((n, D) float16 each) by position, ``row_bits`` (n,) int32/int64 by row, ``gaps`` (cdiv(n, 64),) int64.
-    x (n, D) float32 contiguous; params from ``estep.prepare`` (diag, "tf32"); order an ``estep.RowOrder``.
-
-    ``ws``: the warp-specialised kernel (:func:`_diag_logz_ws_kernel`, ``ws_stages`` ring stages; rows in their
-    natural order, no operand copy); None: :data:`WARP_SPECIALIZE` where it applies. ``block_m``, ``stages``,
-    ``num_warps`` and ``a_reg`` configure the other kernel."""
+    x (n, D) float32 contiguous; params from ``estep.prepare`` (diag, "tf32"); order an ``estep.RowOrder``."""
     n, d = x.shape
     block_k = 64
     if gaps is not None and block_m != 64:
         raise ValueError("gaps are per 64-row flag tile: block_m must be 64")
     if order is not None and lzp is None:
         raise ValueError("a row order needs lzp, the position-ordered logZ buffer")
-    can_ws = order is None and copy is None
-    if ws is None:
-        ws = WARP_SPECIALIZE and can_ws
-    elif ws and not can_ws:
-        raise ValueError("the warp-specialised pass 1 takes rows in their natural order and writes no operand copy")
     logz = torch.empty(n, dtype=torch.float32, device=x.device) if logz is None else logz
     dp = max(16, triton.next_power_of_2(d))
-    if ws:
-        block_k = ws_block_k
-        if (gaps is not None or row_bits is not None) and block_k != 64:
-            raise ValueError("block bits are per 64-component block: ws_block_k must be 64")
     layout = gl.NVMMASharedLayout.get_default_for([block_k, dp], gl.float16)
     descs = [TensorDescriptor.from_tensor(t, [block_k, dp], layout) for t in (params.a, params.a_lo, params.p)]
-    if ws:
-        grid = (triton.cdiv(n, 2 * 64),)
-        _diag_logz_ws_kernel[grid](x, x if center is None else center, *descs, params.bias2, params.coef2, params.cst,
-                                   params.scales, logz, logz if x2 is None else x2, logz if gaps is None else gaps,
-                                   logz if row_bits is None else row_bits, n, k, D=d, DP=dp,
-                                   HAS_CENTER=center is not None, WRITE_X2=x2 is not None,
-                                   WRITE_GAPS=gaps is not None, ROW_BITS=row_bits is not None, SKIP=float(skip),
-                                   BLOCK_M=64, BLOCK_K=block_k, STAGES=ws_stages,
-                                   NB_PAD=max(2, triton.next_power_of_2(triton.cdiv(k, block_k))), PIPE=ws_pipe,
-                                   CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG)
-        return logz
     rows, hint = order if order is not None else (logz, logz)
     xo, xq, xql = copy if copy is not None else (logz, logz, logz)
     grid = (triton.cdiv(n, block_m),)
