@@ -12,6 +12,9 @@ var = 400):
 * ``two-term A``   : also A = -2 mu / var as two 11-bit terms (the kernels since 2026-11-22): one rounding of A moves
   each component's implied mean -A~ / (2 P~) by ~2^-12 mu, a bias its rows share, which dominated the one-step
   variance error (1.1e-3 -> 1.9e-4).
+* ``fp8 corrections``: as ``two-term A`` with the two correction products in fp8 e4m3 (4 significant bits, range
+  ignored: an ideal per-tensor scale), ``r4(ql) . r4(P~) + r4(x~) . r4(A_lo)``, accumulated apart in fp32 and added:
+  a model of pass 1 with two of its four products at twice the rate (kernels/NOTES.md v27), not implemented.
 
 It prints the mean log-likelihood of 10 EM steps and the smallest variance per step (a variance of the float64
 fit collapses onto clipped values at step 3), then the one-step variance error against float64 of the kernel
@@ -42,8 +45,17 @@ def sift_like(n, d, k, seed=0):
 
 def r11(t):
     """Round to 11 significant bits (fp16's and tf32's significand; range ignored)."""
+    return _round_bits(t, 11)
+
+
+def r4(t):
+    """Round to 4 significant bits (fp8 e4m3's significand; range ignored)."""
+    return _round_bits(t, 4)
+
+
+def _round_bits(t, bits):
     m, e = torch.frexp(t)
-    return torch.ldexp(torch.round(m * 2048) / 2048, e)
+    return torch.ldexp(torch.round(m * 2 ** bits) / 2 ** bits, e)
 
 
 def logits(x, mu, v, w, variant):
@@ -52,9 +64,19 @@ def logits(x, mu, v, w, variant):
         dist = (x * x) @ p.T + x @ (-2 * mu * p).T + (mu * mu * p).sum(1)
     else:
         xt, pt, at = r11(x), r11(p), r11(-2 * mu * p)
+        a_lo = r11(-2 * mu * p - at)
+        if variant in ("two-term A", "fp8 corrections"):
+            cst = ((at + a_lo) ** 2 / (4 * pt)).sum(1)             # consistent with the rounded operands
+        else:
+            cst = (at * at / (4 * pt)).sum(1)
+        if variant == "fp8 corrections":
+            q = xt * xt
+            qh = r11(q)
+            main = (qh.float() @ pt.float().T + xt.float() @ at.float().T) + cst.float()
+            corr = r4(q - qh).float() @ r4(pt).float().T + r4(xt).float() @ r4(a_lo).float().T
+            return torch.log(w) - 0.5 * (torch.log(2 * torch.pi * v).sum(1) + (main + corr).double())
         if variant == "two-term A":
-            at = at + r11(-2 * mu * p - at)
-        cst = (at * at / (4 * pt)).sum(1)                          # consistent with the rounded operands
+            at = at + a_lo
         q = r11(xt * xt) if variant == "one-term sq" else xt * xt
         dist = ((q.float() @ pt.float().T + xt.float() @ at.float().T) + cst.float()).double()   # fp32 sums
     return torch.log(w) - 0.5 * (torch.log(2 * torch.pi * v).sum(1) + dist)
@@ -90,7 +112,7 @@ def main(argv=None):
     v = torch.full((64, 128), 400.0, dtype=torch.float64)
     w = torch.full((64,), 1 / 64, dtype=torch.float64)
 
-    variants = ("float64", "one-term sq", "two-term sq", "two-term A")
+    variants = ("float64", "one-term sq", "two-term sq", "two-term A", "fp8 corrections")
     paths = {name: em_path(x, mu, v, w, name, args.iters) for name in variants}
     print("step | " + " | ".join(f"{n}: mean log-lik (min var)" for n in variants))
     for i in range(args.iters):
@@ -107,6 +129,7 @@ def main(argv=None):
     r64 = torch.softmax(logits(x, mu, v, w, "float64"), 1)
     rk = torch.softmax(logits(x, mu, v, w, "two-term sq"), 1)
     ra = torch.softmax(logits(x, mu, v, w, "two-term A"), 1)
+    r8 = torch.softmax(logits(x, mu, v, w, "fp8 corrections"), 1)
     ref = one_step_var(r64, r64, x)
     rel = lambda a: ((a - ref).norm() / ref.norm()).item()  # noqa: E731
     one_step = {
@@ -114,10 +137,13 @@ def main(argv=None):
         "logits from the 11-bit operands (exact r, exact rows in the statistics)": rel(one_step_var(rk, rk, x)),
         "the kernel model (both)": rel(one_step_var(r11(rk), rk, r11(x))),
         "the kernel model with A as two terms": rel(one_step_var(r11(ra), ra, r11(x))),
+        "the kernel model with fp8 correction products": rel(one_step_var(r11(r8), r8, r11(x))),
         "max |logit error| (nats)":
             (logits(x, mu, v, w, "two-term sq") - logits(x, mu, v, w, "float64")).abs().max().item(),
         "max |logit error| with A as two terms (nats)":
             (logits(x, mu, v, w, "two-term A") - logits(x, mu, v, w, "float64")).abs().max().item(),
+        "max |logit error| with fp8 correction products (nats)":
+            (logits(x, mu, v, w, "fp8 corrections") - logits(x, mu, v, w, "float64")).abs().max().item(),
     }
     print("\none EM step, norm-relative variance error against float64:")
     for k, val in one_step.items():
