@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import _interpret, _sm_count
+from .estep import _check_kernel_device, _interpret, _sm_count
 
 BLOCK_M = 64
 BLOCK_D = 128
@@ -91,8 +91,7 @@ def column_stats(x: torch.Tensor):
         raise TypeError("x must be a 2-D float32 torch.Tensor")
     if not x.is_contiguous():
         raise ValueError("x must be contiguous: call x.contiguous() first")
-    if x.device.type != "cuda" and not _interpret():
-        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    _check_kernel_device(x.device)
     n, d = x.shape
     if n == 0:
         raise ValueError("x has no rows: column statistics need at least one")

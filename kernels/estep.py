@@ -163,6 +163,12 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _check_kernel_device(device) -> None:
+    """The kernels run on CUDA tensors, or on CPU tensors under the interpreter: a clear error otherwise."""
+    if device.type != "cuda" and not _interpret():
+        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+
+
 # granularity of the sparse pass 2's work items (rows x components); pass 1 runs with these tiles when it writes
 # the gaps. The interpreter uses 16 x 16 so that tiny test problems have many pairs
 FLAG_ROWS = 16 if _interpret() else 64
@@ -907,8 +913,7 @@ def _check_launch(x):
                          "use the torch backend for wider data")
     if not x.is_contiguous():
         raise ValueError("x must be contiguous: call x.contiguous() first")
-    if x.device.type != "cuda" and not _interpret():
-        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    _check_kernel_device(x.device)
 
 
 def _check_inputs(x, means, var, log_weights, precision, center=None):

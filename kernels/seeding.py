@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .estep import _interpret
+from .estep import _check_kernel_device, _interpret
 
 BLOCK_M = 64
 BLOCK_D = 64
@@ -200,8 +200,7 @@ def _check_update(d2, x, s, block_sums) -> None:
         raise ValueError("x and d2 must be contiguous: call .contiguous() first")
     if not (x.device == d2.device == s.device):
         raise ValueError(f"x, d2 and s must be on one device (got {x.device}, {d2.device}, {s.device})")
-    if x.device.type != "cuda" and not _interpret():
-        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    _check_kernel_device(x.device)
     if block_sums is not None:
         _check_block_sums(block_sums, n, d2.device)
 
@@ -285,6 +284,7 @@ def seed_gaps_(gaps: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, j: torc
             raise TypeError(f"{name} must be an int64 tensor of one element")
     if len({gaps.device, x.device, seeds.device, j.device, s.device}) != 1:
         raise ValueError("gaps, x, seeds, j and s must be on one device")
+    _check_kernel_device(x.device)
     k, d = gaps.numel(), x.shape[1]
     if k == 0:
         return gaps
@@ -333,8 +333,7 @@ def draw_seed_(seeds: torch.Tensor, j: torch.Tensor, last: torch.Tensor, u: torc
     _check_block_sums(block_sums, n, d2.device)
     if len({t.device for t in (seeds, j, last, u, d2)}) != 1:
         raise ValueError("seeds, j, last, u, d2 and block_sums must be on one device")
-    if d2.device.type != "cuda" and not _interpret():
-        raise ValueError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    _check_kernel_device(d2.device)
     nb = block_sums.numel()
     chunk = min(DRAW_CHUNK, max(16, triton.next_power_of_2(nb)))
     _draw_seed_kernel[(1,)](block_sums, d2, u, j, seeds, last, nb, n, BLOCK_M=_block_m(), CHUNK=chunk,
