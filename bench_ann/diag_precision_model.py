@@ -72,13 +72,13 @@ def logits(x, mu, v, w, variant):
         if variant == "fp8 corrections":
             q = xt * xt
             qh = r11(q)
-            main = (qh.float() @ pt.float().T + xt.float() @ at.float().T) + cst.float()
             corr = r4(q - qh).float() @ r4(pt).float().T + r4(xt).float() @ r4(a_lo).float().T
-            return torch.log(w) - 0.5 * (torch.log(2 * torch.pi * v).sum(1) + (main + corr).double())
-        if variant == "two-term A":
-            at = at + a_lo
-        q = r11(xt * xt) if variant == "one-term sq" else xt * xt
-        dist = ((q.float() @ pt.float().T + xt.float() @ at.float().T) + cst.float()).double()   # fp32 sums
+            dist = (((qh.float() @ pt.float().T + xt.float() @ at.float().T) + cst.float()) + corr).double()
+        else:
+            if variant == "two-term A":
+                at = at + a_lo
+            q = r11(xt * xt) if variant == "one-term sq" else xt * xt
+            dist = ((q.float() @ pt.float().T + xt.float() @ at.float().T) + cst.float()).double()   # fp32 sums
     return torch.log(w) - 0.5 * (torch.log(2 * torch.pi * v).sum(1) + dist)
 
 

@@ -76,9 +76,7 @@ def run(args):
         parts[f"k-means++ seeding, path={p} (CUDA graphs)"] = lambda p=p: seed(True, p)
         if p != "torch":
             parts[f"k-means++ seeding, path={p} (eager launches)"] = lambda p=p: seed(False, p)
-    parts.update({
-        "fit, one k-means iteration (+ its variances pass)": lambda: fit(kmeans_iter=1, max_iter=0),
-    })
+    parts["fit, one k-means iteration (+ its variances pass)"] = lambda: fit(kmeans_iter=1, max_iter=0)
     for fn in parts.values():        # warm-up: compilation, autotuning
         fn()
     rows = [{"part": name, "ms": _timed(fn, args.rep)} for name, fn in parts.items()]
