@@ -90,27 +90,37 @@ def popcount64(t):
     return c
 
 
-def run(args):
+def diag_fit_state(n, k, d, clusters, kmeans_iter, em_iter):
+    """A diag "tf32" fit's state on ``bench_fit.sift_like`` data, as the fit's sorted E-step sees it: ``(x, means,
+    var, lw, center, params, fit_s)`` with x (n, d) the raw rows, means (k, d) in the centred frame, var (k, d),
+    lw (k,), center (d,), params prepared under the fit's component order and bound, fit_s the fit's seconds."""
     import importlib
-
-    import triton
 
     from flashgmm_faiss import GaussianMixture
     ke = importlib.import_module("flashgmm_faiss.kernels.estep")    # (the package's `estep` is the function)
-    x = sift_like(args.n, args.d, args.clusters, device="cuda")
+    x = sift_like(n, d, clusters, device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        g = GaussianMixture(args.k, covariance_type="diag", tol=0.0, backend="triton", device="cuda",
-                            kmeans_iter=args.kmeans_iter, max_iter=args.em_iter, seed=0).fit(x)
+        g = GaussianMixture(k, covariance_type="diag", tol=0.0, backend="triton", device="cuda",
+                            kmeans_iter=kmeans_iter, max_iter=em_iter, seed=0).fit(x)
         fit_s = time.perf_counter() - t0
     center = torch.as_tensor(g.center_, device="cuda", dtype=torch.float32)
     means = (torch.as_tensor(g.means_, device="cuda") - center).contiguous()
     var = torch.as_tensor(g.covariances_, device="cuda").contiguous()
     lw = torch.log(torch.as_tensor(g.weights_, device="cuda")).contiguous()
+    params = ke.prepare(means, var, lw, "tf32", ke.absmax(x, center), comp_perm=ke.component_order(means))
+    return x, means, var, lw, center, params, fit_s
+
+
+def run(args):
+    import importlib
+
+    import triton
+    ke = importlib.import_module("flashgmm_faiss.kernels.estep")
     k, d, n = args.k, args.d, args.n
-    perm = ke.component_order(means)
-    params = ke.prepare(means, var, lw, "tf32", ke.absmax(x, center), comp_perm=perm)
+    x, means, var, lw, center, params, fit_s = diag_fit_state(n, k, d, args.clusters, args.kmeans_iter,
+                                                              args.em_iter)
     _, _, _, gaps = ke.transient_order(x, params, k, True, "tf32", center=center)
     n_tiles, n_blocks = gaps.shape[0], triton.cdiv(k, ke.FLAG_K)
     pairs = int(popcount64(gaps).sum())
