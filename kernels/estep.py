@@ -157,10 +157,6 @@ GLUON_PASS1 = True
 # kernel A/B on a fit's state: pass 1 2.49-2.91 vs 2.49-2.55 ms; NOTES.md v22). Bit for bit the same outputs either
 # way (||x||^2 up to its summation order, which the diag E-step does not read).
 GLUON_PASS1_KEPT = False
-# The sparse diag "tf32" pass 2 on a transient row order (the diag fits' E-step) as the Gluon kernel of
-# kernels/stats_gluon.py (parameters in shared memory, the next tile's rows loaded during the products; Hopper only).
-# A module switch (read at each call) for A/B runs: off until measured.
-GLUON_PASS2 = False
 
 
 def _interpret() -> bool:
@@ -1247,17 +1243,6 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def _gluon_pass2(x, k, diag, mode, sparse, order, copy_mode) -> bool:
-    """Whether pass 2 runs as the Gluon kernel (kernels/stats_gluon.py; GLUON_PASS2): the sparse diag "tf32" pass
-    2 on a row order without the operand copy (``sort_rows``, the diag fits' E-step), on a Hopper GPU, for the
-    shapes that kernel supports."""
-    if not (GLUON_PASS2 and diag and _split_a(mode, diag) and sparse and order is not None and not copy_mode
-            and not _interpret() and FLAG_ROWS == 64 and FLAG_K == 64):
-        return False
-    from . import stats_gluon
-    return stats_gluon.supported(x, k, x.shape[1])
-
-
 def _gluon_pass1(x, k, diag, mode, with_argmax, kept=False) -> bool:
     """Whether pass 1 runs as the Gluon kernel (kernels/logz_gluon.py; GLUON_PASS1, and GLUON_PASS1_KEPT for the
     ``kept`` form: a row order, operand copy or flag-tile bits): diag "tf32" (A in two terms) without the argmax,
@@ -1520,20 +1505,15 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
     try:
-        if _gluon_pass2(x, k, diag, mode, sparse, order, copy_mode):
-            from . import stats_gluon
-            stats_gluon.launch_diag_stats(x, center, order.rows, lzp, params, work, counts, nk_part, sx_part, sq_part,
-                                          k, slabs)
-        else:
-            _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
-                                      xo, xq, xql, params.scales, logz if order is None else lzp, x2,
-                                      params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
-                                      params.cst, work, counts, work.shape[-1] if sparse else 0,
-                                      nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
-                                      D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
-                                      HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
-                                      HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
-                                      FLAG_ROWS=FLAG_ROWS)
+        _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
+                                  xo, xq, xql, params.scales, logz if order is None else lzp, x2,
+                                  params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
+                                  params.cst, work, counts, work.shape[-1] if sparse else 0,
+                                  nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
+                                  D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
+                                  HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
+                                  HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
+                                  FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(
             f"the E-step statistics kernel for precision={precision!r}, "
