@@ -187,6 +187,12 @@ def min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
     return _launch_update(d2, x, s, block_sums)
 
 
+def _check_one_int64(name: str, t) -> None:
+    """A device counter or row index: an int64 tensor of one element."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
+        raise TypeError(f"{name} must be an int64 tensor of one element")
+
+
 def _check_update(d2, x, s, block_sums) -> None:
     """The argument checks of :func:`min_sq_dist_` (block_sums None or the tile sums' buffer)."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2:
@@ -194,8 +200,7 @@ def _check_update(d2, x, s, block_sums) -> None:
     n = x.shape[0]
     if not isinstance(d2, torch.Tensor) or d2.dtype != torch.float64 or d2.shape != (n,):
         raise TypeError(f"d2 must be a float64 tensor of shape ({n},)")
-    if not isinstance(s, torch.Tensor) or s.dtype != torch.int64 or s.numel() != 1:
-        raise TypeError("s must be an int64 tensor of one element")
+    _check_one_int64("s", s)
     if not (x.is_contiguous() and d2.is_contiguous()):
         raise ValueError("x and d2 must be contiguous: call .contiguous() first")
     if not (x.device == d2.device == s.device):
@@ -249,8 +254,7 @@ def pruned_min_sq_dist_(d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor, bloc
         raise TypeError(f"nearest must be an int32 tensor of d2's shape {tuple(d2.shape)}")
     if not isinstance(gaps, torch.Tensor) or gaps.dtype != torch.float64 or gaps.ndim != 1:
         raise TypeError("gaps must be a 1-D float64 tensor (one entry per seed)")
-    if not isinstance(j, torch.Tensor) or j.dtype != torch.int64 or j.numel() != 1:
-        raise TypeError("j must be an int64 tensor of one element")
+    _check_one_int64("j", j)
     _check_update(d2, x, s, block_sums)
     if block_sums is None:
         raise TypeError("block_sums is required: a float64 tensor of shape (block_sums_size(n),)")
@@ -279,9 +283,8 @@ def seed_gaps_(gaps: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, j: torc
         raise TypeError("gaps must be a contiguous float64 tensor")
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != gaps.shape:
         raise TypeError(f"seeds must be an int64 tensor of gaps' shape {tuple(gaps.shape)}")
-    for name, t in (("j", j), ("s", s)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
-            raise TypeError(f"{name} must be an int64 tensor of one element")
+    _check_one_int64("j", j)
+    _check_one_int64("s", s)
     if len({gaps.device, x.device, seeds.device, j.device, s.device}) != 1:
         raise ValueError("gaps, x, seeds, j and s must be on one device")
     _check_kernel_device(x.device)
