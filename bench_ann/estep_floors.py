@@ -5,7 +5,8 @@ how many pairs that is. This script fits a diag GMM (Triton backend), then, on t
 centre, bound and component order:
 
 * counts the kept pairs of the transient order (``estep.transient_order``'s tile bits), the fraction of all pairs;
-* times each kernel of ``estep(sort_rows=True)`` (torch profiler, mean over ``--rep`` calls);
+* times the E-step (median, ``bench_kernels.bench``) and each of its kernels (torch profiler, mean over
+  ``--rep`` calls);
 * measures the fp16 tensor-core GEMM ceiling (cuBLAS, 8192^3) and the copy bandwidth in the same process;
 * and prints each pass against its product floor (pass 1: 4 fp16 products per (row, component); pass 2: 7 per
   kept pair, 4 for the logits and 3 for R X and R x^2) and pass 2's read floor (the gathered float32 rows).
@@ -26,32 +27,22 @@ from pathlib import Path
 import torch
 
 from bench_ann.bench_fit import add_problem_args, sift_like
+from bench_ann.bench_kernels import bench
 
 PASS2_PRODUCTS = 7     # diag "tf32" sparse pass 2 per kept pair: ql.P, qh.P, xh.A_lo, xh.A, then R xh, R ql, R qh
 PASS1_PRODUCTS = 4     # diag "tf32" pass 1 per (row, component): ql.P, qh.P, xh.A_lo, xh.A
 
 
-def _cuda_ms(fn, rep):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(rep):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / rep
-
-
-def ceilings(rep=20):
-    """fp16 GEMM TFLOP/s (8192^3, fp32 accumulation by cuBLAS) and copy GB/s (1 GiB) on this GPU."""
+def ceilings(rep_ms=300):
+    """fp16 GEMM TFLOP/s (8192^3, fp32 accumulation by cuBLAS) and copy GB/s (1 GiB) on this GPU (medians,
+    ``bench_kernels.bench``)."""
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.float16)
     b = torch.randn(m, m, device="cuda", dtype=torch.float16)
-    gemm_ms = _cuda_ms(lambda: a @ b, rep)
+    gemm_ms = bench(lambda: a @ b, rep_ms)
     src = torch.empty(1 << 28, device="cuda")
     dst = torch.empty_like(src)
-    copy_ms = _cuda_ms(lambda: dst.copy_(src), rep)
+    copy_ms = bench(lambda: dst.copy_(src), rep_ms)
     return {"fp16_gemm_tflops": 2 * m ** 3 / gemm_ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
 
 
@@ -72,6 +63,11 @@ def kernel_times(fn, rep):
     return {k: v / rep for k, v in sorted(tot.items(), key=lambda kv: -kv[1])}
 
 
+def _us_of(times, name):
+    """Summed us per call of the kernels in ``times`` (from :func:`kernel_times`) whose name contains ``name``."""
+    return sum(v for kname, v in times.items() if name in kname)
+
+
 def _scaled_layout(layout, factor):
     """``estep.slab_layout`` with about ``factor`` times the slabs (rows per slab divided by factor)."""
     import triton
@@ -80,14 +76,6 @@ def _scaled_layout(layout, factor):
         rows = triton.cdiv(layout(n, k, device, d)[1], factor)
         return triton.cdiv(n, rows), rows
     return scaled
-
-
-def popcount64(t):
-    """Set bits per int64 element (t (n,) int64) -> int64 tensor."""
-    c = torch.zeros_like(t)
-    for b in range(64):
-        c += (t >> b) & 1
-    return c
 
 
 def diag_fit_state(n, k, d, clusters, kmeans_iter, em_iter):
@@ -123,16 +111,16 @@ def run(args):
                                                               args.em_iter)
     _, _, _, gaps = ke.transient_order(x, params, k, True, "tf32", center=center)
     n_tiles, n_blocks = gaps.shape[0], triton.cdiv(k, ke.FLAG_K)
-    pairs = int(popcount64(gaps).sum())
+    per_block = [int(((gaps >> b) & 1).sum()) for b in range(n_blocks)]    # the kept tiles of each block
+    pairs = sum(per_block)
     frac = pairs / (n_tiles * n_blocks)
-    per_block = [int(((gaps >> b) & 1).sum()) for b in range(n_blocks)]
     slabs = ke.slab_layout(n, k, x.device, d)[0]
 
     def sorted_estep():
         return ke.estep(x, means, var, lw, precision="tf32", center=center, params=params, sort_rows=True)
 
     per_kernel = kernel_times(sorted_estep, args.rep)
-    total_ms = _cuda_ms(sorted_estep, args.rep)
+    total_ms = bench(sorted_estep, args.rep_ms)
     # pass 2 splits each block's work list over the same number of slabs: its time follows the largest list
     slab_runs = []
     shipped_layout = ke.slab_layout
@@ -141,8 +129,7 @@ def run(args):
             ke.slab_layout = _scaled_layout(shipped_layout, f)
             kt = kernel_times(sorted_estep, args.rep)
             slab_runs.append({"factor": f, "slabs": ke.slab_layout(n, k, x.device, d)[0],
-                              "pass2_us": sum(v for kn, v in kt.items() if "_estep_stats_kernel" in kn),
-                              "reduce_us": sum(v for kn, v in kt.items() if "_reduce_k" in kn)})
+                              "pass2_us": _us_of(kt, "_estep_stats_kernel"), "reduce_us": _us_of(kt, "_reduce_k")})
     finally:
         ke.slab_layout = shipped_layout
     ceil = ceilings()
@@ -151,10 +138,7 @@ def run(args):
     pass2_flop = PASS2_PRODUCTS * 2.0 * pairs * tile * block * d
     pass2_bytes = pairs * tile * d * 4.0
 
-    def find(prefix):
-        return sum(v for kname, v in per_kernel.items() if prefix in kname) / 1e3
-
-    p1_ms, p2_ms = find("logz"), find("_estep_stats_kernel")
+    p1_ms, p2_ms = _us_of(per_kernel, "logz") / 1e3, _us_of(per_kernel, "_estep_stats_kernel") / 1e3
     out = {
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "args": vars(args), "fit_s": fit_s,
@@ -199,7 +183,8 @@ def main(argv=None):
     add_problem_args(p)
     p.add_argument("--kmeans-iter", type=int, default=3)
     p.add_argument("--em-iter", type=int, default=10)
-    p.add_argument("--rep", type=int, default=20)
+    p.add_argument("--rep", type=int, default=20, help="profiled calls per kernel table")
+    p.add_argument("--rep-ms", type=int, default=100, help="timing budget of the E-step's median (bench)")
     p.add_argument("--slab-factors", type=lambda v: [int(f) for f in v.split(",")], default=[1, 2, 4],
                    help="also time pass 2 and the reductions with this many times the slabs (comma-separated)")
     p.add_argument("--out", default=None)
