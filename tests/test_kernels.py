@@ -1452,3 +1452,63 @@ def test_estimator_on_the_kernels_matches_torch_backend(cov):
     oa, la, ra = a.assign(x, max_assign=2)
     ob, lb, rb = b.assign(x, max_assign=2)
     assert (oa == ob).all() and (la == lb).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# screened diag pass 1 (kernels/logz_screened.py, an experiment: not used by the fits)
+# ----------------------------------------------------------------------------------------------------------
+def _sift_like_diag(n, k, d, seed):
+    """Uncentred clustered rows in 0..255 and diag parameters with variances over four decades."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(k, d, generator=g) * 180 + 20
+    lab = torch.randint(k, (n,), generator=g)
+    x = (centers[lab] + torch.randn(n, d, generator=g) * (torch.rand(k, 1, generator=g) * 15 + 2)[lab]).clamp(0, 255)
+    var = torch.exp(torch.rand(k, d, generator=g) * math.log(1e4))             # 1 .. 1e4
+    lw = torch.log_softmax(torch.randn(k, generator=g), 0)
+    center = x.mean(0)
+    return x.contiguous(), center, (centers - center).contiguous(), var.contiguous(), lw
+
+
+def test_screen_params_bound_the_distance_below():
+    """float64 over the represented operands: cst' + qh . P' + xh . A <= cst + (qh + ql) . P + xh . (A + A_lo)
+    for every pair (the screen's upper bound of the logits), on uncentred rows and variances over 4 decades."""
+    ks = importlib.import_module("flashgmm_faiss.kernels.logz_screened")
+    x, center, means, var, lw = _sift_like_diag(400, 24, 40, 3)
+    params = kestep.prepare_reference(means, var, lw, "tf32", float(kestep.absmax(x, center)))
+    p_s, cst_s = ks.screen_params(params)
+    s, sq = params.scales.double()
+    xh = ((x - center).double() * s).half().double()
+    q = xh * xh * sq
+    qh = q.half().double()
+    ql = (q - qh).half().double()
+    p, a, a_lo = params.p.double(), params.a.double(), params.a_lo.double()
+    exact = params.cst.double()[None, :] + (qh + ql) @ p.T + xh @ (a + a_lo).T
+    lower = cst_s.double()[None, :] + qh @ p_s.double().T + xh @ a.T
+    assert bool((p_s.double() <= p * (1 - 2.0 ** -9)).all())
+    assert bool((lower <= exact).all())
+    # as tight as derived: the slack is at most 2^-8 (q . P + cst), in every pair
+    slack = 2.0 ** -8 * ((qh + ql) @ p.T + params.cst.double()[None, :])
+    assert 0 < float(((exact - lower) / slack).max()) <= 1.0
+
+
+@pytest.mark.parametrize("sorted_rows", [True, False])
+def test_screened_logz_matches_dense_pass1(poisoned, sorted_rows):
+    """The screened pass 1 gives the dense pass 1's row bits exactly and its logZ up to the dropped terms (each
+    < 2^-SKIP), in a bit-sorted order (blocks skipped) and in a random one, with K not a multiple of the tiles."""
+    ks = importlib.import_module("flashgmm_faiss.kernels.logz_screened")
+    import triton
+    x, center, means, var, lw = (t.to(DEVICE) for t in _sift_like_diag(300, 50, 20, 5))
+    n, k = x.shape[0], means.shape[0]
+    params = kestep.prepare(means, var, lw, "tf32", float(kestep.absmax(x, center)))
+    nb = triton.cdiv(k, kestep.FLAG_K)
+    bits = kestep._row_bits_buffer(n, nb, x.device)
+    logz, _ = kestep.launch_logz(x, params, k, True, "tf32", center=center, row_bits=bits)
+    g = torch.Generator().manual_seed(1)
+    rows = (kestep._argsort_bits(bits, nb) if sorted_rows else torch.randperm(n, generator=g).to(DEVICE)).int()
+    got_bits = poisoned(n, dtype=bits.dtype, device=DEVICE)
+    got, visits = ks.screened_logz(x, params, k, rows, center=center, row_bits=got_bits, count=True)
+    assert torch.equal(got_bits, bits)
+    assert float((got.double() - logz.double()).abs().max()) <= 1e-5 * float(logz.abs().max())
+    used = visits[visits > 0]
+    if sorted_rows:
+        assert int(used.sum()) < used.numel() * nb                       # some blocks were skipped
