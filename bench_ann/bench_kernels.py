@@ -117,17 +117,19 @@ def peak_extra(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def matmul_tflops(dtype, n=8192, rep_ms=300):
+    """TFLOP/s of an n x n x n ``torch.matmul`` (cuBLAS) in ``dtype`` on the GPU, median over ``rep_ms`` ms
+    (:func:`bench`); float32 runs as tf32 (``allow_tf32`` is switched on)."""
+    if dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    a = torch.randn(n, n, device="cuda").to(dtype)
+    b = torch.randn(n, n, device="cuda").to(dtype)
+    return 2 * n ** 3 / bench(lambda: a @ b, rep_ms) / 1e9
+
+
 def gemm_ceiling():
-    n = 8192
-    a = torch.randn(n, n, device="cuda")
-    b = torch.randn(n, n, device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    t_tf32 = bench(lambda: a @ b, 300)
-    ab, bb = a.bfloat16(), b.bfloat16()
-    t_bf16 = bench(lambda: ab @ bb, 300)
-    del a, b, ab, bb
-    fl = 2 * n ** 3
-    return fl / t_tf32 / 1e9, fl / t_bf16 / 1e9
+    """(tf32, bf16) GEMM ceilings in TFLOP/s, measured in this process."""
+    return matmul_tflops(torch.float32), matmul_tflops(torch.bfloat16)
 
 
 def make_data(n, d, seed=0, chunk=1 << 22):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench_ann.bench_fit import add_problem_args, sift_like
-from bench_ann.bench_kernels import bench
+from bench_ann.bench_kernels import bench, matmul_tflops
 
 PASS2_PRODUCTS = 7     # diag "tf32" sparse pass 2 per kept pair: ql.P, qh.P, xh.A_lo, xh.A, then R xh, R ql, R qh
 PASS1_PRODUCTS = 4     # diag "tf32" pass 1 per (row, component): ql.P, qh.P, xh.A_lo, xh.A
@@ -36,14 +36,11 @@ PASS1_PRODUCTS = 4     # diag "tf32" pass 1 per (row, component): ql.P, qh.P, xh
 def ceilings(rep_ms=300):
     """fp16 GEMM TFLOP/s (8192^3, fp32 accumulation by cuBLAS) and copy GB/s (1 GiB) on this GPU (medians,
     ``bench_kernels.bench``)."""
-    m = 8192
-    a = torch.randn(m, m, device="cuda", dtype=torch.float16)
-    b = torch.randn(m, m, device="cuda", dtype=torch.float16)
-    gemm_ms = bench(lambda: a @ b, rep_ms)
+    tflops = matmul_tflops(torch.float16, rep_ms=rep_ms)
     src = torch.empty(1 << 28, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = bench(lambda: dst.copy_(src), rep_ms)
-    return {"fp16_gemm_tflops": 2 * m ** 3 / gemm_ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
+    return {"fp16_gemm_tflops": tflops, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
 
 
 def kernel_times(fn, rep):
