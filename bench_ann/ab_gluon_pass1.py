@@ -1,13 +1,14 @@
-"""A/B of the diag "tf32" pass 1: the Triton kernel against the Gluon kernel (``kernels.logz_gluon``) on one GPU.
+"""A/B of the diag pass 1 ("tf32", or ``--precision bf16``): the Triton kernel against the Gluon kernel
+(``kernels.logz_gluon``) on one GPU.
 
-Both run the transient-order form (per-row logZ, ||x~||^2 and exact block bits; no row order, argmax or copy) and
-the kept-order form (``kept_*``: a fit's row order, logZ by position, the operand copy, the flag tiles' bits) on
-the kernel benchmark's problem and (``--fit-state``) a diag fit's own state; then the sorted and the kept-order
-E-steps with either pass 1. Prints and writes (``ab_gluon_pass1.json``) the times (``--rounds`` interleaved
-rounds), the largest |logZ| difference, the fraction of rows whose block bits differ and whether the other outputs
-are equal, for each Gluon launch config.
+Both run the transient-order form (per-row logZ, ||x~||^2 and exact block bits; no row order, argmax or copy) and,
+in "tf32", the kept-order form (``kept_*``: a fit's row order, logZ by position, the operand copy, the flag tiles'
+bits) on the kernel benchmark's problem and (``--fit-state``) a diag fit's own state; then the sorted and the
+kept-order E-steps with either pass 1. Prints and writes (``ab_gluon_pass1_{precision}.json``) the times
+(``--rounds`` interleaved rounds), the largest |logZ| difference, the fraction of rows whose block bits differ
+and whether the other outputs are equal, for each Gluon launch config.
 
-    python -m bench_ann.ab_gluon_pass1 --fit-state --out DIR
+    python -m bench_ann.ab_gluon_pass1 --fit-state --out DIR [--precision bf16]
 """
 from __future__ import annotations
 
@@ -43,27 +44,30 @@ def main(argv=None):
     add_shape_args(ap)
     add_fit_state_args(ap)
     add_timing_args(ap)
+    ap.add_argument("--precision", choices=["tf32", "bf16"], default="tf32")
     a = ap.parse_args(argv)
+    prec = a.precision
+    kept_ok = prec == "tf32"      # the kept form runs the Gluon kernel in "tf32" only
     import triton
     from flashgmm_faiss import kernels
     ke = importlib.import_module("flashgmm_faiss.kernels.estep")   # the package exports a function named estep
     lg = importlib.import_module("flashgmm_faiss.kernels.logz_gluon")
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "n": a.n, "k": a.k, "d": a.d, "problems": {}}
+           "n": a.n, "k": a.k, "d": a.d, "precision": prec, "problems": {}}
     x, _, means, _, var_diag, lw, _ = ab_problem(a.n, a.k, a.d, kernels, with_order=False)
     problems = {"bench_kernels": (x, None, means, var_diag, lw)}
     if a.fit_state:
         problems["fit_state_diag"] = fit_state(a.n, a.k, a.d, a.em_iter, "diag")
-    skip = ke.SKIP_LOG2["tf32"]
+    skip = ke.SKIP_LOG2[prec]
     for pname, (x, center, means, var, lw) in problems.items():
         n, d = x.shape
         perm = kernels.component_order(means)
-        params = kernels.prepare(means, var, lw, "tf32", float(kernels.absmax(x, center)), comp_perm=perm)
+        params = kernels.prepare(means, var, lw, prec, float(kernels.absmax(x, center)), comp_perm=perm)
         nb = triton.cdiv(a.k, ke.FLAG_K)
         rb_t, rb_g = ke._row_bits_buffer(n, nb, x.device), ke._row_bits_buffer(n, nb, x.device)
         x2_t, x2_g = torch.empty(n, device=x.device), torch.empty(n, device=x.device)
         # the kept order of a fit (as GaussianMixture builds it at a rebuild) and the kept form's buffers
-        first = kernels.estep(x, means, var, lw, precision="tf32", center=center, params=params, return_best=True,
+        first = kernels.estep(x, means, var, lw, precision=prec, center=center, params=params, return_best=True,
                               return_row_bits=True)
         order = ke.row_order(first[4], perm, row_bits=first[5])
         kept = {name: {"order": order, "x2": torch.empty(n, device=x.device), "lzp": torch.empty(n, device=x.device),
@@ -72,14 +76,14 @@ def main(argv=None):
                 for name in ("triton", "gluon")}
 
         def triton_pass1():
-            return ke.launch_logz(x, params, a.k, True, "tf32", center=center, x2=x2_t, row_bits=rb_t)[0]
+            return ke.launch_logz(x, params, a.k, True, prec, center=center, x2=x2_t, row_bits=rb_t)[0]
         fns = {"triton": _switched(ke, False, triton_pass1)}
         for bm, st, w, ar in CONFIGS:
             fns[f"gluon_{bm}_{st}_{w}{'_areg' if ar else ''}"] = (lambda bm=bm, st=st, w=w, ar=ar: lg.launch_diag_logz(
                 x, params, a.k, center, skip, rb_g, x2_g, block_m=bm, stages=st, num_warps=w, a_reg=ar))
-        for name, flag in (("triton", False), ("gluon", True)):
+        for name, flag in (("triton", False), ("gluon", True)) if kept_ok else ():
             fns[f"kept_{name}"] = _switched(ke, flag, lambda kw=kept[name]: ke.launch_logz(
-                x, params, a.k, True, "tf32", center=center, **kw)[0])
+                x, params, a.k, True, prec, center=center, **kw)[0])
         ref = fns["triton"]().clone()
         rb_ref, x2_ref = rb_t.clone(), x2_t.clone()
         check = {}
@@ -107,23 +111,25 @@ def main(argv=None):
                            "row_bits_differ": (rb_g != rb_ref).float().mean().item(),
                            "x2_equal": bool(torch.equal(x2_g, x2_ref))}
         print(f"[{pname}] " + json.dumps(check), flush=True)
-        ok = ["triton", "kept_triton"] + [k for k, v in check.items() if "error" not in v]
+        ok = ["triton"] + (["kept_triton"] if kept_ok else []) + [k for k, v in check.items() if "error" not in v]
 
         for name, flag in (("triton", False), ("gluon", True)):
             fns[f"sorted_estep_{name}"] = _switched(ke, flag, lambda: kernels.estep(
-                x, means, var, lw, precision="tf32", center=center, params=params, sort_rows=True))
+                x, means, var, lw, precision=prec, center=center, params=params, sort_rows=True))
             fns[f"kept_estep_{name}"] = _switched(ke, flag, lambda: kernels.estep(
-                x, means, var, lw, precision="tf32", center=center, params=params, order=order))
+                x, means, var, lw, precision=prec, center=center, params=params, order=order))
         # what the kept form's parts cost: without the operand copy, without the row order; and logZ alone
         kg = kept["gluon"]
-        fns["kept_gluon_nocopy"] = _switched(ke, True, lambda: ke.launch_logz(
-            x, params, a.k, True, "tf32", center=center, order=order, lzp=kg["lzp"], x2=kg["x2"], gaps=kg["gaps"]))
-        fns["kept_gluon_noorder"] = _switched(ke, True, lambda: ke.launch_logz(
-            x, params, a.k, True, "tf32", center=center, copy=kg["copy"], x2=kg["x2"], gaps=kg["gaps"]))
+        if kept_ok:
+            fns["kept_gluon_nocopy"] = _switched(ke, True, lambda: ke.launch_logz(
+                x, params, a.k, True, prec, center=center, order=order, lzp=kg["lzp"], x2=kg["x2"], gaps=kg["gaps"]))
+            fns["kept_gluon_noorder"] = _switched(ke, True, lambda: ke.launch_logz(
+                x, params, a.k, True, prec, center=center, copy=kg["copy"], x2=kg["x2"], gaps=kg["gaps"]))
+            ok += ["kept_gluon_nocopy", "kept_gluon_noorder"]
         for name, flag in (("triton", False), ("gluon", True)):
-            fns[f"logz_{name}"] = _switched(ke, flag, lambda: ke.launch_logz(x, params, a.k, True, "tf32",
+            fns[f"logz_{name}"] = _switched(ke, flag, lambda: ke.launch_logz(x, params, a.k, True, prec,
                                                                               center=center))
-        ok += ["kept_gluon_nocopy", "kept_gluon_noorder", "logz_triton", "logz_gluon"]
+        ok += ["logz_triton", "logz_gluon"]
         for kind in ("sorted_estep", "kept_estep"):
             st_t, st_g = [[t.double() for t in fns[f"{kind}_{v}"]()] for v in ("triton", "gluon")]
             check[f"{kind}_max_abs_diff"] = [(a_ - b_).abs().max().item() for a_, b_ in zip(st_t, st_g)]
@@ -136,7 +142,7 @@ def main(argv=None):
             print(f"  {name:<18} ms " + " ".join(f"{t:.3f}" for t in ts), flush=True)
         out["problems"][pname] = {"check": check, "times_ms": times}
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "ab_gluon_pass1.json").write_text(json.dumps(out, indent=1, default=str))
+    (Path(a.out) / f"ab_gluon_pass1_{prec}.json").write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":

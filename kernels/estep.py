@@ -149,8 +149,10 @@ TRANSIENT_SORT_KEY = "bits"
 # Gluon kernel on Hopper GPUs (kernels/logz_gluon.py: asynchronous wgmma with one wait per component block,
 # parameter tiles through a TMA ring), bit for bit the same outputs as _logz_kernel. H100, N=1e6, K=1024, D=128:
 # transient pass 1 2.37 -> 2.08-2.20 ms, sorted E-step 3.41 -> 3.28-3.34 ms; the N=1e8 diag fit in 64 MiB 321.6 ->
-# 295.3 ms per EM iteration (same process; NOTES.md v21). A module switch (read at each call) for A/B runs; the
-# Triton kernel runs everywhere else.
+# 295.3 ms per EM iteration (same process; NOTES.md v21). Since v30 also the diag bf16 pass 1 of the transient
+# orders (three bf16 products, A in one term; bit for bit the Triton kernel's outputs): pass 1 1.82-1.89 ->
+# 1.73-1.82 ms, diag bf16 fit 2.61 / 2.66 -> 2.58 / 2.52 ms per EM iteration (H100). A module switch (read at each
+# call) for A/B runs; the Triton kernel runs everywhere else.
 GLUON_PASS1 = True
 # ... and for the kept orders' form too (a row order, the operand copy, the flag tiles' bits). Off: no gain
 # measured (H100, N=1e6 diag "tf32" fit, same process: 3.18 / 3.24 ms per EM iteration with it, 3.14 / 3.16 without;
@@ -1243,11 +1245,14 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def _gluon_pass1(x, k, diag, mode, with_argmax, kept=False) -> bool:
+def _gluon_pass1(x, k, diag, mode, with_argmax, kept=False, row_bits=True) -> bool:
     """Whether pass 1 runs as the Gluon kernel (kernels/logz_gluon.py; GLUON_PASS1, and GLUON_PASS1_KEPT for the
     ``kept`` form: a row order, operand copy or flag-tile bits): diag "tf32" (A in two terms) without the argmax,
-    on a Hopper GPU, for the shapes that kernel supports."""
-    if not (GLUON_PASS1 and (GLUON_PASS1_KEPT or not kept) and diag and _split_a(mode, diag) and not with_argmax
+    and diag bf16 in the transient orders' form only (``row_bits`` asked, not kept: -4 to -7 % on an H100; logZ
+    alone ran 1-6 % slower than the Triton kernel, NOTES.md v30), on a Hopper GPU, for the shapes that kernel
+    supports."""
+    precision_ok = _split_a(mode, diag) or (mode == 2 and row_bits and not kept)
+    if not (GLUON_PASS1 and (GLUON_PASS1_KEPT or not kept) and diag and precision_ok and not with_argmax
             and not _interpret() and FLAG_ROWS == 64 and FLAG_K == 64):
         return False
     from . import logz_gluon
@@ -1280,7 +1285,8 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
     if gaps is not None and (gaps.shape != (triton.cdiv(n, FLAG_ROWS),) or gaps.dtype != torch.int64
                              or triton.cdiv(k, FLAG_K) > 64):
         raise ValueError(f"gaps must be int64 of shape ({triton.cdiv(n, FLAG_ROWS)},) and K <= {64 * FLAG_K}")
-    if _gluon_pass1(x, k, diag, mode, with_argmax, kept=order is not None or copy is not None or gaps is not None):
+    if _gluon_pass1(x, k, diag, mode, with_argmax, kept=order is not None or copy is not None or gaps is not None,
+                    row_bits=row_bits is not None):
         from . import logz_gluon
         logz_gluon.launch_diag_logz(x, params, k, center, skip, row_bits=row_bits, x2=x2, logz=logz, order=order,
                                     lzp=lzp, copy=copy, gaps=gaps)

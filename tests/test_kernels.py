@@ -1190,16 +1190,17 @@ def _pass1_outputs(form, n, d, n_blocks, order):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("n,k,d", [(1 << 18, 1024, 128), (100_003, 1000, 128), (65_537, 1024, 96)],
                          ids=["K1024", "K1000-odd-n", "D96-padded"])
-def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d):
-    # the Gluon diag "tf32" pass 1 (kernels.logz_gluon, Hopper only) in its three forms (transient orders: logZ,
-    # ||x~||^2, exact block bits; kept orders: rows in a given order from the hinted block, logZ by row and by
-    # position, the operand copy, the flag tiles' bits; logz: logZ alone, as assign) equals the Triton kernel bit
-    # for bit (same operands, products in the same order, same log-sum-exp), into poisoned buffers; logZ is within
-    # the tf32 bound of float64; a K that is not a multiple of the block (TMA's zero fill past K), a ragged last row
-    # tile and D=96 (features padded to 128: TMA's zero fill past D) included. The E-step (sorted, and on a kept
-    # order) is bitwise the same with and without it.
+def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d, precision):
+    # the Gluon diag pass 1 (kernels.logz_gluon, Hopper only) in its forms ("tf32": transient orders (logZ,
+    # ||x~||^2, exact block bits), kept orders (rows in a given order from the hinted block, logZ by row and by
+    # position, the operand copy, the flag tiles' bits) and logz (logZ alone, as assign); bf16: transient only)
+    # equals the Triton kernel bit for bit (same operands, products in the same order, same log-sum-exp), into
+    # poisoned buffers; logZ is within the precision's bound of float64; a K that is not a multiple of the block
+    # (TMA's zero fill past K), a ragged last row tile and D=96 (features padded to 128: TMA's zero fill past D)
+    # included. The E-step (sorted, and on a kept order) is bitwise the same with and without it.
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon pass 1 is for Hopper GPUs (sm_90)")
     lg = importlib.import_module("flashgmm_faiss.kernels.logz_gluon")
@@ -1209,24 +1210,26 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d):
     means, var, lw = _fit_params(xc, k, True, seed=4)
     assert lg.supported(x, k, d) and not lg.supported(x.cpu(), k, d)
     perm = kestep.component_order(means)
-    params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x, center), comp_perm=perm)
+    params = kestep.prepare(means, var, lw, precision, kestep.absmax(x, center), comp_perm=perm)
     n_blocks = -(-k // kestep.FLAG_K)
-    tf32 = kestep._MODES["tf32"]
-    assert kestep._gluon_pass1(x, k, True, tf32, False) and not kestep._gluon_pass1(x, k, True, tf32, False, kept=True)
+    mode = kestep._MODES[precision]
+    tf32 = precision == "tf32"      # in bf16 the kept form (row order, operand copy) and logZ alone run Triton
+    assert kestep._gluon_pass1(x, k, True, mode, False) and not kestep._gluon_pass1(x, k, True, mode, False, kept=True)
+    assert kestep._gluon_pass1(x, k, True, mode, False, row_bits=False) == tf32
     monkeypatch.setattr(kestep, "GLUON_PASS1", False)
-    first = kestep.estep(x, means, var, lw, precision="tf32", center=center, params=params, return_best=True,
+    first = kestep.estep(x, means, var, lw, precision=precision, center=center, params=params, return_best=True,
                          return_row_bits=True)
     bits = first[5]
     order = kestep.row_order(first[4], perm, row_bits=bits)
     ref_lz = _ref_estep_chunked(xc, means, var, lw)[0]
     monkeypatch.setattr(kestep, "GLUON_PASS1_KEPT", True)   # the kept form (off by default) as well
-    for form in ("transient", "kept", "logz"):
+    for form in ("transient", "kept", "logz") if tf32 else ("transient",):
         outs = {}
         for flag in (False, True):
             monkeypatch.setattr(kestep, "GLUON_PASS1", flag)
-            assert kestep._gluon_pass1(x, k, True, tf32, False, kept=form == "kept") == flag
+            assert kestep._gluon_pass1(x, k, True, mode, False, kept=form == "kept", row_bits=form != "logz") == flag
             kw = _pass1_outputs(form, n, d, n_blocks, order)
-            lz, _ = kestep.launch_logz(x, params, k, True, "tf32", center=center, **kw)
+            lz, _ = kestep.launch_logz(x, params, k, True, precision, center=center, **kw)
             outs[flag] = (lz, kw)
         (lz_t, kw_t), (lz_g, kw_g) = outs[False], outs[True]
         assert torch.equal(lz_g, lz_t), form
@@ -1238,19 +1241,22 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d):
                 continue
             for a, b in zip(*((v,) if torch.is_tensor(v) else v for v in (kw_g[name], kw_t[name]))):
                 assert torch.equal(a, b), f"{form}: {name} differs from the Triton kernel's"
-        assert_close(f"gluon pass 1 ({form}) log_norm", lz_g, ref_lz, 1e-3)
+        assert_close(f"gluon pass 1 ({precision}, {form}) log_norm", lz_g, ref_lz, 1e-3 if tf32 else 5e-3)
         if form == "kept":
             assert torch.equal(kw_g["lzp"], lz_g[order.rows.long()])
+    if not tf32:
+        with pytest.raises(ValueError, match="operand copy"):
+            lg.launch_diag_logz(x, params, k, center, kestep.SKIP_LOG2[precision], copy=(x, x, x))
     # the direct launcher into poisoned buffers (transient form): the same logZ as the other forms without order
     bits_g, x2_g = torch.full_like(bits, -1), torch.full((n,), float("nan"), device=x.device)
     logz_g = torch.full((n,), float("nan"), device=x.device)
-    lg.launch_diag_logz(x, params, k, center, kestep.SKIP_LOG2["tf32"], bits_g, x2_g, logz=logz_g)
+    lg.launch_diag_logz(x, params, k, center, kestep.SKIP_LOG2[precision], bits_g, x2_g, logz=logz_g)
     assert torch.equal(logz_g, lz_t)
     runs = {}
     for flag in (False, True):
         monkeypatch.setattr(kestep, "GLUON_PASS1", flag)
-        runs[flag] = [kestep.estep(x, means, var, lw, precision="tf32", center=center, sort_rows=True),
-                      kestep.estep(x, means, var, lw, precision="tf32", center=center, params=params, order=order)]
+        runs[flag] = [kestep.estep(x, means, var, lw, precision=precision, center=center, sort_rows=True),
+                      kestep.estep(x, means, var, lw, precision=precision, center=center, params=params, order=order)]
     for kind, a_run, b_run in zip(("sorted", "kept order"), runs[False], runs[True]):
         for name, a, b in zip(("log_norm", "nk", "sx", "sq"), a_run, b_run):
             assert torch.equal(a, b), f"{kind} E-step {name} differs with the Gluon pass 1"
