@@ -47,6 +47,12 @@ MAX_ASSIGN = 16
 # blocks of kernels FLAG_K components: with fewer blocks there is little to skip, with more the kernels have no
 # sparse pass.
 ORDER_REFRESH = 4
+# The bf16 E-step rounds each mean (as A = -2 mu / var, diag, or -2 mu, spherical) to 8 significant bits: it sees a
+# component up to ~2^-9 |mu| per feature away from where the M-step put it. A component narrower than that
+# (one that collapsed onto a single row, var -> reg_covar) then no longer explains its own row, gets no
+# responsibility, is re-seeded, collapses again: at N=1e6, K=4096, D=128 a diag bf16 fit re-seeded 4 components
+# every other iteration (NOTES.md v30). EM floors bf16 variances at (BF16_MEAN_RESOLUTION * mu)^2 per feature.
+BF16_MEAN_RESOLUTION = 2.0 ** -8
 TORCH_PIECE_ELEMENTS = 1 << 25   # entries of one (rows, K) float32 matrix in the torch fallbacks: 128 MiB
 MIN_SPARSE_BLOCKS = 4
 
@@ -119,6 +125,17 @@ class TritonBackend:
 
     def __repr__(self) -> str:
         return f"TritonBackend(precision={self.precision!r}, sparse={self.sparse})"
+
+    def variance_floor(self, means: torch.Tensor, diag: bool):
+        """The smallest variances this precision's E-step resolves around ``means`` (K, D) (centred frame): (K, D)
+        for ``diag``, else (K,) (the mean over the features), or None where the operands hold the means to fp32's
+        resolution or near it ("tf32" diag and "bf16x3" split them into two terms, "ieee" is exact). bf16:
+        (BF16_MEAN_RESOLUTION * mu)^2 per feature; spherical "tf32" (one fp16 term, 2^-11) has no floor: no
+        re-seed cycle was seen there."""
+        if self.precision != "bf16":
+            return None
+        floor = (BF16_MEAN_RESOLUTION * means) ** 2
+        return floor if diag else floor.mean(1)
 
     # ------------------------------------------------------------------ row orders of a fit (sparse E-step)
     def end_fit(self):

@@ -36,6 +36,10 @@ _BACKENDS = ("auto", "torch", "triton")
 _PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
 # predict_proba materialises (n, K): refuse past this many float32 elements (1 GiB).
 PREDICT_PROBA_MAX_ELEMENTS = 2 ** 28
+# EM re-seeds a component whose responsibility sums to less than this many rows. Half a row, not one: a component
+# that owns one isolated row has Nk = 1 only up to rounding (pass 2 recomputes the logits pass 1 reduced, so the
+# row's responsibility can come out at 1 - 2^-24), and "< 1" re-seeded such a component (NOTES.md v30).
+DEGENERATE_NK = 0.5
 
 
 class ConvergenceWarning(UserWarning):
@@ -591,7 +595,8 @@ class GaussianMixture:
         """One EM iteration on the device without a host sync (a CUDA graph may record it).
 
         means (K, D), var (K,) or (K, D), weights (K,): float64. Returns the M-step's ``means, var, weights``
-        (float64; a component with less than one row's worth of responsibility keeps its parameters),
+        (float64; a component with less than DEGENERATE_NK rows' worth of responsibility keeps its parameters;
+        bf16 variances are floored at the resolution of the E-step's means, ``TritonBackend.variance_floor``),
         ``degenerate`` (K,) bool (those components), ``summary`` (2,) float64 [log-likelihood sum, number of
         degenerate components], and the float32 parameters ``(m32, v32, lw32)`` the E-step ran with."""
         n, d = data.n, data.d
@@ -608,7 +613,11 @@ class GaussianMixture:
         else:
             new_var = sq / nk_safe[:, None] - shift * shift
         new_var = new_var.clamp_min(0.0) + self.reg_covar
-        degenerate = nk < 1.0  # less than one vector's worth of responsibility: re-seed
+        floor_fn = getattr(self._impl, "variance_floor", None)     # bf16 operands: their resolution of the means
+        floor = floor_fn(new_means, var.ndim == 2) if floor_fn is not None else None
+        if floor is not None:
+            new_var = torch.maximum(new_var, floor)
+        degenerate = nk < DEGENERATE_NK  # (nearly) no responsibility: re-seed
         means = torch.where(degenerate[:, None], means, new_means)
         var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
         summary = torch.stack([ll_sum, degenerate.sum().double()])

@@ -241,6 +241,28 @@ def test_empty_component_is_reseeded_not_nan():
     assert np.abs(g.means_).max() < 1e3  # the far mean was moved onto the data
 
 
+def test_single_row_component_is_not_reseeded_over_rounding(monkeypatch):
+    # a component that owns one isolated row has Nk = 1 only up to rounding (the kernels can put it at 1 - 2^-24
+    # when pass 2 recomputes the logits): it must stay, not be re-seeded every iteration as with the rule Nk < 1
+    X, _ = make_blobs(n=400, d=3, k=2, seed=8)
+    X = np.concatenate([X, np.full((1, 3), 500.0, dtype=np.float32)])        # one isolated row
+    means = np.stack([X[0], X[-2], X[-1]])                                  # one component starts on it
+    estep_pass = GaussianMixture._estep_pass
+
+    def rounded(self, *args):                      # a rounding of a responsibility of 1, on every Nk
+        nk, sx, sq, ll_sum = estep_pass(self, *args)
+        return nk * (1 - 2.0 ** -23), sx, sq, ll_sum
+    monkeypatch.setattr(GaussianMixture, "_estep_pass", rounded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        g = GaussianMixture(3, covariance_type="diag", init=means, kmeans_iter=0, max_iter=8, tol=0.0,
+                            backend="torch", device="cpu").fit(X)
+    assert [h["n_reseeded"] for h in g.history_] == [0] * 8
+    own = int(np.argmin(np.abs(g.means_ - 500.0).sum(1)))
+    np.testing.assert_allclose(g.means_[own], X[-1], rtol=1e-6)
+    assert g.weights_[own] * len(X) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_kmeans_empty_cluster_is_reseeded():
     X, _ = make_blobs(n=300, d=2, k=3, seed=9)
     means = np.stack([X[0], X[0], X[1]])  # duplicate seeds: one cluster starts empty

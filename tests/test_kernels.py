@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -1263,6 +1264,39 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d, precis
 
 
 # ------------------------------------------------------------------------------------------ estimator on the kernels
+@pytest.mark.parametrize("cov", ["diag", "spherical"])
+def test_bf16_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov):
+    # bf16 operands hold the means to 8 significant bits: a component that collapsed onto one isolated row (var ->
+    # reg_covar) sat ~2^-9 |mu| per feature from it in the E-step, got no responsibility, was re-seeded onto the
+    # same row and collapsed again (a diag bf16 fit at N=1e6, K=4096 re-seeded 4 components every other
+    # iteration). EM floors bf16 variances at (2^-8 mu)^2 per feature (TritonBackend.variance_floor), and the
+    # row's own responsibility, 1 up to rounding, does not count as degenerate (gmm.DEGENERATE_NK)
+    from flashgmm_faiss import GaussianMixture
+    from flashgmm_faiss import _triton_backend as tbe
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(120, 8, generator=g) * 2 + 40, torch.randn(120, 8, generator=g) * 2 - 40,
+                   torch.full((1, 8), 500.0)]).numpy()
+    kw = dict(covariance_type=cov, init=x[[0, 130, 240]], kmeans_iter=0, max_iter=6, tol=0.0, device=DEVICE,
+              backend="triton", precision="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = GaussianMixture(3, **kw).fit(x)
+    assert [h["n_reseeded"] for h in fit.history_] == [0] * 6
+    own = int(np.argmax(fit.means_[:, 0]))
+    np.testing.assert_allclose(fit.means_[own], x[-1], rtol=1e-3)
+    assert fit.weights_[own] * len(x) == pytest.approx(1.0, rel=1e-4)
+    mu_c = torch.as_tensor(fit.means_[own] - fit.center_, dtype=torch.float64)
+    floor = (tbe.BF16_MEAN_RESOLUTION * mu_c) ** 2
+    assert np.all(fit.covariances_[own] >= (floor if cov == "diag" else floor.mean()).numpy() * (1 - 1e-6))
+    if cov == "diag":   # without the floor the component is lost to re-seeding
+        monkeypatch.setattr(tbe.TritonBackend, "variance_floor", lambda self, means, diag: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bare = GaussianMixture(3, **kw).fit(x)
+        assert sum(h["n_reseeded"] for h in bare.history_) > 0
+    assert tbe.TritonBackend("tf32").variance_floor(torch.ones(2, 3), True) is None
+
+
 @pytest.mark.parametrize("order_key", ["bits", "argmax"])
 def test_estimator_sparse_estep_matches_dense(monkeypatch, order_key):
     # GaussianMixture(backend="triton") keeps a row order per chunk (rebuilt every ORDER_REFRESH iterations, sorted
