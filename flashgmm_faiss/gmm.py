@@ -128,7 +128,9 @@ class GaussianMixture:
     tol : float
         EM stops when the mean per-sample log-likelihood improves by less than ``tol``.
     reg_covar : float
-        Added to every variance: the floor that keeps collapsing components finite.
+        Added to every variance: the floor that keeps collapsing components finite. With ``precision="bf16"`` the
+        variances are also floored at (2^-8 mu)^2 per feature, the resolution of the bf16 means (below it a
+        component no longer explains its own rows and would be re-seeded over and over).
     init : {"k-means++", "random"} or array of shape (K, D)
         Seeding of the means before k-means / EM. k-means++ runs on a random subsample of at most
         ``max(50 * K, 10000)`` rows.
