@@ -73,7 +73,7 @@ def main(argv=None):
         kept = {name: {"order": order, "x2": torch.empty(n, device=x.device), "lzp": torch.empty(n, device=x.device),
                        "copy": tuple(torch.empty((n, d), dtype=torch.float16, device=x.device) for _ in range(3)),
                        "gaps": torch.empty(triton.cdiv(n, ke.FLAG_ROWS), dtype=torch.int64, device=x.device)}
-                for name in ("triton", "gluon")}
+                for name in (("triton", "gluon") if kept_ok else ())}
 
         def triton_pass1():
             return ke.launch_logz(x, params, a.k, True, prec, center=center, x2=x2_t, row_bits=rb_t)[0]
@@ -119,8 +119,8 @@ def main(argv=None):
             fns[f"kept_estep_{name}"] = _switched(ke, flag, lambda: kernels.estep(
                 x, means, var, lw, precision=prec, center=center, params=params, order=order))
         # what the kept form's parts cost: without the operand copy, without the row order; and logZ alone
-        kg = kept["gluon"]
         if kept_ok:
+            kg = kept["gluon"]
             fns["kept_gluon_nocopy"] = _switched(ke, True, lambda: ke.launch_logz(
                 x, params, a.k, True, prec, center=center, order=order, lzp=kg["lzp"], x2=kg["x2"], gaps=kg["gaps"]))
             fns["kept_gluon_noorder"] = _switched(ke, True, lambda: ke.launch_logz(

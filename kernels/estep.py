@@ -1248,7 +1248,7 @@ def _sm_count(device) -> int:
 def _gluon_pass1(x, k, diag, mode, with_argmax, kept=False, row_bits=True) -> bool:
     """Whether pass 1 runs as the Gluon kernel (kernels/logz_gluon.py; GLUON_PASS1, and GLUON_PASS1_KEPT for the
     ``kept`` form: a row order, operand copy or flag-tile bits): diag "tf32" (A in two terms) without the argmax,
-    and diag bf16 in the transient orders' form only (``row_bits`` asked, not kept: -4 to -7 % on an H100; logZ
+    and diag bf16 in the transient orders' form only (``row_bits`` asked, not kept: pass 1 -4 to -6 % on an H100; logZ
     alone ran 1-6 % slower than the Triton kernel, NOTES.md v30), on a Hopper GPU, for the shapes that kernel
     supports."""
     precision_ok = _split_a(mode, diag) or (mode == 2 and row_bits and not kept)

@@ -14,7 +14,8 @@ Scope: every diag "tf32" pass 1 without the argmax (``estep.launch_logz`` dispat
 transient orders' (per row logZ, ||x~||^2 and exact block bits), ``assign``'s (logZ alone, for the top-k
 responsibilities) and, behind ``estep.GLUON_PASS1_KEPT`` (off: no gain measured, v22), the kept orders' steady
 iterations (rows in a given order from their hinted block, logZ by row and position, the operand copy, the 64-row
-tiles' block bits for the sparse pass 2); and the diag bf16 pass 1 of the transient orders and of ``assign``.
+tiles' block bits for the sparse pass 2); and the diag bf16 pass 1 of the transient orders (bf16 logZ alone,
+``assign``'s, stays on the Triton kernel: Gluon was no faster there, NOTES.md v30).
 Same operands, same products in the same order and the same log-sum-exp as the Triton kernel, which stays the
 reference (and the only form that runs under ``TRITON_INTERPRET=1``: Gluon kernels do not), and runs everything
 else (the argmax of the order rebuilds, ``score``/``predict``). D from 16 to 128 in steps of 8: the features are
@@ -110,7 +111,7 @@ def _diag_logz_kernel(
     ROWBITS, N, K,
     D: gl.constexpr, DP: gl.constexpr, HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
     WRITE_COPY: gl.constexpr, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr,
-    MODE: gl.constexpr, ALO_STAGES: gl.constexpr,
+    MODE: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, A_REG: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Outputs as estep._logz_kernel's: position m processes row ROWS[m] (HAS_ORDER) or row m; LOGZ is written at
@@ -123,6 +124,7 @@ def _diag_logz_kernel(
     op_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     SPLIT_A: gl.constexpr = MODE == 1       # "tf32": fp16 operands, scaled rows, A in two terms; 2: bf16, A in one
     op_ty: gl.constexpr = a_desc.dtype
+    ALO_STAGES: gl.constexpr = STAGES if SPLIT_A else 1     # without SPLIT_A, A_lo's ring is a placeholder
     pid = gl.program_id(0)
 
     # the row tile's operands (as _row_operands, diag)
@@ -281,6 +283,6 @@ def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=No
                             D=d, DP=dp, HAS_CENTER=center is not None, HAS_ORDER=order is not None,
                             WRITE_X2=x2 is not None,
                             WRITE_COPY=copy is not None, WRITE_GAPS=gaps is not None, ROW_BITS=row_bits is not None,
-                            SKIP=float(skip), MODE=mode, ALO_STAGES=stages if mode == 1 else 1, BLOCK_M=block_m,
+                            SKIP=float(skip), MODE=mode, BLOCK_M=block_m,
                             BLOCK_K=block_k, STAGES=stages, A_REG=a_reg, num_warps=num_warps)
     return logz
