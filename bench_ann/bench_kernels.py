@@ -14,6 +14,10 @@ For each shape (N, K, D) it times
                            iteration and reports the mean over the cycle, rebuilding iteration included. The
                            component order is computed once (its time is in the note): the benchmark's parameters
                            do not move between iterations;
+* ``ours ... transient``  : the sparse E-step on a transient row order (``kernels.estep(sort_rows=True)``): pass 1 in
+                           the rows' own order records each row's block bits, the call sorts the rows by them and
+                           the sparse pass 2 runs on that order; nothing is kept between iterations. This is the
+                           E-step ``GaussianMixture`` runs for diag fits (and for chunks without a kept order);
 * ``... graph``          : ``--graphs``: the EM-iteration rows again, recorded once as a CUDA graph and replayed (one
                            call instead of ~60 launches: what ``GaussianMixture(cuda_graphs=True)`` does for data
                            resident on the GPU); at N = 1e6 the eager rows are bound by the host's launch rate;
@@ -308,8 +312,8 @@ def main(argv=None):
     print(f"# pass 1 software-pipelined: {kestep.PIPELINE_LOGZ}", flush=True)
 
     methods = set(args.methods.split(",")) if args.methods != "all" else {
-        "ours_estep", "ours_em", "ours_estep_sorted", "ours_em_sorted", "torch_chunked", "torch_compile",
-        "torch_material", "torch_kmeans", "ours_kmeans"}
+        "ours_estep", "ours_em", "ours_estep_sorted", "ours_em_sorted", "ours_estep_transient", "ours_em_transient",
+        "torch_chunked", "torch_compile", "torch_material", "torch_kmeans", "ours_kmeans"}
     precisions = args.precisions.split(",")
     dev_name = torch.cuda.get_device_name()
     free_total = torch.cuda.mem_get_info()[1]
@@ -330,6 +334,21 @@ def main(argv=None):
               f"{(f'{tflops / ceil:6.2f}' if tflops else '     -')} {(f'{mem:9.1f}' if mem is not None else '        -')} "
               f"{(f'{err:9.2e}' if err is not None else '        -')} {note}", flush=True)
 
+    def write_results():
+        """The rows so far (and the configs the autotuner chose) to kernels_<device>[_<tag>].json and .md."""
+        meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
+                    autotuned=autotuned_configs(), pipelined_pass1=kestep.PIPELINE_LOGZ, skip_log2=kestep.SKIP_LOG2,
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    command=" ".join([os.path.basename(sys.executable), "-m", "bench_ann.bench_kernels"]
+                                     + sys.argv[1:]),
+                    gemm_ceiling_tflops=dict(tf32=ceil_tf32, bf16=ceil_bf16), rows=rows, err_rows=args.err_rows)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = dev_name.lower().replace("nvidia ", "").replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
+        (out / f"kernels_{slug}.json").write_text(json.dumps(meta, indent=1))
+        (out / f"kernels_{slug}.md").write_text(markdown([meta]))
+        print(f"wrote {out}/kernels_{slug}.json and .md", flush=True)
+
     print(f"{'N':>11} {'K':>5} {'D':>4} {'method':<20} {'cov':<9} {'prec':<5} {'ms':>10} {'TFLOP/s':>7} "
           f"{'ceil':>6} {'extraMiB':>9} {'rel_err':>9} note", flush=True)
     for shape in parse_shapes(args.shapes):
@@ -347,10 +366,11 @@ def main(argv=None):
         xe = x[: min(n, args.err_rows)]
         chunk = args.chunk
 
-        def em_iter(var, prec, orders=None, perm=None, refresh=1):
+        def em_iter(var, prec, orders=None, perm=None, refresh=1, transient=False):
             """One EM iteration over the chunks; with ``orders`` (a dict chunk start -> RowOrder, updated in
             place) the rows are visited in the previous iteration's order, and every ``refresh``-th iteration the
-            next order is built (argmax in pass 1, one argsort per chunk)."""
+            next order is built (argmax in pass 1, one argsort per chunk); ``transient``: each chunk's E-step sorts
+            its rows itself (``sort_rows=True``, components in the order ``perm``)."""
             if orders is not None:
                 orders["it"] = orders.get("it", -1) + 1
                 rebuild = orders["it"] % refresh == 0
@@ -366,6 +386,8 @@ def main(argv=None):
                     if rebuild:   # in place, as the estimator does: the order buffers keep their addresses
                         # (a CUDA graph of the cycle reads them)
                         orders[i] = kernels.row_order(st[4], perm, out=orders.get(i))
+                elif transient:
+                    st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params, sort_rows=True)
                 else:
                     st = kernels.estep(x[i:i + chunk], means, var, lw, precision=prec, params=params,
                                        copy_rows=not args.no_copy)
@@ -443,6 +465,23 @@ def main(argv=None):
                                f"{kept:.3f} of (64-row tile, 64-component block) pairs in pass 2")
                         fo = lambda: kernels.row_order(best, perm)  # noqa: E731
                         record(shape, "  row_order", "-", "-", bench(fo, args.rep), 0, None, None)
+                if "ours_estep_transient" in methods or "ours_em_transient" in methods:
+                    perm_t = kernels.component_order(means)
+                    params_t = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm_t)
+                    err_t = rel_err(kernels.estep(xe, means, var, lw, precision=prec, params=params_t,
+                                                  sort_rows=True)[1:], ref)
+                    if "ours_estep_transient" in methods and n <= chunk:
+                        fn = lambda: kernels.estep(x, means, var, lw, precision=prec, params=params_t,  # noqa: E731
+                                                   sort_rows=True)
+                        record(shape, "ours E-step transient", cov, prec, bench(fn, args.rep), gem, peak_extra(fn),
+                               err_t, "rows sorted inside the call (sort_rows=True)")
+                    if "ours_em_transient" in methods:
+                        fn = lambda: em_iter(var, prec, perm=perm_t, transient=True)  # noqa: E731
+                        record(shape, "ours EM iter transient", cov, prec, bench(fn, args.rep), gem, peak_extra(fn),
+                               err_t, f"host issue time {host_ms(fn):.2f} ms per iteration")
+                        if args.graphs:
+                            record(shape, "ours EM iter transient graph", cov, prec, bench(graphed(fn), args.rep),
+                                   gem, None, err_t, "CUDA graph replay of the same iteration")
                 if "ours_em_sorted" in methods:
                     for refresh in (1, 4, 8):
                         orders = {}
@@ -527,19 +566,9 @@ def main(argv=None):
                 record(shape, "  k-means assign", "-", "tf32", bench(fa, args.rep), 1, None, None)
         del x, xe
         torch.cuda.empty_cache()
+        write_results()   # after every shape: a run cut short (a time limit) keeps the shapes it finished
 
-    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__, autotuned=autotuned_configs(),
-                pipelined_pass1=kestep.PIPELINE_LOGZ, skip_log2=kestep.SKIP_LOG2,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join([os.path.basename(sys.executable), "-m", "bench_ann.bench_kernels"] + sys.argv[1:]),
-                gemm_ceiling_tflops=dict(tf32=ceil_tf32, bf16=ceil_bf16), rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = dev_name.lower().replace("nvidia ", "").replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
-    meta["err_rows"] = args.err_rows
-    (out / f"kernels_{slug}.json").write_text(json.dumps(meta, indent=1))
-    (out / f"kernels_{slug}.md").write_text(markdown([meta]))
-    print(f"wrote {out}/kernels_{slug}.json and .md")
+    write_results()
 
 
 if __name__ == "__main__":
