@@ -407,7 +407,9 @@ def main(argv=None):
 
         for cov, var in (("spherical", var_sph), ("diag", var_diag)):
             gem = 3 if cov == "spherical" else 6
-            ref = ref_stats(xe, means, var, lw, tb) if ("ours_estep" in methods or "ours_em" in methods) else None
+            ref = ref_stats(xe, means, var, lw, tb) if methods & {"ours_estep", "ours_em", "ours_estep_sorted",
+                                                                   "ours_em_sorted", "ours_estep_transient",
+                                                                   "ours_em_transient"} else None
             for prec in precisions:
                 if "ours_estep" in methods:
                     if n <= chunk:

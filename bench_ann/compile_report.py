@@ -123,7 +123,8 @@ def main(argv=None):
                          NB_PAD=max(2, triton.next_power_of_2(n_blocks)) if sort_rows else 1)
         else:
             named = dict(common, K=args.k, COPY=not sort_rows, SPARSE=args.sparse or sort_rows,
-                         HAS_ORDER=args.sparse or sort_rows)
+                         HAS_ORDER=args.sparse or sort_rows,
+                         EXACT_STATS=bool(es.BF16_EXACT_STATS and diag and mode == 2 and sort_rows))
         kernel, configs = _configs(which, es, named)
         for cfg in configs:
             cx = {k: v for k, v in named.items() if k != "K"}

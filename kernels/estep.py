@@ -68,7 +68,9 @@ product 3e-3 and 2.5e-2 off on centred SIFT-like data, against 3.2e-4 and 2.5e-3
   Components of ``|x|`` more than 2^24 below the largest lose relative precision (fp16 subnormals); their
   contribution to a dot product is below 2^-24 of the largest term.
 * ``"bf16"``: bf16 operands (8 significant bits), fp32 accumulation, no scaling needed. Same speed as
-  ``"tf32"`` (both are one 16-bit product per GEMM); kept for data whose dynamic range exceeds fp16's.
+  ``"tf32"`` (both are one 16-bit product per GEMM); kept for data whose dynamic range exceeds fp16's. Diag pass 2
+  on float32 rows takes the rows and their squares as two bf16 terms each in R X and R x^2
+  (``BF16_EXACT_STATS``: the 8-bit rows were most of the statistics' error, 5.5e-3 at K=4096).
 * ``"bf16x3"``: split-bf16 products, ``x.mu ~ hi.hi + hi.lo + lo.hi`` with ``x = hi + lo`` (~16 bits per
   operand), and ``R^T X`` against both terms of x: 6e-5 (measured on an H200 with the v3 kernels), at 2.7x the
   products of ``"tf32"``; not re-measured with v4 (its diag variant needs the smaller autotune configs).
@@ -138,6 +140,14 @@ SKIP_LOG2 = {"tf32": 24.0, "bf16": 24.0, "bf16x3": 40.0, "ieee": 40.0}
 # bias all its rows share: the one-step variance error from random rows was 1.12e-3 (issue bound 1e-3) and the
 # float64 model gives 1.9e-4 with the split (NOTES.md, v9). A module switch (read at each launch) for A/B runs.
 DIAG_SPLIT_A = True
+# Diag bf16, pass 2 on the float32 rows (no operand copy: transient orders, as diag fits run, or copy_rows=False):
+# R X and R x^2 take the rows and their float32 squares as two bf16 terms each (x = xh + xl and x^2 = qh + ql to 16
+# bits) instead of the bf16-rounded rows, one more product per pair of the sparse pass 2; the logits keep the
+# rounded rows. Rounding the rows to 8 bits was most of the statistics' error: a float64 model of the kernel
+# (centred SIFT-like rows, K=4096, 131k rows) puts Sq at 3.4e-3 -> 2.1e-3 and Sx at 2.0e-3 -> 1.6e-3, and the H100
+# benchmark measured 5.5e-3 at K=4096 (issue bound 5e-3; kernels/NOTES.md v31). A module switch (read at compile
+# launch) for A/B runs; the operand-copy path keeps the rounded rows.
+BF16_EXACT_STATS = True
 # The transient row order (estep's sort_rows) sorts the rows by their block bits, the exact set of component blocks
 # whose responsibilities reach 2^-SKIP_LOG2, so that each FLAG_ROWS-row tile mostly holds rows with one bit set and
 # the tile's union (pass 2's work) stays near the rows' own fraction; pass 1 then needs no per-element argmax.
@@ -597,12 +607,14 @@ def _stats_tile(
     m0, row_hi, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
     a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
     D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr, MODE: tl.constexpr, COPY: tl.constexpr,
-    EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPLIT_A: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPLIT_A: tl.constexpr, EXACT_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Adds the BLOCK_M row positions from m0 (those below row_hi) to one component block's Nk, Sx = R X and Sq
     (spherical: sum r dist; diag: R x^2). r enters the products in the operand precision (unbiased rounding that
-    averages out over rows)."""
+    averages out over rows). Diag bf16 from the float32 rows (no operand copy): R X and R x^2 take the rows and their
+    squares as two bf16 terms each (EXACT_STATS: 16 of x's 24 bits; see BF16_EXACT_STATS), the logits the rounded
+    rows."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_hi
     if COPY:                           # the operand copy written by pass 1
@@ -619,6 +631,8 @@ def _stats_tile(
         src = _indexed(ROWS, offs_m, mask_m, HAS_ORDER)
         x = _load_rows(X, CENTER, src, mask_m, offs_d, mask_d, D, HAS_CENTER)
         xh, xl, qh, ql, _x2 = _row_operands(x, tl.load(SCALES), tl.load(SCALES + 1), DIAG, MODE, EMU)
+        if EXACT_STATS:
+            xl = _hi(x - xh.to(tl.float32), MODE, EMU)            # x = xh + xl to 16 bits
     # rows past the range get logZ = +inf, hence r = 0, without a mask below
     lz2 = tl.load(LOGZ + offs_m, mask=mask_m, other=float("inf")) * LOG2E
     if DIAG:
@@ -634,10 +648,14 @@ def _stats_tile(
     r = tl.exp2(bias[:, None] + coef[:, None] * acc - lz2[None, :])
     acc_nk += tl.sum(r, axis=1)
     ro = _hi(r, MODE, EMU)
-    if MODE == 3:
+    if MODE == 3 or EXACT_STATS:
         acc_sx = _dot(ro, xl, acc_sx, MODE, EMU)
     acc_sx = _dot(ro, xh, acc_sx, MODE, EMU)
     if DIAG:
+        if EXACT_STATS:                # the float32 rows' squares, not the rounded rows' (x^2 = qh + ql to 16 bits)
+            q = x * x
+            qh = _hi(q, MODE, EMU)
+            ql = _hi(q - qh.to(tl.float32), MODE, EMU)
         if MODE != 0:                  # the squares' second term (16-bit modes) or split remainder
             acc_sq = _dot(ro, ql, acc_sq, MODE, EMU)
         acc_sq = _dot(ro, qh, acc_sq, MODE, EMU)
@@ -646,7 +664,8 @@ def _stats_tile(
     return acc_nk, acc_sx, acc_sq
 
 
-@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY", "HAS_ORDER", "SPARSE", "SPLIT_A"],
+@triton.autotune(configs=_stats_configs(), key=["K", "D", "DIAG", "MODE", "COPY", "HAS_ORDER", "SPARSE", "SPLIT_A",
+                                               "EXACT_STATS"],
                  prune_configs_by={"early_config_prune": _prune_stats})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -663,8 +682,8 @@ def _estep_stats_kernel(
     # compile-time
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPARSE: tl.constexpr,
-    SPLIT_A: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    SPLIT_A: tl.constexpr, EXACT_STATS: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Rows are streamed by position: LOGZ, X2 and the operand copy are in position order (pass 1 wrote them so);
     # without the copy, the float32 rows are gathered through ROWS under a row order.
@@ -716,7 +735,7 @@ def _estep_stats_kernel(
                 acc_nk, acc_sx, acc_sq = _stats_tile(
                     t * FLAG_ROWS + sub * BLOCK_M, N, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
                     a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
-                    D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, BLOCK_M, BLOCK_K)
+                    D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, EXACT_STATS, BLOCK_M, BLOCK_K)
     else:
         row_lo = pid_s * SLAB_ROWS
         row_hi = tl.minimum(row_lo + SLAB_ROWS, N)
@@ -724,7 +743,7 @@ def _estep_stats_kernel(
             acc_nk, acc_sx, acc_sq = _stats_tile(
                 m0, row_hi, X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2,
                 a, a_lo, p, p_lo, bias, coef, cst, offs_d, mask_d, acc_nk, acc_sx, acc_sq,
-                D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, BLOCK_M, BLOCK_K)
+                D, DIAG, HAS_CENTER, MODE, COPY, EMU, HAS_ORDER, SPLIT_A, EXACT_STATS, BLOCK_M, BLOCK_K)
 
     base_k = pid_s.to(tl.int64) * K + offs_k
     tl.store(NK_PART + base_k, acc_nk, mask=mask_k)
@@ -1519,6 +1538,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
                                   HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
                                   HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
+                                  EXACT_STATS=bool(BF16_EXACT_STATS and diag and mode == 2 and not copy_mode),
                                   FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(

@@ -165,13 +165,47 @@ def test_estep_multislab_matches_float64(monkeypatch, diag, precision):
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_estep_without_operand_copy_is_identical(diag, precision):
-    # copy_rows=False converts the rows inside pass 2 instead of reading pass 1's copy: same operands, same sums
+    # copy_rows=False converts the rows inside pass 2 instead of reading pass 1's copy: same operands, same sums;
+    # except diag bf16, whose R X and R x^2 then take the float32 rows (BF16_EXACT_STATS): same logits and Nk, and
+    # statistics within float64's bf16 bound (test_bf16_diag_statistics_use_the_float32_rows checks them exactly)
     x, means, var, lw = _problem(37, 13, 20, diag, seed=12)
     center = torch.linspace(-3.0, 5.0, 20, device=DEVICE)
     a = kestep.estep(x + center, means, var, lw, precision=precision, center=center)
     b = kestep.estep(x + center, means, var, lw, precision=precision, center=center, copy_rows=False)
-    for name, u, v in zip(("log_norm", "nk", "sx", "sq"), a, b):
-        assert_close(f"{name} without copy", v, u, 1e-6)
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    exact_stats = diag and precision == "bf16" and kestep.BF16_EXACT_STATS
+    for name, u, v, r in zip(("log_norm", "nk", "sx", "sq"), a, b, ref):
+        if exact_stats and name in ("sx", "sq"):
+            assert_close(f"{name} without copy", v, r, RTOL[precision])
+        else:
+            assert_close(f"{name} without copy", v, u, 1e-6)
+
+
+@pytest.mark.parametrize("sort_rows", [False, True], ids=["dense", "sorted"])
+def test_bf16_diag_statistics_use_the_float32_rows(poisoned, sort_rows):
+    # Diag bf16 from the float32 rows (no operand copy: the path diag fits run): R X and R x^2 take each row as two
+    # bf16 terms (x = xh + xl to 16 bits) and its float32 square likewise, not the 8-bit rounded row. Rows of 12
+    # significant bits (multiples of 1/64 below 64 in magnitude) around 3 far-apart components, so that every r is
+    # exactly 0 or 1: Nk and Sx are then float64's exactly (fp32 sums of 18-bit values), Sq up to the squares' 16
+    # bits; the operand copy's bf16 rows are off by ~2^-9 per value
+    g = torch.Generator().manual_seed(5)
+    k, d, n = 3, 10, 45
+    centres = torch.tensor([[30.0] * d, [-30.0] * d, [30.0, -30.0] * (d // 2)])
+    lab = torch.arange(n) % k
+    x = torch.round((centres[lab] + 3 * torch.randn(n, d, generator=g)) * 64) / 64
+    means = centres + 0.5
+    var = torch.full((k, d), 9.0)
+    lw = torch.log(torch.full((k,), 1.0 / k))
+    x, means, var, lw = (t.float().contiguous().to(DEVICE) for t in (x, means, var, lw))
+    assert not torch.equal(x.bfloat16().float(), x), "the rows must not be bf16 values"
+    ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
+    assert torch.equal(ref[1], torch.bincount(lab, minlength=k).double()), "every r must be 0 or 1"
+    got = kestep.estep(x, means, var, lw, precision="bf16", copy_rows=False, sort_rows=sort_rows)
+    assert_close("nk", got[1], ref[1], 1e-6)
+    assert torch.equal(got[2].double().cpu(), ref[2]), "Sx from the float32 rows is exact here"
+    assert_close("sq", got[3], ref[3], 1e-4)
+    copy = kestep.estep(x, means, var, lw, precision="bf16")        # rows of the bf16 operand copy
+    assert _rel(copy[2], ref[2]) > 1e-4, "the operand copy's rows were expected to be rounded to bf16"
 
 
 def _clustered(n, k, d, diag, seed):
