@@ -124,7 +124,7 @@ def main(argv=None):
         else:
             named = dict(common, K=args.k, COPY=not sort_rows, SPARSE=args.sparse or sort_rows,
                          HAS_ORDER=args.sparse or sort_rows,
-                         EXACT_STATS=bool(es.BF16_EXACT_STATS and diag and mode == 2 and sort_rows))
+                         EXACT_STATS=es._exact_stats(mode, diag, copy=not sort_rows))
         kernel, configs = _configs(which, es, named)
         for cfg in configs:
             cx = {k: v for k, v in named.items() if k != "K"}

@@ -145,8 +145,8 @@ DIAG_SPLIT_A = True
 # bits) instead of the bf16-rounded rows, one more product per pair of the sparse pass 2; the logits keep the
 # rounded rows. Rounding the rows to 8 bits was most of the statistics' error: a float64 model of the kernel
 # (centred SIFT-like rows, K=4096, 131k rows) puts Sq at 3.4e-3 -> 2.1e-3 and Sx at 2.0e-3 -> 1.6e-3, and the H100
-# benchmark measured 5.5e-3 at K=4096 (issue bound 5e-3; kernels/NOTES.md v31). A module switch (read at compile
-# launch) for A/B runs; the operand-copy path keeps the rounded rows.
+# benchmark measured 5.5e-3 at K=4096 (issue bound 5e-3; kernels/NOTES.md v31). A module switch (read at each
+# launch, :func:`_exact_stats`) for A/B runs; the operand-copy path keeps the rounded rows.
 BF16_EXACT_STATS = True
 # The transient row order (estep's sort_rows) sorts the rows by their block bits, the exact set of component blocks
 # whose responsibilities reach 2^-SKIP_LOG2, so that each FLAG_ROWS-row tile mostly holds rows with one bit set and
@@ -920,6 +920,12 @@ def _split_a(mode: int, diag: bool) -> bool:
     return bool(diag and mode == 1 and DIAG_SPLIT_A)
 
 
+def _exact_stats(mode: int, diag: bool, copy: bool) -> bool:
+    """Whether pass 2 takes the float32 rows as two bf16 terms in R X and R x^2 (diag bf16 without the operand
+    copy, see BF16_EXACT_STATS)."""
+    return bool(BF16_EXACT_STATS and diag and mode == 2 and not copy)
+
+
 def _check_precision(precision):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -1538,7 +1544,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
                                   HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
                                   HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
-                                  EXACT_STATS=bool(BF16_EXACT_STATS and diag and mode == 2 and not copy_mode),
+                                  EXACT_STATS=_exact_stats(mode, diag, copy_mode),
                                   FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(

@@ -173,7 +173,7 @@ def test_estep_without_operand_copy_is_identical(diag, precision):
     a = kestep.estep(x + center, means, var, lw, precision=precision, center=center)
     b = kestep.estep(x + center, means, var, lw, precision=precision, center=center, copy_rows=False)
     ref = tb.estep(*(t.double().cpu() for t in (x, means, var, lw)))
-    exact_stats = diag and precision == "bf16" and kestep.BF16_EXACT_STATS
+    exact_stats = kestep._exact_stats(kestep._MODES[precision], diag, copy=False)
     for name, u, v, r in zip(("log_norm", "nk", "sx", "sq"), a, b, ref):
         if exact_stats and name in ("sx", "sq"):
             assert_close(f"{name} without copy", v, r, RTOL[precision])
