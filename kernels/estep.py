@@ -140,6 +140,17 @@ SKIP_LOG2 = {"tf32": 24.0, "bf16": 24.0, "bf16x3": 40.0, "ieee": 40.0}
 # bias all its rows share: the one-step variance error from random rows was 1.12e-3 (issue bound 1e-3) and the
 # float64 model gives 1.9e-4 with the split (NOTES.md, v9). A module switch (read at each launch) for A/B runs.
 DIAG_SPLIT_A = True
+# Launch sizes of the small per-call kernels (bitwise the same results for any value; H100, K=1024, D=128, CUDA
+# graphs of 20 calls, bench_ann/ab_small_kernels.py, NOTES.md v32): ``prepare``'s elements per program (BLOCK_K
+# components x padded D; 4096 -> 512: diag 33.6 -> 20.4 us, spherical 12.9 -> 10.6), the partials' reduction per
+# covariance type (elements per program, slabs per load; 128 x 32 -> diag 512 x 8: 43.3 -> 28.1 us at 32 slabs,
+# 57.4 -> 24.1 at K=4096; spherical 256 x 16: 13.3 -> 12.2, 27.0 -> 13.0) and the sparse pass 2's work-list scan
+# (tiles per step, warps; one program per component block scans every tile: 1024 x 4 -> 8192 x 8: 15.7 -> 7.7 us
+# at 15,625 tiles, 54.0 -> 24.9 at 65,536).
+PREPARE_ELEMS = 512
+REDUCE_SIZES = {"spherical": (256, 16), "diag": (512, 8)}
+WORK_LIST_BLOCK = 8192
+WORK_LIST_WARPS = 8
 # Diag bf16, pass 2 on the float32 rows (no operand copy: transient orders, as diag fits run, or copy_rows=False):
 # R X and R x^2 take the rows and their float32 squares as two bf16 terms each (x = xh + xl and x^2 = qh + ql to 16
 # bits) instead of the bf16-rounded rows, one more product per pair of the sparse pass 2; the logits keep the
@@ -1110,7 +1121,7 @@ def prepare(means, var, log_weights, precision, x_bound=None, comp_perm=None) ->
     scales = torch.empty(2, dtype=torch.float32, device=dev)
     inv = torch.empty(3, dtype=torch.float64, device=dev)
     block_d = max(16, triton.next_power_of_2(d))
-    block_k = max(1, min(32, 4096 // block_d))
+    block_k = max(1, min(32, PREPARE_ELEMS // block_d))
     _prepare_kernel[(triton.cdiv(k, block_k),)](
         means, var, log_weights, comp_perm if comp_perm is not None else bias2, mu_absmax, var_min,
         x_bound if xb_ptr else mu_absmax, xb_value, a, a_lo, p, p_lo, bias2, coef2, cst, scales, inv, k,
@@ -1360,7 +1371,8 @@ def _work_lists(gaps, n_blocks):
     n_tiles = gaps.shape[0]
     work = torch.empty((n_blocks, max(1, n_tiles)), dtype=torch.int32, device=gaps.device)
     counts = torch.empty(n_blocks, dtype=torch.int32, device=gaps.device)
-    _work_list_kernel[(n_blocks,)](gaps, work, counts, n_tiles, work.shape[1], BLOCK=1024, num_warps=4)
+    _work_list_kernel[(n_blocks,)](gaps, work, counts, n_tiles, work.shape[1], BLOCK=WORK_LIST_BLOCK,
+                                   num_warps=WORK_LIST_WARPS)
     return work, counts
 
 
@@ -1553,18 +1565,31 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
             f"offers in every autotune config ({e}); use precision='tf32' (the default) or 'ieee'") from e
     del copy, xo, xq, xql, x2, lzp, gaps, work, counts, order   # dead: free the operand copy before the reduction
 
-    # fixed-order float64 reduction of the partials, units undone: two launches, no host sync
-    nk = torch.empty(k, dtype=torch.float32, device=dev)
-    sx = torch.empty((k, d), dtype=torch.float32, device=dev)
-    sq = torch.empty((k, d) if diag else (k,), dtype=torch.float32, device=dev)
-    block, s_block = 128, min(32, triton.next_power_of_2(slabs))
-    perm_arg = perm if perm is not None else nk                  # (written back to the caller's component order)
-    _reduce_kd_kernel[(triton.cdiv(k * d, block),)](sx_part, sq_part, nk_part, means, params.inv, perm_arg, sx, sq,
-                                                     slabs, k, D=d, DIAG=diag, HAS_PERM=perm is not None,
-                                                     BLOCK=block, S_BLOCK=s_block, num_warps=4)
-    _reduce_k_kernel[(triton.cdiv(k, block),)](nk_part, sq_part, params.inv, perm_arg, nk, sq, slabs, k, DIAG=diag,
-                                               HAS_PERM=perm is not None, BLOCK=block, S_BLOCK=s_block, num_warps=4)
+    nk, sx, sq = reduce_partials(nk_part, sx_part, sq_part, means, params.inv, perm)
     if perm is not None and return_best:
         best = perm[best]
     out = (logz, nk, sx, sq) + ((best,) if return_best else ())
     return out + (row_bits,) if return_row_bits else out
+
+
+def reduce_partials(nk_part, sx_part, sq_part, means, inv, perm=None):
+    """The statistics from pass 2's per-slab partials: a fixed-order float64 sum over the S slabs with the units
+    undone, in two launches and without a host sync. nk_part (S, K), sx_part (S, K, D), sq_part (S, K, D) (diag:
+    scaled Sxx) or (S, K) (spherical: scaled Sq), float32, in kernel component order; means (K, D) float32
+    (diag: Sq = Sxx - 2 mu Sx + Nk mu^2); inv (3,) float64 (``Params.inv``); perm (K,) int64 or None (kernel
+    component j is perm[j]). Returns nk (K,), sx (K, D) and sq (K, D) or (K,), float32 in the caller's order."""
+    slabs, k, d = sx_part.shape
+    diag = sq_part.ndim == 3
+    dev = sx_part.device
+    nk = torch.empty(k, dtype=torch.float32, device=dev)
+    sx = torch.empty((k, d), dtype=torch.float32, device=dev)
+    sq = torch.empty((k, d) if diag else (k,), dtype=torch.float32, device=dev)
+    block, s_block = REDUCE_SIZES["diag" if diag else "spherical"]
+    s_block = min(s_block, triton.next_power_of_2(slabs))
+    perm_arg = perm if perm is not None else nk                  # (written back to the caller's component order)
+    _reduce_kd_kernel[(triton.cdiv(k * d, block),)](sx_part, sq_part, nk_part, means, inv, perm_arg, sx, sq,
+                                                     slabs, k, D=d, DIAG=diag, HAS_PERM=perm is not None,
+                                                     BLOCK=block, S_BLOCK=s_block, num_warps=4)
+    _reduce_k_kernel[(triton.cdiv(k, block),)](nk_part, sq_part, inv, perm_arg, nk, sq, slabs, k, DIAG=diag,
+                                               HAS_PERM=perm is not None, BLOCK=block, S_BLOCK=s_block, num_warps=4)
+    return nk, sx, sq

@@ -305,6 +305,53 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
         assert work[b, :int(counts[b])].tolist() == torch.nonzero(need[:, b]).flatten().tolist()
 
 
+@pytest.mark.parametrize("block", [None, 64], ids=["shipped", "multi-step"])
+def test_work_lists_hold_every_set_bit_in_ascending_order(block, monkeypatch):
+    # the sparse pass 2's work lists from per-tile block bits: program b scans the tiles WORK_LIST_BLOCK at a time
+    # and compacts those with bit b set, in order; checked against torch.nonzero per block, with a tile count that
+    # is not a multiple of the step (and, at 64 tiles per step, many steps)
+    if block is not None:
+        monkeypatch.setattr(kestep, "WORK_LIST_BLOCK", block)
+    g = torch.Generator().manual_seed(5)
+    n_tiles, n_blocks = 1000 + 37, 11
+    gaps = (torch.rand(n_tiles, n_blocks, generator=g) < 0.2).long()
+    gaps[::97] = 0                                                  # tiles that need no block at all
+    bits = (gaps << torch.arange(n_blocks)).sum(1).to(DEVICE)
+    work, counts = (t.cpu() for t in kestep._work_lists(bits, n_blocks))
+    for b in range(n_blocks):
+        want = torch.nonzero(gaps[:, b]).flatten().tolist()
+        assert int(counts[b]) == len(want) and work[b, :len(want)].tolist() == want, f"block {b}"
+
+
+@pytest.mark.parametrize("perm", [False, True], ids=["own-order", "permuted"])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_reduce_partials_matches_a_float64_sum(diag, perm):
+    # the fixed-order float64 reduction of pass 2's per-slab partials: sums over S slabs (19: not a multiple of the
+    # slabs per load), units undone (INV), written back in the caller's component order, and for diag the
+    # centring Sq = Sxx - 2 mu Sx + Nk mu^2 (clamped at 0), against float64 torch
+    g = torch.Generator().manual_seed(9)
+    s, k, d = 19, 37, 20                                            # K D = 740: several programs
+    nk_p = torch.rand(s, k, generator=g)
+    sx_p = torch.randn(s, k, d, generator=g) * 3
+    sq_p = torch.rand((s, k, d) if diag else (s, k), generator=g) * 50 + 20
+    means = torch.randn(k, d, generator=g) * 0.1
+    inv = torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64)
+    cp = torch.randperm(k, generator=g) if perm else None
+    got = kestep.reduce_partials(*(t.to(DEVICE) for t in (nk_p, sx_p, sq_p, means, inv)),
+                                 cp.to(DEVICE) if perm else None)
+    nk, sx = nk_p.double().sum(0), sx_p.double().sum(0) * inv[0]
+    if diag:
+        mu = (means[cp] if perm else means).double()                  # caller's means in kernel order
+        sq = (sq_p.double().sum(0) * inv[1] - 2 * mu * sx + nk[:, None] * mu * mu).clamp_min(0)
+    else:
+        sq = (sq_p.double().sum(0) * inv[2]).clamp_min(0)
+    if perm:                                                        # kernel component j is the caller's cp[j]
+        nk, sx, sq = (torch.empty_like(t).index_copy_(0, cp, t) for t in (nk, sx, sq))
+    for name, t, r in zip(("nk", "sx", "sq"), got, (nk, sx, sq)):
+        assert t.dtype == torch.float32 and t.shape == r.shape, name
+        assert_close(name, t.cpu(), r, 1e-6)
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
