@@ -26,9 +26,10 @@ import time
 import torch
 
 
-def main():
-    torch.manual_seed(0)
-    n, k, d = int(sys.argv[1]), int(sys.argv[2]), 128
+def kmeans_state(n, k, d=128):
+    """The kernel benchmark's problem in float64 on the CPU: ``n`` centred SIFT-like rows (256 clusters, integer
+    values 0..255 before centring) and parameters from 3 k-means steps (variances clamped at 1), all rounded
+    through float32 as the kernels receive them. Returns x (n, d), mu (k, d), var (k, d), lw (k,)."""
     g = torch.Generator().manual_seed(0)
     centres = torch.rand(256, d, generator=g, dtype=torch.float64) * 60
     centres *= torch.rand(256, d, generator=g, dtype=torch.float64) < 0.4
@@ -44,7 +45,13 @@ def main():
         c[nz] = s[nz] / cnt[nz, None]
     l = assign(x, c); cnt = torch.bincount(l, minlength=k).double().clamp_min(1)
     var = (torch.zeros(k, d, dtype=torch.float64).index_add_(0, l, (x - c[l]) ** 2) / cnt[:, None]).clamp_min(1.0)
-    var = var.float().double(); mu = c.float().double(); lw = torch.log(cnt / cnt.sum()).float().double()
+    return x, c.float().double(), var.float().double(), torch.log(cnt / cnt.sum()).float().double()
+
+
+def main():
+    torch.manual_seed(0)
+    n, k, d = int(sys.argv[1]), int(sys.argv[2]), 128
+    x, mu, var, lw = kmeans_state(n, k, d)
     bf = lambda t: t.to(torch.bfloat16).double()
     f32 = lambda t: t.float().double()
     P = 1 / var

@@ -6,8 +6,8 @@ faster on an H100 (v30), which would bring the diag fit near the issue's 2.5 ms.
 with the kernels' roundings (11-bit rows, P = 1/var and A, ``cst`` consistent with the rounded operands, r rounded to
 11 bits in the statistics), what that costs in accuracy, on two problems:
 
-* ``bench``: the kernel benchmark's state (centred SIFT-like rows, 256 clusters, 3 k-means steps; as
-  ``bench_ann/bf16_precision_model.py``), relative error of Nk, Sx, Sq;
+* ``bench``: the kernel benchmark's state (``bf16_precision_model.kmeans_state``: centred SIFT-like rows, 256
+  clusters, 3 k-means steps), relative error of Nk, Sx, Sq;
 * ``test``: the GPU test's problem (``tests/test_gmm_gpu.py``: 50,000 uncentred SIFT-like rows, K=64, var 400,
   means = random rows; as ``bench_ann/diag_precision_model.py``), one-step error of Nk, means and variances.
 
@@ -31,6 +31,7 @@ import sys
 import numpy as np
 import torch
 
+from bench_ann.bf16_precision_model import kmeans_state
 from bench_ann.diag_precision_model import r11, sift_like
 
 
@@ -75,26 +76,7 @@ def _dist(xt, ops, exact):
 
 def bench(n, k, variants=("two-term A", "one-term A", "one-term A from P~", "pass 1 one-term")):
     d = 128
-    g = torch.Generator().manual_seed(0)
-    centres = torch.rand(256, d, generator=g, dtype=torch.float64) * 60
-    centres *= torch.rand(256, d, generator=g, dtype=torch.float64) < 0.4
-    lab = torch.randint(0, 256, (n,), generator=g)
-    x = (centres[lab] + 15 * torch.randn(n, d, generator=g, dtype=torch.float64)).clamp(0, 255).round()
-    x = (x - x.mean(0)).float().double()
-    c = x[torch.randint(0, n, (k,), generator=g)].clone()
-
-    def assign(c):
-        return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)).argmin(1)
-    for _ in range(3):
-        lab = assign(c)
-        cnt = torch.bincount(lab, minlength=k).double()
-        s = torch.zeros(k, d, dtype=torch.float64).index_add_(0, lab, x)
-        nz = cnt > 0
-        c[nz] = s[nz] / cnt[nz, None]
-    lab = assign(c)
-    cnt = torch.bincount(lab, minlength=k).double().clamp_min(1)
-    var = (torch.zeros(k, d, dtype=torch.float64).index_add_(0, lab, (x - c[lab]) ** 2) / cnt[:, None]).clamp_min(1.0)
-    var, mu, lw = var.float().double(), c.float().double(), torch.log(cnt / cnt.sum()).float().double()
+    x, mu, var, lw = kmeans_state(n, k, d)
     bias = lw - 0.5 * (d * math.log(2 * math.pi) + torch.log(var).sum(1))
 
     def stats(variant):
