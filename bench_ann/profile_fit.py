@@ -5,7 +5,8 @@
 iterations (``max_iter=0`` fit), ``--em-iter`` EM iterations (``kmeans_iter=0`` fit), and ``assign`` with the
 given copy caps. For each phase it prints and writes the wall time, the GPU kernel time, and the top operators
 by GPU time and by host time (``profile_<phase>.txt`` in ``--out``), so that host overhead (launches, syncs,
-Python) can be told apart from kernel time.
+Python) can be told apart from kernel time, and the kernels of the phase's last iteration (one E-step statistics
+kernel to the next: with one chunk, an EM iteration with its M-step).
 
     python -m bench_ann.profile_fit --n 1000000 --k 1024 --d 128 --out /tmp/prof
 """
@@ -49,6 +50,27 @@ def _timeline(prof):
             "longest_gaps_us": [round(g, 1) for g in gaps[:12]]}
 
 
+def _iteration_kernels(prof, anchor: str = "_estep_stats_kernel"):
+    """GPU work of one steady-state iteration: the device events after the second-last ``anchor`` kernel up to and
+    including the last (with one chunk per E-step: one EM iteration, its M-step's small kernels included), summed
+    per name, longest first. Returns ``{"kernels", "busy_us", "span_us", "by_name": [[us, count, name], ...]}`` or
+    None with fewer than two anchors."""
+    from torch.autograd import DeviceType
+
+    ev = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    at = [i for i, e in enumerate(ev) if e.name.startswith(anchor)]
+    if len(at) < 2:
+        return None
+    seg = ev[at[-2] + 1:at[-1] + 1]
+    per = {}
+    for e in seg:
+        us, cnt = per.get(e.name[:90], (0.0, 0))
+        per[e.name[:90]] = (us + e.time_range.end - e.time_range.start, cnt + 1)
+    by_name = sorted(([round(us, 1), cnt, name] for name, (us, cnt) in per.items()), reverse=True)
+    return {"kernels": len(seg), "busy_us": round(sum(r[0] for r in by_name), 1),
+            "span_us": round(seg[-1].time_range.end - seg[0].time_range.start, 1), "by_name": by_name}
+
+
 def _profile(name, fn, out: Path, rows: int, trace: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
@@ -63,15 +85,22 @@ def _profile(name, fn, out: Path, rows: int, trace: bool = False):
     by_gpu = events.table(sort_by="self_cuda_time_total", row_limit=rows)
     by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=rows)
     timeline = _timeline(prof)
+    iteration = _iteration_kernels(prof)
     head = f"## {name}: wall {wall * 1e3:.1f} ms, GPU kernel time {gpu_us / 1e3:.1f} ms (profiler on)"
-    text = "\n\n".join([head, f"timeline {timeline}", "### by GPU time", by_gpu, "### by host time", by_cpu])
+    parts = [head, f"timeline {timeline}", "### by GPU time", by_gpu, "### by host time", by_cpu]
+    if iteration is not None:
+        parts += [f"### last iteration (after the second-last E-step statistics kernel, to the last): "
+                  f"{iteration['kernels']} kernels, busy {iteration['busy_us']} us, span {iteration['span_us']} us",
+                  "\n".join(f"{us:9.1f} us x{cnt:3d}  {nm}" for us, cnt, nm in iteration["by_name"])]
+    text = "\n\n".join(parts)
     (out / f"profile_{name}.txt").write_text(text + "\n")
     if trace:
         prof.export_chrome_trace(str(out / f"trace_{name}.json"))
     print(head, flush=True)
     print(f"timeline {timeline}", flush=True)
     print(by_gpu[:6000], flush=True)
-    return {"phase": name, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3, "timeline": timeline}
+    return {"phase": name, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3, "timeline": timeline,
+            "last_iteration": iteration}
 
 
 def run(args):
