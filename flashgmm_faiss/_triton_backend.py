@@ -106,6 +106,7 @@ class TritonBackend:
     fuses_centering = True
     order_key = "bits"
     kept_orders = ("spherical",)
+    fused_m_step = True     # m_step as one kernel; False: the torch form (for benchmarks)
 
     def __init__(self, precision: str = "tf32", sparse: bool = True):
         if precision not in PRECISIONS:
@@ -117,6 +118,7 @@ class TritonBackend:
         self.order_bytes = ROW_ORDER_BYTES
         self.sort_rows = True
         self._cache = None      # (tensors, their versions, bound, perm, Params) of the last E-step parameters
+        self._mstep_scalars = None      # (key, (4,) float64 device tensor) of m_step
         # counts of fit_estep calls: chunks run under an order (sparse) or without one, orders activated
         # (sorted_chunks: sparse on a transient order, see sort_rows)
         self.order_stats = {"iterations": 0, "sparse_chunks": 0, "sorted_chunks": 0, "dense_chunks": 0,
@@ -132,10 +134,30 @@ class TritonBackend:
         resolution or near it ("tf32" diag and "bf16x3" split them into two terms, "ieee" is exact). bf16:
         (BF16_MEAN_RESOLUTION * mu)^2 per feature; spherical "tf32" (one fp16 term, 2^-11) has no floor: no
         re-seed cycle was seen there."""
-        if self.precision != "bf16":
+        res = self.floor_resolution()
+        if res is None:
             return None
-        floor = (BF16_MEAN_RESOLUTION * means) ** 2
+        floor = (res * means) ** 2
         return floor if diag else floor.mean(1)
+
+    def floor_resolution(self):
+        """The relative resolution of the means in this precision's E-step operands that :meth:`variance_floor`
+        (and the fused :meth:`m_step`) floor the variances at: ``BF16_MEAN_RESOLUTION`` for bf16, else None."""
+        return BF16_MEAN_RESOLUTION if self.precision == "bf16" else None
+
+    def m_step(self, nk, sx, sq, ll_sum, means, var, n: int, reg_covar: float, degenerate_nk: float):
+        """``gmm.m_step`` as one kernel (``kernels/mstep.py``; the floor of :meth:`variance_floor` included), or None
+        (D > 256, or ``fused_m_step`` off: the caller runs the torch form). Its float64 scalars live on the device,
+        made once per (n, reg_covar) at a fit's first, eager, iteration (never inside a CUDA-graph capture)."""
+        ke = self._k()
+        if not self.fused_m_step or means.shape[1] > ke.mstep.MAX_D:
+            return None
+        res = self.floor_resolution()
+        key = (n, reg_covar, degenerate_nk, res, means.device)
+        if self._mstep_scalars is None or self._mstep_scalars[0] != key:
+            self._mstep_scalars = key, torch.tensor([n, reg_covar, degenerate_nk, res or 0.0], dtype=torch.float64,
+                                                    device=means.device)
+        return ke.mstep.m_step(nk, sx, sq, ll_sum, means, var, self._mstep_scalars[1], has_floor=res is not None)
 
     # ------------------------------------------------------------------ row orders of a fit (sparse E-step)
     def end_fit(self):

@@ -112,6 +112,31 @@ def _resident(X, device: torch.device) -> bool:
     return X.device.index == index
 
 
+def m_step(nk, sx, sq, ll_sum, means, var, n, reg_covar, floor=None):
+    """The M-step in float64 torch (the reference of ``kernels/mstep.py``): nk (K,), sx (K, D), sq (K, D) (diag: sum
+    r (x - mu)^2 per feature) or (K,) (spherical), ll_sum (), means (K, D) and var (K, D) or (K,) of the E-step.
+    ``floor(new_means)``, if given, returns the variance floor (var's shape) or None. Returns ``(means, var, weights,
+    degenerate, summary)``: a component with less than DEGENERATE_NK rows' worth of responsibility keeps its
+    parameters (degenerate (K,) bool); summary (2,) float64 = [ll_sum, number of degenerate components]."""
+    d = means.shape[1]
+    nk_safe = nk.clamp_min(1e-12)
+    new_means = sx / nk_safe[:, None]
+    shift = new_means - means
+    if var.ndim == 1:
+        new_var = (sq / nk_safe - (shift * shift).sum(1)) / d
+    else:
+        new_var = sq / nk_safe[:, None] - shift * shift
+    new_var = new_var.clamp_min(0.0) + reg_covar
+    lower = floor(new_means) if floor is not None else None
+    if lower is not None:
+        new_var = torch.maximum(new_var, lower)
+    degenerate = nk < DEGENERATE_NK  # (nearly) no responsibility: re-seed
+    means = torch.where(degenerate[:, None], means, new_means)
+    var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
+    summary = torch.stack([ll_sum, degenerate.sum().double()])
+    return means, var, nk / n, degenerate, summary
+
+
 class GaussianMixture:
     """Gaussian mixture with spherical or diagonal covariances, fitted by streaming EM.
 
@@ -576,22 +601,23 @@ class GaussianMixture:
         """One E-step over all chunks: float64 ``(nk (K,), sx (K, D), sq (K,) or (K, D), log-likelihood sum ())``
         on the device, no host sync (a CUDA graph may record it)."""
         ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
-        K, d = m32.shape
-        device = m32.device
-        nk = torch.zeros(K, dtype=torch.float64, device=device)
-        sx = torch.zeros(K, d, dtype=torch.float64, device=device)
-        sq = torch.zeros(v32.shape, dtype=torch.float64, device=device)
-        ll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        total = None
         for start, x, kw in self._stream(data):
             if ordered:
                 st = self._impl.fit_estep(start, x, m32, v32, lw32, **kw)
             else:
                 st = self._impl.estep(x, m32, v32, lw32, **kw)
-            nk += st.nk.double()
-            sx += st.sx.double()
-            sq += st.sq.double()
-            ll_sum += st.log_norm.sum(dtype=torch.float64)
-        return nk, sx, sq, ll_sum
+            part = (st.nk.double(), st.sx.double(), st.sq.double(), st.log_norm.sum(dtype=torch.float64))
+            if total is None:     # the first chunk's own tensors (fresh per call): no zero fills and additions
+                total = part
+            else:
+                for acc, p in zip(total, part):
+                    acc += p
+            st = part = p = None  # this chunk's statistics go before the next chunk's E-step allocates
+        if total is None:         # no rows (fit refuses empty data; kept for direct calls)
+            total = tuple(torch.zeros(shape, dtype=torch.float64, device=m32.device)
+                          for shape in (m32.shape[:1], m32.shape, v32.shape, ()))
+        return total
 
     def _em_step(self, data: ChunkedMatrix, means, var, weights):
         """One EM iteration on the device without a host sync (a CUDA graph may record it).
@@ -601,29 +627,18 @@ class GaussianMixture:
         bf16 variances are floored at the resolution of the E-step's means, ``TritonBackend.variance_floor``),
         ``degenerate`` (K,) bool (those components), ``summary`` (2,) float64 [log-likelihood sum, number of
         degenerate components], and the float32 parameters ``(m32, v32, lw32)`` the E-step ran with."""
-        n, d = data.n, data.d
+        n = data.n
         m32 = means.to(torch.float32).contiguous()
         v32 = var.to(torch.float32).contiguous()
         lw32 = torch.log(weights.clamp_min(1e-300)).to(torch.float32)
         nk, sx, sq, ll_sum = self._estep_pass(data, m32, v32, lw32)
-        # M-step (float64)
-        nk_safe = nk.clamp_min(1e-12)
-        new_means = sx / nk_safe[:, None]
-        shift = new_means - means
-        if var.ndim == 1:
-            new_var = (sq / nk_safe - (shift * shift).sum(1)) / d
-        else:
-            new_var = sq / nk_safe[:, None] - shift * shift
-        new_var = new_var.clamp_min(0.0) + self.reg_covar
-        floor_fn = getattr(self._impl, "variance_floor", None)     # bf16 operands: their resolution of the means
-        floor = floor_fn(new_means, var.ndim == 2) if floor_fn is not None else None
-        if floor is not None:
-            new_var = torch.maximum(new_var, floor)
-        degenerate = nk < DEGENERATE_NK  # (nearly) no responsibility: re-seed
-        means = torch.where(degenerate[:, None], means, new_means)
-        var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
-        summary = torch.stack([ll_sum, degenerate.sum().double()])
-        return means, var, nk / n, degenerate, summary, (m32, v32, lw32)
+        fused = getattr(self._impl, "m_step", None)      # Triton: one kernel (kernels/mstep.py)
+        out = fused(nk, sx, sq, ll_sum, means, var, n, self.reg_covar, DEGENERATE_NK) if fused is not None else None
+        if out is None:
+            floor_fn = getattr(self._impl, "variance_floor", None)     # bf16 operands: their resolution of the means
+            out = m_step(nk, sx, sq, ll_sum, means, var, n, self.reg_covar,
+                         lambda mu: floor_fn(mu, var.ndim == 2) if floor_fn is not None else None)
+        return (*out, (m32, v32, lw32))
 
     def _launchers(self, step, summary_index: int, ordered: bool, key=None):
         """``(launch, discard)`` for an iteration loop over ``step(key, *inputs)`` (:meth:`_graphs`).

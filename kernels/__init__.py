@@ -4,6 +4,7 @@ One module per kernel family, each with its ``@triton.jit`` kernels, a thin laun
 
 * :mod:`.estep`  -- two-pass E-step (logZ, then Nk / Sx / Sq per component block x row slab);
 * :mod:`.kmeans` -- k-means step (online argmin assignment, sort-based contention-free update);
+* :mod:`.mstep` -- the EM M-step (float64) in one kernel;
 * :mod:`.assign` -- scoring (logZ + argmax) and multi-assignment (per-row top components above tau);
 * :mod:`.column_stats` -- per-feature sum, minimum and maximum of a chunk (the data centre and range);
 * :mod:`.seeding` -- the k-means++ step: distance update (min of the squared distances to a new seed), seed draw.
@@ -13,9 +14,10 @@ Set ``TRITON_INTERPRET=1`` *before* importing this package to run the kernels on
 from .assign import assign, score, topk_responsibilities
 from .column_stats import column_stats
 from .estep import FLAG_K, PRECISIONS, RowOrder, absmax, component_order, estep, prepare, row_order
+from . import mstep
 from .kmeans import assign_labels, kmeans_step
 from .seeding import draw_seed_, min_sq_dist_, pruned_min_sq_dist_, seed_gaps_
 
 __all__ = ["FLAG_K", "PRECISIONS", "RowOrder", "absmax", "assign", "assign_labels", "column_stats", "component_order",
-           "draw_seed_", "estep", "kmeans_step", "min_sq_dist_", "prepare", "pruned_min_sq_dist_", "row_order",
+           "draw_seed_", "estep", "kmeans_step", "min_sq_dist_", "mstep", "prepare", "pruned_min_sq_dist_", "row_order",
            "score", "seed_gaps_", "topk_responsibilities"]

@@ -352,6 +352,49 @@ def test_reduce_partials_matches_a_float64_sum(diag, perm):
         assert_close(name, t.cpu(), r, 1e-6)
 
 
+@pytest.mark.parametrize("floor", [False, True], ids=["no-floor", "bf16-floor"])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_fused_m_step_matches_the_torch_form(diag, floor):
+    # kernels.mstep.m_step against gmm.m_step (float64 torch): D = 20 pads to 32, 64 components per program, so
+    # K = 150 spans three programs, the last one partial; components with nk = 0, nk just under, at and over
+    # DEGENERATE_NK keep / move; some variances clamp at 0, some at the floor; diag bitwise (no contraction, the
+    # same operations), spherical to the last bits of its feature sums
+    from flashgmm_faiss import gmm as gmm_module
+    kmstep = importlib.import_module("flashgmm_faiss.kernels.mstep")
+    g = torch.Generator().manual_seed(4)
+    k, d, n = 150, 20, 5000
+    nk = 1 + torch.rand(k, generator=g, dtype=torch.float64) * 60
+    nk[:4] = torch.tensor([0.0, 0.49, 0.5, 0.51], dtype=torch.float64)
+    means = torch.randn(k, d, generator=g, dtype=torch.float64) * 4
+    sx = nk[:, None] * (means + torch.randn(k, d, generator=g, dtype=torch.float64) * 0.1)
+    sq = nk[:, None] * torch.rand(k, d, generator=g, dtype=torch.float64) * 2
+    sq[5:9] = 0.0                                             # new variance below 0 before the clamp
+    var = torch.rand(k, d, generator=g, dtype=torch.float64) + 0.5
+    if not diag:
+        sq, var = sq.sum(1), var.mean(1)
+    ll = torch.tensor(-1234.5678, dtype=torch.float64)
+    res = 2.0 ** -4 if floor else 0.0                         # coarse, so that the floor binds for some components
+
+    def floor_fn(mu):
+        f = (res * mu) ** 2
+        return (f if diag else f.mean(1)) if floor else None
+    want = gmm_module.m_step(nk, sx, sq, ll, means, var, n, 1e-6, floor_fn)
+    scalars = torch.tensor([n, 1e-6, gmm_module.DEGENERATE_NK, res], dtype=torch.float64, device=DEVICE)
+    got = kmstep.m_step(*(t.to(DEVICE) for t in (nk, sx, sq, ll, means, var)), scalars, has_floor=floor)
+    names = ("means", "var", "weights", "degenerate", "summary")
+    for name, t, r in zip(names, got, want):
+        assert t.dtype == r.dtype and t.shape == r.shape, name
+        if name == "var" and not diag:
+            assert_close(name, t.cpu(), r, 1e-14)
+        else:
+            assert torch.equal(t.cpu(), r), name
+    assert want[3][:4].tolist() == [True, True, False, False] and want[4][1] == 2
+    if floor:
+        assert (want[1] == floor_fn(want[0])).any()           # the floor bound somewhere
+    with pytest.raises(ValueError, match="float64"):
+        kmstep.m_step(*(t.to(DEVICE) for t in (nk.float(), sx, sq, ll, means, var)), scalars, has_floor=floor)
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
@@ -1370,7 +1413,7 @@ def test_bf16_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov):
     floor = (tbe.BF16_MEAN_RESOLUTION * mu_c) ** 2
     assert np.all(fit.covariances_[own] >= (floor if cov == "diag" else floor.mean()).numpy() * (1 - 1e-6))
     if cov == "diag":   # without the floor the component is lost to re-seeding
-        monkeypatch.setattr(tbe.TritonBackend, "variance_floor", lambda self, means, diag: None)
+        monkeypatch.setattr(tbe.TritonBackend, "floor_resolution", lambda self: None)    # torch and fused M-step
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bare = GaussianMixture(3, **kw).fit(x)
