@@ -128,25 +128,17 @@ class TritonBackend:
     def __repr__(self) -> str:
         return f"TritonBackend(precision={self.precision!r}, sparse={self.sparse})"
 
-    def variance_floor(self, means: torch.Tensor, diag: bool):
-        """The smallest variances this precision's E-step resolves around ``means`` (K, D) (centred frame): (K, D)
-        for ``diag``, else (K,) (the mean over the features), or None where the operands hold the means to fp32's
-        resolution or near it ("tf32" diag and "bf16x3" split them into two terms, "ieee" is exact). bf16:
-        (BF16_MEAN_RESOLUTION * mu)^2 per feature; spherical "tf32" (one fp16 term, 2^-11) has no floor: no
-        re-seed cycle was seen there."""
-        res = self.floor_resolution()
-        if res is None:
-            return None
-        floor = (res * means) ** 2
-        return floor if diag else floor.mean(1)
-
     def floor_resolution(self):
-        """The relative resolution of the means in this precision's E-step operands that :meth:`variance_floor`
-        (and the fused :meth:`m_step`) floor the variances at: ``BF16_MEAN_RESOLUTION`` for bf16, else None."""
+        """The relative resolution ``res`` of the means in this precision's E-step operands: the M-step (``gmm.m_step``
+        and the fused :meth:`m_step`) floors the variances at ``(res mu)^2`` per feature (centred frame; spherical:
+        their mean over the features), the smallest the E-step resolves. ``BF16_MEAN_RESOLUTION`` for bf16; None
+        where the operands hold the means to fp32's resolution or near it ("tf32" diag and "bf16x3" split them into
+        two terms, "ieee" is exact); spherical "tf32" (one fp16 term, 2^-11) has no floor: no re-seed cycle was
+        seen there."""
         return BF16_MEAN_RESOLUTION if self.precision == "bf16" else None
 
     def m_step(self, nk, sx, sq, ll_sum, means, var, n: int, reg_covar: float, degenerate_nk: float):
-        """``gmm.m_step`` as one kernel (``kernels/mstep.py``; the floor of :meth:`variance_floor` included), or None
+        """``gmm.m_step`` as one kernel (``kernels/mstep.py``; the floor of :meth:`floor_resolution` included), or None
         (D > 256, or ``fused_m_step`` off: the caller runs the torch form). Its float64 scalars live on the device,
         made once per (n, reg_covar) at a fit's first, eager, iteration (never inside a CUDA-graph capture)."""
         ke = self._k()

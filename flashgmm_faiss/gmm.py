@@ -112,10 +112,11 @@ def _resident(X, device: torch.device) -> bool:
     return X.device.index == index
 
 
-def m_step(nk, sx, sq, ll_sum, means, var, n, reg_covar, floor=None):
+def m_step(nk, sx, sq, ll_sum, means, var, n, reg_covar, floor_res=None):
     """The M-step in float64 torch (the reference of ``kernels/mstep.py``): nk (K,), sx (K, D), sq (K, D) (diag: sum
     r (x - mu)^2 per feature) or (K,) (spherical), ll_sum (), means (K, D) and var (K, D) or (K,) of the E-step.
-    ``floor(new_means)``, if given, returns the variance floor (var's shape) or None. Returns ``(means, var, weights,
+    ``floor_res`` (``TritonBackend.floor_resolution``), if given, floors the new variances at ``(floor_res
+    new_mu)^2`` per feature (spherical: its mean over the features). Returns ``(means, var, weights,
     degenerate, summary)``: a component with less than DEGENERATE_NK rows' worth of responsibility keeps its
     parameters (degenerate (K,) bool); summary (2,) float64 = [ll_sum, number of degenerate components]."""
     d = means.shape[1]
@@ -127,9 +128,9 @@ def m_step(nk, sx, sq, ll_sum, means, var, n, reg_covar, floor=None):
     else:
         new_var = sq / nk_safe[:, None] - shift * shift
     new_var = new_var.clamp_min(0.0) + reg_covar
-    lower = floor(new_means) if floor is not None else None
-    if lower is not None:
-        new_var = torch.maximum(new_var, lower)
+    if floor_res is not None:
+        floor = (floor_res * new_means) ** 2
+        new_var = torch.maximum(new_var, floor if var.ndim == 2 else floor.mean(1))
     degenerate = nk < DEGENERATE_NK  # (nearly) no responsibility: re-seed
     means = torch.where(degenerate[:, None], means, new_means)
     var = torch.where(degenerate.view(-1, *([1] * (var.ndim - 1))), var, new_var)
@@ -624,7 +625,7 @@ class GaussianMixture:
 
         means (K, D), var (K,) or (K, D), weights (K,): float64. Returns the M-step's ``means, var, weights``
         (float64; a component with less than DEGENERATE_NK rows' worth of responsibility keeps its parameters;
-        bf16 variances are floored at the resolution of the E-step's means, ``TritonBackend.variance_floor``),
+        bf16 variances are floored at the resolution of the E-step's means, ``TritonBackend.floor_resolution``),
         ``degenerate`` (K,) bool (those components), ``summary`` (2,) float64 [log-likelihood sum, number of
         degenerate components], and the float32 parameters ``(m32, v32, lw32)`` the E-step ran with."""
         n = data.n
@@ -635,9 +636,8 @@ class GaussianMixture:
         fused = getattr(self._impl, "m_step", None)      # Triton: one kernel (kernels/mstep.py)
         out = fused(nk, sx, sq, ll_sum, means, var, n, self.reg_covar, DEGENERATE_NK) if fused is not None else None
         if out is None:
-            floor_fn = getattr(self._impl, "variance_floor", None)     # bf16 operands: their resolution of the means
-            out = m_step(nk, sx, sq, ll_sum, means, var, n, self.reg_covar,
-                         lambda mu: floor_fn(mu, var.ndim == 2) if floor_fn is not None else None)
+            res = getattr(self._impl, "floor_resolution", None)      # bf16 operands: their resolution of the means
+            out = m_step(nk, sx, sq, ll_sum, means, var, n, self.reg_covar, res() if res is not None else None)
         return (*out, (m32, v32, lw32))
 
     def _launchers(self, step, summary_index: int, ordered: bool, key=None):

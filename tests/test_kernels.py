@@ -378,7 +378,7 @@ def test_fused_m_step_matches_the_torch_form(diag, floor):
     def floor_fn(mu):
         f = (res * mu) ** 2
         return (f if diag else f.mean(1)) if floor else None
-    want = gmm_module.m_step(nk, sx, sq, ll, means, var, n, 1e-6, floor_fn)
+    want = gmm_module.m_step(nk, sx, sq, ll, means, var, n, 1e-6, res if floor else None)
     scalars = torch.tensor([n, 1e-6, gmm_module.DEGENERATE_NK, res], dtype=torch.float64, device=DEVICE)
     got = kmstep.m_step(*(t.to(DEVICE) for t in (nk, sx, sq, ll, means, var)), scalars, has_floor=floor)
     names = ("means", "var", "weights", "degenerate", "summary")
@@ -1393,7 +1393,7 @@ def test_bf16_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov):
     # bf16 operands hold the means to 8 significant bits: a component that collapsed onto one isolated row (var ->
     # reg_covar) sat ~2^-9 |mu| per feature from it in the E-step, got no responsibility, was re-seeded onto the
     # same row and collapsed again (a diag bf16 fit at N=1e6, K=4096 re-seeded 4 components every other
-    # iteration). EM floors bf16 variances at (2^-8 mu)^2 per feature (TritonBackend.variance_floor), and the
+    # iteration). EM floors bf16 variances at (2^-8 mu)^2 per feature (TritonBackend.floor_resolution), and the
     # row's own responsibility, 1 up to rounding, does not count as degenerate (gmm.DEGENERATE_NK)
     from flashgmm_faiss import GaussianMixture
     from flashgmm_faiss import _triton_backend as tbe
@@ -1418,7 +1418,7 @@ def test_bf16_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov):
             warnings.simplefilter("ignore")
             bare = GaussianMixture(3, **kw).fit(x)
         assert sum(h["n_reseeded"] for h in bare.history_) > 0
-    assert tbe.TritonBackend("tf32").variance_floor(torch.ones(2, 3), True) is None
+    assert tbe.TritonBackend("tf32").floor_resolution() is None
 
 
 @pytest.mark.parametrize("order_key", ["bits", "argmax"])
