@@ -21,13 +21,13 @@ import argparse
 import json
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from bench_ann.bench_fit import add_problem_args, sift_like
 from bench_ann.bench_kernels import bench, matmul_tflops
+from bench_ann.profile_fit import kernel_times
 
 PASS2_PRODUCTS = 7     # diag "tf32" sparse pass 2 per kept pair: ql.P, qh.P, xh.A_lo, xh.A, then R xh, R ql, R qh
 PASS1_PRODUCTS = 4     # diag "tf32" pass 1 per (row, component): ql.P, qh.P, xh.A_lo, xh.A
@@ -41,23 +41,6 @@ def ceilings(rep_ms=300):
     dst = torch.empty_like(src)
     copy_ms = bench(lambda: dst.copy_(src), rep_ms)
     return {"fp16_gemm_tflops": tflops, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
-
-
-def kernel_times(fn, rep):
-    """Mean GPU time per call (us) of each kernel name in ``fn`` over ``rep`` calls (torch profiler)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(rep):
-            fn()
-        torch.cuda.synchronize()
-    tot = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            tot[e.name] += e.time_range.end - e.time_range.start
-    return {k: v / rep for k, v in sorted(tot.items(), key=lambda kv: -kv[1])}
 
 
 def _us_of(times, name):
@@ -116,7 +99,7 @@ def run(args):
     def sorted_estep():
         return ke.estep(x, means, var, lw, precision="tf32", center=center, params=params, sort_rows=True)
 
-    per_kernel = kernel_times(sorted_estep, args.rep)
+    per_kernel, _ = kernel_times(sorted_estep, args.rep)
     total_ms = bench(sorted_estep, args.rep_ms)
     # pass 2 splits each block's work list over the same number of slabs: its time follows the largest list
     slab_runs = []
@@ -124,7 +107,7 @@ def run(args):
     try:
         for f in args.slab_factors:
             ke.slab_layout = _scaled_layout(shipped_layout, f)
-            kt = kernel_times(sorted_estep, args.rep)
+            kt, _ = kernel_times(sorted_estep, args.rep)
             slab_runs.append({"factor": f, "slabs": ke.slab_layout(n, k, x.device, d)[0],
                               "pass2_us": _us_of(kt, "_estep_stats_kernel"), "reduce_us": _us_of(kt, "_reduce_k")})
     finally:

@@ -13,30 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from bench_ann.bench_kernels import add_shape_args, bench, graphed, make_data, make_params
-from bench_ann.profile_fit import _timeline
-
-
-def kernel_times(fn, iters):
-    """GPU microseconds per iteration by kernel name, and the timeline of ``iters`` calls of ``fn``."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            per[e.name[:60]] += (e.time_range.end - e.time_range.start) / iters
-    return dict(per), _timeline(prof)
+from bench_ann.profile_fit import kernel_times
 
 
 def main(argv=None):
@@ -80,7 +62,7 @@ def main(argv=None):
     print(f"timeline eager {t_e}\ntimeline graph {t_g}")
     print(f"{'kernel':<60} {'eager us':>10} {'graph us':>10}")
     for name in sorted(set(eager) | set(graph), key=lambda n: -max(eager.get(n, 0), graph.get(n, 0))):
-        print(f"{name:<60} {eager.get(name, 0):10.1f} {graph.get(name, 0):10.1f}")
+        print(f"{name[:60]:<60} {eager.get(name, 0):10.1f} {graph.get(name, 0):10.1f}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "graph_vs_eager.json").write_text(json.dumps(res, indent=1))
 

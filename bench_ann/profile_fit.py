@@ -28,9 +28,7 @@ from .bench_fit import add_problem_args, sift_like
 def _timeline(prof):
     """GPU kernel intervals of a profile: count, busy time (their union), span (first start to last end) and the
     longest idle gaps, in ms, so that host-bound stretches (the GPU waiting for launches or syncs) show up."""
-    from torch.autograd import DeviceType
-
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    spans = [(e.time_range.start, e.time_range.end) for e in _device_events(prof)]
     if not spans:
         return {"kernels": 0}
     busy, gaps = 0.0, []
@@ -50,23 +48,49 @@ def _timeline(prof):
             "longest_gaps_us": [round(g, 1) for g in gaps[:12]]}
 
 
+def _per_name(events):
+    """{kernel name: [summed GPU us, launches]} of profiler device events."""
+    per = {}
+    for e in events:
+        us_cnt = per.setdefault(e.name, [0.0, 0])
+        us_cnt[0] += e.time_range.end - e.time_range.start
+        us_cnt[1] += 1
+    return per
+
+
+def _device_events(prof):
+    """The profile's GPU events (kernels, copies, fills) in start order."""
+    from torch.autograd import DeviceType
+
+    return sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+
+
+def kernel_times(fn, rep):
+    """Mean GPU time per call (us) of each kernel name over ``rep`` calls of ``fn`` (after one warm-up call), longest
+    first, and those calls' :func:`_timeline`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(rep):
+            fn()
+        torch.cuda.synchronize()
+    per = sorted(_per_name(_device_events(prof)).items(), key=lambda kv: -kv[1][0])
+    return {name: us / rep for name, (us, _) in per}, _timeline(prof)
+
+
 def _iteration_kernels(prof, anchor: str = "_estep_stats_kernel"):
     """GPU work of one steady-state iteration: the device events after the second-last ``anchor`` kernel up to and
     including the last (with one chunk per E-step: one EM iteration, its M-step's small kernels included), summed
     per name, longest first. Returns ``{"kernels", "busy_us", "span_us", "by_name": [[us, count, name], ...]}`` or
     None with fewer than two anchors."""
-    from torch.autograd import DeviceType
-
-    ev = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    ev = _device_events(prof)
     at = [i for i, e in enumerate(ev) if e.name.startswith(anchor)]
     if len(at) < 2:
         return None
     seg = ev[at[-2] + 1:at[-1] + 1]
-    per = {}
-    for e in seg:
-        us, cnt = per.get(e.name[:90], (0.0, 0))
-        per[e.name[:90]] = (us + e.time_range.end - e.time_range.start, cnt + 1)
-    by_name = sorted(([round(us, 1), cnt, name] for name, (us, cnt) in per.items()), reverse=True)
+    by_name = sorted(([round(us, 1), cnt, name[:90]] for name, (us, cnt) in _per_name(seg).items()), reverse=True)
     return {"kernels": len(seg), "busy_us": round(sum(r[0] for r in by_name), 1),
             "span_us": round(seg[-1].time_range.end - seg[0].time_range.start, 1), "by_name": by_name}
 
