@@ -55,6 +55,12 @@ ORDER_REFRESH = 4
 BF16_MEAN_RESOLUTION = 2.0 ** -8
 TORCH_PIECE_ELEMENTS = 1 << 25   # entries of one (rows, K) float32 matrix in the torch fallbacks: 128 MiB
 MIN_SPARSE_BLOCKS = 4
+# TritonBackend.dense_above["diag"]: a diag fit whose sparse E-step keeps more of the (tile, block) pairs runs the
+# dense E-step instead. Where the two cost the same, from diag "tf32" fits on an H100 (ms per EM iteration, sparse
+# on a transient order against dense without the operand copy, as the fallback runs): D=128, N=1e6, K=1024: 2.69
+# at 7 % of the pairs, 8.09 at 100 %, dense 5.54 -> 0.56; D=50, N=4e5: 1.02 at 9 %, 1.85 at 97 %, dense 1.57 ->
+# 0.67 (bench_ann/results/v34_dense_fallback).
+DIAG_DENSE_ABOVE = 0.6
 
 
 class TritonBackend:
@@ -101,12 +107,27 @@ class TritonBackend:
         over the 4-iteration refresh cycle) against 1.45. Diag bf16, and diag "tf32" with the Triton pass 1
         (GPUs other than Hopper): equal medians, lower means without the rebuilds. A class attribute, so that
         benchmarks can switch it.
+    dense_above : dict
+        Covariance type -> fraction of (row tile, component block) pairs: a fit whose sparse E-steps visit more
+        than this fraction of the pairs runs the dense E-step from its next iteration on. On data whose
+        posteriors stay broad the sparse E-step skips little, and its sort and gathers cost more than they save.
+        The kernels count the pairs in the EM iterations 1, 2, 4, 8, ... (probes: each read once by the host and
+        never issued ahead), so a fit whose posteriors broaden as EM goes on (GloVe: 63 % of the pairs in the
+        first iteration, 97 % in the 16th) falls back when they do; :attr:`pairs_kept` keeps the last probe's
+        fraction, ``order_stats["fallback_chunks"]`` counts the dense chunks. Default: diag above
+        ``DIAG_DENSE_ABOVE``; spherical fits never fall back (on GloVe-6B-50d at 97 % of the pairs their kept
+        orders' plain iterations still beat dense ones, 0.90 against 0.95 ms on an H100). A class attribute, so
+        that benchmarks and tests can switch it.
+    pairs_kept : float or None
+        The fraction of pairs the last probe's sparse E-steps visited (None before one ran, or where
+        :attr:`dense_above` has no threshold for the fit's covariance type).
     """
 
     fuses_centering = True
     order_key = "bits"
     kept_orders = ("spherical",)
     fused_m_step = True     # m_step as one kernel; False: the torch form (for benchmarks)
+    dense_above = {"diag": DIAG_DENSE_ABOVE}
 
     def __init__(self, precision: str = "tf32", sparse: bool = True):
         if precision not in PRECISIONS:
@@ -122,7 +143,8 @@ class TritonBackend:
         # counts of fit_estep calls: chunks run under an order (sparse) or without one, orders activated
         # (sorted_chunks: sparse on a transient order, see sort_rows)
         self.order_stats = {"iterations": 0, "sparse_chunks": 0, "sorted_chunks": 0, "dense_chunks": 0,
-                            "refreshes": 0}
+                            "refreshes": 0, "fallback_chunks": 0}
+        self.pairs_kept = None
         self.end_fit()
 
     def __repr__(self) -> str:
@@ -161,10 +183,18 @@ class TritonBackend:
         self._unordered = False                    # a chunk of this iteration that could have had an order had none
         self._last_unordered = False               # same, previous iteration
         self._built = False                        # this iteration (re)built an order
+        self._pairs = None                         # (2,) int64 device counter of (tile, block) pairs, zeroed by
+        self._probe = False                        # a probe iteration (dense_above) and read at the next one's
+        self._counted = False                      # begin (when _counted: a probe began and is not read yet)
+        self._threshold = None                     # dense_above of the fit's covariance type
+        self._dense = False                        # this fit runs the dense E-step from now on (dense_above)
 
     def begin_em_iteration(self):
         """Called before each EM iteration of a fit: decides whether this iteration (re)builds the row orders
-        (the first iteration, then every ``ORDER_REFRESH``-th)."""
+        (the first iteration, then every ``ORDER_REFRESH``-th), whether it probes the sparse E-step's pairs (the
+        iterations 1, 2, 4, 8, ...), and after a probe whether the fit falls back to the dense E-step
+        (:attr:`dense_above`)."""
+        self._decide_dense()
         self._since_build += 1
         self._refresh = not self._orders or self._since_build >= ORDER_REFRESH
         if self._refresh:
@@ -172,13 +202,36 @@ class TritonBackend:
         self._iteration += 1
         self._last_unordered, self._unordered = self._unordered, False
         self._built = False
+        it = self._iteration
+        self._probe = not self._dense and (it == 1 or self._threshold is not None) and it & (it - 1) == 0
+        if self._probe and self._pairs is not None:
+            self._pairs.zero_()   # after the earlier iterations' counts in stream order: the window is this one
+            self._counted = True
         self.order_stats["iterations"] += 1
 
-    _SCHEDULE = ("_since_build", "_refresh", "_iteration", "_unordered", "_last_unordered", "_built")
+    def _decide_dense(self):
+        """After a probe iteration: read its count of (tile, block) pairs (one host sync), record the fraction kept
+        (:attr:`pairs_kept`) and switch the fit to the dense E-step for good when it exceeds ``dense_above``,
+        freeing the row orders. Every sparse E-step of the fit adds to the counter (inside its work-list kernel,
+        so the iterations replayed as CUDA graphs count too and the probes need no graph of their own); a probe
+        zeroes it at its begin, and it is read before the next iteration launches anything: the count is the
+        probe's alone. A probe is never issued ahead (:meth:`blocks_lookahead`), so it is never discarded, and an
+        iteration issued ahead and discarded (:meth:`restore_schedule`) finds the same decision. A probe begun
+        ahead and refused leaves a zeroed counter: nothing to decide."""
+        if not self._counted:
+            return
+        self._counted = False
+        kept, total = self._pairs.tolist()
+        if total:
+            self.pairs_kept = kept / total
+            if self.pairs_kept > self._threshold:
+                self._dense, self._orders, self._pairs = True, {}, None
+
+    _SCHEDULE = ("_since_build", "_refresh", "_iteration", "_unordered", "_last_unordered", "_built", "_probe")
 
     def schedule_state(self):
         """The row-order schedule and counters (not the orders), to undo an EM iteration that the estimator issued
-        ahead and then discarded (:mod:`flashgmm_faiss._lookahead`); see :meth:`rebuilds_orders`."""
+        ahead and then discarded (:mod:`flashgmm_faiss._lookahead`); see :meth:`blocks_lookahead`."""
         return tuple(getattr(self, a) for a in self._SCHEDULE), dict(self.order_stats)
 
     def restore_schedule(self, state):
@@ -190,11 +243,14 @@ class TritonBackend:
         self.order_stats.clear()      # in place: a CUDA-graph replay adds its increments to this very dict
         self.order_stats.update(stats)
 
-    def rebuilds_orders(self) -> bool:
-        """Whether this EM iteration (call after :meth:`begin_em_iteration`) may (re)build row orders: in the
-        first iteration, and in a refresh iteration once orders exist (when the first iteration built none, the
-        chunks' sizes and the memory bound leave none to build)."""
-        return self._refresh and (bool(self._orders) or self._iteration <= 1)
+    def blocks_lookahead(self) -> bool:
+        """Whether this EM iteration (call after :meth:`begin_em_iteration`) must not be issued ahead of the host's
+        read of the previous one, because discarding it could not be undone: it may (re)build row orders (in the
+        first iteration, and in a refresh iteration once orders exist; when the first iteration built none, the
+        chunks' sizes and the memory bound leave none to build), or it probes the pairs for the dense fallback."""
+        if self._probe:
+            return True
+        return not self._dense and self._refresh and (bool(self._orders) or self._iteration <= 1)
 
     def graph_key(self):
         """What decides the Python path of this EM iteration's :meth:`fit_estep` calls (call after
@@ -203,7 +259,10 @@ class TritonBackend:
         E-step does not apply, or every chunk sorts its rows in each E-step); None in the first iteration and while
         some chunk of the previous iteration ran the dense E-step without the order it is due to get. Two iterations
         of one fit with the same key launch the same kernels on the same buffers (for the same chunks), so the
-        estimator may replay the first one's CUDA graph (``GaussianMixture(cuda_graphs=True)``)."""
+        estimator may replay the first one's CUDA graph (``GaussianMixture(cuda_graphs=True)``); ``"fallback"``
+        once the fit runs the dense E-step (:attr:`dense_above`)."""
+        if self._dense:
+            return "fallback"
         if self._iteration <= 1 or self._last_unordered:
             return None
         if not self._orders:
@@ -234,6 +293,9 @@ class TritonBackend:
         k = means.shape[0]
         if d > MAX_D or not self._sparse_ok(k):
             return self.estep(x, means, var, log_weights, center)
+        if self._dense:
+            self.order_stats["fallback_chunks"] += 1
+            return self.estep(x, means, var, log_weights, center)
         ke = self._k()
         order = self._orders.get(chunk)
         if order is not None and order.rows.shape[0] != n:
@@ -247,9 +309,16 @@ class TritonBackend:
         if self.order_key not in ("bits", "argmax"):
             raise ValueError(f"TritonBackend.order_key must be 'bits' or 'argmax', got {self.order_key!r}")
         by_bits = build and self.order_key == "bits"
+        self._threshold = self.dense_above.get("diag" if var.ndim == 2 else "spherical")
+        counter = None
+        if self._threshold is not None and (order is not None or transient):
+            if self._pairs is None:
+                self._pairs = torch.zeros(2, dtype=torch.int64, device=x.device)
+            counter = self._pairs
+            self._counted |= self._probe
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
                        copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient,
-                       return_row_bits=by_bits)
+                       return_row_bits=by_bits, pair_counts=counter)
         self.order_stats["sparse_chunks" if order is not None else
                          "sorted_chunks" if transient else "dense_chunks"] += 1
         # a transient order is rebuilt identically in every iteration: it does not make the next one differ

@@ -1349,8 +1349,10 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
 
 
 @triton.jit
-def _work_list_kernel(GAPS, WORK, COUNTS, n_tiles, WSTRIDE, BLOCK: tl.constexpr):
-    # program b compacts the tiles whose bit b is set, in ascending order (a scan per BLOCK tiles: deterministic)
+def _work_list_kernel(GAPS, WORK, COUNTS, PAIRS, n_tiles, n_blocks, WSTRIDE, BLOCK: tl.constexpr,
+                      HAS_PAIRS: tl.constexpr):
+    # program b compacts the tiles whose bit b is set, in ascending order (a scan per BLOCK tiles: deterministic);
+    # with PAIRS, adds its count to PAIRS[0] and program 0 the number of pairs to PAIRS[1] (integer atomics: exact)
     b = tl.program_id(0)
     base = tl.zeros([], tl.int32)
     for t0 in range(0, n_tiles, BLOCK):
@@ -1361,17 +1363,26 @@ def _work_list_kernel(GAPS, WORK, COUNTS, n_tiles, WSTRIDE, BLOCK: tl.constexpr)
         tl.store(WORK + b.to(tl.int64) * WSTRIDE + pos, offs, mask=need > 0)
         base += tl.sum(need, 0)
     tl.store(COUNTS + b, base)
+    if HAS_PAIRS:
+        tl.atomic_add(PAIRS, base.to(tl.int64))
+        if b == 0:
+            tl.atomic_add(PAIRS + 1, n_tiles.to(tl.int64) * n_blocks)
 
 
-def _work_lists(gaps, n_blocks):
+def _work_lists(gaps, n_blocks, pairs=None):
     """The sparse pass 2's work lists from pass 1's per-tile block bits (n_tiles,) int64: ``work`` (n_blocks,
     n_tiles) int32 whose row b starts with the tiles (ascending) that need block b (the rest is not written), and
     ``counts`` (n_blocks,) int32. One launch, no host sync (the torch form, eight ops, cost 0.1-0.2 ms at 15625
-    tiles on an H200)."""
+    tiles on an H200). ``pairs``: (2,) int64 or None; adds the kept (tile, block) pairs (the sum of ``counts``)
+    and all pairs (n_tiles n_blocks) to it, in the same launch."""
     n_tiles = gaps.shape[0]
     work = torch.empty((n_blocks, max(1, n_tiles)), dtype=torch.int32, device=gaps.device)
     counts = torch.empty(n_blocks, dtype=torch.int32, device=gaps.device)
-    _work_list_kernel[(n_blocks,)](gaps, work, counts, n_tiles, work.shape[1], BLOCK=WORK_LIST_BLOCK,
+    if pairs is not None and (pairs.dtype != torch.int64 or pairs.shape != (2,) or pairs.device != gaps.device):
+        raise ValueError(f"pair_counts must be a (2,) int64 tensor on {gaps.device}, got {pairs.dtype} "
+                         f"{tuple(pairs.shape)} on {pairs.device}")
+    _work_list_kernel[(n_blocks,)](gaps, work, counts, counts if pairs is None else pairs, n_tiles, n_blocks,
+                                   work.shape[1], BLOCK=WORK_LIST_BLOCK, HAS_PAIRS=pairs is not None,
                                    num_warps=WORK_LIST_WARPS)
     return work, counts
 
@@ -1446,7 +1457,7 @@ def slab_layout(n: int, k: int, device, d: int = 128) -> tuple[int, int]:
 
 def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None, params=None, copy_rows=True,
           order: RowOrder | None = None, skip_log2: float | None = None, return_best: bool = False,
-          sort_rows: bool = False, return_row_bits: bool = False):
+          sort_rows: bool = False, return_row_bits: bool = False, pair_counts: torch.Tensor | None = None):
     """Fused E-step over one chunk; returns ``(log_norm, nk, sx, sq)`` as in ``_torch_backend.estep``.
 
     Parameters
@@ -1481,6 +1492,10 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         ``order`` up to summation order and dropped terms; ~50 bytes per row while pass 1 and the sort run (bits,
         the sort, logZ and ||x||^2), then ~17 beside the partial sums (bench_ann/estep_memory.py). Sparse only
         for K <= 64 FLAG_K (4096) and ``skip_log2`` > 0, else dense
+    pair_counts : (2,) int64 tensor on x's device, or None; when the sparse pass 2 runs, adds to it the number of
+        (FLAG_ROWS-row tile, FLAG_K-component block) pairs it visits and the number of pairs there are (inside the
+        work-list kernel: no extra launch and no host sync, so a CUDA graph records it). Their ratio is how much of
+        the work the data lets the sparse E-step skip (``TritonBackend.dense_above`` reads it)
 
     Returns
     -------
@@ -1536,7 +1551,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         row_bits = _row_bits_buffer(n, n_blocks, dev) if return_row_bits else None
         logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
                                  copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip, row_bits=row_bits)
-    work, counts = _work_lists(gaps, n_blocks) if sparse else (logz, logz)
+    work, counts = _work_lists(gaps, n_blocks, pair_counts) if sparse else (logz, logz)
 
     slabs, slab_rows = slab_layout(n, k, dev, d)
     nk_part = torch.empty((slabs, k), dtype=torch.float32, device=dev)

@@ -156,18 +156,24 @@ def test_auto_backend_and_inference_on_gpu():
     assert np.mean(l1[o1[:-1]] == l2[o2[:-1]]) > 0.999
 
 
-@pytest.mark.parametrize("cov,sparse,kept", [("spherical", True, True), ("diag", True, False), ("diag", True, True),
-                                              ("spherical", False, True)],
-                         ids=["spherical-sparse", "diag-sparse", "diag-kept-orders", "spherical-dense"])
-def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse, kept, monkeypatch):
+@pytest.mark.parametrize("cov,sparse,kept,dense_above", [
+    ("spherical", True, True, None), ("diag", True, False, None), ("diag", True, True, None),
+    ("spherical", False, True, None), ("diag", True, False, 1.0), ("diag", True, False, 0.0)],
+    ids=["spherical-sparse", "diag-sparse", "diag-kept-orders", "spherical-dense", "diag-sparse-probes",
+         "diag-dense-fallback"])
+def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse, kept, dense_above, monkeypatch):
     # cuda_graphs=True (the default for X resident on the GPU) records each kind of E-step pass once and replays
     # it: the same kernels on the same buffers, so the fit must equal the eagerly launched one bit for bit, with
     # the same counts of sparse / dense chunks and order rebuilds. 10 iterations, 3 chunks, K = 256 (the sparse
-    # E-step's smallest K): kept row orders: keys None, None, plain (run), plain (captured), refresh (run),
-    # plain x3, refresh (captured), plain = 6 replays; dense, and the transient orders of diag fits (the default,
-    # TritonBackend.kept_orders): None, dense (run), then 8 replays.
+    # E-step's smallest K); a key's first call runs eagerly, its second is captured, the later ones are replays.
+    # Kept row orders: keys None, None, plain (run), plain (captured), refresh (run), plain x3, refresh
+    # (captured), plain = 6 replays; dense, and the transient orders of diag fits (the default,
+    # TritonBackend.kept_orders): None, dense (run), then 8 replays, also with the dense fallback's probes
+    # (TritonBackend.dense_above; off in the first four cases: the probes in iterations 2, 4, 8 replay the same
+    # graph); falling back at the first probe: None, fallback (run), then 8 replays.
     from flashgmm_faiss._triton_backend import TritonBackend
     monkeypatch.setattr(TritonBackend, "kept_orders", ("spherical", "diag") if kept else ("spherical",))
+    monkeypatch.setattr(TritonBackend, "dense_above", {} if dense_above is None else {cov: dense_above})
     X = sift_like(60_000, 64, 256, seed=4)
     r = np.random.default_rng(2)
     means = X[r.choice(len(X), 256, replace=False)]
@@ -177,13 +183,18 @@ def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse, kept, monkeypat
     kw = dict(max_iter=10, chunk_size=60_000 // 3 + 5, sparse_estep=sparse)
     a = _fit(Xg, "triton", cov, means, weights, var, cuda_graphs=True, **kw)
     b = _fit(Xg, "triton", cov, means, weights, var, cuda_graphs=False, **kw)
-    assert a.graph_replays_ == (6 if sparse and kept else 8) and b.graph_replays_ == 0
+    replays = 6 if sparse and kept else 8
+    assert a.graph_replays_ == replays and b.graph_replays_ == 0
     assert [h["log_likelihood"] for h in a.history_] == [h["log_likelihood"] for h in b.history_]
     for name in ("means_", "covariances_", "weights_"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert a._impl.order_stats == b._impl.order_stats
     assert a._impl.order_stats["sparse_chunks"] == (27 if sparse and kept else 0)
-    assert a._impl.order_stats["sorted_chunks"] == (30 if sparse and not kept else 0)
+    fallback = 27 if dense_above == 0.0 else 0
+    assert a._impl.order_stats["sorted_chunks"] == (30 - fallback if sparse and not kept else 0)
+    assert a._impl.order_stats["fallback_chunks"] == fallback
+    if dense_above is not None:
+        assert a._impl.pairs_kept == b._impl.pairs_kept and 0.0 < a._impl.pairs_kept <= 1.0
     # host data (numpy): copied to the device once (data_on_device="auto"), then the same graphs and the same
     # fit; streamed from host memory every iteration (False): no graphs, the same fit again
     c = _fit(X, "triton", cov, means, weights, var, cuda_graphs=True, **kw)

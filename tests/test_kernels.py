@@ -501,9 +501,19 @@ def test_transient_order_groups_equal_block_bits(poisoned, diag, monkeypatch):
         else:
             b = best.cpu().long()[rows]      # kernel component indices: already in the grouped order
             assert (b[1:] >= b[:-1]).all()
-        got = kestep.estep(x, means, var, lw, precision="ieee", params=params, sort_rows=True)
+        pairs = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+        got = kestep.estep(x, means, var, lw, precision="ieee", params=params, sort_rows=True, pair_counts=pairs)
         for name, a, g in zip(("log_norm", "nk", "sx", "sq"), dense, got):
             assert_close(f"{key} {name}", g, a, 5e-5)
+        # pair_counts: the (tile, block) pairs the sparse pass 2 visits (the set bits of the order's tile bits,
+        # checked above) and all pairs; a dense E-step adds nothing
+        want = sum(bin(int(t)).count("1") for t in gaps.cpu().tolist())
+        assert pairs.tolist() == [want, gaps.numel() * n_blocks] and 0 < want < gaps.numel() * n_blocks
+        kestep.estep(x, means, var, lw, precision="ieee", params=params, skip_log2=0, pair_counts=pairs)
+        assert pairs.tolist() == [want, gaps.numel() * n_blocks]
+        with pytest.raises(ValueError, match="pair_counts must be a"):
+            kestep.estep(x, means, var, lw, precision="ieee", params=params, sort_rows=True,
+                         pair_counts=torch.zeros(2, dtype=torch.int32, device=DEVICE))
     monkeypatch.setattr(kestep, "TRANSIENT_SORT_KEY", "block")
     with pytest.raises(ValueError, match="TRANSIENT_SORT_KEY"):
         kestep.transient_order(x, params, k, diag, "ieee")
@@ -1439,17 +1449,12 @@ def test_estimator_sparse_estep_matches_dense(monkeypatch, order_key):
     x = (centres[torch.arange(n) % k] + torch.randn(n, 6, generator=g) + 50.0).numpy()
     kw = dict(covariance_type="spherical", kmeans_iter=2, max_iter=tbe.ORDER_REFRESH + 3, tol=0.0, seed=0,
               device=DEVICE, chunk_size=n // 3 + 7, precision="ieee", backend="triton")
-    keys = []          # the backend's graph key per EM iteration (which iterations a CUDA graph may replay)
-    begin = tbe.TritonBackend.begin_em_iteration
     # the exact schedule of the plain loop: with lookahead, an iteration issued ahead of one that re-seeds (which
     # happens here on a GPU) is discarded, and it counts in order_stats (test_estimator_lookahead_... covers it)
     monkeypatch.setattr(GaussianMixture, "_lookahead", False)
-
-    def recording(self):
-        begin(self)
-        keys.append((self.sparse, self.graph_key()))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tbe.TritonBackend, "begin_em_iteration", recording)
+        # the backend's graph key per EM iteration (which iterations a CUDA graph may replay)
+        keys = _record_graph_keys(mp, lambda backend: (backend.sparse, backend.graph_key()))
         with pytest.warns(Warning):
             a = GaussianMixture(k, **kw).fit(x)
         with pytest.warns(Warning):
@@ -1545,6 +1550,59 @@ def test_estimator_lookahead_on_the_kernels_gives_the_same_fit(monkeypatch):
     assert fits[None, False].n_iter_ <= kw["max_iter"] and fits[None, False].converged_   # stopped by tol
 
 
+def _record_graph_keys(mp, key=lambda backend: backend.graph_key()):
+    """Patch (through the MonkeyPatch ``mp``) ``TritonBackend.begin_em_iteration`` to append ``key(backend)`` after
+    each call; returns the list it fills."""
+    from flashgmm_faiss import _triton_backend as tbe
+    keys, begin = [], tbe.TritonBackend.begin_em_iteration
+
+    def recording(self):
+        begin(self)
+        keys.append(key(self))
+    mp.setattr(tbe.TritonBackend, "begin_em_iteration", recording)
+    return keys
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_estimator_falls_back_to_the_dense_estep_when_the_sparse_one_skips_little(threshold, monkeypatch):
+    # TritonBackend.dense_above: a diag fit counts the (tile, block) pairs its sparse E-steps visit in the
+    # iterations 1, 2, 4, ... (probes, one host read each; every sparse E-step counts, inside its work-list kernel,
+    # so a probe replays the same CUDA graph) and runs the dense E-step from then on when more than the
+    # threshold's fraction were kept: graph key "fallback", no more transient sorts. Both ways the fit is the
+    # dense one (sparse_estep=False) up to dropped terms < 2^-40 and summation order, and the fraction is recorded
+    from flashgmm_faiss import GaussianMixture
+    from flashgmm_faiss import _triton_backend as tbe
+    monkeypatch.setattr(tbe.TritonBackend, "dense_above", {"diag": threshold})
+    monkeypatch.setattr(GaussianMixture, "_lookahead", False)     # one begin_em_iteration per iteration (GPU)
+    k = 4 * kestep.FLAG_K
+    g = torch.Generator().manual_seed(7)
+    centres = torch.randn(k, 6, generator=g) * 40.0 + 30.0
+    x = (centres[torch.arange(8 * k) % k] + torch.randn(8 * k, 6, generator=g)).numpy()
+    kw = dict(covariance_type="diag", kmeans_iter=2, max_iter=4, tol=0.0, seed=0, device=DEVICE, precision="ieee",
+              backend="triton", init=centres.numpy(), chunk_size=x.shape[0] // 3 + 5)
+    with pytest.MonkeyPatch.context() as mp:
+        keys = _record_graph_keys(mp)
+        with pytest.warns(Warning):
+            a = GaussianMixture(k, **kw).fit(x)
+    with pytest.warns(Warning):
+        b = GaussianMixture(k, sparse_estep=False, **kw).fit(x)
+    st, iters = a._impl.order_stats, kw["max_iter"]
+    assert 0.0 < a._impl.pairs_kept < 1.0 and b._impl.pairs_kept is None
+    if threshold == 0.0:
+        assert st["sorted_chunks"] == 3 and st["fallback_chunks"] == 3 * (iters - 1)
+        assert keys == [None] + ["fallback"] * (iters - 1)
+    else:
+        assert st["sorted_chunks"] == 3 * iters and st["fallback_chunks"] == 0
+        assert keys == [None] + ["dense"] * (iters - 1)          # the probes (1, 2, 4) replay the same graph
+    assert not a._impl._dense and not a._impl._orders                    # reset with the fit
+    # the variances of these tight clusters (1 against means ~40 per feature) come from Sxx - 2 mu Sx + Nk mu^2 in
+    # fp32, which cancels ~1600x: the two summation orders leave them ~2e-4 apart on a GPU (1e-5 on the CPU), and
+    # the log-likelihoods 2.3e-6 apart (also with threshold 1.0, the sparse E-step throughout)
+    for name, rtol in (("means_", 1e-5), ("covariances_", 1e-3), ("weights_", 1e-5)):
+        assert_close(name, torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name)), rtol)
+    assert a.lower_bound_ == pytest.approx(b.lower_bound_, rel=1e-5)
+
+
 @pytest.mark.parametrize("cov", ["spherical", "diag"])
 def test_estimator_follows_the_working_memory_plan(cov, monkeypatch):
     # GaussianMixture(working_memory=...) hands its plan to the backend: no 16-bit operand copy (pass 2 converts
@@ -1583,13 +1641,7 @@ def test_estimator_follows_the_working_memory_plan(cov, monkeypatch):
     kmeans_rows.clear()
     # the plan of a tight budget: no copy, no orders, k-means on pieces of 37 rows
     monkeypatch.setattr(gmm_module, "plan_chunks", lambda *args, **kwargs: cp.ChunkPlan(k + 5, False, 0, 37))
-    keys = []      # the graph keys: an iteration of transient orders repeats the previous one (a CUDA graph may)
-    begin = type(a._impl).begin_em_iteration
-
-    def recording_begin(self):
-        begin(self)
-        keys.append(self.graph_key())
-    monkeypatch.setattr(type(a._impl), "begin_em_iteration", recording_begin)
+    keys = _record_graph_keys(monkeypatch)   # an iteration of transient orders repeats the previous one (a graph may)
     with pytest.warns(Warning):
         b = GaussianMixture(k, working_memory=64, **kw).fit(x)
     assert keys[:3] == [None, "dense", "dense"]
