@@ -6,6 +6,11 @@ a k-means warm-start iteration and of an EM iteration, the peak GPU memory beyon
 log-likelihood (both backends start from the same k-means++ seeds, so the values should agree).
 
     python -m bench_ann.bench_fit --n 1000000 --k 1024 --d 128 --em-iter 20 --out bench_ann/results
+
+The data are synthetic SIFT-like rows (``sift_like``: tight, well separated clusters, where the sparse E-step skips
+most of the work) unless ``--data FILE`` names a vector file (``--normalize`` for angular sets), e.g. GloVe:
+
+    python -m bench_ann.bench_fit --data glove_6B_50d.f32.npy --normalize --k 1024 --diag --out DIR
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 
 from flashgmm_faiss import GaussianMixture
 from flashgmm_faiss._triton_backend import TritonBackend
+from flashgmm_faiss.io import read_vectors
 
 
 GENERATE_ROWS = 1 << 24   # sift_like draws larger data sets in pieces of this many rows (no 2 n d temporaries)
@@ -43,6 +49,58 @@ def sift_like(n, d, k, seed=0, device="cuda"):
         torch.randn(part.shape, generator=g, device=device, out=part)
         part.mul_(scale[labels, None]).add_(centers[labels]).clamp_(0, 255)
     return X
+
+
+def load_rows(path, n=None, normalize=False, device="cuda", piece=1 << 20):
+    """The first ``n`` rows (all when None) of a vector file (any format ``flashgmm_faiss.io.read_vectors`` reads,
+    any numeric dtype) as (n, d) float32 on the device, converted in pieces of ``piece`` rows; ``normalize``:
+    unit rows, as an angular data set (GloVe) is indexed."""
+    x = read_vectors(path, count=n, mmap=True)
+    X = torch.empty(x.shape, dtype=torch.float32, device=device)
+    for s in range(0, x.shape[0], piece):
+        X[s:s + piece] = torch.from_numpy(np.array(x[s:s + piece], dtype=np.float32)).to(device)
+    if normalize:
+        X = torch.nn.functional.normalize(X, dim=1)
+    return X
+
+
+def problem_rows(args):
+    """X (n, d) float32 on the GPU: the rows of --data, or the synthetic ``sift_like`` problem; sets args.n and
+    args.d to X's shape and returns (X, a description of the data for the result tables)."""
+    if args.data:
+        X = load_rows(args.data, args.n, args.normalize)
+        what = f"{Path(args.data).name}{' (rows normalised)' if args.normalize else ''}"
+    else:
+        X = sift_like(args.n or 1_000_000, args.d or 128, args.clusters, device="cuda")
+        what = f"synthetic SIFT-like ({args.clusters} clusters)"
+    args.n, args.d = X.shape
+    return X, what
+
+
+def pairs_kept(g, X, rows=1 << 22):
+    """Fraction of the (64-row tile, 64-component block) pairs that the sparse pass 2 visits at the fitted state of
+    the Triton-backend fit ``g``, on the first ``rows`` rows of X visited in the order of their most likely
+    component (a kept row order; diag fits sort each chunk by its block bits instead, which keeps about as many):
+    how much of the E-step's work the data lets the sparse E-step skip."""
+    import triton
+    from flashgmm_faiss import kernels
+    ke = importlib.import_module("flashgmm_faiss.kernels.estep")
+    x = X[:rows]
+    center = x.mean(0)
+    means = torch.as_tensor(g.means_, device=x.device).float() - center
+    var = torch.as_tensor(g.covariances_, device=x.device).float()
+    lw = torch.log(torch.as_tensor(g.weights_, device=x.device).float())
+    k, diag = means.shape[0], g.covariance_type == "diag"
+    perm = kernels.component_order(means)
+    params = kernels.prepare(means, var, lw, g.precision, float(kernels.absmax(x, center)), comp_perm=perm)
+    best = kernels.estep(x, means, var, lw, precision=g.precision, center=center, params=params,
+                         return_best=True)[4]
+    order = kernels.row_order(best, perm)
+    gaps = torch.empty(triton.cdiv(x.shape[0], ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
+    ke.launch_logz(x, params, k, diag, g.precision, center=center, order=order,
+                   lzp=torch.empty(x.shape[0], device=x.device), gaps=gaps, skip=ke.SKIP_LOG2[g.precision])
+    counts = ke._work_lists(gaps, triton.cdiv(k, ke.FLAG_K))[1]
+    return float(counts.sum()) / (gaps.numel() * counts.numel())
 
 
 def peak_breakdown(snapshot, top: int = 12):
@@ -81,7 +139,7 @@ def config_label(backend, cov, prec, sparse, graphs):
 
 def run(args):
     dev = torch.cuda.get_device_name(0)
-    X = sift_like(args.n, args.d, args.clusters, device="cuda")
+    X, data = problem_rows(args)
     x_bytes = X.numel() * 4
     if args.host_data:   # a numpy array, as most users pass it: streamed, or copied once (--data-on-device)
         X = X.cpu().numpy()
@@ -114,6 +172,9 @@ def run(args):
     # ones only (every chunk sorts its rows inside each E-step, as at N=1e8 in 64 MiB): TritonBackend.kept_orders
     row_orders = args.row_orders.split(",") if args.row_orders else [None]
     configs = [c + (ro,) for c in configs for ro in (row_orders if c[3] else [None])]
+    # --dense-above: each sparse configuration once per dense-fallback threshold (TritonBackend.dense_above)
+    fallbacks = args.dense_above.split(",") if args.dense_above else [None]
+    configs = [c + (fb,) for c in configs for fb in (fallbacks if c[3] else [None])]
     kestep = importlib.import_module("flashgmm_faiss.kernels.estep") if skips != [None] or args.sort_key else None
     if args.no_gluon_pass1:   # as on GPUs other than Hopper: every pass 1 runs the Triton kernel
         importlib.import_module("flashgmm_faiss.kernels.estep").GLUON_PASS1 = False
@@ -121,8 +182,11 @@ def run(args):
     default_key = kestep.TRANSIENT_SORT_KEY if kestep else None
     default_order_key = TritonBackend.order_key
     default_kept = TritonBackend.kept_orders
-    for backend, cov, prec, sparse, graphs, look, skip, sort_key, chunk, orders in configs:
+    default_dense_above = dict(TritonBackend.dense_above)
+    for backend, cov, prec, sparse, graphs, look, skip, sort_key, chunk, orders, fallback in configs:
         TritonBackend.kept_orders = {None: default_kept, "kept": ("spherical", "diag"), "transient": ()}[orders]
+        TritonBackend.dense_above = (default_dense_above if fallback in (None, "default") else {} if fallback == "none"
+                                     else dict.fromkeys(("spherical", "diag"), float(fallback)))
         if kestep:     # the module, not the estep() the package exports
             kestep.SKIP_LOG2 = default_skips if skip is None else dict.fromkeys(default_skips, skip)
             kestep.TRANSIENT_SORT_KEY = sort_key or default_key
@@ -173,12 +237,16 @@ def run(args):
                 g.assign(X, max_assign=cap)
                 torch.cuda.synchronize()
                 assign_ms[str(cap)] = 1e3 * (time.perf_counter() - t1)
+        kept = pairs_kept(g, X) if backend == "triton" and sparse and not args.host_data else None
         em = [h["seconds"] for h in g.history_[1:]]  # the first iteration includes compilation
         km = [h["seconds"] for h in g.kmeans_history_[1:]]
         rows.append({"backend": backend, "covariance_type": cov, "precision": prec, "sparse_estep": sparse,
                      "cuda_graphs": graphs, "lookahead": look, "skip_log2": skip, "sort_key": sort_key,
-                     "row_orders": orders, "graph_replays": getattr(g, "graph_replays_", 0),
-                     "n": args.n, "K": args.k, "d": args.d, "em_iter_ms": 1e3 * statistics.median(em),
+                     "row_orders": orders, "pairs_kept": kept, "dense_above": fallback,
+                     "probe_pairs_kept": getattr(g._impl, "pairs_kept", None),
+                     "graph_replays": getattr(g, "graph_replays_", 0),
+                     "data": data, "n": args.n, "K": args.k, "d": args.d,
+                     "em_iter_ms": 1e3 * statistics.median(em),
                      # the mean includes the iterations that rebuild the row orders (sparse E-step)
                      "em_iter_mean_ms": 1e3 * statistics.fmean(em),
                      "em_iter_ms_each": [1e3 * h["seconds"] for h in g.history_],
@@ -203,7 +271,8 @@ def run(args):
             refs.setdefault(r["covariance_type"], r["em_iter_mean_ms"])
     where = f"in host memory (numpy), data_on_device={args.data_on_device}" if args.host_data else "in GPU memory"
     lines = [f"# End-to-end GaussianMixture.fit on {dev}", "",
-             f"N={args.n}, K={args.k}, D={args.d}, {args.kmeans_iter} k-means + {args.em_iter} EM iterations, "
+             f"Data: {data}. N={args.n}, K={args.k}, D={args.d}, {args.kmeans_iter} k-means + {args.em_iter} "
+             "EM iterations, "
              f"data {where}, torch {torch.__version__}. Each fit follows a warm-up fit (compilation, "
              "autotuning); iteration times are medians over iterations 2..end; 'other s' is the fit's time outside "
              "its iterations (validation pass, k-means++ seeding, k-means variances). Peak extra: the fit's "
@@ -211,8 +280,8 @@ def run(args):
              f"beyond it; working_memory={args.working_memory} MiB.", "",
              "| backend | cov | precision | E-step | CUDA graphs (replays) | lookahead | EM iter ms (median) | mean | "
              "speed-up vs torch (mean) | k-means iter ms | other s | fit s | peak extra MiB (reserved) | chunk rows "
-             "(row copy) | final log-lik |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(row copy) | pairs kept | final log-lik |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         kind = "-" if r["backend"] == "torch" else ("sparse" if r["sparse_estep"] else "dense")
         if r["skip_log2"] is not None:
@@ -221,6 +290,11 @@ def run(args):
             kind += f", sorted by {r['sort_key']}"
         if r["row_orders"] is not None:
             kind += f", {r['row_orders']} row orders"
+        if r["dense_above"] is not None:
+            probe = r["probe_pairs_kept"]
+            kind += (f", dense above {r['dense_above']} (first E-step kept "
+                     + ("-" if probe is None else f"{100 * probe:.1f} %")
+                     + (f", {r['order_stats'].get('fallback_chunks', 0)} dense chunks)"))
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
         ref = refs.get(r["covariance_type"])
         speedup = f"{ref / r['em_iter_mean_ms']:.1f}x" if ref else "-"
@@ -231,7 +305,8 @@ def run(args):
                      f"{r['other_seconds']:.2f} | "
                      f"{r['fit_seconds']:.2f} | {r['peak_extra_mib']:.1f} ({r['peak_extra_reserved_mib']:.0f}) | "
                      f"{r['chunk_rows_used']} ({'yes' if r['copy_rows'] else 'no'}) | "
-                     f"{r['final_log_likelihood']:.5f} |")
+                     + ("-" if r["pairs_kept"] is None else f"{100 * r['pairs_kept']:.1f} %")
+                     + f" | {r['final_log_likelihood']:.5f} |")
     for r in rows:
         for cap, ms in r["assign_ms_by_cap"].items():
             lines.append(f"\nassign() over all N rows (triton tf32, max_assign={cap}): {ms:.1f} ms "
@@ -241,10 +316,11 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # K and D enter the name when they are not the defaults (1024, 128), so runs at several shapes keep their files
-    stem = (f"fit_{dev.replace(' ', '_').lower()}_n{args.n}"
+    stem = (f"fit_{dev.replace(' ', '_').lower()}" + (f"_{Path(args.data).stem}" if args.data else "")
+            + f"_n{args.n}"
             + ("" if (args.k, args.d) == (1024, 128) else f"_k{args.k}_d{args.d}")
             + (f"_wm{args.working_memory:g}" if args.working_memory else ""))
-    meta = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    meta = {"device": dev, "torch": torch.__version__, "data": data, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": "python -m bench_ann.bench_fit " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                     for k, v in vars(args).items()),
             "rows": rows}
@@ -253,11 +329,17 @@ def run(args):
 
 
 def add_problem_args(p: argparse.ArgumentParser):
-    """The synthetic problem (shared with profile_fit): N rows of D features in --clusters clusters, K components."""
-    p.add_argument("--n", type=int, default=1_000_000)
+    """The problem (shared with profile_fit): the rows of --data, or N synthetic rows of D features in --clusters
+    clusters; K components."""
+    p.add_argument("--n", type=lambda v: int(float(v)), default=None,
+                   help="rows (synthetic data: default 1e6; --data: the file's first N rows, default all)")
     p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--d", type=int, default=None, help="features of the synthetic data (default 128)")
     p.add_argument("--clusters", type=int, default=2000, help="clusters in the synthetic data")
+    p.add_argument("--data", default=None,
+                   help="a vector file (.npy, .fvecs, .bvecs, .fbin, .u8bin, .hdf5 ...) to fit instead of the "
+                        "synthetic data, e.g. ../shared/data/glove-6b-50d/glove_6B_50d.f32.npy")
+    p.add_argument("--normalize", action="store_true", help="unit rows (angular data sets such as GloVe)")
 
 
 def main():
@@ -292,6 +374,10 @@ def main():
                    help="comma list of kept,transient: each sparse configuration with kept row orders (where the "
                         "memory plan has room) and/or with transient orders only (every E-step sorts its chunk); "
                         "default: TritonBackend.kept_orders (spherical kept, diag transient)")
+    p.add_argument("--dense-above", default=None,
+                   help="comma list of dense-fallback thresholds (TritonBackend.dense_above, for both covariance "
+                        "types): a number, 'none' (never fall back) or 'default'; each sparse configuration runs "
+                        "once per value")
     p.add_argument("--no-gluon-pass1", action="store_true",
                    help="run every pass 1 as the Triton kernel (kernels.estep.GLUON_PASS1 = False), as on GPUs "
                         "other than Hopper")

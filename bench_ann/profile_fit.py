@@ -22,7 +22,7 @@ import torch
 
 from flashgmm_faiss import GaussianMixture
 
-from .bench_fit import add_problem_args, sift_like
+from .bench_fit import add_problem_args, problem_rows
 
 
 def _timeline(prof):
@@ -130,7 +130,7 @@ def _profile(name, fn, out: Path, rows: int, trace: bool = False):
 def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    X = sift_like(args.n, args.d, args.clusters, device="cuda")
+    X, data = problem_rows(args)
     common = dict(covariance_type=args.cov, tol=0.0, backend="triton", device="cuda", precision=args.precision,
                   seed=0, chunk_size=args.chunk, sparse_estep=not args.dense,
                   cuda_graphs=not args.no_graphs)
@@ -152,7 +152,7 @@ def run(args):
         phases[-1]["em_history_s"] = [h["seconds"] for h in em.history_]
         for cap in args.caps:
             phases.append(_profile(f"assign_cap{cap}", lambda cap=cap: g.assign(X, max_assign=cap), out, args.rows))
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "args": vars(args),
+    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "data": data, "args": vars(args),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "phases": phases}
     (out / "profile_fit.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(phases, indent=1))
