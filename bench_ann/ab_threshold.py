@@ -13,7 +13,6 @@ EM iterations, where posteriors overlap more. Writes ``ab_threshold.json``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
@@ -53,9 +52,7 @@ def main(argv=None):
     ap.add_argument("--precisions", default="bf16,tf32")
     ap.add_argument("--diag", action="store_true", help="also diag covariances (tf32)")
     a = ap.parse_args(argv)
-    import triton
     from flashgmm_faiss import kernels
-    ke = importlib.import_module("flashgmm_faiss.kernels.estep")
     ts = [float(v) for v in a.thresholds.split(",")]
     out = {"device": torch.cuda.get_device_name(), "n": a.n, "k": a.k, "d": a.d, "problems": {}}
     problems = {}
@@ -65,7 +62,6 @@ def main(argv=None):
         xf, cf, mf, vf, lwf = fit_state(a.n, a.k, a.d, a.em_iter)
         problems["fit_state"] = (xf, cf, mf, vf, None, lwf)
     for pname, (x, center, means, var_sph, var_diag, lw) in problems.items():
-        n = x.shape[0]
         perm = kernels.component_order(means)
         cases = [(p, False, var_sph) for p in a.precisions.split(",")]
         if a.diag and var_diag is not None:
@@ -78,20 +74,16 @@ def main(argv=None):
                                  return_best=True)[4]
             order = kernels.row_order(best, perm)
             dense = kernels.estep(x, means, var, lw, precision=prec, center=center, params=params)
-            gaps = torch.empty(triton.cdiv(n, ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
             fns, kept, diff = {"dense": lambda: kernels.estep(x, means, var, lw, precision=prec, center=center,
                                                               params=params)}, {}, {}
             for t in ts:
-                ke.launch_logz(x, params, a.k, diag, prec, center=center, order=order,
-                               lzp=torch.empty(n, device=x.device), gaps=gaps, skip=t)
-                counts = ke._work_lists(gaps, triton.cdiv(a.k, ke.FLAG_K))[1]
-                kept[t] = float(counts.sum()) / (gaps.numel() * counts.numel())
-
-                def f(t=t):
+                def f(t=t, pairs=None):
                     return kernels.estep(x, means, var, lw, precision=prec, center=center, params=params,
-                                         order=order, skip_log2=t)
+                                         order=order, skip_log2=t, pair_counts=pairs)
                 fns[f"2^-{t:g}"] = f
-                diff[t] = rel_err(f()[1:], [r.double() for r in dense[1:]])
+                pairs = torch.zeros(2, dtype=torch.int64, device=x.device)
+                diff[t] = rel_err(f(pairs=pairs)[1:], [r.double() for r in dense[1:]])
+                kept[t] = pairs[0].item() / pairs[1].item()
             times = {name: [] for name in fns}
             for _ in range(a.rounds):
                 for name, f in fns.items():

@@ -81,26 +81,23 @@ def pairs_kept(g, X, rows=1 << 22):
     """Fraction of the (64-row tile, 64-component block) pairs that the sparse pass 2 visits at the fitted state of
     the Triton-backend fit ``g``, on the first ``rows`` rows of X visited in the order of their most likely
     component (a kept row order; diag fits sort each chunk by its block bits instead, which keeps about as many):
-    how much of the E-step's work the data lets the sparse E-step skip."""
-    import triton
+    how much of the E-step's work the data lets the sparse E-step skip (counted by the E-step itself,
+    ``pair_counts``)."""
     from flashgmm_faiss import kernels
-    ke = importlib.import_module("flashgmm_faiss.kernels.estep")
     x = X[:rows]
     center = x.mean(0)
     means = torch.as_tensor(g.means_, device=x.device).float() - center
     var = torch.as_tensor(g.covariances_, device=x.device).float()
     lw = torch.log(torch.as_tensor(g.weights_, device=x.device).float())
-    k, diag = means.shape[0], g.covariance_type == "diag"
     perm = kernels.component_order(means)
     params = kernels.prepare(means, var, lw, g.precision, float(kernels.absmax(x, center)), comp_perm=perm)
     best = kernels.estep(x, means, var, lw, precision=g.precision, center=center, params=params,
                          return_best=True)[4]
-    order = kernels.row_order(best, perm)
-    gaps = torch.empty(triton.cdiv(x.shape[0], ke.FLAG_ROWS), dtype=torch.int64, device=x.device)
-    ke.launch_logz(x, params, k, diag, g.precision, center=center, order=order,
-                   lzp=torch.empty(x.shape[0], device=x.device), gaps=gaps, skip=ke.SKIP_LOG2[g.precision])
-    counts = ke._work_lists(gaps, triton.cdiv(k, ke.FLAG_K))[1]
-    return float(counts.sum()) / (gaps.numel() * counts.numel())
+    pairs = torch.zeros(2, dtype=torch.int64, device=x.device)
+    kernels.estep(x, means, var, lw, precision=g.precision, center=center, params=params,
+                  order=kernels.row_order(best, perm), pair_counts=pairs)
+    kept, total = pairs.tolist()
+    return kept / total
 
 
 def peak_breakdown(snapshot, top: int = 12):
@@ -292,7 +289,7 @@ def run(args):
             kind += f", {r['row_orders']} row orders"
         if r["dense_above"] is not None:
             probe = r["probe_pairs_kept"]
-            kind += (f", dense above {r['dense_above']} (first E-step kept "
+            kind += (f", dense above {r['dense_above']} (last probe kept "
                      + ("-" if probe is None else f"{100 * probe:.1f} %")
                      + (f", {r['order_stats'].get('fallback_chunks', 0)} dense chunks)"))
         graphs = f"yes ({r['graph_replays']})" if r["cuda_graphs"] else "no"
