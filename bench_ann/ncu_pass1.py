@@ -10,7 +10,9 @@ launches (no autotuning runs):
         --section WarpStateStats --section Occupancy --section LaunchStats \\
         python -m bench_ann.ncu_pass1 --covs spherical,diag
 
-Variants: covariance type x precision, launched in that order. (The v10 report in
+Variants: covariance type x precision, launched in that order. ``--transient``: instead the pass 1 of the transient
+row orders that diag fits run (rows in their own order, logZ, ||x~||^2 and the rows' block bits, no argmax): on a
+Hopper GPU the Gluon kernel of ``kernels/logz_gluon.py`` (``--kernel-name regex:_diag_logz_kernel``). (The v10 report in
 ``bench_ann/results/v10_screen_and_nocopy`` also profiled the screened pass 1 of commit fad8240, since removed.)
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main(argv=None):
     add_shape_args(ap)
     ap.add_argument("--covs", default="spherical,diag")
     ap.add_argument("--precisions", default="tf32")
+    ap.add_argument("--transient", action="store_true", help="the transient orders' pass 1 (Gluon on Hopper, diag)")
     args = ap.parse_args(argv)
 
     kernels = importlib.import_module("flashgmm_faiss.kernels")
@@ -45,9 +48,14 @@ def main(argv=None):
             copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
                          for i in range(3))
 
-            def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy):
-                kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
-                                   lzp=lzp, gaps=gaps)
+            rb = kestep._row_bits_buffer(n, -(-k // kestep.FLAG_K), x.device)
+
+            def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy, rb=rb):
+                if args.transient:
+                    kestep.launch_logz(x, params, k, diag, prec, x2=x2, row_bits=rb)
+                else:
+                    kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
+                                       lzp=lzp, gaps=gaps)
             fn()                           # compile and autotune outside the profiled range
             runs.append((f"{cov} {prec}", fn))
     torch.cuda.synchronize()

@@ -1529,7 +1529,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     if diag:
         means = means.contiguous()   # the diag reduction reads it (no copy when already contiguous)
     dev = x.device
-    x2 = torch.empty(n, dtype=torch.float32, device=dev)
+    # ||x~||^2 per row, written by pass 1 for the spherical pass 2 (the diag pass 2 never reads it: no write, v36)
+    x2 = None if diag else torch.empty(n, dtype=torch.float32, device=dev)
     lzp = torch.empty(n, dtype=torch.float32, device=dev) if order is not None else None
     copy = None
     if copy_mode:
@@ -1543,7 +1544,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                                  with_best=return_best)
         order = RowOrder(rows, rows)            # the hint is not read by pass 2
         lzp = logz[rows]                        # pass 2 reads logZ (and, spherical, ||x||^2) by position
-        if not diag:                            # the diag pass 2 never reads ||x||^2
+        if not diag:
             x2 = x2[rows]
         best = best.long() if return_best else None
     else:
@@ -1564,7 +1565,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
 
     try:
         _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
-                                  xo, xq, xql, params.scales, logz if order is None else lzp, x2,
+                                  xo, xq, xql, params.scales, logz if order is None else lzp,
+                                  logz if x2 is None else x2,
                                   params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
                                   params.cst, work, counts, work.shape[-1] if sparse else 0,
                                   nk_part, sx_part, sq_part, n, k, slab_rows, slabs,

@@ -41,7 +41,7 @@ def _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, stage, cst, BLOCK_M: gl.cons
     """Issues (asynchronously) the 16-bit products of one component block, accumulated onto its constant ``cst``
     (BLOCK_K,): cst + ql . P + qh . P (+ xh . A_lo if SPLIT_A) + xh . A, (BLOCK_M, BLOCK_K) fp32 in the wgmma
     layout."""
-    acc = gl.zeros([BLOCK_M, BLOCK_K], gl.float32, mma) + cst[None, :]
+    acc = gl.broadcast(cst[None, :], gl.zeros([BLOCK_M, BLOCK_K], gl.float32, mma))[0]
     at = a_s.index(stage).permute((1, 0))
     pt = p_s.index(stage).permute((1, 0))
     acc = warpgroup_mma(ql_s, pt, acc, is_async=True)
@@ -54,32 +54,45 @@ def _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, stage, cst, BLOCK_M: gl.cons
 
 
 @gluon.jit
-def _block_cst(CST, k0, K, BLOCK_K: gl.constexpr, mma: gl.constexpr):
-    """One block's accumulator constants (BLOCK_K,)."""
-    offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
-    return gl.load(CST + offs_k, mask=offs_k < K, other=0.0)
+def _block_cst(cst_s, slot, mma: gl.constexpr):
+    """One block's accumulator constants (BLOCK_K,), from slot ``slot`` of the constants' ring (zeros past K)."""
+    return cst_s.index(slot).load(gl.SliceLayout(0, mma))
 
 
 @gluon.jit
-def _block_bias(BIAS2, COEF2, k0, K, BLOCK_K: gl.constexpr, mma: gl.constexpr):
-    """One block's (bias, coef) (BLOCK_K,) each; components >= K get bias -inf (their logits are -inf)."""
-    offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
-    mask_k = offs_k < K
-    return gl.load(BIAS2 + offs_k, mask=mask_k, other=float("-inf")), gl.load(COEF2 + offs_k, mask=mask_k, other=0.0)
+def _block_bias(bias_s, coef_s, slot, k0, K, EVEN_K: gl.constexpr, BLOCK_K: gl.constexpr, mma: gl.constexpr):
+    """One block's (bias, coef) (BLOCK_K,) each, from slot ``slot`` of the constants' ring; components >= K get
+    bias -inf (their logits are -inf; the TMA filled zeros there) unless EVEN_K (K a multiple of BLOCK_K)."""
+    bias = bias_s.index(slot).load(gl.SliceLayout(0, mma))
+    if not EVEN_K:
+        offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+        bias = gl.where(offs_k < K, bias, float("-inf"))
+    return bias, coef_s.index(slot).load(gl.SliceLayout(0, mma))
 
 
 @gluon.jit
-def _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, stage, k0, pred, SPLIT_A: gl.constexpr):
-    """TMA of one block's parameter tiles (A, P, and A_lo if SPLIT_A) into ring stage ``stage``, completing on the
-    stage's mbarrier."""
+def _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s, coef_s,
+                bars, stage, slot, k0, pred, SPLIT_A: gl.constexpr):
+    """TMA of one block's parameter tiles (A, P, and A_lo if SPLIT_A) into ring stage ``stage`` and of its
+    constants (cst, bias, coef) into slot ``slot`` of the constants' ring, completing on the stage's mbarrier."""
     bar = bars.index(stage)
+    nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + 3 * cst_desc.block_type.nbytes
     if SPLIT_A:
-        mbarrier.expect(bar, 3 * a_desc.block_type.nbytes, pred=pred)
+        mbarrier.expect(bar, nbytes + a_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(alo_desc, [k0, 0], bar, alo_s.index(stage), pred=pred)
     else:
-        mbarrier.expect(bar, 2 * a_desc.block_type.nbytes, pred=pred)
+        mbarrier.expect(bar, nbytes, pred=pred)
     tma.async_copy_global_to_shared(a_desc, [k0, 0], bar, a_s.index(stage), pred=pred)
     tma.async_copy_global_to_shared(p_desc, [k0, 0], bar, p_s.index(stage), pred=pred)
+    tma.async_copy_global_to_shared(cst_desc, [k0], bar, cst_s.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(bias_desc, [k0], bar, bias_s.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(coef_desc, [k0], bar, coef_s.index(slot), pred=pred)
+
+
+@gluon.jit
+def _wrap(i, n):
+    """``i % n`` for 0 <= i < 2 n, without a division."""
+    return i - n * (i >= n).to(i.dtype)
 
 
 @gluon.jit
@@ -107,11 +120,11 @@ def _or(a, b):
 
 @gluon.jit(do_not_specialize=["N"])    # chunks of any row count share one compiled kernel
 def _diag_logz_kernel(
-    X, CENTER, ROWS, HINT, a_desc, alo_desc, p_desc, BIAS2, COEF2, CST, SCALES, LOGZ, LZP, X2, XO, XQ, XQL, GAPS,
-    ROWBITS, N, K,
+    X, CENTER, ROWS, HINT, a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, SCALES, LOGZ, LZP, X2, XO, XQ,
+    XQL, GAPS, ROWBITS, N, K,
     D: gl.constexpr, DP: gl.constexpr, HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
     WRITE_COPY: gl.constexpr, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr,
-    MODE: gl.constexpr,
+    MODE: gl.constexpr, EVEN_K: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, A_REG: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Outputs as estep._logz_kernel's: position m processes row ROWS[m] (HAS_ORDER) or row m; LOGZ is written at
@@ -126,6 +139,33 @@ def _diag_logz_kernel(
     op_ty: gl.constexpr = a_desc.dtype
     ALO_STAGES: gl.constexpr = STAGES if SPLIT_A else 1     # without SPLIT_A, A_lo's ring is a placeholder
     pid = gl.program_id(0)
+
+    # component blocks are visited from the block of the tile's hinted component (as the Triton kernel); the ring's
+    # first copies are issued before the row tile is read, so that they overlap its loads
+    num_kb = gl.cdiv(K, BLOCK_K)
+    if HAS_ORDER:
+        b0 = gl.load(HINT + pid.to(gl.int64) * BLOCK_M) // BLOCK_K
+    else:
+        b0 = pid * 0
+    # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, DP), one mbarrier per stage (the TMA fills
+    # the columns past D, and the rows past K, with zeros); without SPLIT_A a one-stage placeholder for A_lo. The
+    # blocks' constants (cst, bias, coef: BLOCK_K floats each) arrive with the tiles, in a ring of STAGES + 1
+    # slots: block j's bias and coef are read after block j's stage is refilled (at the start of iteration j)
+    a_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
+    alo_s = gl.allocate_shared_memory(op_ty, [ALO_STAGES, BLOCK_K, DP], a_desc.layout)
+    p_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
+    CSLOTS: gl.constexpr = STAGES + 1
+    cst_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
+    bias_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
+    coef_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    gl.thread_barrier()
+    for i in gl.static_range(STAGES):
+        _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s, coef_s,
+                    bars, i, i, ((b0 + i) % num_kb) * BLOCK_K, i < num_kb, SPLIT_A)
 
     # the row tile's operands (as _row_operands, diag)
     offs_m = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
@@ -167,54 +207,35 @@ def _diag_logz_kernel(
         qh_s = gl.allocate_shared_memory(op_ty, [BLOCK_M, DP], op_layout, qh)
         ql_s = gl.allocate_shared_memory(op_ty, [BLOCK_M, DP], op_layout, ql)
 
-    # component blocks are visited from the block of the tile's hinted component (as the Triton kernel)
-    num_kb = gl.cdiv(K, BLOCK_K)
-    if HAS_ORDER:
-        b0 = gl.load(HINT + pid.to(gl.int64) * BLOCK_M) // BLOCK_K
-    else:
-        b0 = pid * 0
-    # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, DP), one mbarrier per stage (the TMA fills
-    # the columns past D, and the rows past K, with zeros); without SPLIT_A a one-stage placeholder for A_lo
-    a_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
-    alo_s = gl.allocate_shared_memory(op_ty, [ALO_STAGES, BLOCK_K, DP], a_desc.layout)
-    p_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    fence_async_shared()
-    gl.thread_barrier()
-    for i in gl.static_range(STAGES):
-        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, i, ((b0 + i) % num_kb) * BLOCK_K, i < num_kb,
-                    SPLIT_A)
-
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
     bits = gl.zeros([BLOCK_M], gl.int64, gl.SliceLayout(1, mma))
     bmax = gl.full([BLOCK_M, BLOCK_K], float("-inf"), gl.float32, mma)
     mbarrier.wait(bars.index(0), 0)
-    acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, 0, _block_cst(CST, b0 * BLOCK_K, K, BLOCK_K, mma),
-                       BLOCK_M, BLOCK_K, SPLIT_A, mma)
+    acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, 0, _block_cst(cst_s, 0, mma), BLOCK_M, BLOCK_K, SPLIT_A,
+                       mma)
     dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     # Iteration j: refill the stage block j used, issue block j + 1's products, block j's log-sum-exp, wait. The
     # wait closes the iteration, so that the loop-carried tile is complete at the back edge (a carried accumulator
     # of products in flight is copied by plain moves there, and ptxas then serialises every wgmma). Measured on an
     # H100 against other orders: the refill after the issue, or the next block's constants carried, were slower.
+    # The block index blk = (b0 + j) % num_kb is carried and wrapped without a division (v36).
+    blk = b0
     for j in range(0, num_kb - 1):
-        blk = (b0 + j) % num_kb
         gl.thread_barrier()      # every warp is done with stage j % STAGES (block j, waited): refill it
-        _load_block(a_desc, alo_desc, p_desc, a_s, alo_s, p_s, bars, j % STAGES,
-                    ((b0 + j + STAGES) % num_kb) * BLOCK_K, j + STAGES < num_kb, SPLIT_A)
+        _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s, coef_s,
+                    bars, j % STAGES, (j + STAGES) % CSLOTS, _wrap(blk + STAGES, num_kb) * BLOCK_K,
+                    j + STAGES < num_kb, SPLIT_A)
         nxt = (j + 1) % STAGES
         mbarrier.wait(bars.index(nxt), ((j + 1) // STAGES) & 1)
-        acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, nxt,
-                           _block_cst(CST, ((blk + 1) % num_kb) * BLOCK_K, K, BLOCK_K, mma), BLOCK_M, BLOCK_K,
-                           SPLIT_A, mma)
-        bias, coef = _block_bias(BIAS2, COEF2, blk * BLOCK_K, K, BLOCK_K, mma)
+        acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, nxt, _block_cst(cst_s, (j + 1) % CSLOTS, mma), BLOCK_M,
+                           BLOCK_K, SPLIT_A, mma)
+        bias, coef = _block_bias(bias_s, coef_s, j % CSLOTS, blk * BLOCK_K, K, EVEN_K, BLOCK_K, mma)
         m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP,
                                           BLOCK_K, mma)
         dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    blk = (b0 + num_kb - 1) % num_kb
-    bias, coef = _block_bias(BIAS2, COEF2, blk * BLOCK_K, K, BLOCK_K, mma)
+        blk = _wrap(blk + 1, num_kb)
+    bias, coef = _block_bias(bias_s, coef_s, (num_kb - 1) % CSLOTS, blk * BLOCK_K, K, EVEN_K, BLOCK_K, mma)
     m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP,
                                       BLOCK_K, mma)
     for i in gl.static_range(STAGES):
@@ -274,15 +295,17 @@ def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=No
     dp = max(16, triton.next_power_of_2(d))
     layout = gl.NVMMASharedLayout.get_default_for([block_k, dp], op_ty)
     descs = [TensorDescriptor.from_tensor(t, [block_k, dp], layout) for t in (params.a, params.a_lo, params.p)]
+    c_layout = gl.NVMMASharedLayout.get_default_for([block_k], gl.float32)
+    descs += [TensorDescriptor.from_tensor(t, [block_k], c_layout) for t in (params.cst, params.bias2, params.coef2)]
     rows, hint = order if order is not None else (logz, logz)
     xo, xq, xql = copy if copy is not None else (logz, logz, logz)
     grid = (triton.cdiv(n, block_m),)
-    _diag_logz_kernel[grid](x, x if center is None else center, rows, hint, *descs, params.bias2, params.coef2,
-                            params.cst, params.scales, logz, logz if lzp is None else lzp, logz if x2 is None else x2,
-                            xo, xq, xql, logz if gaps is None else gaps, logz if row_bits is None else row_bits, n, k,
+    _diag_logz_kernel[grid](x, x if center is None else center, rows, hint, *descs, params.scales, logz,
+                            logz if lzp is None else lzp, logz if x2 is None else x2, xo, xq, xql,
+                            logz if gaps is None else gaps, logz if row_bits is None else row_bits, n, k,
                             D=d, DP=dp, HAS_CENTER=center is not None, HAS_ORDER=order is not None,
                             WRITE_X2=x2 is not None,
                             WRITE_COPY=copy is not None, WRITE_GAPS=gaps is not None, ROW_BITS=row_bits is not None,
-                            SKIP=float(skip), MODE=mode, BLOCK_M=block_m,
+                            SKIP=float(skip), MODE=mode, EVEN_K=k % block_k == 0, BLOCK_M=block_m,
                             BLOCK_K=block_k, STAGES=stages, A_REG=a_reg, num_warps=num_warps)
     return logz
