@@ -36,7 +36,7 @@ import torch
 from flashgmm_faiss import GaussianMixture
 from flashgmm_faiss._triton_backend import TritonBackend
 
-from .bench_fit import sift_like
+from .bench_fit import interleaved_fits, sift_like
 
 SHIPPED_ESTEP_PASS = GaussianMixture._estep_pass
 
@@ -111,26 +111,12 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "args": vars(a), "ms": {}, "kmeans_ms": {},
            "log_likelihood": {}}
     for cov in a.covs.split(","):
-        for name in VARIANTS:            # warm-up: compilation, autotuning
-            _use(name)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                GaussianMixture(a.k, covariance_type=cov, kmeans_iter=1, max_iter=7, device="cuda", seed=0).fit(x)
-            res["ms"][f"{cov} {name}"], res["log_likelihood"][f"{cov} {name}"] = [], []
-            res["kmeans_ms"][f"{cov} {name}"] = []
-        for _ in range(a.rounds):
-            for name in VARIANTS:
-                _use(name)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    g = GaussianMixture(a.k, covariance_type=cov, kmeans_iter=10, max_iter=a.em_iter, tol=0.0,
-                                        device="cuda", seed=0).fit(x)
-                res["ms"][f"{cov} {name}"].append(1e3 * statistics.median(h["seconds"] for h in g.history_[1:]))
-                res["log_likelihood"][f"{cov} {name}"].append(g.history_[-1]["log_likelihood"])
-                res["kmeans_ms"][f"{cov} {name}"].append(
-                    1e3 * statistics.median(h["seconds"] for h in g.kmeans_history_[1:]))
-        for name in VARIANTS:
+        fits = interleaved_fits(x, a.k, cov, {name: (lambda name=name: _use(name)) for name in VARIANTS}, a.rounds,
+                                a.em_iter)
+        for name, r in fits.items():
             key = f"{cov} {name}"
+            res["ms"][key], res["kmeans_ms"][key], res["log_likelihood"][key] = (r["ms"], r["kmeans_ms"],
+                                                                                 r["log_likelihood"])
             print(f"{key:16s} median {statistics.median(res['ms'][key]):.3f} ms per EM iteration "
                   f"{[round(t, 3) for t in res['ms'][key]]}, k-means iteration "
                   f"{statistics.median(res['kmeans_ms'][key]):.3f} ms; final log-likelihood "

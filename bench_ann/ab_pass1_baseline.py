@@ -21,7 +21,6 @@ import importlib.util
 import json
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -70,8 +69,7 @@ def pass1_ab(base, lg, rounds, out):
 
 
 def fit_ab(base, lg, rounds, out, base_x2=True):
-    from bench_ann.bench_fit import sift_like
-    from flashgmm_faiss import GaussianMixture
+    from bench_ann.bench_fit import interleaved_fits, sift_like
     shipped = lg.launch_diag_logz
 
     def base_launch(x, params, k, center, skip, row_bits=None, x2=None, **kw):
@@ -79,29 +77,20 @@ def fit_ab(base, lg, rounds, out, base_x2=True):
             x2 = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         return base.launch_diag_logz(x, params, k, center, skip, row_bits, x2, **kw)
 
-    launchers = {"base": base_launch, "new": shipped}
+    def use(f):
+        lg.launch_diag_logz = f
+
     n, k, d = 1_000_000, 1024, 128
-    x = sift_like(n, d, k)
-    res = {nm: [] for nm in launchers}
-    ll = {nm: [] for nm in launchers}
     try:
-        for warm in (True, False):
-            for _ in range(1 if warm else rounds):
-                for nm, f in launchers.items():
-                    lg.launch_diag_logz = f
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        g = GaussianMixture(k, covariance_type="diag", kmeans_iter=1 if warm else 10,
-                                            max_iter=7 if warm else 30, tol=0.0, device="cuda", seed=0).fit(x)
-                    if not warm:
-                        res[nm].append(1e3 * statistics.median(h["seconds"] for h in g.history_[1:]))
-                        ll[nm].append(g.history_[-1]["log_likelihood"])
+        fits = interleaved_fits(sift_like(n, d, k), k, "diag",
+                                {"base": lambda: use(base_launch), "new": lambda: use(shipped)}, rounds)
     finally:
         lg.launch_diag_logz = shipped
-    out["fit_ms_per_em_iteration"], out["fit_final_log_likelihood"] = res, ll
-    for nm in launchers:
-        print(f"diag fit, {nm}: median {statistics.median(res[nm]):.3f} ms per EM iteration "
-              f"{[round(t, 3) for t in res[nm]]}; final log-likelihoods {ll[nm]}", flush=True)
+    out["fit_ms_per_em_iteration"] = {nm: r["ms"] for nm, r in fits.items()}
+    out["fit_final_log_likelihood"] = {nm: r["log_likelihood"] for nm, r in fits.items()}
+    for nm, r in fits.items():
+        print(f"diag fit, {nm}: median {statistics.median(r['ms']):.3f} ms per EM iteration "
+              f"{[round(t, 3) for t in r['ms']]}; final log-likelihoods {r['log_likelihood']}", flush=True)
 
 
 def main(argv=None):

@@ -51,6 +51,29 @@ def sift_like(n, d, k, seed=0, device="cuda"):
     return X
 
 
+def interleaved_fits(x, k, cov, variants, rounds, em_iter=30, kmeans_iter=10):
+    """Whole ``GaussianMixture`` fits of x (n, d) on the GPU (K=k, covariance ``cov``, tol 0, defaults otherwise)
+    for A/B scripts: ``variants`` maps a name to a callable that switches that variant on. One warm-up fit per
+    variant (compilation, autotuning), then ``rounds`` rounds of one fit per variant, interleaved. Returns {name:
+    {"ms": [...], "kmeans_ms": [...], "log_likelihood": [...]}}: per fit the median ms per EM iteration over
+    iterations 2..end, per k-means iteration over 2..end, and the final mean log-likelihood."""
+    res = {name: {"ms": [], "kmeans_ms": [], "log_likelihood": []} for name in variants}
+    for warm in (True, False):
+        for _ in range(1 if warm else rounds):
+            for name, use in variants.items():
+                use()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    g = GaussianMixture(k, covariance_type=cov, kmeans_iter=1 if warm else kmeans_iter,
+                                        max_iter=7 if warm else em_iter, tol=0.0, device="cuda", seed=0).fit(x)
+                if not warm:
+                    r = res[name]
+                    r["ms"].append(1e3 * statistics.median(h["seconds"] for h in g.history_[1:]))
+                    r["kmeans_ms"].append(1e3 * statistics.median(h["seconds"] for h in g.kmeans_history_[1:]))
+                    r["log_likelihood"].append(g.history_[-1]["log_likelihood"])
+    return res
+
+
 def load_rows(path, n=None, normalize=False, device="cuda", piece=1 << 20):
     """The first ``n`` rows (all when None) of a vector file (any format ``flashgmm_faiss.io.read_vectors`` reads,
     any numeric dtype) as (n, d) float32 on the device, converted in pieces of ``piece`` rows; ``normalize``:

@@ -48,7 +48,7 @@ def main(argv=None):
             copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
                          for i in range(3))
 
-            rb = kestep._row_bits_buffer(n, -(-k // kestep.FLAG_K), x.device)
+            rb = kestep._row_bits_buffer(n, -(-k // kestep.FLAG_K), x.device) if args.transient else None
 
             def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy, rb=rb):
                 if args.transient:

@@ -7,7 +7,8 @@ one term). Triton 3.6 waits for each product's tensor-core group before issuing 
 after every product), so the tensor cores and the exponentials of a warpgroup never overlap. Here the four
 products of block j + 1 are issued asynchronously before the log-sum-exp of block j, with one wait per block at
 the end of the iteration; the row operands are the wgmma A operand in registers (``A_REG``; or in shared memory)
-and the parameter tiles arrive through a TMA ring with one mbarrier per stage. H100: pass 1 -9 to -12 %
+and the parameter tiles, with each block's constants (cst, bias, coef; v36), arrive through a TMA ring with one
+mbarrier per stage. H100: pass 1 -9 to -12 %
 (bench_ann/results/v21_gluon_pass1).
 
 Scope: every diag "tf32" pass 1 without the argmax (``estep.launch_logz`` dispatches to it on Hopper GPUs): the
