@@ -35,28 +35,31 @@ def load_module(path):
     return mod
 
 
-def pass1_ab(base, lg, rounds, out):
+def pass1_ab(base, lg, rounds, out, extra=None):
+    """Part 1; ``extra``: more variants of the shipped launcher, {name: keyword arguments}."""
+    import functools
     import triton
     from bench_ann.bench_kernels import ab_problem, bench
     from flashgmm_faiss import kernels
     ke = importlib.import_module("flashgmm_faiss.kernels.estep")
     skip = ke.SKIP_LOG2["tf32"]
+    launch = {"base": base.launch_diag_logz, "new": lg.launch_diag_logz}
+    launch.update({nm: functools.partial(lg.launch_diag_logz, **kw) for nm, kw in (extra or {}).items()})
     for n, k, d in SHAPES:
         x, _, means, _, var, lw, _ = ab_problem(n, k, d, kernels, with_order=False)
         params = kernels.prepare(means, var, lw, "tf32", float(kernels.absmax(x, None)),
                                  comp_perm=kernels.component_order(means))
         nb = triton.cdiv(k, ke.FLAG_K)
-        bufs = {nm: (ke._row_bits_buffer(n, nb, x.device), torch.empty(n, device=x.device)) for nm in ("base", "new")}
-        mods = {"base": base, "new": lg}
-        got = {nm: mods[nm].launch_diag_logz(x, params, k, None, skip, *bufs[nm]).clone() for nm in mods}
+        bufs = {nm: (ke._row_bits_buffer(n, nb, x.device), torch.empty(n, device=x.device)) for nm in launch}
+        got = {nm: launch[nm](x, params, k, None, skip, *bufs[nm]).clone() for nm in launch}
         torch.cuda.synchronize()
         key = f"n={n} k={k} d={d}"
-        out["pass1_equal"][key] = {name: torch.equal(a, b) for name, a, b in
-                                   (("logz", got["base"], got["new"]), ("row_bits", bufs["base"][0], bufs["new"][0]),
-                                    ("x2", bufs["base"][1], bufs["new"][1]))}
-        fns = {f"{nm} bits": (lambda nm=nm: mods[nm].launch_diag_logz(x, params, k, None, skip, *bufs[nm]))
-               for nm in mods}
-        fns.update({f"{nm} logz": (lambda nm=nm: mods[nm].launch_diag_logz(x, params, k, None, skip)) for nm in mods})
+        out["pass1_equal"][key] = {
+            f"{nm} {what}": torch.equal(a, b) for nm in launch if nm != "base"
+            for what, a, b in (("logz", got["base"], got[nm]), ("row_bits", bufs["base"][0], bufs[nm][0]),
+                               ("x2", bufs["base"][1], bufs[nm][1]))}
+        fns = {f"{nm} bits": (lambda nm=nm: launch[nm](x, params, k, None, skip, *bufs[nm])) for nm in launch}
+        fns.update({f"{nm} logz": (lambda nm=nm: launch[nm](x, params, k, None, skip)) for nm in launch})
         times = {nm: [] for nm in fns}
         for _ in range(rounds):
             for nm, f in fns.items():
@@ -64,7 +67,8 @@ def pass1_ab(base, lg, rounds, out):
         out["pass1_ms"][key] = times
         print(key, "equal:", out["pass1_equal"][key], flush=True)
         for nm, ts in times.items():
-            print(f"  {nm:<10} median {statistics.median(ts):.3f} ms  " + " ".join(f"{t:.3f}" for t in ts), flush=True)
+            print(f"  {nm:<16} median {statistics.median(ts):.3f} ms  " + " ".join(f"{t:.3f}" for t in ts),
+                  flush=True)
         del x, params
 
 
@@ -99,13 +103,19 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--fit-rounds", type=int, default=4)
     ap.add_argument("--base-x2", type=int, default=1, help="1: the baseline's fits also write ||x~||^2 (before v36)")
+    ap.add_argument("--extra", default="",
+                    help="more variants of the shipped launcher for part 1: 'name:key=value,...;name2:...'")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     lg = importlib.import_module("flashgmm_faiss.kernels.logz_gluon")
     base = load_module(a.baseline)
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "args": vars(a), "pass1_equal": {}, "pass1_ms": {}}
-    pass1_ab(base, lg, a.rounds, out)
+    extra = {}
+    for spec in filter(None, a.extra.split(";")):
+        name, _, kws = spec.partition(":")
+        extra[name] = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in filter(None, kws.split(","))}
+    pass1_ab(base, lg, a.rounds, out, extra)
     if a.fit_rounds:
         fit_ab(base, lg, a.fit_rounds, out, bool(a.base_x2))
     if a.out:

@@ -12,7 +12,9 @@ launches (no autotuning runs):
 
 Variants: covariance type x precision, launched in that order. ``--transient``: instead the pass 1 of the transient
 row orders that diag fits run (rows in their own order, logZ, ||x~||^2 and the rows' block bits, no argmax): on a
-Hopper GPU the Gluon kernel of ``kernels/logz_gluon.py`` (``--kernel-name regex:_diag_logz_kernel``). (The v10 report in
+Hopper GPU the Gluon kernel of ``kernels/logz_gluon.py`` (``--kernel-name regex:_diag_logz_kernel``). ``--stats``:
+the whole transient-order E-step (``estep(sort_rows=True)``, as diag fits run it) in the profiled range; profile
+its sparse pass 2 with ``--kernel-name regex:_estep_stats_kernel``. (The v10 report in
 ``bench_ann/results/v10_screen_and_nocopy`` also profiled the screened pass 1 of commit fad8240, since removed.)
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import importlib
 
 import torch
 
-from .bench_kernels import ab_problem, add_shape_args, sorted_inputs
+from .bench_kernels import ab_problem, add_shape_args, autotuned_configs, sorted_inputs
 
 
 def main(argv=None):
@@ -31,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--covs", default="spherical,diag")
     ap.add_argument("--precisions", default="tf32")
     ap.add_argument("--transient", action="store_true", help="the transient orders' pass 1 (Gluon on Hopper, diag)")
+    ap.add_argument("--stats", action="store_true",
+                    help="the whole transient-order E-step (its pass 2: --kernel-name regex:_estep_stats_kernel)")
     args = ap.parse_args(argv)
 
     kernels = importlib.import_module("flashgmm_faiss.kernels")
@@ -50,8 +54,11 @@ def main(argv=None):
 
             rb = kestep._row_bits_buffer(n, -(-k // kestep.FLAG_K), x.device) if args.transient else None
 
-            def fn(params=params, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy, rb=rb):
-                if args.transient:
+            def fn(params=params, var=var, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy,
+                   rb=rb):
+                if args.stats:
+                    kestep.estep(x, means, var, lw, prec, params=params, sort_rows=True)
+                elif args.transient:
                     kestep.launch_logz(x, params, k, diag, prec, x2=x2, row_bits=rb)
                 else:
                     kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
@@ -65,6 +72,8 @@ def main(argv=None):
         fn()
         torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
+    for key, cfg in autotuned_configs().items():     # the profiled configs
+        print(f"# {key}: {cfg}")
 
 
 if __name__ == "__main__":
