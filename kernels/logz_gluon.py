@@ -119,41 +119,57 @@ def _or(a, b):
     return a | b
 
 
-@gluon.jit
-def _first_block(HINT, tile, num_tiles, HAS_ORDER: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
-    """The component block a row tile's sweep starts from: the block of its first row's hinted component
-    (HAS_ORDER, as the Triton kernel), else block 0; 0 for the tile past the last (the program's final, discarded
-    issue)."""
+@gluon.jit(do_not_specialize=["N"])    # chunks of any row count share one compiled kernel
+def _diag_logz_kernel(
+    X, CENTER, ROWS, HINT, a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, SCALES, LOGZ, LZP, X2, XO, XQ,
+    XQL, GAPS, ROWBITS, N, K,
+    D: gl.constexpr, DP: gl.constexpr, HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
+    WRITE_COPY: gl.constexpr, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr,
+    MODE: gl.constexpr, EVEN_K: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, A_REG: gl.constexpr, num_warps: gl.constexpr,
+):
+    # Outputs as estep._logz_kernel's: position m processes row ROWS[m] (HAS_ORDER) or row m; LOGZ is written at
+    # the row, LZP (logZ again), X2 and the operand copy (XO, XQ, XQL) at the position. WRITE_GAPS (BLOCK_M = the
+    # flag tile's 64 rows): GAPS[program] = the OR of its rows' running-maximum block bits. ROW_BITS: ROWBITS[row] =
+    # the row's block bits against its final maximum.
+    rows: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_K, 16])
+    op_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SPLIT_A: gl.constexpr = MODE == 1       # "tf32": fp16 operands, scaled rows, A in two terms; 2: bf16, A in one
+    op_ty: gl.constexpr = a_desc.dtype
+    ALO_STAGES: gl.constexpr = STAGES if SPLIT_A else 1     # without SPLIT_A, A_lo's ring is a placeholder
+    pid = gl.program_id(0)
+
+    # component blocks are visited from the block of the tile's hinted component (as the Triton kernel); the ring's
+    # first copies are issued before the row tile is read, so that they overlap its loads
+    num_kb = gl.cdiv(K, BLOCK_K)
     if HAS_ORDER:
-        return gl.load(HINT + tile.to(gl.int64) * BLOCK_M, mask=tile < num_tiles, other=0) // BLOCK_K
+        b0 = gl.load(HINT + pid.to(gl.int64) * BLOCK_M) // BLOCK_K
     else:
-        return tile * 0
+        b0 = pid * 0
+    # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, DP), one mbarrier per stage (the TMA fills
+    # the columns past D, and the rows past K, with zeros); without SPLIT_A a one-stage placeholder for A_lo. The
+    # blocks' constants (cst, bias, coef: BLOCK_K floats each) arrive with the tiles, in a ring of STAGES + 1
+    # slots: block j's bias and coef are read after block j's stage is refilled (at the start of iteration j)
+    a_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
+    alo_s = gl.allocate_shared_memory(op_ty, [ALO_STAGES, BLOCK_K, DP], a_desc.layout)
+    p_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
+    CSLOTS: gl.constexpr = STAGES + 1
+    cst_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
+    bias_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
+    coef_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    gl.thread_barrier()
+    for i in gl.static_range(STAGES):
+        _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s, coef_s,
+                    bars, i, i, ((b0 + i) % num_kb) * BLOCK_K, i < num_kb, SPLIT_A)
 
-
-@gluon.jit
-def _fill_block(f, f_blk, pid, step, num_kb, num_tiles, HINT, HAS_ORDER: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_K: gl.constexpr):
-    """The component block of the program's step f (tile pid + (f // num_kb) step, the (f % num_kb)-th block of its
-    sweep). Without HAS_ORDER every sweep starts at block 0, so the blocks cycle and the caller's cursor ``f_blk``
-    is the answer; with it, derived from f (a division and a hint load per step: a cursor of tile, index and block
-    made this form spill)."""
-    if HAS_ORDER:
-        t = f // num_kb
-        return _wrap(_first_block(HINT, pid + t * step, num_tiles, HAS_ORDER, BLOCK_M, BLOCK_K) + f - t * num_kb,
-                     num_kb)
-    else:
-        return f_blk
-
-
-@gluon.jit
-def _tile_operands(X, CENTER, ROWS, SCALES, X2, XO, XQ, XQL, tile, N, D: gl.constexpr, DP: gl.constexpr,
-                   HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
-                   WRITE_COPY: gl.constexpr, MODE: gl.constexpr, op_ty: gl.constexpr, BLOCK_M: gl.constexpr,
-                   rows: gl.constexpr, dot_a: gl.constexpr):
-    """One row tile's wgmma A operands in registers (as ``estep._row_operands``, diag): the rows xh, their squares
-    qh + ql (two 16-bit terms), (BLOCK_M, DP) each in ``dot_a``; writes ||x~||^2 (WRITE_X2) and the operand copy
-    (WRITE_COPY) by position. Rows past N are zeros."""
-    offs_m = tile.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
+    # the row tile's operands (as _row_operands, diag)
+    offs_m = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows))
     offs_d = gl.arange(0, DP, layout=gl.SliceLayout(0, rows))      # DP = D padded to a power of two: zeros
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
     if HAS_ORDER:
@@ -168,35 +184,69 @@ def _tile_operands(X, CENTER, ROWS, SCALES, X2, XO, XQ, XQL, tile, N, D: gl.cons
         x = x * gl.load(SCALES)
     xh = x.to(op_ty)
     xv = xh.to(gl.float32)
-    if WRITE_X2:
-        gl.store(X2 + offs_m, gl.sum(xv * xv, axis=1), mask=offs_m < N)
+    x2 = gl.sum(xv * xv, axis=1)
     if MODE == 1:
         q = xv * xv * gl.load(SCALES + 1)
     else:
         q = xv * xv
     qh = q.to(op_ty)
     ql = (q - qh.to(gl.float32)).to(op_ty)
+    if WRITE_X2:
+        gl.store(X2 + offs_m, x2, mask=offs_m < N)
     if WRITE_COPY:
         cp = offs_m[:, None] * D + offs_d[None, :]
         gl.store(XO + cp, xh, mask=mask)
         gl.store(XQ + cp, qh, mask=mask)
         gl.store(XQL + cp, ql, mask=mask)
-    return gl.convert_layout(xh, dot_a), gl.convert_layout(qh, dot_a), gl.convert_layout(ql, dot_a)
+    if A_REG:       # the wgmma A operands in registers (half the shared-memory reads of the products)
+        dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        xh_s = gl.convert_layout(xh, dot_a)
+        qh_s = gl.convert_layout(qh, dot_a)
+        ql_s = gl.convert_layout(ql, dot_a)
+    else:
+        xh_s = gl.allocate_shared_memory(op_ty, [BLOCK_M, DP], op_layout, xh)
+        qh_s = gl.allocate_shared_memory(op_ty, [BLOCK_M, DP], op_layout, qh)
+        ql_s = gl.allocate_shared_memory(op_ty, [BLOCK_M, DP], op_layout, ql)
 
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
+    bits = gl.zeros([BLOCK_M], gl.int64, gl.SliceLayout(1, mma))
+    bmax = gl.full([BLOCK_M, BLOCK_K], float("-inf"), gl.float32, mma)
+    mbarrier.wait(bars.index(0), 0)
+    acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, 0, _block_cst(cst_s, 0, mma), BLOCK_M, BLOCK_K, SPLIT_A,
+                       mma)
+    dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    # Iteration j: refill the stage block j used, issue block j + 1's products, block j's log-sum-exp, wait. The
+    # wait closes the iteration, so that the loop-carried tile is complete at the back edge (a carried accumulator
+    # of products in flight is copied by plain moves there, and ptxas then serialises every wgmma). Measured on an
+    # H100 against other orders: the refill after the issue, or the next block's constants carried, were slower.
+    # The block index blk = (b0 + j) % num_kb is carried and wrapped without a division (v36).
+    blk = b0
+    for j in range(0, num_kb - 1):
+        gl.thread_barrier()      # every warp is done with stage j % STAGES (block j, waited): refill it
+        _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s, coef_s,
+                    bars, j % STAGES, (j + STAGES) % CSLOTS, _wrap(blk + STAGES, num_kb) * BLOCK_K,
+                    j + STAGES < num_kb, SPLIT_A)
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(bars.index(nxt), ((j + 1) // STAGES) & 1)
+        acc = _issue_block(xh_s, qh_s, ql_s, a_s, alo_s, p_s, nxt, _block_cst(cst_s, (j + 1) % CSLOTS, mma), BLOCK_M,
+                           BLOCK_K, SPLIT_A, mma)
+        bias, coef = _block_bias(bias_s, coef_s, j % CSLOTS, blk * BLOCK_K, K, EVEN_K, BLOCK_K, mma)
+        m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP,
+                                          BLOCK_K, mma)
+        dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        blk = _wrap(blk + 1, num_kb)
+    bias, coef = _block_bias(bias_s, coef_s, (num_kb - 1) % CSLOTS, blk * BLOCK_K, K, EVEN_K, BLOCK_K, mma)
+    m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS, SKIP,
+                                      BLOCK_K, mma)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
 
-@gluon.jit
-def _tile_epilogue(tile, ROWS, m_i, l_i, bits, bmax, LOGZ, LZP, GAPS, ROWBITS, N, HAS_ORDER: gl.constexpr,
-                   WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_K: gl.constexpr, mma: gl.constexpr):
-    """A row tile's outputs from its final log-sum-exp state: logZ by row (and LZP by position under HAS_ORDER),
-    the rows' block bits against their final maxima (ROW_BITS) and the tile's OR of running-maximum bits
-    (WRITE_GAPS: GAPS[tile]; rows past N add none). The tile's source rows are read again here (HAS_ORDER) rather
-    than kept in registers through the sweep."""
-    offs_r = tile.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+    offs_r = pid.to(gl.int64) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     mask_r = offs_r < N
     logz = (m_i + gl.log2(l_i)) * _LN2
     if HAS_ORDER:
-        src_r = gl.load(ROWS + offs_r, mask=mask_r, other=0).to(gl.int64)
+        src_r = gl.convert_layout(src, gl.SliceLayout(1, mma))
         gl.store(LOGZ + src_r, logz, mask=mask_r)
         gl.store(LZP + offs_r, logz, mask=mask_r)
     else:
@@ -207,144 +257,8 @@ def _tile_epilogue(tile, ROWS, m_i, l_i, bits, bmax, LOGZ, LZP, GAPS, ROWBITS, N
         one = gl.full([BLOCK_K], 1, gl.int64, gl.SliceLayout(0, mma)) << cols.to(gl.int64)
         rb = gl.sum(gl.where(bmax - m_i[:, None] >= -SKIP, one[None, :], 0), axis=1)
         gl.store(ROWBITS + src_r, rb.to(ROWBITS.dtype.element_ty), mask=mask_r)
-    if WRITE_GAPS:
-        gl.store(GAPS + tile, gl.reduce(gl.where(mask_r, bits, 0), 0, _or), mask=tile < gl.cdiv(N, BLOCK_M))
-
-
-@gluon.jit(do_not_specialize=["N"])    # chunks of any row count share one compiled kernel
-def _diag_logz_kernel(
-    X, CENTER, ROWS, HINT, a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, SCALES, LOGZ, LZP, X2, XO, XQ,
-    XQL, GAPS, ROWBITS, N, K,
-    D: gl.constexpr, DP: gl.constexpr, HAS_CENTER: gl.constexpr, HAS_ORDER: gl.constexpr, WRITE_X2: gl.constexpr,
-    WRITE_COPY: gl.constexpr, WRITE_GAPS: gl.constexpr, ROW_BITS: gl.constexpr, SKIP: gl.constexpr,
-    MODE: gl.constexpr, EVEN_K: gl.constexpr, OVERLAP: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-):
-    # Persistent (v37): program pid sweeps the row tiles pid, pid + P, ... (P programs), each over every component
-    # block; the parameter ring runs on across tiles (the next tile's first blocks arrive during the last blocks of
-    # this one). Outputs as estep._logz_kernel's: position m processes row ROWS[m] (HAS_ORDER) or row m; LOGZ is
-    # written at the row, LZP (logZ again), X2 and the operand copy (XO, XQ, XQL) at the position. WRITE_GAPS
-    # (BLOCK_M = the flag tile's 64 rows): GAPS[tile] = the OR of its rows' running-maximum block bits. ROW_BITS:
-    # ROWBITS[row] = the row's block bits against its final maximum.
-    rows: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_K, 16])
-    dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    SPLIT_A: gl.constexpr = MODE == 1       # "tf32": fp16 operands, scaled rows, A in two terms; 2: bf16, A in one
-    op_ty: gl.constexpr = a_desc.dtype
-    ALO_STAGES: gl.constexpr = STAGES if SPLIT_A else 1     # without SPLIT_A, A_lo's ring is a placeholder
-    pid = gl.program_id(0)
-    step = gl.num_programs(0)
-    num_kb = gl.cdiv(K, BLOCK_K)
-    num_tiles = gl.cdiv(N, BLOCK_M)
-    my_tiles = gl.cdiv(num_tiles - pid, step)       # >= 1: the grid has at most num_tiles programs
-    # Steps s = 0 .. T - 1 are the program's (tile, block) pairs in sweep order; step T is the first block of the
-    # tile past its last (rows past N: zeros), issued like any next tile's and discarded, so that the loop has no
-    # branch. Step s uses ring stage s % STAGES (mbarrier phase (s // STAGES) & 1) and constants slot s % CSLOTS.
-    T = my_tiles * num_kb
-
-    # the parameter ring: STAGES x (A, A_lo, P) tiles of (BLOCK_K, DP), one mbarrier per stage (the TMA fills
-    # the columns past D, and the rows past K, with zeros); without SPLIT_A a one-stage placeholder for A_lo. The
-    # blocks' constants (cst, bias, coef: BLOCK_K floats each) arrive with the tiles, in a ring of STAGES + 1
-    # slots: step s's bias and coef are read after step s's stage is refilled (for step s + STAGES)
-    a_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
-    alo_s = gl.allocate_shared_memory(op_ty, [ALO_STAGES, BLOCK_K, DP], a_desc.layout)
-    p_s = gl.allocate_shared_memory(op_ty, [STAGES, BLOCK_K, DP], a_desc.layout)
-    CSLOTS: gl.constexpr = STAGES + 1
-    cst_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
-    bias_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
-    coef_s = gl.allocate_shared_memory(gl.float32, [CSLOTS, BLOCK_K], cst_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    fence_async_shared()
-    gl.thread_barrier()
-    # f_blk: the block of the next step to fill (without HAS_ORDER); the ring's first copies are issued before the
-    # first row tile is read, so that they overlap its loads
-    blk = _first_block(HINT, pid, num_tiles, HAS_ORDER, BLOCK_M, BLOCK_K)   # the block of step s (in `dist`)
-    f_blk = blk
-    for i in gl.static_range(STAGES):
-        _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s, coef_s,
-                    bars, i, i, _fill_block(i, f_blk, pid, step, num_kb, num_tiles, HINT, HAS_ORDER, BLOCK_M,
-                                            BLOCK_K) * BLOCK_K, i < T + 1, SPLIT_A)
-        f_blk = _wrap(f_blk + 1, num_kb)
-
-    tile = pid
-    xh_a, qh_a, ql_a = _tile_operands(X, CENTER, ROWS, SCALES, X2, XO, XQ, XQL, tile, N, D, DP, HAS_CENTER,
-                                           HAS_ORDER, WRITE_X2, WRITE_COPY, MODE, op_ty, BLOCK_M, rows, dot_a)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
-    bits = gl.zeros([BLOCK_M], gl.int64, gl.SliceLayout(1, mma))
-    bmax = gl.full([BLOCK_M, BLOCK_K], float("-inf"), gl.float32, mma)
-    mbarrier.wait(bars.index(0), 0)
-    acc = _issue_block(xh_a, qh_a, ql_a, a_s, alo_s, p_s, 0, _block_cst(cst_s, 0, mma), BLOCK_M, BLOCK_K, SPLIT_A,
-                       mma)
-    dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    s = pid * 0
-    # Step s: refill the stage step s used, issue step s + 1's products, step s's log-sum-exp, wait. The wait
-    # closes the step, so that the loop-carried tile is complete at the back edge (a carried accumulator of products
-    # in flight is copied by plain moves there, and ptxas then serialises every wgmma). Measured on an H100 against
-    # other orders: the refill after the issue, or the next block's constants carried, were slower. The block index
-    # is carried and wrapped without a division (v36).
-    for t_i in range(my_tiles):
-        for j in range(0, num_kb - 1):
-            gl.thread_barrier()      # every warp is done with stage s % STAGES (step s, waited): refill it
-            _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s,
-                        coef_s, bars, s % STAGES, (s + STAGES) % CSLOTS,
-                        _fill_block(s + STAGES, f_blk, pid, step, num_kb, num_tiles, HINT, HAS_ORDER, BLOCK_M,
-                                    BLOCK_K) * BLOCK_K, s + STAGES < T + 1, SPLIT_A)
-            f_blk = _wrap(f_blk + 1, num_kb)
-            nxt = s + 1
-            mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
-            acc = _issue_block(xh_a, qh_a, ql_a, a_s, alo_s, p_s, nxt % STAGES, _block_cst(cst_s, nxt % CSLOTS, mma),
-                               BLOCK_M, BLOCK_K, SPLIT_A, mma)
-            bias, coef = _block_bias(bias_s, coef_s, s % CSLOTS, blk * BLOCK_K, K, EVEN_K, BLOCK_K, mma)
-            m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS,
-                                              SKIP, BLOCK_K, mma)
-            dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            blk = _wrap(blk + 1, num_kb)
-            s = nxt
-        # the tile's last block (step s), and the next tile's first (step s + 1; past the last tile: discarded)
-        gl.thread_barrier()
-        _load_block(a_desc, alo_desc, p_desc, cst_desc, bias_desc, coef_desc, a_s, alo_s, p_s, cst_s, bias_s,
-                    coef_s, bars, s % STAGES, (s + STAGES) % CSLOTS,
-                    _fill_block(s + STAGES, f_blk, pid, step, num_kb, num_tiles, HINT, HAS_ORDER, BLOCK_M,
-                                BLOCK_K) * BLOCK_K, s + STAGES < T + 1, SPLIT_A)
-        f_blk = _wrap(f_blk + 1, num_kb)
-        nxt = s + 1
-        bias, coef = _block_bias(bias_s, coef_s, s % CSLOTS, blk * BLOCK_K, K, EVEN_K, BLOCK_K, mma)
-        if OVERLAP:     # the next tile's first products run during this tile's last log-sum-exp and outputs
-            xh_a, qh_a, ql_a = _tile_operands(X, CENTER, ROWS, SCALES, X2, XO, XQ, XQL, tile + step, N, D,
-                                                     DP, HAS_CENTER, HAS_ORDER, WRITE_X2, WRITE_COPY, MODE, op_ty,
-                                                     BLOCK_M, rows, dot_a)
-            mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
-            acc = _issue_block(xh_a, qh_a, ql_a, a_s, alo_s, p_s, nxt % STAGES, _block_cst(cst_s, nxt % CSLOTS, mma),
-                               BLOCK_M, BLOCK_K, SPLIT_A, mma)
-            m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS,
-                                              SKIP, BLOCK_K, mma)
-            _tile_epilogue(tile, ROWS, m_i, l_i, bits, bmax, LOGZ, LZP, GAPS, ROWBITS, N, HAS_ORDER, WRITE_GAPS,
-                           ROW_BITS, SKIP, BLOCK_M, BLOCK_K, mma)
-        else:
-            m_i, l_i, bits, bmax = _lse_block(dist, blk, bias, coef, m_i, l_i, bits, bmax, WRITE_GAPS, ROW_BITS,
-                                              SKIP, BLOCK_K, mma)
-            _tile_epilogue(tile, ROWS, m_i, l_i, bits, bmax, LOGZ, LZP, GAPS, ROWBITS, N, HAS_ORDER, WRITE_GAPS,
-                           ROW_BITS, SKIP, BLOCK_M, BLOCK_K, mma)
-            xh_a, qh_a, ql_a = _tile_operands(X, CENTER, ROWS, SCALES, X2, XO, XQ, XQL, tile + step, N, D,
-                                                     DP, HAS_CENTER, HAS_ORDER, WRITE_X2, WRITE_COPY, MODE, op_ty,
-                                                     BLOCK_M, rows, dot_a)
-            mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
-            acc = _issue_block(xh_a, qh_a, ql_a, a_s, alo_s, p_s, nxt % STAGES, _block_cst(cst_s, nxt % CSLOTS, mma),
-                               BLOCK_M, BLOCK_K, SPLIT_A, mma)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
-        bits = gl.zeros([BLOCK_M], gl.int64, gl.SliceLayout(1, mma))
-        bmax = gl.full([BLOCK_M, BLOCK_K], float("-inf"), gl.float32, mma)
-        dist = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        tile = tile + step
-        blk = _first_block(HINT, tile, num_tiles, HAS_ORDER, BLOCK_M, BLOCK_K)
-        s = nxt
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
+    if WRITE_GAPS:      # rows past N keep bits 0
+        gl.store(GAPS + pid, gl.reduce(gl.where(mask_r, bits, 0), 0, _or))
 
 
 def supported(x, k, d) -> bool:
@@ -356,22 +270,17 @@ def supported(x, k, d) -> bool:
 
 
 _OPERAND_MODES = {torch.float16: (1, gl.float16), torch.bfloat16: (2, gl.bfloat16)}
-PROGRAMS_PER_SM = 2     # the persistent grid: programs per SM (108.8 KiB of shared memory and 128 threads each)
-OVERLAP = False         # the next tile's first products during a tile's last log-sum-exp
 
 
 def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=None, order=None, lzp=None, copy=None,
-                     gaps=None, block_m=64, stages=2, num_warps=4, programs_per_sm=None, overlap=None):
+                     gaps=None, block_m=64, stages=2, num_warps=4, a_reg=True):
     """Diag "tf32" or bf16 pass 1 without the argmax, as ``estep.launch_logz(x, params, k, True, precision,
     center=center, skip=skip, row_bits=row_bits, x2=x2, order=order, lzp=lzp, copy=copy, gaps=gaps)`` (which calls
     it on Hopper GPUs) and with the same outputs bit for bit: logZ (n,) float32 by row (a new tensor, or ``logz``),
     and filled in place when given: ``x2`` (n,) float32, ``lzp`` (n,) float32 and the operand copy
     ``copy = (xo, xq, xql)`` ((n, D) float16 each; "tf32" only) by position, ``row_bits`` (n,) int32/int64 by row,
     ``gaps`` (cdiv(n, 64),) int64. x (n, D) float32 contiguous; params from ``estep.prepare`` (diag; "tf32" with A
-    in two fp16 terms, or bf16: the precision follows the operands' dtype); order an ``estep.RowOrder``. A
-    persistent grid: ``programs_per_sm`` programs per SM (None: :data:`PROGRAMS_PER_SM`), each sweeping every P-th
-    row tile; ``overlap`` (None: :data:`OVERLAP`): the next tile's first products run during a tile's last
-    log-sum-exp."""
+    in two fp16 terms, or bf16: the precision follows the operands' dtype); order an ``estep.RowOrder``."""
     n, d = x.shape
     block_k = 64
     if params.a.dtype not in _OPERAND_MODES:
@@ -391,9 +300,7 @@ def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=No
     descs += [TensorDescriptor.from_tensor(t, [block_k], c_layout) for t in (params.cst, params.bias2, params.coef2)]
     rows, hint = order if order is not None else (logz, logz)
     xo, xq, xql = copy if copy is not None else (logz, logz, logz)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
-    grid = (max(1, min(triton.cdiv(n, block_m), per_sm * sms)),)
+    grid = (triton.cdiv(n, block_m),)
     _diag_logz_kernel[grid](x, x if center is None else center, rows, hint, *descs, params.scales, logz,
                             logz if lzp is None else lzp, logz if x2 is None else x2, xo, xq, xql,
                             logz if gaps is None else gaps, logz if row_bits is None else row_bits, n, k,
@@ -401,6 +308,5 @@ def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=No
                             WRITE_X2=x2 is not None,
                             WRITE_COPY=copy is not None, WRITE_GAPS=gaps is not None, ROW_BITS=row_bits is not None,
                             SKIP=float(skip), MODE=mode, EVEN_K=k % block_k == 0, BLOCK_M=block_m,
-                            BLOCK_K=block_k, STAGES=stages, OVERLAP=bool(OVERLAP if overlap is None else overlap),
-                            num_warps=num_warps)
+                            BLOCK_K=block_k, STAGES=stages, A_REG=a_reg, num_warps=num_warps)
     return logz
