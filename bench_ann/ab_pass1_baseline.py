@@ -104,7 +104,8 @@ def main(argv=None):
     ap.add_argument("--fit-rounds", type=int, default=4)
     ap.add_argument("--base-x2", type=int, default=1, help="1: the baseline's fits also write ||x~||^2 (before v36)")
     ap.add_argument("--extra", default="",
-                    help="more variants of the shipped launcher for part 1: 'name:key=value,...;name2:...'")
+                    help="more variants of the shipped launcher for part 1: 'name:key=value,...;name2:...' (integer "
+                         "values, e.g. 'overlap:overlap=1')")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     lg = importlib.import_module("flashgmm_faiss.kernels.logz_gluon")

@@ -20,6 +20,7 @@ its sparse pass 2 with ``--kernel-name regex:_estep_stats_kernel``. (The v10 rep
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 
 import torch
@@ -32,9 +33,10 @@ def main(argv=None):
     add_shape_args(ap)
     ap.add_argument("--covs", default="spherical,diag")
     ap.add_argument("--precisions", default="tf32")
-    ap.add_argument("--transient", action="store_true", help="the transient orders' pass 1 (Gluon on Hopper, diag)")
-    ap.add_argument("--stats", action="store_true",
-                    help="the whole transient-order E-step (its pass 2: --kernel-name regex:_estep_stats_kernel)")
+    form = ap.add_mutually_exclusive_group()
+    form.add_argument("--transient", action="store_true", help="the transient orders' pass 1 (Gluon on Hopper, diag)")
+    form.add_argument("--stats", action="store_true",
+                      help="the whole transient-order E-step (its pass 2: --kernel-name regex:_estep_stats_kernel)")
     args = ap.parse_args(argv)
 
     kernels = importlib.import_module("flashgmm_faiss.kernels")
@@ -44,25 +46,22 @@ def main(argv=None):
     runs = []
     for cov in args.covs.split(","):
         var = var_diag if cov == "diag" else var_sph
+        diag = cov == "diag"
         for prec in args.precisions.split(","):
-            params, order, lzp, gaps = sorted_inputs(x, means, var, lw, prec, bound, perm, kernels)
-            x2 = torch.empty(n, device="cuda")
-            dt = torch.float16 if prec == "tf32" else torch.bfloat16
-            diag = cov == "diag"
-            copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
-                         for i in range(3))
-
-            rb = kestep._row_bits_buffer(n, -(-k // kestep.FLAG_K), x.device) if args.transient else None
-
-            def fn(params=params, var=var, diag=diag, prec=prec, order=order, lzp=lzp, gaps=gaps, x2=x2, copy=copy,
-                   rb=rb):
-                if args.stats:
-                    kestep.estep(x, means, var, lw, prec, params=params, sort_rows=True)
-                elif args.transient:
-                    kestep.launch_logz(x, params, k, diag, prec, x2=x2, row_bits=rb)
-                else:
-                    kestep.launch_logz(x, params, k, diag, prec, with_argmax=True, x2=x2, copy=copy, order=order,
-                                       lzp=lzp, gaps=gaps)
+            if args.stats:
+                params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
+                fn = functools.partial(kestep.estep, x, means, var, lw, prec, params=params, sort_rows=True)
+            elif args.transient:
+                params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
+                fn = functools.partial(kestep.launch_logz, x, params, k, diag, prec, x2=torch.empty(n, device="cuda"),
+                                       row_bits=kestep._row_bits_buffer(n, -(-k // kestep.FLAG_K), x.device))
+            else:   # the kept orders' pass 1 (row order, operand copy, flag-tile bits, argmax)
+                params, order, lzp, gaps = sorted_inputs(x, means, var, lw, prec, bound, perm, kernels)
+                dt = torch.float16 if prec == "tf32" else torch.bfloat16
+                copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
+                             for i in range(3))
+                fn = functools.partial(kestep.launch_logz, x, params, k, diag, prec, with_argmax=True,
+                                       x2=torch.empty(n, device="cuda"), copy=copy, order=order, lzp=lzp, gaps=gaps)
             fn()                           # compile and autotune outside the profiled range
             runs.append((f"{cov} {prec}", fn))
     torch.cuda.synchronize()
