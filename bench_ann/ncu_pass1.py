@@ -11,10 +11,12 @@ launches (no autotuning runs):
         python -m bench_ann.ncu_pass1 --covs spherical,diag
 
 Variants: covariance type x precision, launched in that order. ``--transient``: instead the pass 1 of the transient
-row orders that diag fits run (rows in their own order, logZ, ||x~||^2 and the rows' block bits, no argmax): on a
+row orders that diag fits run (rows in their own order, logZ and the rows' block bits, no argmax): on a
 Hopper GPU the Gluon kernel of ``kernels/logz_gluon.py`` (``--kernel-name regex:_diag_logz_kernel``). ``--stats``:
 the whole transient-order E-step (``estep(sort_rows=True)``, as diag fits run it) in the profiled range; profile
-its sparse pass 2 with ``--kernel-name regex:_estep_stats_kernel``. (The v10 report in
+its sparse pass 2 with ``--kernel-name regex:_estep_stats_kernel``. Pass 1 writes ||x~||^2 for spherical
+covariances only, as ``estep`` asks it to (its diag pass 2 never reads it; v36's profiles in
+``bench_ann/results/v36_pass1_overheads`` still wrote it for diag). (The v10 report in
 ``bench_ann/results/v10_screen_and_nocopy`` also profiled the screened pass 1 of commit fad8240, since removed.)
 """
 from __future__ import annotations
@@ -47,13 +49,14 @@ def main(argv=None):
     for cov in args.covs.split(","):
         var = var_diag if cov == "diag" else var_sph
         diag = cov == "diag"
+        x2 = None if diag else torch.empty(n, device="cuda")     # as estep: the diag pass 2 never reads ||x~||^2
         for prec in args.precisions.split(","):
             if args.stats:
                 params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
                 fn = functools.partial(kestep.estep, x, means, var, lw, prec, params=params, sort_rows=True)
             elif args.transient:
                 params = kernels.prepare(means, var, lw, prec, bound, comp_perm=perm)
-                fn = functools.partial(kestep.launch_logz, x, params, k, diag, prec, x2=torch.empty(n, device="cuda"),
+                fn = functools.partial(kestep.launch_logz, x, params, k, diag, prec, x2=x2,
                                        row_bits=kestep._row_bits_buffer(n, -(-k // kestep.FLAG_K), x.device))
             else:   # the kept orders' pass 1 (row order, operand copy, flag-tile bits, argmax)
                 params, order, lzp, gaps = sorted_inputs(x, means, var, lw, prec, bound, perm, kernels)
@@ -61,7 +64,7 @@ def main(argv=None):
                 copy = tuple(torch.empty((n, d) if (i == 0 or diag) else (1,), dtype=dt, device="cuda")
                              for i in range(3))
                 fn = functools.partial(kestep.launch_logz, x, params, k, diag, prec, with_argmax=True,
-                                       x2=torch.empty(n, device="cuda"), copy=copy, order=order, lzp=lzp, gaps=gaps)
+                                       x2=x2, copy=copy, order=order, lzp=lzp, gaps=gaps)
             fn()                           # compile and autotune outside the profiled range
             runs.append((f"{cov} {prec}", fn))
     torch.cuda.synchronize()
