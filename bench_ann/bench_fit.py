@@ -51,8 +51,9 @@ def sift_like(n, d, k, seed=0, device="cuda"):
     return X
 
 
-def interleaved_fits(x, k, cov, variants, rounds, em_iter=30, kmeans_iter=10):
-    """Whole ``GaussianMixture`` fits of x (n, d) on the GPU (K=k, covariance ``cov``, tol 0, defaults otherwise)
+def interleaved_fits(x, k, cov, variants, rounds, em_iter=30, kmeans_iter=10, precision="tf32"):
+    """Whole ``GaussianMixture`` fits of x (n, d) on the GPU (K=k, covariance ``cov``, ``precision``, tol 0, defaults
+    otherwise)
     for A/B scripts: ``variants`` maps a name to a callable that switches that variant on. One warm-up fit per
     variant (compilation, autotuning), then ``rounds`` rounds of one fit per variant, interleaved. Returns {name:
     {"ms": [...], "kmeans_ms": [...], "log_likelihood": [...]}}: per fit the median ms per EM iteration over
@@ -65,7 +66,8 @@ def interleaved_fits(x, k, cov, variants, rounds, em_iter=30, kmeans_iter=10):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     g = GaussianMixture(k, covariance_type=cov, kmeans_iter=1 if warm else kmeans_iter,
-                                        max_iter=7 if warm else em_iter, tol=0.0, device="cuda", seed=0).fit(x)
+                                        max_iter=7 if warm else em_iter, tol=0.0, device="cuda", seed=0,
+                                        precision=precision).fit(x)
                 if not warm:
                     r = res[name]
                     r["ms"].append(1e3 * statistics.median(h["seconds"] for h in g.history_[1:]))

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 _PTR_TYPES = {   # argument name -> pointer element type (modes 1 and 2 store 16-bit operands)
-    "ROWS": "i32", "HINT": "i32", "BEST": "i64", "GAPS": "i64", "WORK": "i32", "COUNTS": "i32", "ROWBITS": "i32",
+    "ROWS": "i32", "HINT": "i32", "BEST": "i64", "GAPS": "i64", "WORK": "i32", "COUNTS": "i32", "ORDER": "i32", "ROWBITS": "i32",
 }
 _OPERANDS = {"A", "A_LO", "P", "P_LO", "XO", "XQ", "XQL"}
 _INTS = {"N", "K", "WSTRIDE", "SLAB_ROWS", "N_SLABS"}
@@ -124,7 +124,8 @@ def main(argv=None):
         else:
             named = dict(common, K=args.k, COPY=not sort_rows, SPARSE=args.sparse or sort_rows,
                          HAS_ORDER=args.sparse or sort_rows,
-                         EXACT_STATS=es._exact_stats(mode, diag, copy=not sort_rows))
+                         EXACT_STATS=es._exact_stats(mode, diag, copy=not sort_rows),
+                         HEAVY_FIRST=bool(es.PASS2_HEAVY_FIRST) and (args.sparse or sort_rows))
         kernel, configs = _configs(which, es, named)
         for cfg in configs:
             cx = {k: v for k, v in named.items() if k != "K"}

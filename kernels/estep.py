@@ -180,6 +180,14 @@ GLUON_PASS1 = True
 # kernel A/B on a fit's state: pass 1 2.49-2.91 vs 2.49-2.55 ms; NOTES.md v22). Bit for bit the same outputs either
 # way (||x||^2 up to its summation order, which the diag E-step does not read).
 GLUON_PASS1_KEPT = False
+# The sparse diag "tf32" pass 2 on a transient row order (the diag fits' E-step) as the software-pipelined Gluon
+# kernel of kernels/stats_gluon.py (a sub-tile's exponentials under the next one's products, double-buffered row
+# operands, loads run ahead; Hopper only). A module switch (read at each call) for A/B runs.
+GLUON_PASS2 = False
+# The sparse pass 2 launches its programs by component block, the longest work lists first (a block's slabs side by
+# side), so that the GPU's block scheduler fills the second wave with the short ones (longest-processing-time first).
+# A module switch (read at each call) for A/B runs.
+PASS2_HEAVY_FIRST = True
 
 
 def _interpret() -> bool:
@@ -684,8 +692,9 @@ def _estep_stats_kernel(
     # pointers: data and centre (modes 0, 3) or its operand copy (modes 1, 2), logZ and ||x||^2 from pass 1,
     # component parameters (A, P in operand form)
     X, CENTER, ROWS, XO, XQ, XQL, SCALES, LOGZ, X2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-    # sparse work lists: WORK[block, i] tile indices (i < COUNTS[block]), row stride WSTRIDE
-    WORK, COUNTS, WSTRIDE,
+    # sparse work lists: WORK[block, i] tile indices (i < COUNTS[block]), row stride WSTRIDE; with HEAVY_FIRST the
+    # blocks in launch order (ORDER, longest lists first)
+    WORK, COUNTS, WSTRIDE, ORDER,
     # outputs: one partial per slab, (S, K), (S, K, D), (S, K) or (S, K, D)
     NK_PART, SX_PART, SQ_PART,
     # sizes
@@ -693,8 +702,8 @@ def _estep_stats_kernel(
     # compile-time
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr,
     MODE: tl.constexpr, COPY: tl.constexpr, EMU: tl.constexpr, HAS_ORDER: tl.constexpr, SPARSE: tl.constexpr,
-    SPLIT_A: tl.constexpr, EXACT_STATS: tl.constexpr, FLAG_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_A: tl.constexpr, EXACT_STATS: tl.constexpr, HEAVY_FIRST: tl.constexpr, FLAG_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Rows are streamed by position: LOGZ, X2 and the operand copy are in position order (pass 1 wrote them so);
     # without the copy, the float32 rows are gathered through ROWS under a row order.
@@ -703,10 +712,16 @@ def _estep_stats_kernel(
     # varies fastest: programs sharing a slab run side by side (L2 reuse). Dense: program (block, slab) streams
     # its slab of rows. SPARSE (BLOCK_K = FLAG_K): it streams its share of the block's work list, FLAG_ROWS-row
     # tiles whose bound of log2 r reaches the threshold; no branch in the loop.
+    # HEAVY_FIRST (SPARSE): program pid is slab pid % N_SLABS of block ORDER[pid // N_SLABS], the blocks with the
+    # longest work lists first, so that the GPU's block scheduler ends on short programs
     pid = tl.program_id(0)
     num_kb = tl.cdiv(K, BLOCK_K)
-    pid_k = pid % num_kb
-    pid_s = pid // num_kb
+    if HEAVY_FIRST:
+        pid_k = tl.load(ORDER + pid // N_SLABS)
+        pid_s = pid % N_SLABS
+    else:
+        pid_k = pid % num_kb
+        pid_s = pid // num_kb
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     offs_d = tl.arange(0, BLOCK_D)
@@ -1295,6 +1310,17 @@ def _gluon_pass1(x, k, diag, mode, with_argmax, kept=False, row_bits=True) -> bo
     return logz_gluon.supported(x, k, x.shape[1])
 
 
+def _gluon_pass2(x, k, diag, mode, sparse, order, copy_mode) -> bool:
+    """Whether pass 2 runs as the Gluon kernel (kernels/stats_gluon.py; GLUON_PASS2): the sparse diag "tf32" pass
+    2 on a row order without the operand copy (``sort_rows``, the diag fits' E-step), on a Hopper GPU, for the
+    shapes that kernel supports."""
+    if not (GLUON_PASS2 and diag and _split_a(mode, diag) and sparse and order is not None and not copy_mode
+            and not _interpret() and FLAG_ROWS == 64 and FLAG_K == 64):
+        return False
+    from . import stats_gluon
+    return stats_gluon.supported(x, k, x.shape[1])
+
+
 def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None,
                 order: RowOrder | None = None, lzp=None, gaps=None, skip=None, best=None, row_bits=None):
     """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64 (kernel component index); fills ``x2``
@@ -1553,6 +1579,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
                                  copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip, row_bits=row_bits)
     work, counts = _work_lists(gaps, n_blocks, pair_counts) if sparse else (logz, logz)
+    heavy_first = sparse and PASS2_HEAVY_FIRST
+    block_order = torch.argsort(counts, descending=True, stable=True).int() if heavy_first else counts
 
     slabs, slab_rows = slab_layout(n, k, dev, d)
     nk_part = torch.empty((slabs, k), dtype=torch.float32, device=dev)
@@ -1564,17 +1592,22 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
     try:
-        _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
-                                  xo, xq, xql, params.scales, logz if order is None else lzp,
-                                  logz if x2 is None else x2,
-                                  params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
-                                  params.cst, work, counts, work.shape[-1] if sparse else 0,
-                                  nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
-                                  D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
-                                  HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
-                                  HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
-                                  EXACT_STATS=_exact_stats(mode, diag, copy_mode),
-                                  FLAG_ROWS=FLAG_ROWS)
+        if _gluon_pass2(x, k, diag, mode, sparse, order, copy_mode):
+            from . import stats_gluon
+            stats_gluon.launch_diag_stats(x, center, order.rows, lzp, params, work, counts, nk_part, sx_part,
+                                          sq_part, k, slabs, block_order=block_order if heavy_first else None)
+        else:
+            _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
+                                      xo, xq, xql, params.scales, logz if order is None else lzp,
+                                      logz if x2 is None else x2,
+                                      params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
+                                      params.cst, work, counts, work.shape[-1] if sparse else 0, block_order,
+                                      nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
+                                      D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
+                                      HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
+                                      HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
+                                      EXACT_STATS=_exact_stats(mode, diag, copy_mode),
+                                      HEAVY_FIRST=heavy_first, FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(
             f"the E-step statistics kernel for precision={precision!r}, "

@@ -462,6 +462,31 @@ def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
 
 
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_sparse_pass2_heavy_first_launch_order_changes_nothing(diag, monkeypatch):
+    # PASS2_HEAVY_FIRST only reorders the sparse pass 2's programs (blocks with the longest work lists launch
+    # first); each program's work and partial sum stay the same, so the statistics are bitwise the same, on a
+    # transient order (sort_rows) and on a kept one, for a problem whose blocks' work lists differ in length
+    x, means, var, lw = _clustered(12 * kestep.FLAG_ROWS + 11, 3 * kestep.FLAG_K + 5, 20, diag, seed=11)
+    k = means.shape[0]
+    perm = kestep.component_order(means, block=kestep.FLAG_K)
+    params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x), comp_perm=perm)
+    _, _, _, gaps = kestep.transient_order(x, params, k, diag, "tf32")
+    _, counts = kestep._work_lists(gaps, -(-k // kestep.FLAG_K))
+    order = torch.argsort(counts, descending=True, stable=True).cpu()
+    assert not torch.equal(order, torch.arange(len(counts))), "equal-length work lists: the order is not exercised"
+    first = kestep.estep(x, means, var, lw, precision="tf32", params=params, return_best=True)
+    kept = kestep.row_order(first[4], perm)
+    runs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(kestep, "PASS2_HEAVY_FIRST", flag)
+        runs[flag] = [kestep.estep(x, means, var, lw, precision="tf32", params=params, sort_rows=True),
+                      kestep.estep(x, means, var, lw, precision="tf32", params=params, order=kept)]
+    for form, a_run, b_run in zip(("sort_rows", "kept order"), runs[False], runs[True]):
+        for name, a, b in zip(("log_norm", "nk", "sx", "sq"), a_run, b_run):
+            assert torch.equal(a, b), f"{form}: {name} differs with the heavy-first launch order"
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_transient_order_groups_equal_block_bits(poisoned, diag, monkeypatch):
     # the transient order sorts the rows by their exact block bit sets (TRANSIENT_SORT_KEY "bits", the default):
     # a stable sort of the bits, so every tile but those at a boundary between two bit sets holds one set, and
@@ -1395,6 +1420,49 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d, precis
     for kind, a_run, b_run in zip(("sorted", "kept order"), runs[False], runs[True]):
         for name, a, b in zip(("log_norm", "nk", "sx", "sq"), a_run, b_run):
             assert torch.equal(a, b), f"{kind} E-step {name} differs with the Gluon pass 1"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k,d", [(1 << 18, 1024, 128), (100_003, 1000, 128), (65_537, 1024, 96)],
+                         ids=["K1024", "K1000-odd-n", "D96-padded"])
+def test_gpu_gluon_diag_pass2_matches_triton_kernel(monkeypatch, n, k, d):
+    # the pipelined Gluon sparse diag "tf32" pass 2 (kernels.stats_gluon, Hopper only) against the Triton kernel on
+    # the sorted E-step: the same operands and products, not the same instruction sequence, so the statistics agree
+    # to 5e-5 of their norms (v28's form: up to 1.5e-5) and stay within the tf32 bound of float64; the direct
+    # launcher writes every entry of NaN-poisoned partials, whose sums are the E-step's (a K that is not a multiple
+    # of the block, a ragged last tile, programs with no work, and D=96 padded to 128 included)
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon pass 2 is for Hopper GPUs (sm_90)")
+    sg = importlib.import_module("flashgmm_faiss.kernels.stats_gluon")
+    x = _sift_like(n, d, k, seed=5)
+    center = x.double().mean(0).float()
+    xc = (x - center).contiguous()
+    means, var, lw = _fit_params(xc, k, True, seed=6)
+    assert sg.supported(x, k, d) and not sg.supported(x.cpu(), k, d) and not sg.supported(x[:, :48], k, 48)
+    params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x, center), comp_perm=kestep.component_order(means))
+    runs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(kestep, "GLUON_PASS2", flag)
+        runs[flag] = kestep.estep(x, means, var, lw, precision="tf32", center=center, params=params, sort_rows=True)
+    assert torch.equal(runs[True][0], runs[False][0])          # logZ: pass 1's
+    for name, a, b in zip(("nk", "sx", "sq"), runs[True][1:], runs[False][1:]):
+        assert_close(f"gluon pass 2 {name}", a, b, 5e-5)
+    ref = _ref_estep_chunked(xc, means, var, lw)
+    assert_close("gluon pass 2 nk vs float64", runs[True][1], ref[1], 1e-3)
+    assert_close("gluon pass 2 sx vs float64", runs[True][2], ref[2], 1e-3)
+    logz, _, rows, gaps = kestep.transient_order(x, params, k, True, "tf32", center=center)
+    work, counts = kestep._work_lists(gaps, -(-k // kestep.FLAG_K))
+    slabs, _ = kestep.slab_layout(n, k, x.device, d)
+    parts = [torch.full(shape, float("nan"), device=x.device) for shape in ((slabs, k), (slabs, k, d), (slabs, k, d))]
+    sg.launch_diag_stats(x, center, rows, logz[rows.long()], params, work, counts, *parts, k, slabs)
+    for name, part in zip(("nk", "sx", "sq"), parts):
+        assert torch.isfinite(part).all(), f"partial {name} has entries the kernel did not write"
+    nk_kernel_order = runs[True][1][params.comp_perm]
+    assert_close("gluon pass 2 partial nk sums", parts[0].double().sum(0), nk_kernel_order, 1e-6)
+    with pytest.raises(ValueError, match="fp16 operands"):
+        sg.launch_diag_stats(x, center, rows, logz[rows.long()], kestep.prepare(means, var, lw, "bf16"), work, counts,
+                             *parts, k, slabs)
 
 
 # ------------------------------------------------------------------------------------------ estimator on the kernels
