@@ -21,7 +21,8 @@ import subprocess
 import sys
 
 _PTR_TYPES = {   # argument name -> pointer element type (modes 1 and 2 store 16-bit operands)
-    "ROWS": "i32", "HINT": "i32", "BEST": "i64", "GAPS": "i64", "WORK": "i32", "COUNTS": "i32", "ORDER": "i32", "ROWBITS": "i32",
+    "ROWS": "i32", "HINT": "i32", "BEST": "i64", "GAPS": "i64", "WORK": "i32", "COUNTS": "i32", "ORDER": "i32",
+    "ROWBITS": "i32",
 }
 _OPERANDS = {"A", "A_LO", "P", "P_LO", "XO", "XQ", "XQL"}
 _INTS = {"N", "K", "WSTRIDE", "SLAB_ROWS", "N_SLABS"}

@@ -180,13 +180,12 @@ GLUON_PASS1 = True
 # kernel A/B on a fit's state: pass 1 2.49-2.91 vs 2.49-2.55 ms; NOTES.md v22). Bit for bit the same outputs either
 # way (||x||^2 up to its summation order, which the diag E-step does not read).
 GLUON_PASS1_KEPT = False
-# The sparse diag "tf32" pass 2 on a transient row order (the diag fits' E-step) as the software-pipelined Gluon
-# kernel of kernels/stats_gluon.py (a sub-tile's exponentials under the next one's products, double-buffered row
-# operands, loads run ahead; Hopper only). A module switch (read at each call) for A/B runs.
-GLUON_PASS2 = False
 # The sparse pass 2 launches its programs by component block, the longest work lists first (a block's slabs side by
-# side), so that the GPU's block scheduler fills the second wave with the short ones (longest-processing-time first).
-# A module switch (read at each call) for A/B runs.
+# side), so that the GPU's block scheduler ends the second wave on the short ones (longest-processing-time first).
+# Bitwise the same statistics (each program's work is unchanged). H100, N=1e6, K=1024, D=128: sparse diag pass 2
+# 530-556 -> 451-469 us on a fit's state, 909-949 -> 713-721 us on the kernel benchmark's; fits diag "tf32" 2.598 ->
+# 2.545, spherical 1.176 -> 1.157, diag bf16 2.380 -> 2.290 ms per EM iteration (NOTES.md v39). A module switch
+# (read at each call) for A/B runs.
 PASS2_HEAVY_FIRST = True
 
 
@@ -1310,17 +1309,6 @@ def _gluon_pass1(x, k, diag, mode, with_argmax, kept=False, row_bits=True) -> bo
     return logz_gluon.supported(x, k, x.shape[1])
 
 
-def _gluon_pass2(x, k, diag, mode, sparse, order, copy_mode) -> bool:
-    """Whether pass 2 runs as the Gluon kernel (kernels/stats_gluon.py; GLUON_PASS2): the sparse diag "tf32" pass
-    2 on a row order without the operand copy (``sort_rows``, the diag fits' E-step), on a Hopper GPU, for the
-    shapes that kernel supports."""
-    if not (GLUON_PASS2 and diag and _split_a(mode, diag) and sparse and order is not None and not copy_mode
-            and not _interpret() and FLAG_ROWS == 64 and FLAG_K == 64):
-        return False
-    from . import stats_gluon
-    return stats_gluon.supported(x, k, x.shape[1])
-
-
 def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=None, center=None, copy=None,
                 order: RowOrder | None = None, lzp=None, gaps=None, skip=None, best=None, row_bits=None):
     """Pass 1 alone: logZ (n,) float32 and, if asked, the argmax (n,) int64 (kernel component index); fills ``x2``
@@ -1592,22 +1580,17 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         return (triton.cdiv(k, meta["BLOCK_K"]) * slabs,)
 
     try:
-        if _gluon_pass2(x, k, diag, mode, sparse, order, copy_mode):
-            from . import stats_gluon
-            stats_gluon.launch_diag_stats(x, center, order.rows, lzp, params, work, counts, nk_part, sx_part,
-                                          sq_part, k, slabs, block_order=block_order if heavy_first else None)
-        else:
-            _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
-                                      xo, xq, xql, params.scales, logz if order is None else lzp,
-                                      logz if x2 is None else x2,
-                                      params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
-                                      params.cst, work, counts, work.shape[-1] if sparse else 0, block_order,
-                                      nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
-                                      D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
-                                      HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
-                                      HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
-                                      EXACT_STATS=_exact_stats(mode, diag, copy_mode),
-                                      HEAVY_FIRST=heavy_first, FLAG_ROWS=FLAG_ROWS)
+        _estep_stats_kernel[grid](x, x if center is None else center, logz if order is None else order.rows,
+                                  xo, xq, xql, params.scales, logz if order is None else lzp,
+                                  logz if x2 is None else x2,
+                                  params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
+                                  params.cst, work, counts, work.shape[-1] if sparse else 0, block_order,
+                                  nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
+                                  D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
+                                  HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
+                                  HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
+                                  EXACT_STATS=_exact_stats(mode, diag, copy_mode),
+                                  HEAVY_FIRST=heavy_first, FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(
             f"the E-step statistics kernel for precision={precision!r}, "

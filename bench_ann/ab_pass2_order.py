@@ -1,20 +1,23 @@
-"""A/B of the sparse diag "tf32" pass 2: the Triton kernel against the pipelined Gluon one (``estep.GLUON_PASS2``).
+"""A/B of the sparse pass 2's launch order: programs by component block, longest work lists first
+(``estep.PASS2_HEAVY_FIRST``), against the plain (block-interleaved) order.
 
-On three problems, the sorted E-step (``estep.estep(sort_rows=True)``, the diag fits' E-step) with either pass 2:
+Kernel part, on two problems, the sorted diag "tf32" E-step (``estep.estep(sort_rows=True)``, the diag fits'
+E-step) in either order:
 
 * ``fit``: a diag fit's state (:func:`bench_ann.estep_floors.diag_fit_state`: N=1e6, K=1024, D=128 by default);
 * ``bench``: the kernel benchmark's state (``bench_kernels.make_data`` / ``make_params``: parameters from 3 k-means
   steps, broader posteriors, about twice the kept pairs);
-* ``odd``: N=100,003, K=1000, D=96 (padded features, a ragged last tile and component block), parameters from
-  k-means.
+* ``odd``: N=100,003, K=1000, D=96 (statistics only).
 
-For each: the statistics (Nk, Sx, Sq) of both forms, bitwise equal or not and their largest norm-relative difference
-(logZ is pass 1's: bitwise equal); then, in interleaved rounds, the E-step's time (CUDA events, mean over --rep
-calls) and its pass-2 kernel's (torch profiler).
+For each: the kept pairs and the blocks' work (max / mean of the work lists' lengths), whether the statistics are
+bitwise equal, then, in interleaved rounds, the E-step's time (CUDA events, mean over --rep calls), its pass-2
+kernel's and the partials' reduction's (torch profiler). Fit part (``--fits``): whole ``GaussianMixture`` fits per
+"cov precision" with each order, interleaved (``bench_fit.interleaved_fits``).
 
-    python -m bench_ann.ab_gluon_pass2 --out bench_ann/results/DIR
+    python -m bench_ann.ab_pass2_order --problems fit,bench --fits "diag tf32,spherical tf32,diag bf16" --out DIR
 
-Writes ``ab_gluon_pass2.json`` in --out.
+Writes ``ab_pass2_order.json`` in --out. (v39 ran this script with a third and fourth variant, the pipelined Gluon
+diag pass 2 of commit ac9b5cb with and without the order: bench_ann/results/v39_pass2_heavy_first.)
 """
 from __future__ import annotations
 
@@ -54,10 +57,8 @@ def _kmeans_problem(ke, n, k, d):
 
 
 VARIANTS = {   # name -> estep module switches
-    "triton": {"PASS2_HEAVY_FIRST": False},
-    "triton-heavy-first": {"PASS2_HEAVY_FIRST": True},
-    "gluon": {"GLUON_PASS2": True, "PASS2_HEAVY_FIRST": False},
-    "gluon-heavy-first": {"GLUON_PASS2": True, "PASS2_HEAVY_FIRST": True},
+    "plain": {"PASS2_HEAVY_FIRST": False},
+    "heavy-first": {"PASS2_HEAVY_FIRST": True},
 }
 
 
@@ -73,7 +74,7 @@ def _run(ke, variant, x, means, var, lw, center, params):
 
 
 def _compare(ke, variants, *problem):
-    ref = _run(ke, "triton", *problem)
+    ref = _run(ke, variants[0], *problem)
     res = {}
     for variant in variants[1:]:
         got = _run(ke, variant, *problem)
@@ -109,36 +110,28 @@ def _timings(ke, variants, problem, rounds, rep):
     return rows
 
 
-FIT_VARIANTS = {
-    "baseline": {"PASS2_HEAVY_FIRST": False, "GLUON_PASS2": False},
-    "heavy-first": {"PASS2_HEAVY_FIRST": True, "GLUON_PASS2": False},
-    "gluon-heavy-first": {"PASS2_HEAVY_FIRST": True, "GLUON_PASS2": True},
-}
-
-
 def fit_ab(ke, fits, rounds, n, k, d, clusters):
     """Whole ``GaussianMixture`` fits (10 k-means + 30 EM iterations, bench_fit's SIFT-like rows) per "cov
-    precision" of ``fits`` with each of FIT_VARIANTS, interleaved: median ms per EM iteration and final
+    precision" of ``fits`` with each of VARIANTS, interleaved: median ms per EM iteration and final
     log-likelihoods."""
     from bench_ann.bench_fit import interleaved_fits, sift_like
     x = sift_like(n, d, clusters)
     out = {}
 
     def use(name):
-        for attr, value in FIT_VARIANTS[name].items():
+        for attr, value in VARIANTS[name].items():
             setattr(ke, attr, value)
     try:
         for spec in fits.split(","):
             cov, precision = spec.split()
-            names = [v for v in FIT_VARIANTS if cov == "diag" and precision == "tf32" or "gluon" not in v]
-            res = interleaved_fits(x, k, cov, {v: (lambda v=v: use(v)) for v in names}, rounds, precision=precision)
+            res = interleaved_fits(x, k, cov, {v: (lambda v=v: use(v)) for v in VARIANTS}, rounds, precision=precision)
             out[spec] = res
             for v, r in res.items():
                 print(f"fit {spec} {v:18s} median {statistics.median(r['ms']):.3f} ms per EM iteration "
                       f"{[round(t, 3) for t in r['ms']]}, k-means {statistics.median(r['kmeans_ms']):.3f} ms; "
                       f"final log-likelihood {r['log_likelihood']}", flush=True)
     finally:
-        use("baseline")
+        use("heavy-first")
     return out
 
 
@@ -190,12 +183,12 @@ def main(argv=None):
         if args.out:
             d = Path(args.out)
             d.mkdir(parents=True, exist_ok=True)
-            (d / "ab_gluon_pass2.json").write_text(json.dumps(out, indent=1))
+            (d / "ab_pass2_order.json").write_text(json.dumps(out, indent=1))
     if args.fits:
         out["fits"] = fit_ab(ke, args.fits, args.fit_rounds, args.n, args.k, args.d, args.clusters)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "ab_gluon_pass2.json").write_text(json.dumps(out, indent=1))
+            (Path(args.out) / "ab_pass2_order.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
