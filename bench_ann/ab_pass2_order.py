@@ -10,14 +10,15 @@ E-step) in either order:
 * ``odd``: N=100,003, K=1000, D=96 (statistics only).
 
 For each: the kept pairs and the blocks' work (max / mean of the work lists' lengths), whether the statistics are
-bitwise equal, then, in interleaved rounds, the E-step's time (CUDA events, mean over --rep calls), its pass-2
-kernel's and the partials' reduction's (torch profiler). Fit part (``--fits``): whole ``GaussianMixture`` fits per
-"cov precision" with each order, interleaved (``bench_fit.interleaved_fits``).
+bitwise equal, then, in interleaved rounds, the E-step's time (median, ``bench_kernels.bench``), its pass-2
+kernel's and the partials' reduction's (torch profiler, mean over --rep calls). Fit part (``--fits``): whole
+``GaussianMixture`` fits per "cov precision" with each order, interleaved (``bench_fit.interleaved_fits``).
 
     python -m bench_ann.ab_pass2_order --problems fit,bench --fits "diag tf32,spherical tf32,diag bf16" --out DIR
 
-Writes ``ab_pass2_order.json`` in --out. (v39 ran this script with a third and fourth variant, the pipelined Gluon
-diag pass 2 of commit ac9b5cb with and without the order: bench_ann/results/v39_pass2_heavy_first.)
+Writes ``ab_pass2_order.json`` in --out. (v39 ran this script, timing the E-step as the mean of --rep calls
+between CUDA events, with a third and fourth variant, the pipelined Gluon diag pass 2 of commit ac9b5cb with and
+without the order: bench_ann/results/v39_pass2_heavy_first.)
 """
 from __future__ import annotations
 
@@ -31,20 +32,9 @@ from pathlib import Path
 import torch
 
 from bench_ann.bench_fit import add_problem_args
+from bench_ann.bench_kernels import bench
 from bench_ann.estep_floors import diag_fit_state
 from bench_ann.profile_fit import kernel_times
-
-
-def _cuda_ms(fn, rep):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(rep):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / rep
 
 
 def _kmeans_problem(ke, n, k, d):
@@ -96,7 +86,7 @@ def _work_balance(ke, x, means, var, lw, center, params):
             "kept_fraction": float(c.sum() / (gaps.shape[0] * c.numel()))}
 
 
-def _timings(ke, variants, problem, rounds, rep):
+def _timings(ke, variants, problem, rounds, rep, rep_ms):
     rows = []
     for r in range(rounds):
         for variant in variants:
@@ -105,7 +95,7 @@ def _timings(ke, variants, problem, rounds, rep):
             times, _ = kernel_times(fn, rep)
             pass2 = sum(v for kn, v in times.items() if "stats_kernel" in kn)
             reduce = sum(v for kn, v in times.items() if "reduce" in kn)
-            rows.append({"round": r, "variant": variant, "estep_ms": _cuda_ms(fn, rep), "pass2_us": pass2,
+            rows.append({"round": r, "variant": variant, "estep_ms": bench(fn, rep_ms), "pass2_us": pass2,
                          "reduce_us": reduce})
     return rows
 
@@ -141,7 +131,8 @@ def main(argv=None):
     p.add_argument("--kmeans-iter", type=int, default=3)
     p.add_argument("--em-iter", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--rep", type=int, default=20)
+    p.add_argument("--rep", type=int, default=20, help="calls per kernel profile")
+    p.add_argument("--rep-ms", type=int, default=200, help="time budget of each E-step timing (bench_kernels.bench)")
     p.add_argument("--problems", default="odd,fit,bench")
     p.add_argument("--variants", default=",".join(VARIANTS), help="the first one is the reference")
     p.add_argument("--fits", default="", help='whole fits per "cov precision", e.g. "diag tf32,spherical tf32"')
@@ -172,7 +163,7 @@ def main(argv=None):
             print(f"  {variant}: " + ", ".join(f"{k} {v['norm_rel_diff']:.1e}{'' if v['finite'] else ' NONFINITE'}"
                                                for k, v in cmp.items()), flush=True)
         if name != "odd":
-            info["timings"] = _timings(ke, variants, problem, args.rounds, args.rep)
+            info["timings"] = _timings(ke, variants, problem, args.rounds, args.rep, args.rep_ms)
             print("| round | pass 2 | sorted E-step ms | pass 2 us | reduction us |")
             print("|---|---|---:|---:|---:|")
             for r in info["timings"]:

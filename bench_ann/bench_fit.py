@@ -52,12 +52,11 @@ def sift_like(n, d, k, seed=0, device="cuda"):
 
 
 def interleaved_fits(x, k, cov, variants, rounds, em_iter=30, kmeans_iter=10, precision="tf32"):
-    """Whole ``GaussianMixture`` fits of x (n, d) on the GPU (K=k, covariance ``cov``, ``precision``, tol 0, defaults
-    otherwise)
-    for A/B scripts: ``variants`` maps a name to a callable that switches that variant on. One warm-up fit per
-    variant (compilation, autotuning), then ``rounds`` rounds of one fit per variant, interleaved. Returns {name:
-    {"ms": [...], "kmeans_ms": [...], "log_likelihood": [...]}}: per fit the median ms per EM iteration over
-    iterations 2..end, per k-means iteration over 2..end, and the final mean log-likelihood."""
+    """Whole ``GaussianMixture`` fits of x (n, d) on the GPU (K=k, covariance ``cov``, ``precision``, tol 0,
+    defaults otherwise) for A/B scripts: ``variants`` maps a name to a callable that switches that variant on. One
+    warm-up fit per variant (compilation, autotuning), then ``rounds`` rounds of one fit per variant, interleaved.
+    Returns {name: {"ms": [...], "kmeans_ms": [...], "log_likelihood": [...]}}: per fit the median ms per EM
+    iteration over iterations 2..end, per k-means iteration over 2..end, and the final mean log-likelihood."""
     res = {name: {"ms": [], "kmeans_ms": [], "log_likelihood": []} for name in variants}
     for warm in (True, False):
         for _ in range(1 if warm else rounds):
