@@ -80,7 +80,7 @@ def _work_balance(ke, x, means, var, lw, center, params):
     """Kept pairs per component block (the work lists' counts): max / mean and the fraction of all pairs."""
     k = means.shape[0]
     _, _, _, gaps = ke.transient_order(x, params, k, True, "tf32", center=center)
-    _, counts = ke._work_lists(gaps, -(-k // ke.FLAG_K))
+    _, counts, _ = ke._work_lists(gaps, -(-k // ke.FLAG_K))
     c = counts.double()
     return {"counts": counts.tolist(), "max_over_mean": float(c.max() / c.mean()),
             "kept_fraction": float(c.sum() / (gaps.shape[0] * c.numel()))}

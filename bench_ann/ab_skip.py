@@ -93,7 +93,7 @@ def main(argv=None):
     out["autotuned"] = cfg
     for name, ts in out["times"].items():
         print(f"{name:32s} " + " ".join(f"{t:7.3f}" for t in ts), flush=True)
-    _, counts = ke._work_lists(gaps, nkb)
+    _, counts, _ = ke._work_lists(gaps, nkb)
     out["pairs_kept"] = float(counts.sum()) / (gaps.numel() * nkb)
     print(f"pairs kept by the sparse pass 2 (full data, threshold 2^-40): {out['pairs_kept']:.3f}", flush=True)
     xs = x[: 1 << 18]

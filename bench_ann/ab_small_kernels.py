@@ -161,11 +161,11 @@ def main(argv=None):
         two = torch.rand(n_tiles, device="cuda", generator=g) < 0.3
         gaps = (1 << blk) | torch.where(two, 1 << ((blk + 1) % 16), 0)
         ke.WORK_LIST_BLOCK, ke.WORK_LIST_WARPS = shipped[2:]
-        ref_w, ref_c = ke._work_lists(gaps, 16)
+        ref_w, ref_c, _ = ke._work_lists(gaps, 16)
         rec = {"n_tiles": n_tiles, "us": {}, "bitwise": {}}
         for b, w in work_variants:
             ke.WORK_LIST_BLOCK, ke.WORK_LIST_WARPS = b, w
-            got_w, got_c = ke._work_lists(gaps, 16)
+            got_w, got_c, _ = ke._work_lists(gaps, 16)
             rec["bitwise"][f"{b}x{w}"] = torch.equal(got_c, ref_c) and all(
                 torch.equal(got_w[i, :c], ref_w[i, :c]) for i, c in enumerate(ref_c.tolist()))
             rec["us"][f"{b}x{w}"] = []

@@ -38,6 +38,9 @@ class EStepStats(NamedTuple):
     sx       : (K,D) sum_i r_ik x_i.
     sq       : (K,) sum_i r_ik ||x_i - mu_k||^2 (spherical) or (K,D) sum_i r_ik (x_i - mu_k)^2 (diag), measured
                around the *current* means, which avoids the E[x^2] - mu^2 cancellation in the M-step.
+
+    The torch backend returns them in the data's dtype; the Triton backend returns log_norm in float32 and the
+    three statistics in float64 (its fixed-order float64 sums of per-slab partials, unrounded: the M-step's dtype).
     """
 
     log_norm: torch.Tensor

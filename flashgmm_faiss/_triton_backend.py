@@ -318,7 +318,7 @@ class TritonBackend:
             self._counted |= self._probe
         out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
                        copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient,
-                       return_row_bits=by_bits, pair_counts=counter)
+                       return_row_bits=by_bits, pair_counts=counter, stats_dtype=torch.float64)
         self.order_stats["sparse_chunks" if order is not None else
                          "sorted_chunks" if transient else "dense_chunks"] += 1
         # a transient order is rebuilt identically in every iteration: it does not make the next one differ
@@ -383,7 +383,7 @@ class TritonBackend:
                                                   per_row=1))
         return EStepStats(*self._k().estep(x, means, var, log_weights, precision=self.precision, center=center,
                                            x_absmax=self.x_absmax, params=self._params(means, var, log_weights),
-                                           copy_rows=self.copy_rows))
+                                           copy_rows=self.copy_rows, stats_dtype=torch.float64))
 
     def score(self, x, means, var, log_weights, center=None):
         if x.shape[1] > MAX_D:

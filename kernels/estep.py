@@ -704,15 +704,17 @@ def _estep_stats_kernel(
     SPLIT_A: tl.constexpr, EXACT_STATS: tl.constexpr, HEAVY_FIRST: tl.constexpr, FLAG_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    # Rows are streamed by position: LOGZ, X2 and the operand copy are in position order (pass 1 wrote them so);
-    # without the copy, the float32 rows are gathered through ROWS under a row order.
+    # Rows are streamed by position: LOGZ, X2 and the operand copy are in position order (pass 1, or for a transient
+    # order the tile-bits kernel, wrote them so: a gather through ROWS here costs pass 2 ~10 %, v40); without the
+    # copy, the float32 rows are gathered through ROWS under a row order.
     # Flash-attention-forward shape: the component block plays the queries, the rows the keys and the values.
     # Tiles are (BLOCK_K, BLOCK_M) so that R feeds the second GEMM without a transpose. The component block
     # varies fastest: programs sharing a slab run side by side (L2 reuse). Dense: program (block, slab) streams
     # its slab of rows. SPARSE (BLOCK_K = FLAG_K): it streams its share of the block's work list, FLAG_ROWS-row
     # tiles whose bound of log2 r reaches the threshold; no branch in the loop.
     # HEAVY_FIRST (SPARSE): program pid is slab pid % N_SLABS of block ORDER[pid // N_SLABS], the blocks with the
-    # longest work lists first, so that the GPU's block scheduler ends on short programs
+    # longest work lists first (ranked by the work-list kernel), so that the GPU's block scheduler ends on short
+    # programs
     pid = tl.program_id(0)
     num_kb = tl.cdiv(K, BLOCK_K)
     if HEAVY_FIRST:
@@ -809,13 +811,13 @@ def _reduce_kd_kernel(SX_PART, SQ_PART, NK_PART, MEANS, INV, PERM, SX, SQ, S, K,
     row = offs // D
     dst = _indexed(PERM, row, mask, HAS_PERM) * D + (offs - row * D)
     sx = _slab_sum(SX_PART, offs_s0, S, K * D, offs, mask, S_BLOCK) * tl.load(INV)
-    tl.store(SX + dst, sx.to(tl.float32), mask=mask)
+    tl.store(SX + dst, sx.to(SX.dtype.element_ty), mask=mask)
     if DIAG:
         sxx = _slab_sum(SQ_PART, offs_s0, S, K * D, offs, mask, S_BLOCK)
         nk = _slab_sum(NK_PART, offs_s0, S, K, row, mask, S_BLOCK)
         mu = tl.load(MEANS + dst, mask=mask, other=0.0).to(tl.float64)
         sq = sxx * tl.load(INV + 1) - 2.0 * mu * sx + nk * mu * mu
-        tl.store(SQ + dst, tl.maximum(sq, 0.0).to(tl.float32), mask=mask)
+        tl.store(SQ + dst, tl.maximum(sq, 0.0).to(SQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -828,10 +830,10 @@ def _reduce_k_kernel(NK_PART, SQ_PART, INV, PERM, NK, SQ, S, K, DIAG: tl.constex
     mask = offs < K
     dst = _indexed(PERM, offs, mask, HAS_PERM)
     nk = _slab_sum(NK_PART, offs_s0, S, K, offs, mask, S_BLOCK)
-    tl.store(NK + dst, nk.to(tl.float32), mask=mask)
+    tl.store(NK + dst, nk.to(NK.dtype.element_ty), mask=mask)
     if not DIAG:
         sq = _slab_sum(SQ_PART, offs_s0, S, K, offs, mask, S_BLOCK)
-        tl.store(SQ + dst, tl.maximum(sq * tl.load(INV + 2), 0.0).to(tl.float32), mask=mask)
+        tl.store(SQ + dst, tl.maximum(sq * tl.load(INV + 2), 0.0).to(SQ.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1318,19 +1320,20 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
     when given, receives per FLAG_ROWS-row tile the bit set of the FLAG_K-component blocks (at most 64) in which
     some row's bound of log2 r is >= -skip (None: ``SKIP_LOG2[precision]``; the sparse pass 2's input; pass 1 then
     runs with FLAG_K-component blocks and a multiple of FLAG_ROWS rows per program). ``best`` (n,) int32 or
-    int64: where the argmax goes (with_argmax; default a new int64 tensor). ``row_bits`` (n,) int32 or int64, when
-    given, receives per row the bit set of the FLAG_K-component blocks whose bound of log2 r against the row's
-    final maximum is >= -skip, in any row order (int32 holds at most 31 blocks)."""
+    int64: where the argmax goes (with_argmax; default a new int64 tensor). ``row_bits`` (n,) int16, int32 or int64,
+    when given, receives per row the bit set of the FLAG_K-component blocks whose bound of log2 r against the row's
+    final maximum is >= -skip, in any row order (int32 holds at most 31 blocks; int16 at most 16, bit 15 wrapped to
+    the sign: :func:`tile_bits` masks it back)."""
     n, d = x.shape
     skip = SKIP_LOG2[precision] if skip is None else skip
     logz = torch.empty(n, dtype=torch.float32, device=x.device)
     if order is not None and lzp is None:
         raise ValueError("a row order needs lzp, the position-ordered logZ buffer")
     n_blocks = triton.cdiv(k, FLAG_K)
-    if row_bits is not None and (row_bits.shape != (n,) or row_bits.dtype not in (torch.int32, torch.int64)
-                                 or n_blocks > (31 if row_bits.dtype == torch.int32 else 64)):
-        raise ValueError(f"row_bits must be int32 (at most 31 blocks) or int64 (at most 64) of shape ({n},); "
-                         f"K={k} has {n_blocks} blocks of {FLAG_K}")
+    if row_bits is not None and (row_bits.shape != (n,) or row_bits.dtype not in _ROW_BITS_BLOCKS
+                                 or n_blocks > _ROW_BITS_BLOCKS[row_bits.dtype]):
+        raise ValueError(f"row_bits must be int16 (at most 16 blocks), int32 (at most 31) or int64 (at most 64) of "
+                         f"shape ({n},); K={k} has {n_blocks} blocks of {FLAG_K}")
     mode = _MODES[precision]
     if gaps is not None and (gaps.shape != (triton.cdiv(n, FLAG_ROWS),) or gaps.dtype != torch.int64
                              or triton.cdiv(k, FLAG_K) > 64):
@@ -1363,10 +1366,13 @@ def launch_logz(x, params: Params, k, diag, precision, with_argmax=False, x2=Non
 
 
 @triton.jit
-def _work_list_kernel(GAPS, WORK, COUNTS, PAIRS, n_tiles, n_blocks, WSTRIDE, BLOCK: tl.constexpr,
-                      HAS_PAIRS: tl.constexpr):
+def _work_list_kernel(GAPS, WORK, COUNTS, PAIRS, ORDER, TICKET, n_tiles, n_blocks, WSTRIDE, BLOCK: tl.constexpr,
+                      HAS_PAIRS: tl.constexpr, RANK: tl.constexpr, NB_PAD: tl.constexpr):
     # program b compacts the tiles whose bit b is set, in ascending order (a scan per BLOCK tiles: deterministic);
-    # with PAIRS, adds its count to PAIRS[0] and program 0 the number of pairs to PAIRS[1] (integer atomics: exact)
+    # with PAIRS, adds its count to PAIRS[0] and program 0 the number of pairs to PAIRS[1] (integer atomics: exact).
+    # RANK: the last program to finish (a ticket: TICKET zeroed by the caller, one acquire-release add per program
+    # after its count's store) ranks the blocks by count, descending, ties by index, and writes ORDER[place] = block:
+    # what torch.argsort(counts, descending=True, stable=True) gives, without a sort's launches
     b = tl.program_id(0)
     base = tl.zeros([], tl.int32)
     for t0 in range(0, n_tiles, BLOCK):
@@ -1381,79 +1387,123 @@ def _work_list_kernel(GAPS, WORK, COUNTS, PAIRS, n_tiles, n_blocks, WSTRIDE, BLO
         tl.atomic_add(PAIRS, base.to(tl.int64))
         if b == 0:
             tl.atomic_add(PAIRS + 1, n_tiles.to(tl.int64) * n_blocks)
+    if RANK:
+        if tl.atomic_add(TICKET, 1, sem="acq_rel") == n_blocks - 1:     # every other count is stored and visible
+            blk = tl.arange(0, NB_PAD)
+            c = tl.load(COUNTS + blk, mask=blk < n_blocks, other=-1, volatile=True)
+            ahead = (c[None, :] > c[:, None]) | ((c[None, :] == c[:, None]) & (blk[None, :] < blk[:, None]))
+            rank = tl.sum(ahead.to(tl.int32), axis=1)                   # blocks placed before block blk
+            tl.store(ORDER + rank, blk, mask=blk < n_blocks)
 
 
-def _work_lists(gaps, n_blocks, pairs=None):
+def _work_lists(gaps, n_blocks, pairs=None, rank=False):
     """The sparse pass 2's work lists from pass 1's per-tile block bits (n_tiles,) int64: ``work`` (n_blocks,
-    n_tiles) int32 whose row b starts with the tiles (ascending) that need block b (the rest is not written), and
-    ``counts`` (n_blocks,) int32. One launch, no host sync (the torch form, eight ops, cost 0.1-0.2 ms at 15625
-    tiles on an H200). ``pairs``: (2,) int64 or None; adds the kept (tile, block) pairs (the sum of ``counts``)
-    and all pairs (n_tiles n_blocks) to it, in the same launch."""
+    n_tiles) int32 whose row b starts with the tiles (ascending) that need block b (the rest is not written),
+    ``counts`` (n_blocks,) int32 and, with ``rank``, ``order`` (n_blocks,) int32, the blocks by count, descending,
+    ties by index (as ``torch.argsort(counts, descending=True, stable=True)``; else None). One launch after a
+    one-word fill, no host sync (the torch form, eight ops, cost 0.1-0.2 ms at 15625 tiles on an H200; the
+    argsort three more launches, ~10 us). ``pairs``: (2,) int64 or None; adds the kept (tile, block) pairs (the
+    sum of ``counts``) and all pairs (n_tiles n_blocks) to it, in the same launch."""
     n_tiles = gaps.shape[0]
     work = torch.empty((n_blocks, max(1, n_tiles)), dtype=torch.int32, device=gaps.device)
     counts = torch.empty(n_blocks, dtype=torch.int32, device=gaps.device)
+    order = torch.empty(n_blocks, dtype=torch.int32, device=gaps.device) if rank else None
+    ticket = torch.zeros(1, dtype=torch.int32, device=gaps.device) if rank else counts
     if pairs is not None and (pairs.dtype != torch.int64 or pairs.shape != (2,) or pairs.device != gaps.device):
         raise ValueError(f"pair_counts must be a (2,) int64 tensor on {gaps.device}, got {pairs.dtype} "
                          f"{tuple(pairs.shape)} on {pairs.device}")
-    _work_list_kernel[(n_blocks,)](gaps, work, counts, counts if pairs is None else pairs, n_tiles, n_blocks,
-                                   work.shape[1], BLOCK=WORK_LIST_BLOCK, HAS_PAIRS=pairs is not None,
-                                   num_warps=WORK_LIST_WARPS)
-    return work, counts
+    _work_list_kernel[(n_blocks,)](gaps, work, counts, counts if pairs is None else pairs,
+                                   order if rank else counts, ticket, n_tiles, n_blocks, work.shape[1],
+                                   BLOCK=WORK_LIST_BLOCK, HAS_PAIRS=pairs is not None, RANK=bool(rank),
+                                   NB_PAD=max(2, triton.next_power_of_2(n_blocks)), num_warps=WORK_LIST_WARPS)
+    return work, counts, order
 
 
 @triton.jit
-def _tile_bits_kernel(ROW_BITS, ROWS, GAPS, N, n_tiles, FLAG_ROWS: tl.constexpr, TILES: tl.constexpr):
-    # GAPS[t] = OR of ROW_BITS[ROWS[p]] over the positions p of flag tile t (the rows it visits in the order)
+def _tile_bits_kernel(ROW_BITS, ROWS, GAPS, ROWS32, LOGZ, LZP, X2, X2P, N, n_tiles, FLAG_ROWS: tl.constexpr,
+                      TILES: tl.constexpr, WRAP16: tl.constexpr, GATHER: tl.constexpr, HAS_X2: tl.constexpr):
+    # GAPS[t] = OR of ROW_BITS[ROWS[p]] over the positions p of flag tile t (the rows it visits in the order).
+    # GATHER: also, per position p, ROWS32[p] = ROWS[p] (int32), LZP[p] = LOGZ[ROWS[p]] and (HAS_X2) X2P[p] =
+    # X2[ROWS[p]]: the position-ordered inputs of pass 2, in the same pass over the order
     t = tl.program_id(0) * TILES + tl.arange(0, TILES)
     pos = t.to(tl.int64)[:, None] * FLAG_ROWS + tl.arange(0, FLAG_ROWS)[None, :]
     mask = pos < N
     src = tl.load(ROWS + pos, mask=mask, other=0).to(tl.int64)
     b = tl.load(ROW_BITS + src, mask=mask, other=0).to(tl.int64)     # int32 bits: bit 31 is never set
+    if WRAP16:
+        b = b & 0xFFFF                                                # int16 bits: bit 15 came back sign-extended
     tl.store(GAPS + t, tl.reduce(b, 1, _bit_or), mask=t < n_tiles)
+    if GATHER:
+        tl.store(ROWS32 + pos, src.to(tl.int32), mask=mask)
+        tl.store(LZP + pos, tl.load(LOGZ + src, mask=mask), mask=mask)
+        if HAS_X2:
+            tl.store(X2P + pos, tl.load(X2 + src, mask=mask), mask=mask)
 
 
-def tile_bits(row_bits, rows):
-    """Per FLAG_ROWS-row tile of the order ``rows`` (n,) int32 (position -> row), the OR of the rows' block bits
-    ``row_bits`` (n,) int32 or int64 (by row): (cdiv(n, FLAG_ROWS),) int64, the sparse pass 2's ``gaps``."""
+def tile_bits(row_bits, rows, logz=None, x2=None):
+    """Per FLAG_ROWS-row tile of the order ``rows`` (n,) int32 or int64 (position -> row), the OR of the rows' block
+    bits ``row_bits`` (n,) int16, int32 or int64 (by row; see :func:`launch_logz`): (cdiv(n, FLAG_ROWS),) int64,
+    the sparse pass 2's ``gaps``. With ``logz`` (n,) float32 by row (and ``x2``, same, or None), the same launch
+    also gathers pass 2's position-ordered inputs: returns ``(gaps, rows32, lzp, x2p)`` with rows32 (n,) int32 the
+    order, lzp = logz[rows] and x2p = x2[rows] (None without x2)."""
     n = rows.shape[0]
     n_tiles = triton.cdiv(n, FLAG_ROWS)
-    gaps = torch.empty(n_tiles, dtype=torch.int64, device=rows.device)
+    dev = rows.device
+    gaps = torch.empty(n_tiles, dtype=torch.int64, device=dev)
+    gather = logz is not None
+    rows32 = torch.empty(n, dtype=torch.int32, device=dev) if gather else None
+    lzp = torch.empty(n, dtype=torch.float32, device=dev) if gather else None
+    x2p = torch.empty(n, dtype=torch.float32, device=dev) if gather and x2 is not None else None
     tiles = 16
-    _tile_bits_kernel[(triton.cdiv(n_tiles, tiles),)](row_bits, rows, gaps, n, n_tiles, FLAG_ROWS=FLAG_ROWS,
-                                                      TILES=tiles, num_warps=4)
-    return gaps
+    _tile_bits_kernel[(triton.cdiv(n_tiles, tiles),)](
+        row_bits, rows, gaps, rows32 if gather else gaps, logz if gather else gaps, lzp if gather else gaps,
+        x2 if x2p is not None else gaps, x2p if x2p is not None else gaps, n, n_tiles, FLAG_ROWS=FLAG_ROWS,
+        TILES=tiles, WRAP16=row_bits.dtype == torch.int16, GATHER=gather, HAS_X2=x2p is not None, num_warps=4)
+    return (gaps, rows32, lzp, x2p) if gather else gaps
 
 
-def _row_bits_buffer(n, n_blocks, device):
-    """Per-row block bits (n,): int32 for at most 31 blocks (bit 31 stays clear), int64 up to 64."""
+_ROW_BITS_BLOCKS = {torch.int16: 16, torch.int32: 31, torch.int64: 64}    # row-bit dtype -> blocks it holds
+
+
+def _row_bits_buffer(n, n_blocks, device, narrow=False):
+    """Per-row block bits (n,): int32 for at most 31 blocks (bit 31 stays clear), int64 up to 64; with ``narrow``,
+    int16 for at most 16 blocks (bit 15 wraps to the sign: the sort key itself, :func:`_argsort_bits`)."""
+    if narrow and n_blocks <= 16:
+        return torch.empty(n, dtype=torch.int16, device=device)
     return torch.empty(n, dtype=torch.int32 if n_blocks <= 31 else torch.int64, device=device)
 
 
 def _argsort_bits(row_bits, n_blocks):
-    """Stable argsort (int64) that groups equal block bit sets ``row_bits`` (n,) int32 or int64: 16-bit keys for
-    at most 16 blocks (the narrowing wraps bit 15, a bijection, so equal sets stay adjacent)."""
+    """Stable argsort (int64) that groups equal block bit sets ``row_bits`` (n,) int16, int32 or int64: 16-bit keys
+    for at most 16 blocks (the narrowing wraps bit 15, a bijection, so equal sets stay adjacent; no copy when the
+    bits are int16 already)."""
     return torch.argsort(row_bits.to(torch.int16) if n_blocks <= 16 else row_bits, stable=True)
 
 
-def transient_order(x, params: Params, k, diag, precision, center=None, x2=None, skip=None, with_best=False):
+def transient_order(x, params: Params, k, diag, precision, center=None, x2=None, skip=None, with_best=False,
+                    gather=False):
     """Pass 1 in the rows' own order with each row's exact block bits, then an order of the rows that groups them
     (:data:`TRANSIENT_SORT_KEY`: by block bit set, or by most likely component in the kernel order, grouped by
     prepare's ``comp_perm`` when one is given): the first half of ``estep(sort_rows=True)``. Returns ``(logz,
     best, rows, gaps)``: logZ (n,) float32 and best (n,) int32 (kernel component index; None unless ``with_best``
     or the argmax key) by row, rows (n,) int32 (position -> row, stable) and the order's per-tile block bits
-    (cdiv(n, FLAG_ROWS),) int64 (:func:`tile_bits`). ``x2``: as in :func:`launch_logz` (by row)."""
+    (cdiv(n, FLAG_ROWS),) int64 (:func:`tile_bits`). ``x2``: as in :func:`launch_logz` (by row). ``gather``: also
+    ``lzp`` = logZ[rows] and ``x2p`` = x2[rows] (None without x2), pass 2's position-ordered inputs, from the tile
+    bits' launch: returns ``(logz, best, rows, gaps, lzp, x2p)``. The row bits are int16 for at most 16 blocks (the
+    sort's keys: no copy)."""
     if TRANSIENT_SORT_KEY not in ("bits", "argmax"):
         raise ValueError(f"TRANSIENT_SORT_KEY must be 'bits' or 'argmax', got {TRANSIENT_SORT_KEY!r}")
     n = x.shape[0]
     n_blocks = triton.cdiv(k, FLAG_K)
-    row_bits = _row_bits_buffer(n, n_blocks, x.device)
     by_bits = TRANSIENT_SORT_KEY == "bits"
+    row_bits = _row_bits_buffer(n, n_blocks, x.device, narrow=by_bits)
     with_best = with_best or not by_bits
     best = torch.empty(n, dtype=torch.int32, device=x.device) if with_best else None
     logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=with_best, x2=x2, center=center, skip=skip,
                           best=best, row_bits=row_bits)
-    rows = (_argsort_bits(row_bits, n_blocks) if by_bits else _argsort_components(best, k)).int()
-    return logz, best, rows, tile_bits(row_bits, rows)
+    rows = _argsort_bits(row_bits, n_blocks) if by_bits else _argsort_components(best, k)    # int64
+    gaps, rows32, lzp, x2p = tile_bits(row_bits, rows, logz, x2 if gather else None)
+    return (logz, best, rows32, gaps) + ((lzp, x2p) if gather else ())
 
 
 PARTIAL_BYTES = 16 << 20    # bound of the Sx partials (S x K x D float32): caps the slab count for large K D
@@ -1471,7 +1521,8 @@ def slab_layout(n: int, k: int, device, d: int = 128) -> tuple[int, int]:
 
 def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=None, params=None, copy_rows=True,
           order: RowOrder | None = None, skip_log2: float | None = None, return_best: bool = False,
-          sort_rows: bool = False, return_row_bits: bool = False, pair_counts: torch.Tensor | None = None):
+          sort_rows: bool = False, return_row_bits: bool = False, pair_counts: torch.Tensor | None = None,
+          stats_dtype: torch.dtype = torch.float32):
     """Fused E-step over one chunk; returns ``(log_norm, nk, sx, sq)`` as in ``_torch_backend.estep``.
 
     Parameters
@@ -1510,11 +1561,14 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         (FLAG_ROWS-row tile, FLAG_K-component block) pairs it visits and the number of pairs there are (inside the
         work-list kernel: no extra launch and no host sync, so a CUDA graph records it). Their ratio is how much of
         the work the data lets the sparse E-step skip (``TritonBackend.dense_above`` reads it)
+    stats_dtype : torch.float32 or torch.float64; the dtype of nk, sx and sq. They are sums in float64 over pass 2's
+        float32 partials either way: float64 returns them unrounded (a fit's M-step runs in float64: no cast)
 
     Returns
     -------
-    log_norm (n,), nk (K,), sx (K, D), sq (K,) or (K, D): float32, statistics in the centred frame, in the
-    caller's component order; then best (n,) int64 if ``return_best``, then the row bits if ``return_row_bits``
+    log_norm (n,) float32, nk (K,), sx (K, D), sq (K,) or (K, D) of ``stats_dtype``: statistics in the centred
+    frame, in the caller's component order; then best (n,) int64 if ``return_best``, then the row bits if
+    ``return_row_bits``
     """
     n, d, k = _check_inputs(x, means, var, log_weights, precision, center)
     diag = var.ndim == 2
@@ -1554,21 +1608,19 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     n_blocks = triton.cdiv(k, FLAG_K)
     sparse = (order is not None and skip > 0 and n_blocks <= 64) or sort_rows
     if sort_rows:
-        logz, best, rows, gaps = transient_order(x, params, k, diag, precision, center=center, x2=x2, skip=skip,
-                                                 with_best=return_best)
+        # pass 2 reads logZ (and, spherical, ||x||^2) by position: gathered with the tile bits
+        logz, best, rows, gaps, lzp, x2 = transient_order(x, params, k, diag, precision, center=center, x2=x2,
+                                                          skip=skip, with_best=return_best, gather=True)
         order = RowOrder(rows, rows)            # the hint is not read by pass 2
-        lzp = logz[rows]                        # pass 2 reads logZ (and, spherical, ||x||^2) by position
-        if not diag:
-            x2 = x2[rows]
         best = best.long() if return_best else None
     else:
         gaps = torch.empty(triton.cdiv(n, FLAG_ROWS), dtype=torch.int64, device=dev) if sparse else None
         row_bits = _row_bits_buffer(n, n_blocks, dev) if return_row_bits else None
         logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
                                  copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip, row_bits=row_bits)
-    work, counts = _work_lists(gaps, n_blocks, pair_counts) if sparse else (logz, logz)
     heavy_first = sparse and PASS2_HEAVY_FIRST
-    block_order = torch.argsort(counts, descending=True, stable=True).int() if heavy_first else counts
+    work, counts, block_order = (_work_lists(gaps, n_blocks, pair_counts, rank=heavy_first) if sparse
+                                 else (logz, logz, logz))
 
     slabs, slab_rows = slab_layout(n, k, dev, d)
     nk_part = torch.empty((slabs, k), dtype=torch.float32, device=dev)
@@ -1588,8 +1640,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                   nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
                                   HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
-                                  HAS_ORDER=order is not None, SPARSE=sparse, SPLIT_A=_split_a(mode, diag),
-                                  EXACT_STATS=_exact_stats(mode, diag, copy_mode),
+                                  HAS_ORDER=order is not None, SPARSE=sparse,
+                                  SPLIT_A=_split_a(mode, diag), EXACT_STATS=_exact_stats(mode, diag, copy_mode),
                                   HEAVY_FIRST=heavy_first, FLAG_ROWS=FLAG_ROWS)
     except triton.runtime.errors.OutOfResources as e:
         raise RuntimeError(
@@ -1598,25 +1650,28 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
             f"offers in every autotune config ({e}); use precision='tf32' (the default) or 'ieee'") from e
     del copy, xo, xq, xql, x2, lzp, gaps, work, counts, order   # dead: free the operand copy before the reduction
 
-    nk, sx, sq = reduce_partials(nk_part, sx_part, sq_part, means, params.inv, perm)
+    nk, sx, sq = reduce_partials(nk_part, sx_part, sq_part, means, params.inv, perm, dtype=stats_dtype)
     if perm is not None and return_best:
         best = perm[best]
     out = (logz, nk, sx, sq) + ((best,) if return_best else ())
     return out + (row_bits,) if return_row_bits else out
 
 
-def reduce_partials(nk_part, sx_part, sq_part, means, inv, perm=None):
+def reduce_partials(nk_part, sx_part, sq_part, means, inv, perm=None, dtype=torch.float32):
     """The statistics from pass 2's per-slab partials: a fixed-order float64 sum over the S slabs with the units
     undone, in two launches and without a host sync. nk_part (S, K), sx_part (S, K, D), sq_part (S, K, D) (diag:
     scaled Sxx) or (S, K) (spherical: scaled Sq), float32, in kernel component order; means (K, D) float32
     (diag: Sq = Sxx - 2 mu Sx + Nk mu^2); inv (3,) float64 (``Params.inv``); perm (K,) int64 or None (kernel
-    component j is perm[j]). Returns nk (K,), sx (K, D) and sq (K, D) or (K,), float32 in the caller's order."""
+    component j is perm[j]). Returns nk (K,), sx (K, D) and sq (K, D) or (K,) in the caller's order, of ``dtype``
+    (float32, or float64: the float64 sums unrounded)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     slabs, k, d = sx_part.shape
     diag = sq_part.ndim == 3
     dev = sx_part.device
-    nk = torch.empty(k, dtype=torch.float32, device=dev)
-    sx = torch.empty((k, d), dtype=torch.float32, device=dev)
-    sq = torch.empty((k, d) if diag else (k,), dtype=torch.float32, device=dev)
+    nk = torch.empty(k, dtype=dtype, device=dev)
+    sx = torch.empty((k, d), dtype=dtype, device=dev)
+    sq = torch.empty((k, d) if diag else (k,), dtype=dtype, device=dev)
     block, s_block = REDUCE_SIZES["diag" if diag else "spherical"]
     s_block = min(s_block, triton.next_power_of_2(slabs))
     perm_arg = perm if perm is not None else nk                  # (written back to the caller's component order)

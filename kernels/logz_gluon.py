@@ -278,7 +278,7 @@ def launch_diag_logz(x, params, k, center, skip, row_bits=None, x2=None, logz=No
     center=center, skip=skip, row_bits=row_bits, x2=x2, order=order, lzp=lzp, copy=copy, gaps=gaps)`` (which calls
     it on Hopper GPUs) and with the same outputs bit for bit: logZ (n,) float32 by row (a new tensor, or ``logz``),
     and filled in place when given: ``x2`` (n,) float32, ``lzp`` (n,) float32 and the operand copy
-    ``copy = (xo, xq, xql)`` ((n, D) float16 each; "tf32" only) by position, ``row_bits`` (n,) int32/int64 by row,
+    ``copy = (xo, xq, xql)`` ((n, D) float16 each; "tf32" only) by position, ``row_bits`` (n,) int16/int32/int64 by row,
     ``gaps`` (cdiv(n, 64),) int64. x (n, D) float32 contiguous; params from ``estep.prepare`` (diag; "tf32" with A
     in two fp16 terms, or bf16: the precision follows the operands' dtype); order an ``estep.RowOrder``."""
     n, d = x.shape

@@ -300,7 +300,7 @@ def test_block_skipping_is_exact_to_its_threshold(diag):
     need = torch.stack([(gaps.cpu() >> b) & 1 for b in range(n_blocks)], 1).bool()
     assert need[true_max >= -40 + 1e-3].all(), "a pair with responsibilities above 2^-40 would be dropped"
     assert (~need).float().mean() > 0.3, "too few pairs dropped for the test to mean anything"
-    work, counts = (t.cpu() for t in kestep._work_lists(gaps, n_blocks))
+    work, counts = (t.cpu() for t in kestep._work_lists(gaps, n_blocks)[:2])
     for b in range(n_blocks):
         assert work[b, :int(counts[b])].tolist() == torch.nonzero(need[:, b]).flatten().tolist()
 
@@ -317,18 +317,20 @@ def test_work_lists_hold_every_set_bit_in_ascending_order(block, monkeypatch):
     gaps = (torch.rand(n_tiles, n_blocks, generator=g) < 0.2).long()
     gaps[::97] = 0                                                  # tiles that need no block at all
     bits = (gaps << torch.arange(n_blocks)).sum(1).to(DEVICE)
-    work, counts = (t.cpu() for t in kestep._work_lists(bits, n_blocks))
+    work, counts = (t.cpu() for t in kestep._work_lists(bits, n_blocks)[:2])
     for b in range(n_blocks):
         want = torch.nonzero(gaps[:, b]).flatten().tolist()
         assert int(counts[b]) == len(want) and work[b, :len(want)].tolist() == want, f"block {b}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("perm", [False, True], ids=["own-order", "permuted"])
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
-def test_reduce_partials_matches_a_float64_sum(diag, perm):
+def test_reduce_partials_matches_a_float64_sum(diag, perm, dtype):
     # the fixed-order float64 reduction of pass 2's per-slab partials: sums over S slabs (19: not a multiple of the
     # slabs per load), units undone (INV), written back in the caller's component order, and for diag the
-    # centring Sq = Sxx - 2 mu Sx + Nk mu^2 (clamped at 0), against float64 torch
+    # centring Sq = Sxx - 2 mu Sx + Nk mu^2 (clamped at 0), against float64 torch; float32 outputs rounded,
+    # float64 ones (what a fit's E-step asks for) to float64's resolution
     g = torch.Generator().manual_seed(9)
     s, k, d = 19, 37, 20                                            # K D = 740: several programs
     nk_p = torch.rand(s, k, generator=g)
@@ -338,7 +340,7 @@ def test_reduce_partials_matches_a_float64_sum(diag, perm):
     inv = torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64)
     cp = torch.randperm(k, generator=g) if perm else None
     got = kestep.reduce_partials(*(t.to(DEVICE) for t in (nk_p, sx_p, sq_p, means, inv)),
-                                 cp.to(DEVICE) if perm else None)
+                                 cp.to(DEVICE) if perm else None, dtype=dtype)
     nk, sx = nk_p.double().sum(0), sx_p.double().sum(0) * inv[0]
     if diag:
         mu = (means[cp] if perm else means).double()                  # caller's means in kernel order
@@ -348,8 +350,8 @@ def test_reduce_partials_matches_a_float64_sum(diag, perm):
     if perm:                                                        # kernel component j is the caller's cp[j]
         nk, sx, sq = (torch.empty_like(t).index_copy_(0, cp, t) for t in (nk, sx, sq))
     for name, t, r in zip(("nk", "sx", "sq"), got, (nk, sx, sq)):
-        assert t.dtype == torch.float32 and t.shape == r.shape, name
-        assert_close(name, t.cpu(), r, 1e-6)
+        assert t.dtype == dtype and t.shape == r.shape, name
+        assert_close(name, t.cpu(), r, 1e-6 if dtype == torch.float32 else 1e-13)
 
 
 @pytest.mark.parametrize("floor", [False, True], ids=["no-floor", "bf16-floor"])
@@ -423,7 +425,7 @@ def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
     clear = top2[:, 0] - top2[:, 1] > (1e-2 if precision == "ieee" else 2.0)
     assert clear.sum() > 100
     assert got[4].dtype == torch.int64 and torch.equal(got[4].cpu()[clear], lp.argmax(1)[clear])
-    # the per-row bits against the final maximum (int32 and int64 outputs): set for every block whose largest
+    # the per-row bits against the final maximum (int16, int32 and int64 outputs): set for every block whose largest
     # log2 r reaches -skip, clear for every block below it, whatever the visiting order; slack for the logits'
     # error: 1e-3 (fp32 products), 2 (log2 units) for "tf32" on a GPU (11-bit operands: ~0.5 nats here)
     slack = 1e-3 if precision == "ieee" else 2.0
@@ -435,7 +437,7 @@ def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
     block_max = pad.reshape(n, n_blocks, fk).amax(2)
     row_max = block_max.amax(1, keepdim=True)
     for skip in (40.0, 6.0):
-        for dtype in (torch.int32, torch.int64):
+        for dtype in (torch.int16, torch.int32, torch.int64):
             bits = torch.empty(n, dtype=dtype, device=DEVICE)
             kestep.launch_logz(x, params, k, diag, precision, skip=skip, row_bits=bits)
             has = torch.stack([(bits.cpu().long() >> b) & 1 for b in range(n_blocks)], 1).bool()
@@ -445,20 +447,51 @@ def test_sort_rows_in_the_call_matches_dense(poisoned, diag, precision):
             assert (bits.cpu().long() >> n_blocks == 0).all()
             if skip == 6.0:
                 assert 0.2 < has.float().mean() < 0.9, "the bits are too uniform for the test to mean anything"
-    # the tile bits of an order: the OR of its rows' bits per FLAG_ROWS positions
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1)).int().to(DEVICE)
-    row_bits = torch.randint(0, 2 ** 31 - 1, (n,), generator=torch.Generator().manual_seed(2)).int().to(DEVICE)
-    gaps = kestep.tile_bits(row_bits, rows).cpu()
+    # the tile bits of an order (int32 or int64 positions): the OR of its rows' bits per FLAG_ROWS positions; int16
+    # bits hold 16 blocks, bit 15 wrapped to the sign (the transient order's sort keys), and come back unsigned.
+    # With logZ (and ||x||^2) the same launch gathers pass 2's position-ordered inputs and the int32 order
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    row_bits = torch.randint(0, 2 ** 31 - 1, (n,), generator=torch.Generator().manual_seed(2))
+    per_row = torch.randn(2, n, generator=torch.Generator().manual_seed(3))
     fr = kestep.FLAG_ROWS
-    want = [0] * (-(-n // fr))
-    for p, r in enumerate(rows.cpu().tolist()):
-        want[p // fr] |= int(row_bits[r])
-    assert gaps.tolist() == want
+    for rows_dtype, bits_dtype in ((torch.int32, torch.int32), (torch.int64, torch.int16)):
+        rb = row_bits & 0xFFFF if bits_dtype == torch.int16 else row_bits
+        assert bits_dtype != torch.int16 or (rb >= 2 ** 15).any()
+        want = [0] * (-(-n // fr))
+        for p, r in enumerate(rows.tolist()):
+            want[p // fr] |= int(rb[r])
+        bits_d, rows_d = rb.to(bits_dtype).to(DEVICE), rows.to(rows_dtype).to(DEVICE)
+        assert kestep.tile_bits(bits_d, rows_d).cpu().tolist() == want, bits_dtype
+        for x2 in (None, per_row[1].to(DEVICE)):
+            gaps, rows32, lzp, x2p = kestep.tile_bits(bits_d, rows_d, per_row[0].to(DEVICE), x2)
+            assert gaps.cpu().tolist() == want and rows32.dtype == torch.int32
+            assert torch.equal(rows32.cpu(), rows.int()) and torch.equal(lzp.cpu(), per_row[0][rows])
+            assert x2p is None if x2 is None else torch.equal(x2p.cpu(), per_row[1][rows])
     with pytest.raises(ValueError, match="sort_rows=True builds its own"):
         kestep.estep(x, means, var, lw, params=params, sort_rows=True,
                      order=kestep.row_order(got[4], perm))
-    with pytest.raises(ValueError, match="row_bits must be int32"):
+    with pytest.raises(ValueError, match="row_bits must be int16"):
         kestep.launch_logz(x, params, k, diag, precision, row_bits=torch.empty(n - 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("n_blocks", [1, 11, 64])
+def test_work_lists_rank_the_blocks_as_a_stable_descending_argsort(n_blocks):
+    # with rank=True the work-list kernel's last program (by an acquire-release ticket) ranks the blocks by their
+    # counts, longest list first, ties by block index: the sparse pass 2's heavy-first launch order, against torch's
+    # stable descending argsort of the counts it returns; with tied counts (equal columns, empty blocks) and bit 63
+    # set (64 blocks: the bit sets are negative int64)
+    g = torch.Generator().manual_seed(n_blocks)
+    n_tiles = 300 + 7
+    gaps = (torch.rand(n_tiles, n_blocks, generator=g) < torch.rand(n_blocks, generator=g)).long()
+    if n_blocks > 1:
+        gaps[:, n_blocks // 2] = gaps[:, 0]                         # a tie
+        gaps[:, -1] = 0                                             # an empty block
+    bits = (gaps << torch.arange(n_blocks)).sum(1).to(DEVICE)
+    work, counts, order = kestep._work_lists(bits, n_blocks, rank=True)
+    assert counts.cpu().tolist() == gaps.sum(0).tolist()
+    want = torch.argsort(counts.cpu(), descending=True, stable=True)
+    assert order.dtype == torch.int32 and order.cpu().tolist() == want.tolist()
+    assert kestep._work_lists(bits, n_blocks)[2] is None
 
 
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
@@ -471,7 +504,7 @@ def test_sparse_pass2_heavy_first_launch_order_changes_nothing(diag, monkeypatch
     perm = kestep.component_order(means, block=kestep.FLAG_K)
     params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x), comp_perm=perm)
     _, _, _, gaps = kestep.transient_order(x, params, k, diag, "tf32")
-    _, counts = kestep._work_lists(gaps, -(-k // kestep.FLAG_K))
+    _, counts, _ = kestep._work_lists(gaps, -(-k // kestep.FLAG_K))
     order = torch.argsort(counts, descending=True, stable=True).cpu()
     assert not torch.equal(order, torch.arange(len(counts))), "equal-length work lists: the order is not exercised"
     first = kestep.estep(x, means, var, lw, precision="tf32", params=params, return_best=True)
