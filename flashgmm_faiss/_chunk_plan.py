@@ -39,11 +39,14 @@ PARTIAL_BYTES = 16 << 20         # kernels.estep.PARTIAL_BYTES (not imported: th
 ESTEP_ROW_BYTES = 16
 ORDER_ROW_BYTES = 48
 # the E-step on a transient row order (kernels.estep's sort_rows, when the fit keeps no orders) runs in two phases
-# that never hold their buffers at once. Pass 1 and the argsort: per-row block bits and argmax (4 + 4), the 16-bit
-# sort keys (2), the argsort's int64 result and its int32 copy (12), the radix sort's scratch. The sparse pass 2 and
-# the reduction, beside the per-slab partial sums: the order (4), logZ in the order (4), ||x||^2 in the order while
-# the unordered one is alive (4, spherical), the work lists (~1). Measured on an H100 (bench_ann/estep_memory.py,
-# K=1024, D=128, logZ and ||x||^2 included): 46.2 and 17.1 bytes per row; the constants add ~20 % and ~40 %
+# that never hold their buffers at once. Pass 1 and the argsort: per-row block bits (the 16-bit sort keys
+# themselves up to 16 blocks since v40, else 4 and a 2-byte key copy; argmax 4 only for the argmax key), the
+# argsort's int64 result (8) and the radix sort's scratch, then the tile-bits launch's int32 order (4), logZ in the
+# order (4) and ||x||^2 in the order (4, spherical) beside the int64 result. The sparse pass 2 and the reduction,
+# beside the per-slab partial sums: the order (4), logZ in the order (4), ||x||^2 in the order while the unordered
+# one is alive (4, spherical), the work lists (~1). Measured on an H100 before v40 (bench_ann/estep_memory.py,
+# K=1024, D=128, logZ and ||x||^2 included): 46.2 and 17.1 bytes per row; the constants add ~20 % and ~40 % (v40's
+# narrower bits and fewer copies only lower the first phase; the working_memory=64 GPU test passed on v40)
 SORT_ROW_BYTES = 40
 PASS2_ROW_BYTES = 8
 KMEANS_ROW_BYTES = 80
