@@ -79,7 +79,7 @@ def _compare(ke, variants, *problem):
 def _work_balance(ke, x, means, var, lw, center, params):
     """Kept pairs per component block (the work lists' counts): max / mean and the fraction of all pairs."""
     k = means.shape[0]
-    _, _, _, gaps = ke.transient_order(x, params, k, True, "tf32", center=center)
+    gaps = ke.transient_order(x, params, k, True, "tf32", center=center)[3]
     _, counts, _ = ke._work_lists(gaps, -(-k // ke.FLAG_K))
     c = counts.double()
     return {"counts": counts.tolist(), "max_over_mean": float(c.max() / c.mean()),

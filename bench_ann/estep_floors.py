@@ -89,7 +89,7 @@ def run(args):
     k, d, n = args.k, args.d, args.n
     x, means, var, lw, center, params, fit_s = diag_fit_state(n, k, d, args.clusters, args.kmeans_iter,
                                                               args.em_iter)
-    _, _, _, gaps = ke.transient_order(x, params, k, True, "tf32", center=center)
+    gaps = ke.transient_order(x, params, k, True, "tf32", center=center)[3]
     n_tiles, n_blocks = gaps.shape[0], triton.cdiv(k, ke.FLAG_K)
     per_block = [int(((gaps >> b) & 1).sum()) for b in range(n_blocks)]    # the kept tiles of each block
     pairs = sum(per_block)

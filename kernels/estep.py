@@ -1480,17 +1480,15 @@ def _argsort_bits(row_bits, n_blocks):
     return torch.argsort(row_bits.to(torch.int16) if n_blocks <= 16 else row_bits, stable=True)
 
 
-def transient_order(x, params: Params, k, diag, precision, center=None, x2=None, skip=None, with_best=False,
-                    gather=False):
+def transient_order(x, params: Params, k, diag, precision, center=None, x2=None, skip=None, with_best=False):
     """Pass 1 in the rows' own order with each row's exact block bits, then an order of the rows that groups them
     (:data:`TRANSIENT_SORT_KEY`: by block bit set, or by most likely component in the kernel order, grouped by
     prepare's ``comp_perm`` when one is given): the first half of ``estep(sort_rows=True)``. Returns ``(logz,
-    best, rows, gaps)``: logZ (n,) float32 and best (n,) int32 (kernel component index; None unless ``with_best``
-    or the argmax key) by row, rows (n,) int32 (position -> row, stable) and the order's per-tile block bits
-    (cdiv(n, FLAG_ROWS),) int64 (:func:`tile_bits`). ``x2``: as in :func:`launch_logz` (by row). ``gather``: also
-    ``lzp`` = logZ[rows] and ``x2p`` = x2[rows] (None without x2), pass 2's position-ordered inputs, from the tile
-    bits' launch: returns ``(logz, best, rows, gaps, lzp, x2p)``. The row bits are int16 for at most 16 blocks (the
-    sort's keys: no copy)."""
+    best, rows, gaps, lzp, x2p)``: logZ (n,) float32 and best (n,) int32 (kernel component index; None unless
+    ``with_best`` or the argmax key) by row, rows (n,) int32 (position -> row, stable), the order's per-tile block
+    bits (cdiv(n, FLAG_ROWS),) int64, and pass 2's position-ordered inputs lzp = logZ[rows] and x2p = x2[rows]
+    (None without x2), all from one :func:`tile_bits` launch. ``x2``: as in :func:`launch_logz` (by row). The row
+    bits are int16 for at most 16 blocks (the sort's keys: no copy)."""
     if TRANSIENT_SORT_KEY not in ("bits", "argmax"):
         raise ValueError(f"TRANSIENT_SORT_KEY must be 'bits' or 'argmax', got {TRANSIENT_SORT_KEY!r}")
     n = x.shape[0]
@@ -1502,8 +1500,8 @@ def transient_order(x, params: Params, k, diag, precision, center=None, x2=None,
     logz, _ = launch_logz(x, params, k, diag, precision, with_argmax=with_best, x2=x2, center=center, skip=skip,
                           best=best, row_bits=row_bits)
     rows = _argsort_bits(row_bits, n_blocks) if by_bits else _argsort_components(best, k)    # int64
-    gaps, rows32, lzp, x2p = tile_bits(row_bits, rows, logz, x2 if gather else None)
-    return (logz, best, rows32, gaps) + ((lzp, x2p) if gather else ())
+    gaps, rows32, lzp, x2p = tile_bits(row_bits, rows, logz, x2)
+    return logz, best, rows32, gaps, lzp, x2p
 
 
 PARTIAL_BYTES = 16 << 20    # bound of the Sx partials (S x K x D float32): caps the slab count for large K D
@@ -1610,7 +1608,7 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
     if sort_rows:
         # pass 2 reads logZ (and, spherical, ||x||^2) by position: gathered with the tile bits
         logz, best, rows, gaps, lzp, x2 = transient_order(x, params, k, diag, precision, center=center, x2=x2,
-                                                          skip=skip, with_best=return_best, gather=True)
+                                                          skip=skip, with_best=return_best)
         order = RowOrder(rows, rows)            # the hint is not read by pass 2
         best = best.long() if return_best else None
     else:

@@ -503,7 +503,7 @@ def test_sparse_pass2_heavy_first_launch_order_changes_nothing(diag, monkeypatch
     k = means.shape[0]
     perm = kestep.component_order(means, block=kestep.FLAG_K)
     params = kestep.prepare(means, var, lw, "tf32", kestep.absmax(x), comp_perm=perm)
-    _, _, _, gaps = kestep.transient_order(x, params, k, diag, "tf32")
+    gaps = kestep.transient_order(x, params, k, diag, "tf32")[3]
     _, counts, _ = kestep._work_lists(gaps, -(-k // kestep.FLAG_K))
     order = torch.argsort(counts, descending=True, stable=True).cpu()
     assert not torch.equal(order, torch.arange(len(counts))), "equal-length work lists: the order is not exercised"
@@ -541,10 +541,11 @@ def test_transient_order_groups_equal_block_bits(poisoned, diag, monkeypatch):
         kestep.estep(x, means, var, lw, precision="ieee", params=params, sort_rows=True, return_row_bits=True)
     for key in ("bits", "argmax"):
         monkeypatch.setattr(kestep, "TRANSIENT_SORT_KEY", key)
-        logz, best, rows, gaps = kestep.transient_order(x, params, k, diag, "ieee")
+        logz, best, rows, gaps, lzp, _ = kestep.transient_order(x, params, k, diag, "ieee")
         rows = rows.cpu().long()
         assert sorted(rows.tolist()) == list(range(n))
         assert gaps.cpu().tolist() == kestep.tile_bits(bits.int().to(DEVICE), rows.int().to(DEVICE)).cpu().tolist()
+        assert torch.equal(lzp.cpu(), logz.cpu()[rows])            # pass 2's logZ, in the order
         assert_close(f"{key} logZ", logz, dense[0], 1e-6)
         if key == "bits":
             assert best is None
