@@ -1616,6 +1616,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
         row_bits = _row_bits_buffer(n, n_blocks, dev) if return_row_bits else None
         logz, best = launch_logz(x, params, k, diag, precision, with_argmax=return_best, x2=x2, center=center,
                                  copy=copy, order=order, lzp=lzp, gaps=gaps, skip=skip, row_bits=row_bits)
+    # ORDER gets an int32 tensor with the flag on or off: the autotuner keys on the tensor arguments' dtypes, and a
+    # None here would tune the two launch orders separately (a different BLOCK_M, different sums)
     heavy_first = sparse and PASS2_HEAVY_FIRST
     work, counts, block_order = (_work_lists(gaps, n_blocks, pair_counts, rank=heavy_first) if sparse
                                  else (logz, logz, logz))
@@ -1634,7 +1636,8 @@ def estep(x, means, var, log_weights, precision="tf32", center=None, x_absmax=No
                                   xo, xq, xql, params.scales, logz if order is None else lzp,
                                   logz if x2 is None else x2,
                                   params.a, params.a_lo, params.p, params.p_lo, params.bias2, params.coef2,
-                                  params.cst, work, counts, work.shape[-1] if sparse else 0, block_order,
+                                  params.cst, work, counts, work.shape[-1] if sparse else 0,
+                                  block_order if heavy_first else counts,
                                   nk_part, sx_part, sq_part, n, k, slab_rows, slabs,
                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
                                   HAS_CENTER=center is not None, MODE=mode, COPY=copy_mode, EMU=_interpret(),
