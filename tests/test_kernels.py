@@ -519,6 +519,34 @@ def test_sparse_pass2_heavy_first_launch_order_changes_nothing(diag, monkeypatch
             assert torch.equal(a, b), f"{form}: {name} differs with the heavy-first launch order"
 
 
+def test_pass2_tensor_arguments_keep_their_dtypes_under_either_launch_order(monkeypatch):
+    # Triton's autotuner keys a launch on the dtypes of all its tensor arguments: if PASS2_HEAVY_FIRST changed one
+    # (the block order was None with the flag off until v41), the two launch orders were tuned separately and could
+    # run different tile shapes, and the bitwise comparison above failed on the GPU. The launch is recorded here
+    # (CPU) and stopped before it runs.
+    x, means, var, lw = _clustered(12 * kestep.FLAG_ROWS + 11, 3 * kestep.FLAG_K + 5, 20, False, seed=11)
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen[kwargs["HEAVY_FIRST"]] = [getattr(a, "dtype", None) for a in args]
+                raise Stop
+            return launch
+
+    monkeypatch.setattr(kestep, "_estep_stats_kernel", Recorder())
+    for flag in (False, True):
+        monkeypatch.setattr(kestep, "PASS2_HEAVY_FIRST", flag)
+        with pytest.raises(Stop):
+            kestep.estep(x, means, var, lw, precision="tf32", sort_rows=True)
+    assert set(seen) == {False, True}
+    assert seen[False] == seen[True], f"tensor argument dtypes differ: {seen[False]} vs {seen[True]}"
+
+
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_transient_order_groups_equal_block_bits(poisoned, diag, monkeypatch):
     # the transient order sorts the rows by their exact block bit sets (TRANSIENT_SORT_KEY "bits", the default):
