@@ -171,15 +171,17 @@ def main(argv=None):
                       f"{r['reduce_us']:.1f} |", flush=True)
         out["problems"][name] = info
         del problem
-        if args.out:
-            d = Path(args.out)
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "ab_pass2_order.json").write_text(json.dumps(out, indent=1))
+        _write(out, args.out)
     if args.fits:
         out["fits"] = fit_ab(ke, args.fits, args.fit_rounds, args.n, args.k, args.d, args.clusters)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "ab_pass2_order.json").write_text(json.dumps(out, indent=1))
+        _write(out, args.out)
+
+
+def _write(out, directory):
+    """``ab_pass2_order.json`` in ``directory`` (None: nothing), rewritten after each problem and the fits."""
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "ab_pass2_order.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -48,9 +48,8 @@ def _child(args):
 
 def _run_child(tree: Path, args) -> dict:
     cmd = [sys.executable, "-m", "bench_ann.ab_trees", "--child", "--tree", str(tree), "--fits", args.fits,
-           "--n", str(args.n),
-           "--k", str(args.k), "--d", str(args.d), "--clusters", str(args.clusters), "--em-iter", str(args.em_iter),
-           "--kmeans-iter", str(args.kmeans_iter)]
+           "--n", str(args.n), "--k", str(args.k), "--d", str(args.d), "--clusters", str(args.clusters),
+           "--em-iter", str(args.em_iter), "--kmeans-iter", str(args.kmeans_iter)]
     harness = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run(cmd, cwd=harness, env=env, capture_output=True, text=True)
