@@ -6,9 +6,10 @@ meaning of the same-named functions in ``_torch_backend``. The kernels live in `
 (``kernels/`` in the source tree); they are imported lazily so that importing this module costs nothing and
 never touches Triton unless a method runs.
 
-Rows wider than the kernels' single-tile limit (D > 256), and ``max_assign > 16``, fall back to the torch
-implementation, run on pieces of the chunk whose (rows, K) matrices hold at most ``TORCH_PIECE_ELEMENTS`` entries
-(the chunks are sized for the kernels' O(rows D) buffers, not for O(rows K) ones).
+Rows wider than the kernels' single-tile limit (D > 256) fall back to the torch implementation, run on pieces of
+the chunk whose (rows, K) matrices hold at most ``TORCH_PIECE_ELEMENTS`` entries (the chunks are sized for the
+kernels' O(rows D) buffers, not for O(rows K) ones). ``assign`` runs the top-M kernel for copy caps up to
+``kernels.assign.TOPK_MAX_ASSIGN`` and the threshold kernel for larger caps and no cap (O(rows + entries) memory).
 
 Sparse E-step during a fit: ``GaussianMixture.fit`` calls :meth:`TritonBackend.begin_em_iteration` before each EM
 iteration and :meth:`TritonBackend.fit_estep` with the chunk's first row as its key. The backend keeps one
@@ -35,11 +36,6 @@ from ._torch_backend import EStepStats
 
 PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
 MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
-# The fused top-M kernel keeps M entries per row in registers and merges each block in M unrolled rounds: it is
-# the right tool for IVF copy caps (1..16); past that its compile time and O(n K M) merge cost exceed the torch
-# path (one chunk-sized GEMM + topk), which is used instead. The kernel itself accepts up to
-# kernels.assign.MAX_ASSIGN = 64.
-MAX_ASSIGN = 16
 # Row orders (sparse E-step): built in the first EM iteration, then rebuilt every ORDER_REFRESH-th (the argmax
 # costs pass 1 ~0.2 ms and the argsort 0.11 ms per 1M rows on an H200; the orders age slowly once k-means has
 # placed the means); at most TritonBackend.order_bytes of device memory for them (8 bytes per row; a rebuild needs one
@@ -397,7 +393,7 @@ class TritonBackend:
         return self._k().kmeans_step(x, centroids, precision=self.precision, center=center, x_absmax=self.x_absmax)
 
     def assign(self, x, means, var, log_weights, tau: float, max_assign: int, center=None):
-        if x.shape[1] > MAX_D or min(int(max_assign), means.shape[0]) > MAX_ASSIGN:
+        if x.shape[1] > MAX_D:
             return self._torch_pieces(_tb.assign, x, means.shape[0], means, var, log_weights, tau, max_assign,
                                       center)
         return self._k().assign(x, means, var, log_weights, tau, max_assign, precision=self.precision,

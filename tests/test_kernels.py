@@ -903,6 +903,44 @@ def test_score_matches_float64(poisoned, n, k, d, diag):
     assert torch.equal(best.cpu()[clear], lp.argmax(1)[clear])
 
 
+def _check_assign_against_float64(x, means, var, lw, tau, m, counts, lists, resp, tie=2e-5, rtol=5e-5):
+    """The CSR triple of an assign() call: the contract's invariants, and the float64 reference's components
+    (top m above tau, always the best) on every row without a tie or tau-crossing within ``tie`` (relative: the
+    logits' absolute error in nats), with responsibilities within ``rtol``."""
+    n, k = x.shape[0], means.shape[0]
+    x64, m64, v64, w64 = (t.double().cpu() for t in (x, means, var, lw))
+    lp = tb.log_prob(x64, m64, v64, w64)
+    r = torch.exp(lp - torch.logsumexp(lp, 1, keepdim=True))
+    top_r, top_k = r.topk(min(m + 1, k), dim=1)      # one past the cap: a tie there makes the set ambiguous
+    counts, lists, resp = counts.cpu(), lists.cpu(), resp.cpu()
+    assert counts.dtype == torch.int64 and lists.dtype == torch.int64 and resp.dtype == torch.float32
+    assert counts.shape == (n,) and int(counts.sum()) == lists.numel() == resp.numel()
+    assert (counts >= 1).all() and (counts <= m).all()
+    assert ((lists >= 0) & (lists < k)).all()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    checked = 0
+    for i in range(n):
+        li, ri = lists[offsets[i]:offsets[i + 1]], resp[offsets[i]:offsets[i + 1]]
+        assert (ri[1:] > tau).all(), f"row {i}: kept a component at or below tau"
+        assert (ri[:-1] >= ri[1:]).all(), f"row {i}: not sorted best first"
+        assert li.unique().numel() == li.numel(), f"row {i}: duplicate component"
+        # against float64: same components, unless the reference has a float32-level tie (relative: float32
+        # logits are good to ~1e-5 nats) among its kept ones and the next, or a tau-crossing (or an underflow)
+        ref_keep = (top_r[i][:m] > tau)
+        ref_keep[0] = True
+        near = top_r[i][:min(int(ref_keep.sum()) + 1, top_r.shape[1])]
+        ambiguous = ((top_r[i] - tau).abs() <= tie * torch.clamp(top_r[i], min=tau) + 1e-30).any() or \
+            (near[:-1] - near[1:] <= tie * near[:-1]).any()
+        if not ambiguous:
+            checked += 1
+            want_k, want_r = top_k[i][:m][ref_keep], top_r[i][:m][ref_keep]
+            assert torch.equal(li, want_k), f"row {i}: {li.tolist()} != {want_k.tolist()}"
+            # fp32 logits in the expanded form (x^2 p - 2 x mu p + mu^2 p: terms of ~100 here, so ~1e-5 absolute
+            # per logit) and, on a GPU, the approximate ex2/lg2: 1.2e-5 measured on an H100, 1e-5 was too tight
+            assert torch.allclose(ri.double(), want_r, rtol=rtol, atol=1e-7)
+    assert checked >= n // 2, f"only {checked} of {n} rows unambiguous"
+
+
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 @pytest.mark.parametrize("n,k,d", SHAPES)
 @pytest.mark.parametrize("tau,max_assign", [(0.05, 3), (0.0, 64), (0.2, 1), (1e-4, 5)])
@@ -910,32 +948,91 @@ def test_assign_matches_float64(poisoned, n, k, d, diag, tau, max_assign):
     x, means, var, lw = _problem(n, k, d, diag, seed=11 + n + k + d)
     x = x * 0.3  # overlapping components: several per row above tau
     counts, lists, resp = kassign.assign(x, means, var, lw, tau, max_assign, precision="ieee")
-    x64, m64, v64, w64 = (t.double().cpu() for t in (x, means, var, lw))
-    lp = tb.log_prob(x64, m64, v64, w64)
-    r = torch.exp(lp - torch.logsumexp(lp, 1, keepdim=True))
-    m = min(max_assign, k)
-    top_r, top_k = r.topk(m, dim=1)
-    # invariants of the contract
-    counts, lists, resp = counts.cpu(), lists.cpu(), resp.cpu()
-    assert counts.dtype == torch.int64 and lists.dtype == torch.int64 and resp.dtype == torch.float32
-    assert counts.shape == (n,) and int(counts.sum()) == lists.numel() == resp.numel()
-    assert (counts >= 1).all() and (counts <= m).all()
-    assert ((lists >= 0) & (lists < k)).all()
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    for i in range(n):
-        li, ri = lists[offsets[i]:offsets[i + 1]], resp[offsets[i]:offsets[i + 1]]
-        assert (ri[1:] > tau).all(), f"row {i}: kept a component at or below tau"
-        assert (ri[:-1] >= ri[1:]).all(), f"row {i}: not sorted best first"
-        assert li.unique().numel() == li.numel(), f"row {i}: duplicate component"
-        # against float64: same components, unless the reference has a float32-level tie or tau-crossing
-        ref_keep = (top_r[i] > tau)
-        ref_keep[0] = True
-        ambiguous = ((top_r[i] - tau).abs() < 1e-5).any() or (top_r[i][:-1] - top_r[i][1:] < 1e-5).any()
-        if not ambiguous:
-            assert torch.equal(li, top_k[i][ref_keep]), f"row {i}: {li.tolist()} != {top_k[i][ref_keep].tolist()}"
-            # fp32 logits in the expanded form (x^2 p - 2 x mu p + mu^2 p: terms of ~100 here, so ~1e-5 absolute
-            # per logit) and, on a GPU, the approximate ex2/lg2: 1.2e-5 measured on an H100, 1e-5 was too tight
-            assert torch.allclose(ri.double(), top_r[i][ref_keep], rtol=5e-5, atol=1e-7)
+    _check_assign_against_float64(x, means, var, lw, tau, min(max_assign, k), counts, lists, resp)
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("n,k,d", SHAPES)
+@pytest.mark.parametrize("tau,max_assign", [(None, None), (0.0, None), (0.05, 2), (0.99, None), (1e-4, 1000)])
+def test_threshold_assign_matches_float64(poisoned, n, k, d, diag, tau, max_assign):
+    # the threshold kernel (any cap, or none): tau None is the paper's 1/K; 0.99 keeps only the best components
+    x, means, var, lw = _problem(n, k, d, diag, seed=13 + n + k + d)
+    x = x * 0.3
+    tau = 1.0 / k if tau is None else tau
+    counts, lists, resp = kassign.threshold_assign(x, means, var, lw, tau, max_assign, precision="ieee")
+    m = k if max_assign is None else min(max_assign, k)
+    _check_assign_against_float64(x, means, var, lw, tau, m, counts, lists, resp)
+    if tau == 0.99:
+        assert torch.equal(counts.cpu(), torch.ones(n, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_assign_routes_large_caps_to_the_threshold_kernel_with_the_same_result(monkeypatch, diag):
+    x, means, var, lw = _problem(50, 13, 17, diag, seed=5)
+    x = x * 0.3
+    tau = 1.0 / 13
+    calls = []
+    real = kassign.threshold_assign
+    monkeypatch.setattr(kassign, "threshold_assign", lambda *a, **kw: calls.append(a[5]) or real(*a, **kw))
+    small = kassign.assign(x, means, var, lw, tau, 3, precision="ieee")      # top-M kernel
+    assert calls == []
+    monkeypatch.setattr(kassign, "TOPK_MAX_ASSIGN", 2)
+    large = kassign.assign(x, means, var, lw, tau, 3, precision="ieee")      # cap 3 > 2: threshold kernel
+    uncapped = kassign.assign(x, means, var, lw, tau, None, precision="ieee")
+    assert calls == [3, None]
+    for u, v in zip(small, large):
+        assert torch.equal(u, v)
+    assert int(uncapped[0].max()) > 3      # the cap mattered
+    assert torch.equal(uncapped[0].clamp(max=3), large[0])
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_threshold_kernel_store_forms_agree(poisoned, monkeypatch, diag):
+    # the two ways _threshold_kernel places a block's entries (extraction rounds, rank product): same output
+    x, means, var, lw = _problem(50, 13, 17, diag, seed=8)
+    x = x * 0.3
+    out = []
+    for extract in (True, False):
+        monkeypatch.setattr(kassign, "THRESHOLD_EXTRACT", extract)
+        out.append(kassign.threshold_assign(x, means, var, lw, 0.01, None, precision="ieee", width=2))
+    assert int(out[0][0].max()) > 2        # some rows relaunched
+    for u, v in zip(*out):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("max_assign", [None, 3])
+def test_threshold_assign_relaunches_rows_that_overflow_their_slots(monkeypatch, diag, max_assign):
+    # one slot per row at first: every row with two or more entries runs again with 2, 4, ... slots; the result
+    # equals a single launch with room for every component, and each relaunch visits only the rows still open
+    x, means, var, lw = _problem(64, 16, 16, diag, seed=9)
+    x = x * 0.3
+    launches = []
+    real = kassign._threshold_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((args[kassign_arg("M")], kwargs["W"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    def kassign_arg(name):
+        return list(inspect.signature(real.fn).parameters).index(name)
+
+    monkeypatch.setattr(kassign, "_threshold_kernel", Recorder())
+    narrow = kassign.threshold_assign(x, means, var, lw, 1.0 / 16, max_assign, precision="ieee", width=1)
+    steps = list(launches)
+    launches.clear()
+    wide = kassign.threshold_assign(x, means, var, lw, 1.0 / 16, max_assign, precision="ieee", width=16)
+    assert launches == [(64, 16)]
+    for u, v in zip(narrow, wide):
+        assert torch.equal(u, v)
+    widths = [w for _, w in steps]
+    rows = [m for m, _ in steps]
+    assert widths[:3] == [1, 2, 4] and rows[0] == 64 and all(a > b for a, b in zip(rows, rows[1:]))
+    full = kassign.threshold_assign(x, means, var, lw, 1.0 / 16, None, precision="ieee", width=16)[0]
+    assert rows[1] == int((full > 1).sum()) and rows[2] == int((full > 2).sum())
 
 
 # ------------------------------------------------------------------------------------------------ column statistics
@@ -1395,6 +1492,62 @@ def test_gpu_odd_shapes_and_reproducible(d, diag):
     assert (counts >= 1).all() and (counts <= 8).all() and int(counts.sum()) == lists.numel()
 
 
+def _padded_lists(counts, lists, resp, rows):
+    """The first ``rows`` rows of a CSR triple as (rows, width) components (-1 past a row's end) and
+    responsibilities (0 there), on the host."""
+    counts = counts[:rows].cpu().long()
+    nnz = int(counts.sum())
+    width = max(1, int(counts.max()))
+    row = torch.repeat_interleave(torch.arange(rows), counts)
+    pos = torch.arange(nnz) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    li = torch.full((rows, width), -1, dtype=torch.int64)
+    ri = torch.zeros((rows, width), dtype=torch.float64)
+    li[row, pos] = lists[:nnz].cpu().long()
+    ri[row, pos] = resp[:nnz].cpu().double()
+    return li, ri
+
+
+def _same_lists(p, q, rows):
+    """Per row of the first ``rows``: whether two CSR triples list the same components in the same order; and
+    their padded responsibilities."""
+    (pl, pr), (ql, qr) = _padded_lists(*p, rows), _padded_lists(*q, rows)
+    w = max(pl.shape[1], ql.shape[1])
+    pl, ql = (torch.nn.functional.pad(t, (0, w - t.shape[1]), value=-1) for t in (pl, ql))
+    pr, qr = (torch.nn.functional.pad(t, (0, w - t.shape[1]), value=0.0) for t in (pr, qr))
+    return (pl == ql).all(1), pr, qr
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision,r_atol,agree", [("tf32", 0.05, 0.99), ("bf16", 0.15, 0.97)])
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_gpu_threshold_assign_matches_top_m_and_float64(diag, precision, r_atol, agree):
+    # raw SIFT-like rows centred in the kernels, K = 1000, an odd n: the threshold kernel (the paper's tau = 1/K,
+    # no cap) against float64 on a subsample (the 11-bit "tf32" rows move secondary responsibilities by a few
+    # percent, bf16's 8-bit ones by more; the lists must agree on almost every row), reproducible, and capped at 8
+    # the same lists as the top-M kernel on almost every row (two kernels, two launch configs)
+    n, k = 65_537, 1000
+    x = _sift_like(n, 128, k, seed=4)
+    center = x.double().mean(0).float()
+    means, var, lw = _fit_params((x - center).contiguous(), k, diag, seed=5)
+    tau = 1.0 / k
+    a = kassign.threshold_assign(x, means, var, lw, tau, None, precision=precision, center=center)
+    b = kassign.threshold_assign(x, means, var, lw, tau, None, precision=precision, center=center)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert float(a[0].double().mean()) > 1.05          # several rows have more than one component above 1/K
+    sub = 4096
+    ref = tb.assign((x[:sub] - center).double(), means.double(), var.double(), lw.double(), tau, k)
+    same, gr, rr = _same_lists(a, ref, sub)
+    assert float(same.double().mean()) >= agree, f"{int((~same).sum())} of {sub} rows differ from float64"
+    assert float((gr - rr)[same].abs().max()) <= r_atol
+    capped = kassign.threshold_assign(x, means, var, lw, tau, 8, precision=precision, center=center)
+    top = kassign.assign(x, means, var, lw, tau, 8, precision=precision, center=center)      # top-M kernel
+    assert torch.equal(capped[0], a[0].clamp(max=8))
+    same = _same_lists(capped, top, sub)[0]
+    assert float(same.double().mean()) >= 0.995, f"{int((~same).sum())} of {sub} rows differ between the kernels"
+
+
 def _pass1_outputs(form, n, d, n_blocks, order):
     """Poisoned output buffers of one pass-1 form (the launch_logz keywords) for the Gluon/Triton comparison."""
     dev = "cuda"
@@ -1768,3 +1921,6 @@ def test_estimator_on_the_kernels_matches_torch_backend(cov):
     oa, la, ra = a.assign(x, max_assign=2)
     ob, lb, rb = b.assign(x, max_assign=2)
     assert (oa == ob).all() and (la == lb).all()
+    oa, la, ra = a.assign(x)        # tau = 1/K, no cap: the threshold kernel
+    ob, lb, rb = b.assign(x)
+    assert (oa == ob).all() and (la == lb).all() and np.allclose(ra, rb, rtol=1e-4)

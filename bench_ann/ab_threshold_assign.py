@@ -1,0 +1,86 @@
+"""A/B of the threshold-assignment kernel's launch configs and a breakdown of ``kernels.threshold_assign``.
+
+On the A/B problem (``bench_kernels.ab_problem``: centred SIFT-like rows, parameters from k-means steps) it times,
+per covariance type: pass 1 with the argmax (``launch_logz``), the first launch of ``_threshold_kernel`` (all
+rows) under each config of ``CONFIGS`` (BLOCK_M, BLOCK_K, num_warps, num_stages), width of ``WIDTHS`` (slots
+per row) and store form of ``EXTRACT`` (``THRESHOLD_EXTRACT``), and the whole ``threshold_assign`` (tau = 1/K, no
+cap) under each. Writes ``ab_threshold_assign_<device>.json``.
+
+Usage: ``python -m bench_ann.ab_threshold_assign --out bench_ann/results/v42_assign``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from .bench_kernels import ab_problem, add_shape_args, add_timing_args, bench
+
+CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)]
+WIDTHS = (8, 16)
+EXTRACT = (True, False)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(ap)
+    add_timing_args(ap, rep=100)
+    ap.add_argument("--precision", default="tf32")
+    args = ap.parse_args(argv)
+    kernels = importlib.import_module("flashgmm_faiss.kernels")
+    ka = importlib.import_module("flashgmm_faiss.kernels.assign")
+    ke = importlib.import_module("flashgmm_faiss.kernels.estep")
+    x, bound, means, var_sph, var_diag, lw, _ = ab_problem(args.n, args.k, args.d, kernels, with_order=False)
+    n, d, k = x.shape[0], x.shape[1], args.k
+    tau = 1.0 / k
+    mode = ke._MODES[args.precision]
+    rows = []
+    for cov, var in (("spherical", var_sph), ("diag", var_diag)):
+        diag = cov == "diag"
+        params = ke.prepare(means, var, lw, args.precision, bound)
+        logz, best = ke.launch_logz(x, params, k, diag, args.precision, with_argmax=True)
+        rows.append({"cov": cov, "what": "pass 1 with argmax", "ms": bench(
+            lambda: ke.launch_logz(x, params, k, diag, args.precision, with_argmax=True), args.rep)})
+        print(json.dumps(rows[-1]), flush=True)
+        for cfg, width, extract in ((c, w, e) for c in CONFIGS for w in WIDTHS for e in EXTRACT):
+            lists = torch.empty((n, width), dtype=torch.int32, device="cuda")
+            resp = torch.empty((n, width), dtype=torch.float32, device="cuda")
+            counts = torch.empty(n, dtype=torch.int32, device="cuda")
+
+            def launch(cfg=cfg, width=width, lists=lists, resp=resp, counts=counts, extract=extract):
+                bm, bk, warps, stages = cfg
+                ka._threshold_kernel[(triton.cdiv(n, bm),)](
+                    x, x, logz, logz, best, params.a, params.a_lo, params.p, params.p_lo, params.bias2,
+                    params.coef2, params.cst, params.scales, lists, resp, counts, n, k, tau, D=d,
+                    BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=False, HAS_ROWS=False,
+                    MODE=mode, EMU=False, SPLIT_A=ke._split_a(mode, diag), W=width, EXTRACT=extract,
+                    BLOCK_M=bm, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+            try:
+                k_ms = bench(launch, args.rep)
+            except Exception as err:  # noqa: BLE001 (a config out of resources: recorded, not fatal)
+                rows.append({"cov": cov, "config": cfg, "width": width, "extract": extract,
+                             "error": repr(err)[:200]})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            old = (ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT)
+            ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT = cfg, width, extract
+            whole = bench(lambda: ka.threshold_assign(x, means, var, lw, tau, None, precision=args.precision,
+                                                      x_absmax=bound), args.rep)
+            ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT = old
+            over = int((counts > width).sum())
+            rows.append({"cov": cov, "config": cfg, "width": width, "extract": extract, "kernel_ms": k_ms,
+                         "whole_ms": whole, "rows_over_width": over, "entries": int(counts.sum())})
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    (out / f"ab_threshold_assign_{dev.lower().replace(' ', '_')}.json").write_text(json.dumps(
+        {"device": dev, "n": n, "k": k, "d": d, "precision": args.precision, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
