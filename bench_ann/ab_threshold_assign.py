@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-import triton
 
 from .bench_kernels import ab_problem, add_shape_args, add_timing_args, bench
 
@@ -47,30 +46,21 @@ def main(argv=None):
             lambda: ke.launch_logz(x, params, k, diag, args.precision, with_argmax=True), args.rep)})
         print(json.dumps(rows[-1]), flush=True)
         for cfg, width, extract in ((c, w, e) for c in CONFIGS for w in WIDTHS for e in EXTRACT):
-            lists = torch.empty((n, width), dtype=torch.int32, device="cuda")
-            resp = torch.empty((n, width), dtype=torch.float32, device="cuda")
-            counts = torch.empty(n, dtype=torch.int32, device="cuda")
-
-            def launch(cfg=cfg, width=width, lists=lists, resp=resp, counts=counts, extract=extract):
-                bm, bk, warps, stages = cfg
-                ka._threshold_kernel[(triton.cdiv(n, bm),)](
-                    x, x, logz, logz, best, params.a, params.a_lo, params.p, params.p_lo, params.bias2,
-                    params.coef2, params.cst, params.scales, lists, resp, counts, n, k, tau, D=d,
-                    BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag, HAS_CENTER=False, HAS_ROWS=False,
-                    MODE=mode, EMU=False, SPLIT_A=ke._split_a(mode, diag), W=width, EXTRACT=extract,
-                    BLOCK_M=bm, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+            old = (ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT)
+            ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT = cfg, width, extract
             try:
-                k_ms = bench(launch, args.rep)
+                k_ms = bench(lambda: ka._launch_threshold(x, None, params, logz, best, k, tau, diag, mode, None,
+                                                          width), args.rep)
+                counts = ka._launch_threshold(x, None, params, logz, best, k, tau, diag, mode, None, width)[2]
+                whole = bench(lambda: ka.threshold_assign(x, means, var, lw, tau, None, precision=args.precision,
+                                                          x_absmax=bound), args.rep)
             except Exception as err:  # noqa: BLE001 (a config out of resources: recorded, not fatal)
                 rows.append({"cov": cov, "config": cfg, "width": width, "extract": extract,
                              "error": repr(err)[:200]})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            old = (ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT)
-            ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT = cfg, width, extract
-            whole = bench(lambda: ka.threshold_assign(x, means, var, lw, tau, None, precision=args.precision,
-                                                      x_absmax=bound), args.rep)
-            ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT = old
+            finally:
+                ka.THRESHOLD_CONFIG, ka.THRESHOLD_WIDTH, ka.THRESHOLD_EXTRACT = old
             over = int((counts > width).sum())
             rows.append({"cov": cov, "config": cfg, "width": width, "extract": extract, "kernel_ms": k_ms,
                          "whole_ms": whole, "rows_over_width": over, "entries": int(counts.sum())})

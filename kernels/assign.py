@@ -151,8 +151,8 @@ def _threshold_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + cols
         mask_k = offs_k < K
-        s, dist = _component_logits(xh, xl, xsh, xsl, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
-                                    offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K, SPLIT_A)
+        s, _ = _component_logits(xh, xl, xsh, xsl, x2, A, A_LO, P, P_LO, BIAS2, COEF2, CST,
+                                 offs_k, mask_k, offs_d, mask_d, D, DIAG, MODE, EMU, EVEN_K, SPLIT_A)
         r = tl.exp2(s - lz2[:, None])
         keep = ((r > tau) | (offs_k[None, :] == best[:, None])) & mask_k[None, :] & mask_m[:, None]
         n_keep = tl.sum(keep.to(tl.int32), axis=1)
@@ -223,6 +223,26 @@ def topk_responsibilities(x, means, var, log_weights, max_assign, precision="tf3
     return top_r, top_i
 
 
+def _launch_threshold(x, center, params, logz, best, k, tau, diag, mode, rows, w):
+    """One ``_threshold_kernel`` launch (THRESHOLD_CONFIG, THRESHOLD_EXTRACT) on the rows ``rows`` (int64 indices
+    into x; None: all rows) with ``w`` slots per row: ``(lists (m, w) int32, resp (m, w) float32, counts (m,)
+    int64)``, slots past a row's count unwritten."""
+    n, d = x.shape
+    m = n if rows is None else rows.numel()
+    bm, bk, warps, stages = _threshold_config()
+    lists = torch.empty((m, w), dtype=torch.int32, device=x.device)
+    resp = torch.empty((m, w), dtype=torch.float32, device=x.device)
+    counts = torch.empty(m, dtype=torch.int32, device=x.device)
+    _threshold_kernel[(triton.cdiv(m, bm),)](
+        x, x if center is None else center, logz if rows is None else rows, logz, best, params.a, params.a_lo,
+        params.p, params.p_lo, params.bias2, params.coef2, params.cst, params.scales, lists, resp, counts,
+        m, k, float(tau), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
+        HAS_CENTER=center is not None, HAS_ROWS=rows is not None, MODE=mode, EMU=_interpret(),
+        SPLIT_A=_split_a(mode, diag), W=w, EXTRACT=bool(THRESHOLD_EXTRACT), BLOCK_M=bm, BLOCK_K=bk,
+        EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+    return lists, resp, counts.to(torch.int64)
+
+
 def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision="tf32", center=None,
                      x_absmax=None, width=None):
     """CSR multi-assignment by threshold: per row every component with responsibility > tau and the best one,
@@ -236,7 +256,7 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
     come from the same logits). Each row's slots are sorted by decreasing responsibility (stable: ties keep the
     lower component first) and the first min(count, max_assign) are placed at the row's CSR offset. Memory
     O(n * width) plus at most twice the entries of the relaunched rows."""
-    n, d, k = _check_inputs(x, means, var, log_weights, precision, center)
+    n, _, k = _check_inputs(x, means, var, log_weights, precision, center)
     if not (0.0 <= float(tau) < 1.0):
         raise ValueError(f"tau must be in [0, 1), got {tau!r}")
     if max_assign is not None and int(max_assign) < 1:
@@ -248,27 +268,11 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
     dev = x.device
     params = _params(x, means, var, log_weights, precision, center, x_absmax)
     logz, best = launch_logz(x, params, k, diag, precision, with_argmax=True, center=center)
-    bm, bk, warps, stages = _threshold_config()
-
-    def launch(rows, w):
-        m = n if rows is None else rows.numel()
-        lists = torch.empty((m, w), dtype=torch.int32, device=dev)
-        resp = torch.empty((m, w), dtype=torch.float32, device=dev)
-        counts = torch.empty(m, dtype=torch.int32, device=dev)
-        _threshold_kernel[(triton.cdiv(m, bm),)](
-            x, x if center is None else center, logz if rows is None else rows, logz, best, params.a, params.a_lo,
-            params.p, params.p_lo, params.bias2, params.coef2, params.cst, params.scales, lists, resp, counts,
-            m, k, float(tau), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
-            HAS_CENTER=center is not None, HAS_ROWS=rows is not None, MODE=mode, EMU=_interpret(),
-            SPLIT_A=_split_a(mode, diag), W=w, EXTRACT=bool(THRESHOLD_EXTRACT), BLOCK_M=bm, BLOCK_K=bk,
-            EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
-        return lists, resp, counts.to(torch.int64)
-
     kept = torch.empty(n, dtype=torch.int64, device=dev)
     pieces = []                     # (rows or None, lists (m, w), resp (m, w), counts (m,), done (m,) bool)
     rows, w = None, min(width, k)
     while True:
-        lists, resp, counts = launch(rows, w)
+        lists, resp, counts = _launch_threshold(x, center, params, logz, best, k, tau, diag, mode, rows, w)
         done = counts <= w
         kept_rows = counts.clamp(max=cap)
         if rows is None:

@@ -1492,31 +1492,6 @@ def test_gpu_odd_shapes_and_reproducible(d, diag):
     assert (counts >= 1).all() and (counts <= 8).all() and int(counts.sum()) == lists.numel()
 
 
-def _padded_lists(counts, lists, resp, rows):
-    """The first ``rows`` rows of a CSR triple as (rows, width) components (-1 past a row's end) and
-    responsibilities (0 there), on the host."""
-    counts = counts[:rows].cpu().long()
-    nnz = int(counts.sum())
-    width = max(1, int(counts.max()))
-    row = torch.repeat_interleave(torch.arange(rows), counts)
-    pos = torch.arange(nnz) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    li = torch.full((rows, width), -1, dtype=torch.int64)
-    ri = torch.zeros((rows, width), dtype=torch.float64)
-    li[row, pos] = lists[:nnz].cpu().long()
-    ri[row, pos] = resp[:nnz].cpu().double()
-    return li, ri
-
-
-def _same_lists(p, q, rows):
-    """Per row of the first ``rows``: whether two CSR triples list the same components in the same order; and
-    their padded responsibilities."""
-    (pl, pr), (ql, qr) = _padded_lists(*p, rows), _padded_lists(*q, rows)
-    w = max(pl.shape[1], ql.shape[1])
-    pl, ql = (torch.nn.functional.pad(t, (0, w - t.shape[1]), value=-1) for t in (pl, ql))
-    pr, qr = (torch.nn.functional.pad(t, (0, w - t.shape[1]), value=0.0) for t in (pr, qr))
-    return (pl == ql).all(1), pr, qr
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("precision,r_atol,agree", [("tf32", 0.05, 0.99), ("bf16", 0.15, 0.97)])
@@ -1526,6 +1501,7 @@ def test_gpu_threshold_assign_matches_top_m_and_float64(diag, precision, r_atol,
     # no cap) against float64 on a subsample (the 11-bit "tf32" rows move secondary responsibilities by a few
     # percent, bf16's 8-bit ones by more; the lists must agree on almost every row), reproducible, and capped at 8
     # the same lists as the top-M kernel on almost every row (two kernels, two launch configs)
+    from bench_ann.bench_assign import same_lists     # CSR comparison by rows (the benchmark's agreement column)
     n, k = 65_537, 1000
     x = _sift_like(n, 128, k, seed=4)
     center = x.double().mean(0).float()
@@ -1538,13 +1514,13 @@ def test_gpu_threshold_assign_matches_top_m_and_float64(diag, precision, r_atol,
     assert float(a[0].double().mean()) > 1.05          # several rows have more than one component above 1/K
     sub = 4096
     ref = tb.assign((x[:sub] - center).double(), means.double(), var.double(), lw.double(), tau, k)
-    same, gr, rr = _same_lists(a, ref, sub)
+    same, gr, rr = same_lists(a, ref, sub)
     assert float(same.double().mean()) >= agree, f"{int((~same).sum())} of {sub} rows differ from float64"
     assert float((gr - rr)[same].abs().max()) <= r_atol
     capped = kassign.threshold_assign(x, means, var, lw, tau, 8, precision=precision, center=center)
     top = kassign.assign(x, means, var, lw, tau, 8, precision=precision, center=center)      # top-M kernel
     assert torch.equal(capped[0], a[0].clamp(max=8))
-    same = _same_lists(capped, top, sub)[0]
+    same = same_lists(capped, top, sub)[0]
     assert float(same.double().mean()) >= 0.995, f"{int((~same).sum())} of {sub} rows differ between the kernels"
 
 
