@@ -13,12 +13,13 @@ What it computes
     block is merged by M rounds of "largest candidate replaces the smallest kept entry if larger". The (n, M)
     lists are compacted to CSR by the launcher; memory O(n M). Cost: ``O(n K M)`` compare/select work on top of
     the two logit sweeps, so it is for small caps.
-  - ``_threshold_kernel`` (larger caps and no cap, the paper's rule): one sweep writes each row's entries with
-    r > tau (and its best component) into W slots of an (n, W) buffer, in component order, at slots given by their
-    exclusive rank among the block's kept columns (a product with a triangular matrix of ones on the tensor cores;
-    no atomics, deterministic), and counts them. Rows with more than W entries run again with 2W slots, alone,
-    until all fit. Each row's slots are then sorted by r (a per-row sort in torch) and the first
-    min(count, max_assign) placed in the CSR arrays. Entries and count of a row always come from the same launch,
+  - ``_threshold_kernel`` (larger caps and no cap, the paper's rule): one sweep finds each row's entries with
+    r > tau (and its best component) block by block (per block, extraction rounds take each row's next entry; no
+    atomics, deterministic), keeps up to W of them in a register tile of int64 keys (r's bits, component), sorts
+    the tile per row at the end (``tl.sort``) and writes it into an (n, W) buffer by decreasing r, with the count.
+    Rows with more than W entries run again with 2W slots, alone, until all fit; launches wider than
+    THRESHOLD_SORT_WIDTH store in component order and are sorted by torch. The first min(count, max_assign) slots
+    of each row are placed in the CSR arrays. Entries and count of a row always come from the same launch,
     hence from the same logits. Memory O(n W) plus at most twice the relaunched rows' entries; two logit sweeps
     (logZ, entries) for the rows that fit in W.
 
@@ -34,8 +35,8 @@ index, as ``torch.topk`` usually does.
 Caveats: D <= 256; the top-M kernel keeps M <= MAX_ASSIGN = 64 (the threshold kernel has no limit). Tested on:
 the CPU interpreter at tiny odd shapes against float64 top-k, and an NVIDIA H200 and an NVIDIA H100 (invariants at
 n=4096, K=1000; ``tests/test_kernels.py``). Measured (H100, n=1e6, K=1024, D=128, tau = 1/K, fitted spherical
-model, ``bench_ann/bench_assign.py``): top-M kernel 3.25 ms at max_assign=2, threshold kernel 5.87 ms uncapped,
-against 97.5 ms for the torch path.
+model, ``bench_ann/bench_assign.py``): top-M kernel 3.25 ms at max_assign=2, threshold kernel 4.95 ms uncapped,
+against 92.6 ms for the torch path (v43).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ TOPK_MAX_ASSIGN = 8      # caps above this run the threshold kernel (bench_ann/b
 THRESHOLD_CONFIG = (64, 32, 4, 2)
 THRESHOLD_WIDTH = 8      # output slots per row of the threshold kernel's first launch (rows with more run again)
 THRESHOLD_EXTRACT = True  # entries stored by per-row extraction rounds, not by a rank product (_threshold_kernel)
+THRESHOLD_SORT_WIDTH = 32  # launches with at most this many slots (a power of two) sort each row in the kernel
 
 
 def _topk_configs():
@@ -127,7 +129,7 @@ def _threshold_kernel(
     # compile-time: dims, flags, output width, tiles
     D: tl.constexpr, BLOCK_D: tl.constexpr, DIAG: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_ROWS: tl.constexpr,
     MODE: tl.constexpr, EMU: tl.constexpr, SPLIT_A: tl.constexpr, W: tl.constexpr, EXTRACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SORT: tl.constexpr, KEYS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """For the M rows ROWS[0:M] (HAS_ROWS; else rows 0..M-1): every component with ``r = 2^(s - logZ2) > tau``
     and the row's best component BEST. Position i's first min(count, W) of them, in component order, go to
@@ -137,7 +139,10 @@ def _threshold_kernel(
     (BLOCK_K, BLOCK_K) product of the 0/1 kept matrix with a strictly upper-triangular matrix of ones on the tensor
     cores (exact: integers <= BLOCK_K), then the row's count so far. EXTRACT: instead, per block, as many rounds as
     the tile's fullest row has entries there, each storing every row's first remaining entry (one (BLOCK_M,)
-    store per round instead of masked (BLOCK_M, BLOCK_K) ones)."""
+    store per round instead of masked (BLOCK_M, BLOCK_K) ones). SORT (with EXTRACT; KEYS_W = W, a power of two):
+    the entries stay in a (BLOCK_M, W) register tile of int64 keys ``r_bits << 32 | (2^31 - 1 - k)`` (r >= 0, so
+    its float32 bits order as r; ties put the lower component first), sorted per row at the end and stored by
+    decreasing r, so the launcher needs no per-row sort; KEYS_W = 1 without it."""
     offs_m, mask_m, offs_d, mask_d = _row_block(M, D, BLOCK_M, BLOCK_D)
     src = _indexed(ROWS, offs_m, mask_m, HAS_ROWS)
     x = _load_rows(X, CENTER, src, mask_m, offs_d, mask_d, D, HAS_CENTER)
@@ -148,6 +153,8 @@ def _threshold_kernel(
     cols = tl.arange(0, BLOCK_K)
     upper = tl.where(cols[:, None] < cols[None, :], 1.0, 0.0).to(tl.float16)     # (BK, BK): j < i
     row_base = offs_m[:, None] * W
+    key_cols = tl.arange(0, KEYS_W)
+    keys = tl.full([BLOCK_M, KEYS_W], -1, tl.int64)                              # -1: empty, sorts last
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + cols
         mask_k = offs_k < K
@@ -164,8 +171,13 @@ def _threshold_kernel(
                 r_first = tl.sum(tl.where(hit, r, 0.0), axis=1)
                 slot = cnt + j
                 ok = (first < BLOCK_K) & (slot < W)
-                tl.store(LISTS + offs_m * W + slot, k0 + first, mask=ok)
-                tl.store(RESP + offs_m * W + slot, r_first, mask=ok)
+                if SORT:
+                    key = ((r_first.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+                           | (2147483647 - (k0 + first)).to(tl.int64))
+                    keys = tl.where((key_cols[None, :] == slot[:, None]) & ok[:, None], key[:, None], keys)
+                else:
+                    tl.store(LISTS + offs_m * W + slot, k0 + first, mask=ok)
+                    tl.store(RESP + offs_m * W + slot, r_first, mask=ok)
                 rem = rem & (~hit)
         else:
             rank = tl.dot(keep.to(tl.float16), upper, out_dtype=tl.float32).to(tl.int32)
@@ -174,6 +186,12 @@ def _threshold_kernel(
             tl.store(LISTS + row_base + slot, offs_k[None, :] + tl.zeros([BLOCK_M, BLOCK_K], tl.int32), mask=ok)
             tl.store(RESP + row_base + slot, r, mask=ok)
         cnt += n_keep
+    if SORT:
+        keys = tl.sort(keys, dim=1, descending=True)
+        ok = (key_cols[None, :] < tl.minimum(cnt, W)[:, None]) & mask_m[:, None]
+        tl.store(LISTS + row_base + key_cols[None, :], (2147483647 - (keys & 2147483647)).to(tl.int32), mask=ok)
+        tl.store(RESP + row_base + key_cols[None, :], (keys >> 32).to(tl.int32).to(tl.float32, bitcast=True),
+                 mask=ok)
     tl.store(COUNTS + offs_m, cnt, mask=mask_m)
 
 
@@ -223,13 +241,20 @@ def topk_responsibilities(x, means, var, log_weights, max_assign, precision="tf3
     return top_r, top_i
 
 
+def _sorts_in_kernel(w):
+    """Whether a ``_threshold_kernel`` launch with ``w`` slots sorts its rows itself (SORT)."""
+    return bool(THRESHOLD_EXTRACT) and w <= THRESHOLD_SORT_WIDTH and w & (w - 1) == 0
+
+
 def _launch_threshold(x, center, params, logz, best, k, tau, diag, mode, rows, w):
-    """One ``_threshold_kernel`` launch (THRESHOLD_CONFIG, THRESHOLD_EXTRACT) on the rows ``rows`` (int64 indices
-    into x; None: all rows) with ``w`` slots per row: ``(lists (m, w) int32, resp (m, w) float32, counts (m,)
-    int64)``, slots past a row's count unwritten."""
+    """One ``_threshold_kernel`` launch (THRESHOLD_CONFIG, THRESHOLD_EXTRACT, SORT as ``_sorts_in_kernel(w)``) on
+    the rows ``rows`` (int64 indices into x; None: all rows) with ``w`` slots per row: ``(lists (m, w) int32,
+    resp (m, w) float32, counts (m,) int64)``, slots past a row's count unwritten; a row's slots by decreasing r
+    when the kernel sorts, else in component order."""
     n, d = x.shape
     m = n if rows is None else rows.numel()
     bm, bk, warps, stages = _threshold_config()
+    sort = _sorts_in_kernel(w)
     lists = torch.empty((m, w), dtype=torch.int32, device=x.device)
     resp = torch.empty((m, w), dtype=torch.float32, device=x.device)
     counts = torch.empty(m, dtype=torch.int32, device=x.device)
@@ -238,8 +263,8 @@ def _launch_threshold(x, center, params, logz, best, k, tau, diag, mode, rows, w
         params.p, params.p_lo, params.bias2, params.coef2, params.cst, params.scales, lists, resp, counts,
         m, k, float(tau), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), DIAG=diag,
         HAS_CENTER=center is not None, HAS_ROWS=rows is not None, MODE=mode, EMU=_interpret(),
-        SPLIT_A=_split_a(mode, diag), W=w, EXTRACT=bool(THRESHOLD_EXTRACT), BLOCK_M=bm, BLOCK_K=bk,
-        EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+        SPLIT_A=_split_a(mode, diag), W=w, EXTRACT=bool(THRESHOLD_EXTRACT), SORT=sort, KEYS_W=w if sort else 1,
+        BLOCK_M=bm, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
     return lists, resp, counts.to(torch.int64)
 
 
@@ -292,16 +317,17 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
     for rows, lists, resp, counts, done in pieces:
         w = lists.shape[1]
         slot = torch.arange(w, device=dev)
-        filled = counts.clamp(max=w)
-        multi = torch.nonzero((filled >= 2) & done).squeeze(1)     # rows whose slots need sorting (a fit: few)
-        if multi.numel():
-            sub_r, order = torch.sort(torch.where(slot[None, :] < filled[multi][:, None], resp[multi], -1.0),
-                                      dim=1, descending=True, stable=True)
-            resp[multi] = sub_r
-            lists[multi] = torch.gather(lists[multi], 1, order)
-        src = torch.arange(lists.shape[0], device=dev) if rows is None else rows
-        take = (slot[None, :] < kept[src][:, None]) & done[:, None]
-        dst = torch.where(take, offsets[src][:, None] + slot[None, :], nnz).reshape(-1)
+        if not _sorts_in_kernel(w):
+            filled = counts.clamp(max=w)
+            multi = torch.nonzero((filled >= 2) & done).squeeze(1)     # rows whose slots need sorting
+            if multi.numel():
+                sub_r, order = torch.sort(torch.where(slot[None, :] < filled[multi][:, None], resp[multi], -1.0),
+                                          dim=1, descending=True, stable=True)
+                resp[multi] = sub_r
+                lists[multi] = torch.gather(lists[multi], 1, order)
+        kept_src, start = (kept, offsets[:-1]) if rows is None else (kept[rows], offsets[rows])
+        take = (slot[None, :] < kept_src[:, None]) & done[:, None]
+        dst = torch.where(take, start[:, None] + slot[None, :], nnz).reshape(-1)
         out_l.index_copy_(0, dst, lists.reshape(-1).to(torch.int64))
         out_r.index_copy_(0, dst, resp.reshape(-1))
     return kept, out_l[:nnz], out_r[:nnz]

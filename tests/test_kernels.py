@@ -1001,6 +1001,31 @@ def test_threshold_kernel_store_forms_agree(poisoned, monkeypatch, diag):
 
 
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+@pytest.mark.parametrize("width", [1, 4, 8])
+def test_threshold_kernel_sorts_rows_as_torch_does(poisoned, monkeypatch, diag, width):
+    # launches with at most THRESHOLD_SORT_WIDTH slots sort each row in the kernel (int64 keys of r's bits and the
+    # component); the others are sorted by torch.sort (stable). Both give the same lists; components 2, 5 and 9
+    # duplicate component 0, so their responsibilities tie exactly and the lower index must come first
+    x, means, var, lw = _problem(70, 13, 17, diag, seed=21)
+    x = x * 0.3
+    for dup in (2, 5, 9):
+        means[dup], var[dup], lw[dup] = means[0], var[0], lw[0]
+    out = []
+    for sort_width in (32, 0):
+        monkeypatch.setattr(kassign, "THRESHOLD_SORT_WIDTH", sort_width)
+        out.append(kassign.threshold_assign(x, means, var, lw, 0.01, None, precision="ieee", width=width))
+    for u, v in zip(*out):
+        assert torch.equal(u, v)
+    counts, lists, resp = (t.cpu() for t in out[0])
+    rows = torch.repeat_interleave(torch.arange(70), counts)
+    same_row = rows[1:] == rows[:-1]
+    assert bool((resp[1:][same_row] <= resp[:-1][same_row]).all()), "not by decreasing responsibility"
+    tie = same_row & (resp[1:] == resp[:-1])
+    assert int(tie.sum()) > 0, "no tied entries: the test data did not exercise the tie order"
+    assert bool((lists[1:][tie] > lists[:-1][tie]).all()), "tied entries not in component order"
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 @pytest.mark.parametrize("max_assign", [None, 3])
 def test_threshold_assign_relaunches_rows_that_overflow_their_slots(monkeypatch, diag, max_assign):
     # one slot per row at first: every row with two or more entries runs again with 2, 4, ... slots; the result
