@@ -874,16 +874,20 @@ class GaussianMixture:
             raise ValueError(f"tau must be a number in [0, 1), got {tau!r}.")
         max_assign = K if max_assign is None else check_positive_int(max_assign, "max_assign")
         data, means, var, lw = self._inference_setup(X)
-        counts, lists, resp = [], [], []
+        offsets = np.zeros(data.n + 1, dtype=np.int64)
+        lists, resp = [], []
+        row = nnz = 0
         for _, x, kw in self._stream(data, check=True):
             c, li, r = self._impl.assign(x, means, var, lw, float(tau), int(max_assign), **kw)
-            counts.append(c.cpu().numpy())
-            lists.append(li.cpu().numpy())
-            resp.append(r.cpu().numpy())
-        counts = np.concatenate(counts)
-        offsets = np.zeros(data.n + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        return offsets, np.concatenate(lists).astype(np.int64), np.concatenate(resp).astype(np.float32)
+            # the chunk's row ends on the device (a cumsum there, not on the host), then one copy each
+            offsets[row + 1:row + 1 + c.shape[0]] = (torch.cumsum(c, 0) + nnz).cpu().numpy()
+            lists.append(li.cpu().numpy().astype(np.int64, copy=False))
+            resp.append(r.cpu().numpy().astype(np.float32, copy=False))
+            row += c.shape[0]
+            nnz += li.shape[0]
+        if len(lists) == 1:
+            return offsets, lists[0], resp[0]
+        return offsets, np.concatenate(lists), np.concatenate(resp)
 
     # ------------------------------------------------------------------ model selection
     def _n_parameters(self) -> int:
