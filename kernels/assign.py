@@ -278,8 +278,9 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
     lists (nnz,) int64, resp (nnz,) float32)``. Pass 1 (logZ and the argmax), then ``_threshold_kernel`` on all
     rows with ``width`` (default THRESHOLD_WIDTH) slots per row; the rows with more entries than slots run again,
     alone, with twice the slots, until every row fits (each launch's rows are complete: their entries and counts
-    come from the same logits). Each row's slots are sorted by decreasing responsibility (stable: ties keep the
-    lower component first) and the first min(count, max_assign) are placed at the row's CSR offset. Memory
+    come from the same logits). Each row's slots are sorted by decreasing responsibility, ties lower component
+    first (in the kernel for launches of at most THRESHOLD_SORT_WIDTH slots, by torch's stable sort for wider
+    ones), and the first min(count, max_assign) are placed at the row's CSR offset. Memory
     O(n * width) plus at most twice the entries of the relaunched rows."""
     n, _, k = _check_inputs(x, means, var, log_weights, precision, center)
     if not (0.0 <= float(tau) < 1.0):
