@@ -132,9 +132,10 @@ def _threshold_kernel(
     SORT: tl.constexpr, KEYS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """For the M rows ROWS[0:M] (HAS_ROWS; else rows 0..M-1): every component with ``r = 2^(s - logZ2) > tau``
-    and the row's best component BEST. Position i's first min(count, W) of them, in component order, go to
-    ``LISTS / RESP [i, :]`` (row-major, width W); COUNTS[i] receives the row's count. Entries and count come from
-    the same logits, so a row with count <= W has all of its entries (the launcher relaunches the others wider).
+    and the row's best component BEST. Position i's first min(count, W) of them, in component order (SORT: by
+    decreasing r), go to ``LISTS / RESP [i, :]`` (row-major, width W); COUNTS[i] receives the row's count. Entries
+    and count come from the same logits, so a row with count <= W has all of its entries (the launcher relaunches
+    the others wider).
     The slot of an entry is its exclusive rank among the block's kept columns: a (BLOCK_M, BLOCK_K) x
     (BLOCK_K, BLOCK_K) product of the 0/1 kept matrix with a strictly upper-triangular matrix of ones on the tensor
     cores (exact: integers <= BLOCK_K), then the row's count so far. EXTRACT: instead, per block, as many rounds as
@@ -295,7 +296,7 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
     params = _params(x, means, var, log_weights, precision, center, x_absmax)
     logz, best = launch_logz(x, params, k, diag, precision, with_argmax=True, center=center)
     kept = torch.empty(n, dtype=torch.int64, device=dev)
-    pieces = []                     # (rows or None, lists (m, w), resp (m, w), counts (m,), done (m,) bool)
+    pieces = []       # (rows or None, lists (m, w), resp (m, w), counts (m,), kept (m,), done (m,) bool)
     rows, w = None, min(width, k)
     while True:
         lists, resp, counts = _launch_threshold(x, center, params, logz, best, k, tau, diag, mode, rows, w)
@@ -305,7 +306,7 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
             kept.copy_(kept_rows)
         else:
             kept[rows] = kept_rows
-        pieces.append((rows, lists, resp, counts, done))
+        pieces.append((rows, lists, resp, counts, kept_rows, done))
         if w >= k or bool(done.all()):
             break
         rows = torch.arange(n, device=dev)[~done] if rows is None else rows[~done]
@@ -315,7 +316,7 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
     nnz = int(offsets[-1])
     out_l = torch.empty(nnz + 1, dtype=torch.int64, device=dev)      # the last entry takes the unused slots
     out_r = torch.empty(nnz + 1, dtype=torch.float32, device=dev)
-    for rows, lists, resp, counts, done in pieces:
+    for rows, lists, resp, counts, kept_rows, done in pieces:
         w = lists.shape[1]
         slot = torch.arange(w, device=dev)
         if not _sorts_in_kernel(w):
@@ -326,8 +327,8 @@ def threshold_assign(x, means, var, log_weights, tau, max_assign=None, precision
                                           dim=1, descending=True, stable=True)
                 resp[multi] = sub_r
                 lists[multi] = torch.gather(lists[multi], 1, order)
-        kept_src, start = (kept, offsets[:-1]) if rows is None else (kept[rows], offsets[rows])
-        take = (slot[None, :] < kept_src[:, None]) & done[:, None]
+        start = offsets[:-1] if rows is None else offsets[rows]
+        take = (slot[None, :] < kept_rows[:, None]) & done[:, None]
         dst = torch.where(take, start[:, None] + slot[None, :], nnz).reshape(-1)
         out_l.index_copy_(0, dst, lists.reshape(-1).to(torch.int64))
         out_r.index_copy_(0, dst, resp.reshape(-1))
