@@ -3,32 +3,13 @@ prof_estimator_assign.py) measured 7.4 / 9.7 ms? Same fit as bench_assign (spher
 SIFT-like 1e6 x 128 on the GPU); the estimator's call timed by a wall loop, by bench_kernels.bench (do_bench) and
 split into its parts (kernel call, device->host copies, host arrays). Run from the repository root:
 ``PYTHONPATH=. python bench_ann/results/v44_refresh/estimator_assign/diag_estimator_assign.py``."""
-import time
-import warnings
-
 import numpy as np
 import torch
 
-from bench_ann.bench_fit import sift_like
+from _setup import fitted_model, wall
 from bench_ann.bench_kernels import bench
-from flashgmm_faiss import GaussianMixture
 
-X = sift_like(1_000_000, 128, 2000)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    g = GaussianMixture(1024, covariance_type="spherical", kmeans_iter=5, max_iter=10, tol=0.0, backend="triton",
-                        device="cuda", seed=0).fit(X)
-
-
-def wall(fn, calls=10):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / calls * 1e3
-
+X, g = fitted_model()
 
 for cap in (2, None):
     f = lambda cap=cap: g.assign(X, max_assign=cap)

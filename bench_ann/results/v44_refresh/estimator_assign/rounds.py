@@ -2,31 +2,18 @@
 copies, 20 rounds in a row, to see which part moves when the call's time changes (7-21 ms across runs and within
 one process). Spherical, 5 k-means + 10 EM, K=1024, SIFT-like 1e6 x 128 on the GPU. Run from the repository root:
 ``PYTHONPATH=. python bench_ann/results/v44_refresh/estimator_assign/rounds.py``."""
-import time
-import warnings
-
 import numpy as np
 import torch
 
-from bench_ann.bench_fit import sift_like
-from flashgmm_faiss import GaussianMixture
+from _setup import fitted_model, wall
 
-X = sift_like(1_000_000, 128, 2000)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    g = GaussianMixture(1024, covariance_type="spherical", kmeans_iter=5, max_iter=10, tol=0.0, backend="triton",
-                        device="cuda", seed=0).fit(X)
+X, g = fitted_model()
 data, means, var, lw = g._inference_setup(X)
 (_, x, kw), = list(g._stream(data, check=True))
 
 
-def ms(fn, calls=5):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        out = fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / calls * 1e3, out
+def ms(fn):
+    return wall(fn, calls=5, warm=False), None
 
 
 c, li, r = g._impl.assign(x, means, var, lw, 1 / 1024, 1024, **kw)

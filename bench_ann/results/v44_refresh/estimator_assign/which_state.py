@@ -3,35 +3,16 @@
 then after each of bench_assign's other workloads in turn: torch.compile'd chunked score, the torch-path assign
 on pieces, the float64 reference. Run from the repository root:
 ``PYTHONPATH=. python bench_ann/results/v44_refresh/estimator_assign/which_state.py``."""
-import time
-import warnings
-
 import torch
 
-from bench_ann.bench_fit import sift_like
+from _setup import K, fitted_model, wall
 from bench_ann.bench_kernels import bench
-from flashgmm_faiss import GaussianMixture
 from flashgmm_faiss import _torch_backend as tb
 from flashgmm_faiss._triton_backend import TritonBackend
 
-X = sift_like(1_000_000, 128, 2000)
-K = 1024
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    g = GaussianMixture(K, covariance_type="spherical", kmeans_iter=5, max_iter=10, tol=0.0, backend="triton",
-                        device="cuda", seed=0).fit(X)
+X, g = fitted_model()
 g._inference_setup(X[:1])
 center, means, var, lw = g._dev_params
-
-
-def wall(fn, calls=10):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / calls * 1e3
 
 
 def report(state):
