@@ -43,7 +43,7 @@ import torch
 
 from flashgmm_faiss import GaussianMixture
 from flashgmm_faiss import _torch_backend as tb
-from flashgmm_faiss._triton_backend import TORCH_PIECE_ELEMENTS, TritonBackend
+from flashgmm_faiss._triton_backend import TritonBackend
 
 from .bench_fit import add_problem_args, problem_rows
 from .bench_kernels import bench, peak_extra
@@ -86,8 +86,10 @@ def agreement(got, ref, rows):
     return float(same.double().mean()), float(err.max()) if err.numel() else 0.0
 
 
-def torch_score(x, means, var, lw, center):
-    out = [tb.score(x[s:s + TORCH_CHUNK], means, var, lw, center) for s in range(0, x.shape[0], TORCH_CHUNK)]
+def torch_score(x, means, var, lw, center, score=tb.score):
+    """``score`` (``_torch_backend.score`` or a compiled copy) on TORCH_CHUNK-row pieces of x: (log_norm (n,),
+    best (n,))."""
+    out = [score(x[s:s + TORCH_CHUNK], means, var, lw, center) for s in range(0, x.shape[0], TORCH_CHUNK)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
@@ -137,9 +139,7 @@ def run(args):
         score_row = rows[-1]
         record("score, torch chunked", lambda: torch_score(x, means, var, lw, center), csr=False)
         compiled = torch.compile(tb.score)
-        record("score, torch.compile chunked",
-               lambda: [compiled(x[s:s + TORCH_CHUNK], means, var, lw, center) for s in range(0, n, TORCH_CHUNK)],
-               csr=False)
+        record("score, torch.compile chunked", lambda: torch_score(x, means, var, lw, center, compiled), csr=False)
         torch._dynamo.reset()
         ln, best = kassign.score(xs, means, var, lw, **kw)
         lp64 = tb.log_prob(xs.double() - center.double(), means.double(), var.double(), lw.double())
