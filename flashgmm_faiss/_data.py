@@ -1,7 +1,8 @@
 """Streaming rows of a large matrix to the compute device, one chunk at a time.
 
-``X`` may be a numpy array, an ``np.memmap``, a torch tensor (on any device) or an h5py dataset. Only one chunk
-of at most ``chunk_size`` rows is converted to float32 and moved to the device at a time, so memory beyond X is
+``X`` may be a numpy array, an ``np.memmap``, a torch tensor (on any device; read as data: detached, so a
+tensor that requires grad is accepted, and never modified) or an h5py dataset. Only one chunk of at most
+``chunk_size`` rows is converted to float32 and moved to the device at a time, so memory beyond X is
 O(chunk_size * D).
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ class ChunkedMatrix:
     Parameters
     ----------
     X : array-like of shape (n, d)
-        numpy array / memmap (any real dtype, any strides), torch tensor or h5py dataset.
+        numpy array / memmap (any real dtype, any strides), torch tensor (detached: autograd never sees the
+        chunks) or h5py dataset. Never modified.
     device : torch.device
         Where chunks are delivered.
     chunk_size : int
@@ -34,7 +36,7 @@ class ChunkedMatrix:
     def __init__(self, X, device: torch.device, chunk_size: int, center: torch.Tensor | None = None,
                  name: str = "X", d: int | None = None):
         self.n, self.d = check_shape(X, name, d)
-        self.X = X
+        self.X = X.detach() if is_torch_tensor(X) else X   # data, not a graph input: a view, no copy
         self.device = torch.device(device)
         self.chunk_size = int(chunk_size)
         self.center = center
@@ -55,7 +57,8 @@ class ChunkedMatrix:
             x = X[start:stop]
         else:
             x = X[start:stop]
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):   # float64 beyond float32's range: check_finite names the row
+            x = np.ascontiguousarray(x, dtype=np.float32)
         if not x.flags.writeable:  # read-only memmap: torch refuses to alias it, copy the chunk
             x = x.copy()
         t = torch.from_numpy(x)
@@ -67,8 +70,8 @@ class ChunkedMatrix:
         for start in range(0, self.n, self.chunk_size):
             stop = min(self.n, start + self.chunk_size)
             x = self.raw_chunk(start, stop)
-            if check:
-                check_finite(x, self.name, row_offset=start)
+            if check:   # the source rows tell float64 values beyond float32's range from Inf (failures only)
+                check_finite(x, self.name, row_offset=start, source_row=lambda i, s=start: self.X[s + i])
             if centered and self.center is not None:
                 x = x - self.center
             yield start, x

@@ -5,6 +5,7 @@ in memory) or :func:`check_chunk` (one streamed chunk), so a user sees the same 
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -61,8 +62,39 @@ def check_shape(X, name: str = "X", d: int | None = None) -> tuple[int, int]:
     return n, dim
 
 
-def check_finite(x, name: str = "X", row_offset: int = 0) -> None:
-    """Raise a ValueError naming the first row with NaN or Inf. ``x`` is a numpy array or torch tensor."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)   # ~3.4e38: larger finite values (float64 data) become Inf
+
+
+def _bad_kind(row) -> str:
+    """"NaN", "Inf" or "range" for a row that is not finite once in float32: ``row`` is a 1-D numpy array or
+    torch tensor in its own dtype (a finite float64 row that is not finite in float32 exceeds float32's range)."""
+    if is_torch_tensor(row):
+        row = row.detach()
+        if not row.dtype.is_floating_point:
+            return "range"
+        return "NaN" if bool(torch.isnan(row).any()) else "Inf" if bool(torch.isinf(row).any()) else "range"
+    row = np.asarray(row)
+    if row.dtype.kind != "f":
+        return "range"
+    return "NaN" if np.isnan(row).any() else "Inf" if np.isinf(row).any() else "range"
+
+
+def _raise_bad_row(name: str, row: int, kind: str):
+    if kind == "range":
+        raise ValueError(f"{name} has values beyond float32's range (|x| > {FLOAT32_MAX:.2g}; first bad row: {row}): "
+                         "the data are converted to float32. Rescale them (e.g. divide by a constant) before "
+                         "fitting, adding or searching.")
+    raise ValueError(f"{name} contains {kind} (first bad row: {row}). Remove or impute non-finite values "
+                     "before fitting, adding or searching.")
+
+
+def check_finite(x, name: str = "X", row_offset: int = 0, source_row=None) -> None:
+    """Raise a ValueError naming the first row with NaN or Inf. ``x`` is a numpy array or torch tensor.
+
+    ``source_row``, if given, is ``f(i) -> row i of the data x was converted from`` (local index, original
+    dtype): read only for the first bad row, to tell values beyond float32's range (finite float64 values that
+    became Inf) from NaN and Inf in the data.
+    """
     if is_torch_tensor(x):
         if not x.dtype.is_floating_point or x.numel() == 0:
             return
@@ -72,35 +104,36 @@ def check_finite(x, name: str = "X", row_offset: int = 0) -> None:
         if bool(torch.isfinite(lo) & torch.isfinite(hi)):
             return
         bad = ~torch.isfinite(x)
-        if bool(bad.any()):
-            row = int(bad.any(dim=1).nonzero()[0, 0]) + row_offset
-            kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
-            raise ValueError(f"{name} contains {kind} (first bad row: {row}). Remove or impute non-finite values "
-                             "before fitting, adding or searching.")
-        return
-    if x.dtype.kind != "f":
-        return
-    finite = np.isfinite(x)
-    if not finite.all():
-        row = int(np.nonzero(~finite.all(axis=1))[0][0]) + row_offset
-        kind = "NaN" if np.isnan(x).any() else "Inf"
-        raise ValueError(f"{name} contains {kind} (first bad row: {row}). Remove or impute non-finite values "
-                         "before fitting, adding or searching.")
+        if not bool(bad.any()):
+            return
+        local = int(bad.any(dim=1).nonzero()[0, 0])
+    else:
+        if x.dtype.kind != "f":
+            return
+        finite = np.isfinite(x)
+        if finite.all():
+            return
+        local = int(np.nonzero(~finite.all(axis=1))[0][0])
+    _raise_bad_row(name, local + row_offset, _bad_kind(x[local] if source_row is None else source_row(local)))
 
 
 def as_float32_matrix(X, name: str = "X", d: int | None = None) -> np.ndarray:
     """Return X as a C-contiguous float32 numpy array of shape (n, d), after checking it.
 
-    Accepts numpy arrays (any real dtype, any strides), memmaps, torch tensors (moved to CPU) and h5py datasets
-    (read whole). float64 is accepted and converted; non-contiguous input is accepted and copied.
+    Accepts numpy arrays (any real dtype, any strides), memmaps, torch tensors (detached, moved to CPU; never
+    modified) and h5py datasets (read whole). Values are converted to float32: float64 is accepted (finite values
+    beyond float32's range, ~3.4e38, are refused with the first such row), integers above 2^24 are rounded;
+    non-contiguous input is accepted and copied.
     """
     check_shape(X, name, d)
     if is_torch_tensor(X):
-        X = X.detach().to("cpu", torch.float32).numpy()
-    elif is_h5py_dataset(X):
-        X = X[...]
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    check_finite(X, name)
+        source = X.detach()
+        X = source.to("cpu", torch.float32).numpy()
+    else:
+        source = X = X[...] if is_h5py_dataset(X) else X
+    with np.errstate(over="ignore"):   # float64 beyond float32's range: check_finite names the row
+        X = np.ascontiguousarray(X, dtype=np.float32)
+    check_finite(X, name, source_row=lambda i: source[i])
     return X
 
 
@@ -110,6 +143,41 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")
     return int(value)
+
+
+def is_real_number(value) -> bool:
+    """A real Python or numpy number (int, float, np.integer, np.floating), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_real(value, name: str, minimum: float | None = None, below: float | None = None,
+               finite: bool = True) -> float:
+    """Return ``value`` as a Python float after checking it: a real number (Python or numpy, not a bool; else a
+    TypeError), not NaN, finite if ``finite``, ``>= minimum`` and ``< below`` when given (else a ValueError)."""
+    if not is_real_number(value):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    v = float(value)
+    if math.isnan(v) or (finite and math.isinf(v)) or (minimum is not None and v < minimum) \
+            or (below is not None and v >= below):
+        what = "a finite number" if finite else "a number"
+        if minimum is not None and below is not None:
+            what += f" in [{minimum:g}, {below:g})"
+        elif minimum is not None or below is not None:
+            what += f" >= {minimum:g}" if minimum is not None else f" < {below:g}"
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
+    return v
+
+
+def check_seed(seed) -> int | None:
+    """Return ``seed`` as an int in [0, 2^64) or None (fresh entropy); a clear error otherwise."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be a non-negative integer or None (a fresh seed), got {seed!r} "
+                        f"({type(seed).__name__}).")
+    if not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64) or None (a fresh seed), got {seed!r}.")
+    return int(seed)
 
 
 def check_ids(ids, n: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 import time
 import warnings
@@ -29,7 +30,7 @@ from ._chunk_plan import ROW_ORDER_BYTES, ChunkPlan, plan_chunks
 from ._data import ChunkedMatrix
 from ._lookahead import MAX_SECONDS as MAX_LOOKAHEAD_SECONDS
 from ._lookahead import Launched
-from ._validation import as_float32_matrix, check_positive_int, check_shape
+from ._validation import as_float32_matrix, check_positive_int, check_real, check_seed, check_shape, is_torch_tensor
 
 _COVARIANCE_TYPES = ("spherical", "diag")
 _BACKENDS = ("auto", "torch", "triton")
@@ -43,7 +44,8 @@ DEGENERATE_NK = 0.5
 
 
 class ConvergenceWarning(UserWarning):
-    """EM stopped at ``max_iter`` before the log-likelihood gain fell under ``tol``."""
+    """EM stopped at ``max_iter`` before an iteration whose log-likelihood gain fell under ``tol`` without
+    re-seeding a degenerate component; the message says which condition failed."""
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -112,6 +114,13 @@ def _resident(X, device: torch.device) -> bool:
     return X.device.index == index
 
 
+def _host_float64(a) -> np.ndarray:
+    """``a`` (array-like or torch tensor, which may require grad: read as data) as a float64 numpy array."""
+    if is_torch_tensor(a):
+        return a.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
 def m_step(nk, sx, sq, ll_sum, means, var, n, reg_covar, floor_res=None):
     """The M-step in float64 torch (the reference of ``kernels/mstep.py``): nk (K,), sx (K, D), sq (K, D) (diag: sum
     r (x - mu)^2 per feature) or (K,) (spherical), ll_sum (), means (K, D) and var (K, D) or (K,) of the E-step.
@@ -147,13 +156,17 @@ class GaussianMixture:
         Number of mixture components K (the ``nlist`` of the IVF index built from it).
     covariance_type : {"spherical", "diag"}
         One variance per component, or one per component and feature.
-    max_iter : int
-        Maximum number of EM iterations (after the k-means warm start).
+    max_iter : int >= 0
+        Maximum number of EM iterations (after the k-means warm start). 0 runs no EM iteration: the fitted
+        parameters are the starting ones (the k-means warm start's means, cluster weights and variances, or
+        ``init`` / ``weights_init`` / ``covariances_init``), ``lower_bound_`` is their mean log-likelihood on X
+        (one scoring pass), ``n_iter_ = 0``, ``converged_ = False`` and no ``ConvergenceWarning`` is raised.
     kmeans_iter : int
         Lloyd iterations run before EM to place the means (0 disables the warm start).
-    tol : float
-        EM stops when the mean per-sample log-likelihood improves by less than ``tol``.
-    reg_covar : float
+    tol : float >= 0
+        EM stops when the mean per-sample log-likelihood changes by less than ``tol`` in an iteration that
+        re-seeded no component. Any real number (Python or numpy scalar).
+    reg_covar : float >= 0, finite
         Added to every variance: the floor that keeps collapsing components finite. With ``precision="bf16"`` the
         variances are also floored at (2^-8 mu)^2 per feature, the resolution of the bf16 means (below it a
         component no longer explains its own rows and would be re-seeded over and over).
@@ -166,9 +179,10 @@ class GaussianMixture:
         Compute device; defaults to CUDA when available.
     chunk_size : int, optional
         Rows per streamed chunk; the default bounds the per-chunk buffers (see ``working_memory``).
-    seed : int
-        Seed for the initialisation and re-seeding.
-    verbose : bool or int
+    seed : int in [0, 2^64) or None
+        Seed for the initialisation and re-seeding. None: a fresh seed drawn from the OS entropy at each ``fit``
+        (not reproducible; the one drawn is kept in ``seed_``).
+    verbose : bool or int >= 0
         Print progress to stderr (1: every 10 iterations, 2: every iteration).
     precision : {"tf32", "bf16", "bf16x3", "ieee"}
         Dot-product precision of the Triton backend (ignored by the torch backend, which is float32): tf32-class
@@ -234,7 +248,10 @@ class GaussianMixture:
     n_iter_ : int
         EM iterations run.
     lower_bound_ : float
-        Mean per-sample log-likelihood at the last EM iteration.
+        Mean per-sample log-likelihood at the last EM iteration (measured with the parameters that iteration
+        started from, as in scikit-learn); with ``max_iter=0``, of the fitted (starting) parameters.
+    seed_ : int
+        The seed the last fit used (``seed``, or the one drawn for ``seed=None``).
     history_ : list of dict
         One dict per EM iteration: ``iteration``, ``log_likelihood``, ``seconds``, ``n_reseeded``.
     graph_replays_ : int
@@ -285,10 +302,14 @@ class GaussianMixture:
                              "(full covariances are not supported: they cost O(K * D^2)).")
         check_positive_int(self.max_iter, "max_iter", minimum=0)
         check_positive_int(self.kmeans_iter, "kmeans_iter", minimum=0)
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise ValueError(f"tol must be a non-negative number, got {self.tol!r}.")
-        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar >= 0):
-            raise ValueError(f"reg_covar must be a non-negative number, got {self.reg_covar!r}.")
+        check_real(self.tol, "tol", minimum=0.0, finite=False)
+        check_real(self.reg_covar, "reg_covar", minimum=0.0)
+        check_seed(self.seed)
+        v = self.verbose
+        if not isinstance(v, (bool, np.bool_, numbers.Integral)) or v < 0:
+            raise (ValueError if isinstance(v, numbers.Integral) else TypeError)(
+                f"verbose must be a bool or an int >= 0 (0 silent, 1 progress every 10 iterations, 2 every "
+                f"iteration), got {v!r}.")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}.")
         if isinstance(self.init, str):
@@ -313,8 +334,10 @@ class GaussianMixture:
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            numpy array, np.memmap, torch tensor or h5py dataset; any real dtype (converted to float32 chunk by
-            chunk), any strides. Must be finite.
+            numpy array, np.memmap, torch tensor (read as data: detached, never modified) or h5py dataset; any
+            real dtype, any strides. Values are converted to float32 chunk by chunk: they must be finite and
+            within float32's range (|x| <= ~3.4e38; float64 values beyond it are refused with the first such
+            row), and integers above 2^24 are rounded to float32.
         y : ignored
 
         Returns
@@ -327,8 +350,12 @@ class GaussianMixture:
         self.backend_, impl = resolve_backend(self.backend, device, self.precision, bool(self.sparse_estep))
         self._impl, self._device = impl, device
         plan = self._plan(X, n, device, d)
-        gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
-        rng = np.random.default_rng(self.seed)
+        seed = check_seed(self.seed)
+        if seed is None:   # fresh entropy, drawn once: every random choice of this fit derives from it
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+        self.seed_ = seed
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rng = np.random.default_rng(seed)
 
         # Pass 0: validate every chunk (NaN/Inf), compute the data centre in float64 and, for a backend that
         # takes a bound of the data (the Triton backend's fp16 operand scale), the range per feature.
@@ -376,13 +403,13 @@ class GaussianMixture:
             weights = torch.full((K,), 1.0 / K, dtype=torch.float64, device=device)
             var = None
         if self.weights_init is not None:
-            w = np.asarray(self.weights_init, dtype=np.float64)
+            w = _host_float64(self.weights_init)
             if w.shape != (K,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
                 raise ValueError(f"weights_init must be a finite non-negative array of shape ({K},).")
             weights = torch.as_tensor(w / w.sum(), device=device)
         if self.covariances_init is not None:
             shape = (K,) if self.covariance_type == "spherical" else (K, d)
-            v = np.asarray(self.covariances_init, dtype=np.float64)
+            v = _host_float64(self.covariances_init)
             if v.shape != shape or not np.all(np.isfinite(v)) or np.any(v <= 0):
                 raise ValueError(f"covariances_init must be a positive finite array of shape {shape}.")
             var = torch.as_tensor(v, device=device)
@@ -745,12 +772,44 @@ class GaussianMixture:
                 if it < self.max_iter:
                     pending = ahead if ahead is not None else launch((means, var, weights))
             self._set_params(means, var, weights)
+            if self.max_iter == 0:   # no EM iteration: the bound of the starting (fitted) parameters
+                ll = self._mean_log_likelihood(data, means, var, weights)
+                if not math.isfinite(ll):
+                    raise FloatingPointError(
+                        f"the starting parameters give a non-finite log-likelihood ({ll}); try a larger reg_covar "
+                        f"(now {self.reg_covar}) or check the input scale.")
         self.n_iter_ = it if self.max_iter > 0 else 0
         self.lower_bound_ = ll
         if self.max_iter > 0 and not self.converged_:
-            warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (last gain "
-                          f"{gain:.3g} >= tol={self.tol}); increase max_iter or tol.", ConvergenceWarning,
-                          stacklevel=3)
+            warnings.warn(self._convergence_message(gain), ConvergenceWarning, stacklevel=3)
+
+    def _mean_log_likelihood(self, data: ChunkedMatrix, means, var, weights) -> float:
+        """Mean per-sample log-likelihood of the fit data (float64 ``means``, ``var``, ``weights``, centred frame),
+        in float32 parameters as an E-step computes it: one scoring pass."""
+        m32 = means.to(torch.float32).contiguous()
+        v32 = var.to(torch.float32).contiguous()
+        lw32 = torch.log(weights.clamp_min(1e-300)).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float64, device=m32.device)
+        for _, x, kw in self._stream(data):
+            total += self._impl.score(x, m32, v32, lw32, **kw)[0].sum(dtype=torch.float64)
+        return float(total) / data.n
+
+    def _convergence_message(self, gain: float) -> str:
+        """The ConvergenceWarning's text: why the last iteration did not stop the fit. It stops at an iteration
+        whose log-likelihood gain is under ``tol`` and that re-seeded no degenerate component."""
+        h = self.history_
+        head = f"EM did not converge in max_iter={self.max_iter} iterations"
+        if h[-1]["n_reseeded"]:
+            streak = next((i for i, e in enumerate(reversed(h)) if not e["n_reseeded"]), len(h))
+            run = f" (re-seeding in each of the last {streak} iterations)" if streak > 1 else ""
+            return (f"{head}: the last iteration re-seeded {h[-1]['n_reseeded']} degenerate component(s){run}, and "
+                    f"a fit only converges at an iteration that re-seeds none (last gain {gain:.3g}, "
+                    f"tol={self.tol}). Increase max_iter; if re-seeding persists, use fewer components (the data "
+                    "may hold fewer groups, or distinct rows, than n_components).")
+        if len(h) == 1:
+            return (f"{head}: one iteration gives no log-likelihood gain to compare with tol={self.tol}; "
+                    "increase max_iter.")
+        return f"{head} (last |gain| {abs(gain):.3g} >= tol={self.tol}); increase max_iter or tol."
 
     def _reseed_components(self, means, var, weights, degenerate, worst, n):
         """Move degenerate components onto the worst-explained rows, with the median variance."""
@@ -855,7 +914,8 @@ class GaussianMixture:
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-        tau : float in [0, 1), default 1 / K
+        tau : float in [0, 1), default 1 / K (0 for K = 1, where every row has the one component)
+            Any real number (Python or numpy scalar).
         max_assign : int >= 1, default K (no cap)
 
         Returns
@@ -869,9 +929,7 @@ class GaussianMixture:
         """
         self._check_fitted()
         K = self.means_.shape[0]
-        tau = 1.0 / K if tau is None else tau
-        if not isinstance(tau, (int, float)) or not (0.0 <= float(tau) < 1.0):
-            raise ValueError(f"tau must be a number in [0, 1), got {tau!r}.")
+        tau = (1.0 / K if K > 1 else 0.0) if tau is None else check_real(tau, "tau", minimum=0.0, below=1.0)
         max_assign = K if max_assign is None else check_positive_int(max_assign, "max_assign")
         data, means, var, lw = self._inference_setup(X)
         offsets = np.zeros(data.n + 1, dtype=np.int64)

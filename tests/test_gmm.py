@@ -345,6 +345,12 @@ def test_duplicate_points_and_variance_floor():
         g = GaussianMixture(3, reg_covar=1e-3, backend="torch", device="cpu", max_iter=10).fit(X)
     assert np.all(np.isfinite(g.means_)) and np.all(g.covariances_ >= 1e-3 * 0.999)
     assert np.isfinite(g.lower_bound_)
+    # the exact answer: one component on each point mass, zero spread plus the floor, equal weights
+    order = np.argsort(np.argmax(g.means_, axis=1))
+    assert_close(g.means_[order], np.eye(3) * 5, rtol=1e-6, atol=1e-5, what="means")
+    # float32 statistics of values ~5: the spread reads ~1e-7 of the squares (25), not 0
+    assert_close(g.covariances_, np.full(3, 1e-3), rtol=0, atol=25 * 1e-7, what="variances (the floor)")
+    assert_close(g.weights_, np.full(3, 1 / 3), rtol=1e-6, what="weights")
 
 
 # ----------------------------------------------------------------------------- inference API
@@ -635,3 +641,158 @@ def test_graph_replay_first_call_bookkeeping_can_be_forgotten():
     replay.forget_first_call("plain")
     assert replay.first_call("plain")
     assert torch.equal(replay("plain", x)[0], x + 1) and len(seen) == 3 and replay.replays == 0
+
+
+# ----------------------------------------------------------------------------- inputs read as data, parameter types
+KW = dict(backend="torch", device="cpu", max_iter=20)
+
+
+def _quiet_fit(X, K=4, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return GaussianMixture(K, **{**KW, **kw}).fit(X)
+
+
+def _same_fit(a, b):
+    for attr in ("means_", "covariances_", "weights_", "lower_bound_", "n_iter_"):
+        np.testing.assert_array_equal(getattr(a, attr), getattr(b, attr), err_msg=attr)
+
+
+def test_tensor_that_requires_grad_is_read_as_data():
+    X, _ = make_blobs(n=700, d=4, k=4, seed=21)
+    Xt = torch.from_numpy(X.copy()).requires_grad_()
+    ref = _quiet_fit(X, chunk_size=256)
+    g = _quiet_fit(Xt, chunk_size=256)
+    _same_fit(g, ref)                   # the same fit as on the detached array, bit for bit
+    init = torch.from_numpy(ref.means_.copy()).requires_grad_()
+    w = torch.from_numpy(ref.weights_.astype(np.float64)).requires_grad_()
+    v = torch.from_numpy(ref.covariances_.astype(np.float64)).requires_grad_()
+    _same_fit(_quiet_fit(Xt, init=init, weights_init=w, covariances_init=v, kmeans_iter=0),
+              _quiet_fit(X, init=ref.means_, weights_init=ref.weights_, covariances_init=ref.covariances_,
+                         kmeans_iter=0))
+    for name in ("score_samples", "score", "predict", "predict_proba", "bic", "aic"):
+        np.testing.assert_array_equal(getattr(g, name)(Xt), getattr(ref, name)(X), err_msg=name)
+    for a, b in zip(g.assign(Xt, tau=0.05), ref.assign(X, tau=0.05)):
+        np.testing.assert_array_equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        np.testing.assert_array_equal(GaussianMixture(4, **KW).fit_predict(Xt), ref.predict(X))
+    # never modified, never part of a graph
+    assert torch.equal(Xt.detach(), torch.from_numpy(X)) and Xt.requires_grad and Xt.grad is None
+
+
+def test_numpy_scalar_parameters_are_accepted_and_bools_refused():
+    X, _ = make_blobs(n=500, d=3, k=4, seed=22)
+    f32 = np.float32(1e-3)
+    _same_fit(_quiet_fit(X, tol=f32), _quiet_fit(X, tol=float(f32)))
+    _same_fit(_quiet_fit(X, reg_covar=f32), _quiet_fit(X, reg_covar=float(f32)))
+    _same_fit(_quiet_fit(X, tol=np.int64(0), max_iter=np.int64(3)), _quiet_fit(X, tol=0, max_iter=3))
+    g = _quiet_fit(X)
+    for a, b in zip(g.assign(X, tau=np.float32(0.1)), g.assign(X, tau=float(np.float32(0.1)))):
+        np.testing.assert_array_equal(a, b)
+    for name, bad in [("tol", True), ("reg_covar", np.bool_(False)), ("tol", "1e-3"), ("reg_covar", None)]:
+        with pytest.raises(TypeError, match=f"{name} must be a real number, got"):
+            GaussianMixture(4, **{**KW, name: bad}).fit(X)
+    with pytest.raises(ValueError, match=r"tol must be a number >= 0, got np.float32\(nan\)"):
+        GaussianMixture(4, **{**KW, "tol": np.float32("nan")}).fit(X)
+    with pytest.raises(TypeError, match="tau must be a real number, got True"):
+        g.assign(X, tau=True)
+    with pytest.raises(ValueError, match=r"tau must be a finite number in \[0, 1\), got np.float32\(1.0\)"):
+        g.assign(X, tau=np.float32(1.0))
+
+
+def test_seed_none_draws_a_fresh_seed_and_bad_seeds_are_named():
+    X, _ = make_blobs(n=500, d=3, k=4, seed=23)
+    a, b = _quiet_fit(X, seed=None), _quiet_fit(X, seed=None)
+    assert isinstance(a.seed_, int) and 0 <= a.seed_ < 2 ** 64 and a.seed_ != b.seed_
+    _same_fit(_quiet_fit(X, seed=a.seed_), a)           # the drawn seed reproduces the fit
+    _same_fit(_quiet_fit(X, seed=np.int64(7)), _quiet_fit(X, seed=7))
+    assert _quiet_fit(X, seed=7).seed_ == 7
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\) or None"):
+            GaussianMixture(4, seed=bad, **KW).fit(X)
+    for bad in (1.5, "0", True):
+        with pytest.raises(TypeError, match="seed must be a non-negative integer or None"):
+            GaussianMixture(4, seed=bad, **KW).fit(X)
+
+
+def test_reg_covar_must_be_finite_and_verbose_is_checked():
+    X, _ = make_blobs(n=300, d=3, k=3, seed=24)
+    for bad in (np.inf, float("nan"), -1e-6):
+        with pytest.raises(ValueError, match="reg_covar must be a finite number >= 0"):
+            GaussianMixture(3, reg_covar=bad, **KW).fit(X)
+    with pytest.raises(ValueError, match=r"verbose must be a bool or an int >= 0 .*got -1"):
+        GaussianMixture(3, verbose=-1, **KW).fit(X)
+    for bad in ("yes", 1.0, None):
+        with pytest.raises(TypeError, match="verbose must be a bool or an int >= 0"):
+            GaussianMixture(3, verbose=bad, **KW).fit(X)
+    for ok in (True, np.int64(0), 0):
+        _quiet_fit(X, K=3, verbose=ok)
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_max_iter_zero_keeps_the_warm_start_and_measures_its_bound(cov):
+    X, _ = make_blobs(n=800, d=4, k=4, seed=25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no ConvergenceWarning: no EM iteration was asked for
+        g0 = GaussianMixture(4, covariance_type=cov, kmeans_iter=5, seed=3, chunk_size=300,
+                             **{**KW, "max_iter": 0}).fit(X)
+    assert (g0.n_iter_, g0.converged_, g0.history_) == (0, False, [])
+    # the bound of the fitted (k-means) parameters: float64 textbook log-likelihood of the same parameters
+    ref = _logsumexp(_ref_log_prob(X.astype(np.float64), g0.means_.astype(np.float64),
+                                   g0.weights_.astype(np.float64), g0.covariances_.astype(np.float64))).mean()
+    assert_close(g0.lower_bound_, ref, rtol=1e-6, what="lower bound of the starting parameters")
+    # the same parameters are where a max_iter=1 fit starts: its first (and only) E-step measures the same
+    g1 = _quiet_fit(X, covariance_type=cov, kmeans_iter=5, seed=3, chunk_size=300, max_iter=1)
+    assert_close(g0.lower_bound_, g1.history_[0]["log_likelihood"], rtol=1e-7, what="bound vs EM iteration 1")
+
+
+def test_values_beyond_float32_range_are_named_not_called_inf():
+    X = np.random.default_rng(26).normal(size=(2100, 3))
+    big = X.copy()
+    big[1234, 2] = -1e39                    # finite in float64, Inf in float32
+    msg = r"X has values beyond float32's range \(\|x\| > 3.4e\+38; first bad row: 1234\)"
+    g = _quiet_fit(X.astype(np.float32), K=2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for data in (big, torch.from_numpy(big), np.asfortranarray(big)):
+            with pytest.raises(ValueError, match=msg):
+                GaussianMixture(2, chunk_size=500, **KW).fit(data)
+        with pytest.raises(ValueError, match=msg):
+            g.score_samples(big)
+    assert not [w for w in rec if issubclass(w.category, RuntimeWarning)], "numpy's overflow warning leaked"
+    # the first bad row decides what is reported: a NaN or a real Inf before the large value
+    for value, kind in ((np.nan, "NaN"), (np.inf, "Inf")):
+        both = big.copy()
+        both[700, 0] = value
+        with pytest.raises(ValueError, match=rf"X contains {kind} \(first bad row: 700\)"):
+            GaussianMixture(2, chunk_size=500, **KW).fit(both)
+    # whole arrays (as_float32_matrix): the initial means
+    means = X[:2].copy()
+    means[1, 0] = 1e39
+    with pytest.raises(ValueError, match=r"init \(initial means\) has values beyond float32's range .*bad row: 1\)"):
+        GaussianMixture(2, init=means, kmeans_iter=0, **KW).fit(X)
+    # large integers are converted to float32 (rounded above 2^24), documented and accepted
+    ints = (X * 1e3).astype(np.int64) + 2 ** 40
+    _same_fit(_quiet_fit(ints, K=2), _quiet_fit(ints.astype(np.float32), K=2))
+
+
+def test_convergence_warning_says_when_reseeding_blocked_convergence():
+    # 5 distinct values for 8 components: some component owns less than half a row in every iteration and is
+    # re-seeded, so the fit cannot converge however small the gain
+    X = np.array([0.35] * 23 + [-1.05] * 29 + [-1.14] * 23 + [-0.18, 0.27], dtype=np.float32)[:, None]
+    with pytest.warns(ConvergenceWarning) as rec:
+        g = GaussianMixture(8, reg_covar=1e-3, seed=0, **{**KW, "max_iter": 15}).fit(X)
+    reseeded = [h["n_reseeded"] for h in g.history_]
+    assert reseeded[-1] > 0 and not g.converged_, reseeded     # the situation this test is about
+    streak = len(reseeded) - max(i + 1 for i, r in enumerate(reseeded) if r == 0)
+    msg = str(rec[0].message)
+    assert f"the last iteration re-seeded {reseeded[-1]} degenerate component(s) (re-seeding in each of the last " \
+           f"{streak} iterations)" in msg, msg
+    assert "converges at an iteration that re-seeds none" in msg and ">=" not in msg, msg
+    # otherwise the gain is what failed, with its absolute value; one iteration has no gain at all
+    X, _ = make_blobs(n=500, d=3, k=5, spread=1.0)
+    with pytest.warns(ConvergenceWarning, match=r"max_iter=2 iterations \(last \|gain\| [0-9.e+-]+ >= tol=0.0\)"):
+        GaussianMixture(5, tol=0.0, **{**KW, "max_iter": 2}).fit(X)
+    with pytest.warns(ConvergenceWarning, match="one iteration gives no log-likelihood gain to compare with tol"):
+        GaussianMixture(5, **{**KW, "max_iter": 1}).fit(X)
