@@ -194,9 +194,19 @@ def run_demo(out_dir="flashgmm_demo", K=64, seed=0, max_iter=100, quiet=False) -
 
 
 # ---------------------------------------------------------------------------------------------- build/search/sweep
+def _check_build_args(a):
+    """The index settings of ``build``, checked before any file is read or any GMM fitted."""
+    from ._validation import check_positive_int
+    from .ivf import _check_index_options
+
+    check_positive_int(a.K, "--K")
+    _check_index_options(a.assignment, a.tau, a.max_assign, a.spill_budget, a.soar_lambda, cli=True)
+
+
 def cmd_build(a):
     from . import build_gmm_ivf
 
+    _check_build_args(a)
     xb = _read(a.base, "train")
     xt = _read(a.train, "train") if a.train else None
     metric = _metric_of(a.base, a.metric)
@@ -238,6 +248,16 @@ def cmd_search(a):
     print(json.dumps(info))
 
 
+def _parse_nprobes(text: str) -> list[int]:
+    try:
+        nprobes = [int(p) for p in text.split(",")]
+    except ValueError:
+        nprobes = []
+    if not nprobes or min(nprobes) < 1:
+        raise ValueError(f"--nprobes must be comma-separated integers >= 1 (e.g. 1,2,4,8), got {text!r}.")
+    return nprobes
+
+
 def cmd_sweep(a):
     from .evaluation import sweep
     from .ivf import GMMIVFIndex
@@ -245,7 +265,7 @@ def cmd_sweep(a):
     index = GMMIVFIndex.load(a.index)
     xq = np.asarray(_read(a.queries, "test"))
     gt = np.asarray(_read(a.gt or a.queries, "neighbors"))
-    nprobes = [int(p) for p in a.nprobes.split(",")] if a.nprobes else None
+    nprobes = _parse_nprobes(a.nprobes) if a.nprobes else None
     rows = sweep(index, xq, gt, k=a.k, nprobes=nprobes, verbose=True)
     results = {"gmm-ivf": {"inflation": index.inflation, "sweep": rows}}
     print(format_table(results, k=a.k))
@@ -284,13 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="index path; the GMM goes to OUT.gmm.npz beside it")
     b.add_argument("--K", type=int, default=1024)
     b.add_argument("--metric", choices=("l2", "angular"), help="default: l2, or the HDF5 file's 'distance'")
-    b.add_argument("--tau", type=float, default=None, help="responsibility threshold (default 1/K)")
+    b.add_argument("--tau", type=float, default=None,
+                   help="responsibility threshold in [0, 1) for --assignment tau (default 1/K; 0 for K=1)")
     b.add_argument("--max-assign", type=int, default=None, help="copy cap per vector (1 = single assignment)")
     b.add_argument("--assignment", choices=("tau", "soar"), default="tau",
                    help="tau: lists with responsibility > tau (the paper's rule); soar: SOAR-L2 spilling on the GMM "
                         "means (at most 2 copies)")
-    b.add_argument("--spill-budget", type=float, default=None, help="target inflation for --assignment soar, e.g. 1.6")
-    b.add_argument("--soar-lambda", type=float, default=0.75)
+    b.add_argument("--spill-budget", type=float, default=None,
+                   help="target inflation in [1, 2] for --assignment soar, e.g. 1.6")
+    b.add_argument("--soar-lambda", type=float, default=None, help="SOAR's lambda for --assignment soar (default 0.75)")
     b.add_argument("--covariance-type", choices=("spherical", "diag"), default="spherical")
     b.add_argument("--max-iter", type=int, default=100)
     b.add_argument("--kmeans-iter", type=int, default=10)

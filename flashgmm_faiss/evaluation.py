@@ -11,6 +11,7 @@ Everything works the same for a :class:`~flashgmm_faiss.ivf.GMMIVFIndex` and for
 """
 from __future__ import annotations
 
+import numbers
 import time
 from typing import NamedTuple
 
@@ -74,11 +75,13 @@ def search_with_dco(index, xq, k: int = 10, nprobe: int = 1, *, copies: int | No
     ----------
     index : GMMIVFIndex or faiss.IndexIVF
     xq : array of shape (nq, d) -- queries (normalised here for an angular GMMIVFIndex)
-    k : int -- neighbours per query
-    nprobe : int -- posting lists scanned per query
-    copies : int, optional
+    k : int >= 1 -- neighbours per query
+    nprobe : int >= 1 -- posting lists scanned per query (at most nlist are)
+    copies : int >= 1, optional
         The largest number of copies of one vector in the index; read from the index when omitted (for a plain
-        FAISS index that costs a pass over its ids: pass it when calling in a loop).
+        FAISS index that costs a pass over its ids: pass it when calling in a loop). It must be at least the true
+        largest copy count: results are always deduplicated when it is given, so an underestimate cannot return
+        duplicates, but it can miss true neighbours or pad rows with -1 (FAISS is asked for too few candidates).
 
     Returns
     -------
@@ -90,16 +93,25 @@ def search_with_dco(index, xq, k: int = 10, nprobe: int = 1, *, copies: int | No
     -----
     A vector stored c times can fill c slots of FAISS's top list, so FAISS is asked for
     ``k * min(copies, nprobe)`` results, which provably contains the k best distinct vectors of the scanned
-    lists; the duplicates are then removed.
+    lists; the duplicates are then removed. Only when ``copies`` is omitted and the index has no copies (read from
+    it) are FAISS's results returned as they are.
     """
     ivf = _as_ivf(index)
     k = check_positive_int(k, "k")
     nprobe = check_positive_int(nprobe, "nprobe")
+    if copies is not None:
+        copies = check_positive_int(copies, "copies")
     xq = as_float32_matrix(xq, "xq", d=ivf.d)
     if isinstance(index, GMMIVFIndex) and index.metric == "angular":
         xq = normalize_rows(xq, "xq")
+    c = max_copies(index) if copies is None else copies
+    return _search(ivf, xq, k, nprobe, c, dedup=copies is not None or c > 1)
+
+
+def _search(ivf, xq: np.ndarray, k: int, nprobe: int, c: int, dedup: bool):
+    """:func:`search_with_dco` on checked arguments: ``c`` copies at most, ``dedup`` False only when the index is
+    known to hold one copy of each id."""
     nprobe = min(nprobe, ivf.nlist)
-    c = max_copies(index) if copies is None else int(copies)
     kk = k * max(1, min(c, nprobe))
     nq = xq.shape[0]
 
@@ -120,18 +132,28 @@ def search_with_dco(index, xq, k: int = 10, nprobe: int = 1, *, copies: int | No
     if ndis != int(scan.sum()) and ivf.max_codes == 0:
         raise RuntimeError(f"DCO bookkeeping mismatch: FAISS scanned {ndis} codes, list sizes say {int(scan.sum())}.")
     larger = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
-    if kk > k or c > 1:
+    if dedup or kk > k:
         D, I = dedup_topk(D, I, k, larger_is_better=larger)
     else:  # FAISS pads with +-FLT_MAX: use +-inf, as dedup_topk does
         D = np.where(I < 0, -np.inf if larger else np.inf, D).astype(np.float32)
     return D, I, DCO(scan, routing)
 
 
+def _check_gt(nq: int, gt, k: int) -> np.ndarray:
+    gt = np.asarray(gt)
+    if gt.ndim != 2 or gt.shape[0] != nq:
+        raise ValueError(f"gt must be 2-D with one row per query ({nq}), got shape {gt.shape}.")
+    if gt.shape[1] < k:
+        raise ValueError(f"recall@{k} needs at least {k} columns in gt ({gt.shape[1]}).")
+    return gt
+
+
 def recall_at_k(I, gt, k: int = 10) -> float:
     """Recall@k: the fraction of the true k nearest neighbours found among the first k results, averaged.
 
-    I : (nq, >=k) result ids; gt : (nq, >=k) ground-truth ids, nearest first.
+    I : (nq, >=k) result ids; gt : (nq, >=k) ground-truth ids, nearest first; k : int >= 1.
     """
+    k = check_positive_int(k, "k")
     I = np.asarray(I)
     gt = np.asarray(gt)
     if I.ndim != 2 or gt.ndim != 2 or I.shape[0] != gt.shape[0]:
@@ -182,6 +204,17 @@ def default_nprobes(nlist: int) -> list[int]:
     return out
 
 
+def _check_nprobes(nprobes) -> list[int]:
+    if isinstance(nprobes, numbers.Integral) and not isinstance(nprobes, bool):
+        nprobes = [nprobes]
+    elif isinstance(nprobes, (str, bytes)) or not hasattr(nprobes, "__iter__"):
+        raise TypeError(f"nprobes must be an int or an iterable of ints, got {nprobes!r}.")
+    out = [check_positive_int(p, "each nprobe") for p in nprobes]
+    if not out:
+        raise ValueError("nprobes is empty: give at least one nprobe (or None for 1, 2, 4, ..., nlist).")
+    return out
+
+
 def sweep(index, xq, gt, k: int = 10, nprobes=None, *, verbose: bool = False) -> list[dict]:
     """Recall@k against DCO for a list of nprobe values.
 
@@ -189,8 +222,9 @@ def sweep(index, xq, gt, k: int = 10, nprobes=None, *, verbose: bool = False) ->
     ----------
     index : GMMIVFIndex or faiss.IndexIVF
     xq : array of shape (nq, d); gt : array of shape (nq, >=k), true neighbour ids
-    k : int
-    nprobes : iterable of int, default 1, 2, 4, ..., nlist
+    k : int >= 1
+    nprobes : int or iterable of int >= 1, default 1, 2, 4, ..., nlist
+        A single int is one sweep point. Values above nlist scan every list (the row keeps the value given).
 
     Returns
     -------
@@ -198,12 +232,17 @@ def sweep(index, xq, gt, k: int = 10, nprobes=None, *, verbose: bool = False) ->
     ``dco_scan_per_query``, ``dco_routing_per_query``, ``dco_total_per_query``, ``qps`` and ``seconds``.
     """
     ivf = _as_ivf(index)
-    nprobes = default_nprobes(ivf.nlist) if nprobes is None else [int(p) for p in nprobes]
+    k = check_positive_int(k, "k")
+    nprobes = default_nprobes(ivf.nlist) if nprobes is None else _check_nprobes(nprobes)
+    xq = as_float32_matrix(xq, "xq", d=ivf.d)
+    gt = _check_gt(xq.shape[0], gt, k)
+    if isinstance(index, GMMIVFIndex) and index.metric == "angular":
+        xq = normalize_rows(xq, "xq")
     c = max_copies(index)
     rows = []
     for p in nprobes:
         t0 = time.perf_counter()
-        _, I, dco = search_with_dco(index, xq, k=k, nprobe=p, copies=c)
+        _, I, dco = _search(ivf, xq, k, p, c, dedup=c > 1)
         dt = time.perf_counter() - t0
         r = recall_at_k(I, gt, k)
         rows.append({"nprobe": p, "k": k, "recall_at_10": r,

@@ -366,7 +366,7 @@ def tau_assign_spherical(xb, centroids, variance, tau=None, max_assign=None, wei
     xb : array-like of shape (n, d)
     centroids : array-like of shape (K, d)
     variance : float or array of shape (K,) -- spherical variances
-    tau : float in [0, 1), default 1 / K
+    tau : float in [0, 1), default 1 / K (0 for K = 1: a single list, tau plays no role)
     max_assign : int >= 1, default K
     weights : array of shape (K,), default uniform
     chunk_size : int, optional
@@ -380,8 +380,9 @@ def tau_assign_spherical(xb, centroids, variance, tau=None, max_assign=None, wei
     n = _check_xb(xb, c.shape[1])
     K = c.shape[0]
     var, w = _check_var_weights(variance, weights, K)
-    tau = 1.0 / K if tau is None else tau
-    if not isinstance(tau, (int, float, np.floating)) or not (0.0 <= float(tau) < 1.0):
+    if tau is None:
+        tau = 1.0 / K if K > 1 else 0.0
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not (0.0 <= float(tau) < 1.0):
         raise ValueError(f"tau must be a number in [0, 1), got {tau!r}.")
     if max_assign is None:
         max_assign = K

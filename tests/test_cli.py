@@ -1,11 +1,12 @@
 """The command line: demo on the bundled data, build/search/sweep on user files of each format."""
 import json
+import warnings
 
 import faiss
 import numpy as np
 import pytest
 
-from flashgmm_faiss import cli, recall_at_k
+from flashgmm_faiss import ConvergenceWarning, GaussianMixture, GMMIVFIndex, cli, recall_at_k
 from flashgmm_faiss.evaluation import dco_at_recall
 from flashgmm_faiss.io import read_vectors, write_ann_hdf5, write_vectors
 
@@ -94,7 +95,13 @@ def test_build_search_sweep_on_files(tmp_path, fmt, capsys):
     rows = json.loads(sweep_json.read_text())["sweep"]
     assert [r["nprobe"] for r in rows] == [1, 2, 8] and rows[-1]["recall_at_10"] == 1.0
     assert (tmp_path / "s.png").exists()
+    capsys.readouterr()
     assert cli.main(["info", "--index", idx]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    expected = GMMIVFIndex.load(idx).stats()
+    expected["copies_histogram"] = expected["copies_histogram"][:20]
+    assert shown == json.loads(json.dumps(expected))
+    assert shown["ntotal"] == 1500 and shown["nlist"] == 8 and sum(shown["copies_histogram"]) == 1500
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
@@ -105,6 +112,69 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "larger than the number of training vectors" in capsys.readouterr().err
     assert cli.main(["sweep", "--index", "i", "--queries", str(tmp_path / "x.npy")]) == 2
     assert "--gt is required" in capsys.readouterr().err
+
+
+def test_build_checks_index_options_before_reading_or_fitting(tmp_path, capsys, monkeypatch):
+    def fit(self, X, *args, **kwargs):
+        raise AssertionError("GaussianMixture.fit was called before the bad option was refused")
+
+    monkeypatch.setattr(GaussianMixture, "fit", fit)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32))
+    base = ["build", "--base", str(tmp_path / "x.npy"), "--out", str(tmp_path / "i"), "--K", "4",
+            "--backend", "torch", "--device", "cpu"]
+    cases = [(["--tau", "2"], r"--tau must be a number in [0, 1)"),
+             (["--max-assign", "0"], "--max-assign must be >= 1, got 0"),
+             (["--assignment", "soar", "--spill-budget", "0.5"], "--spill-budget is a target inflation in [1, 2]"),
+             (["--spill-budget", "1.5"], "--spill-budget only applies to --assignment soar"),
+             (["--soar-lambda", "0.5"], "--soar-lambda only applies to --assignment soar"),
+             (["--assignment", "soar", "--tau", "0.1"], "--tau and --max-assign apply to --assignment tau"),
+             (["--K", "0"], "--K must be >= 1, got 0")]
+    for extra, message in cases:
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err, (extra, err)
+    assert not (tmp_path / "i").exists()
+
+
+def test_build_with_one_list_and_with_a_training_file(tmp_path, capsys):
+    xb, _ = make_blobs(n=600, d=6, k=8, seed=5, spread=5.0)
+    xt, _ = make_blobs(n=400, d=6, k=8, seed=6, spread=5.0)  # other centres: a clearly different fit
+    np.save(tmp_path / "b.npy", xb)
+    np.save(tmp_path / "t.npy", xt)
+    common = ["--max-iter", "10", "--kmeans-iter", "5", "--seed", "2", "--backend", "torch", "--device", "cpu"]
+    # --K 1: the default tau works (every vector in the single list, once)
+    assert cli.main(["build", "--base", str(tmp_path / "b.npy"), "--out", str(tmp_path / "one.ivf"), "--K", "1"]
+                    + common) == 0
+    built = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert built["ntotal"] == built["n_postings"] == 600 and built["nlist"] == 1
+    # --train: the centroids are the means of a GaussianMixture fitted on the training file alone
+    idx = str(tmp_path / "t.ivf")
+    assert cli.main(["build", "--base", str(tmp_path / "b.npy"), "--train", str(tmp_path / "t.npy"), "--out", idx,
+                     "--K", "4"] + common) == 0
+    index = GMMIVFIndex.load(idx)
+    cents = index.faiss_index.quantizer.reconstruct_n(0, 4)
+    settings = dict(covariance_type="spherical", max_iter=10, kmeans_iter=5, seed=2, backend="torch", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref_t = GaussianMixture(4, **settings).fit(xt)
+        ref_b = GaussianMixture(4, **settings).fit(xb)
+    np.testing.assert_allclose(cents, ref_t.means_, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(cents, ref_b.means_, atol=0.1)
+    assert index.ntotal == 600
+
+
+def test_sweep_rejects_bad_nprobes(tmp_path, capsys):
+    xb, _ = make_blobs(n=300, d=4, k=4, seed=1)
+    np.save(tmp_path / "b.npy", xb)
+    np.save(tmp_path / "gt.npy", np.zeros((5, 10), dtype=np.int64))
+    idx = str(tmp_path / "i.ivf")
+    assert cli.main(["build", "--base", str(tmp_path / "b.npy"), "--out", idx, "--K", "4", "--max-iter", "5",
+                     "--backend", "torch", "--device", "cpu"]) == 0
+    np.save(tmp_path / "q.npy", xb[:5])
+    for bad in ("1,2.5", "0,1", "a"):
+        assert cli.main(["sweep", "--index", idx, "--queries", str(tmp_path / "q.npy"), "--gt",
+                         str(tmp_path / "gt.npy"), "--nprobes", bad]) == 2
+        assert "--nprobes must be comma-separated integers >= 1" in capsys.readouterr().err
 
 
 def test_console_script_is_declared():

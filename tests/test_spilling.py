@@ -278,6 +278,20 @@ def test_clear_errors():
         nearest_assign(bad, c)
 
 
+def test_single_centroid_rules_work_with_default_tau():
+    # K = 1: the default tau (1/K would be 1.0, outside [0, 1)) becomes 0; every rule puts each row in list 0 once
+    x, _ = _random_problem()
+    c = x[:1] + 0.5
+    for off, li in (tau_assign_spherical(x, c, 1.0), nearest_assign(x, c), soar_l2_assign(x, c),
+                    second_nearest_assign(x, c, 1.0), responsibility_spill_assign(x, c, 1.0, 1.0)):
+        np.testing.assert_array_equal(off, np.arange(len(x) + 1))
+        np.testing.assert_array_equal(li, np.zeros(len(x)))
+    with pytest.raises(ValueError, match=r"tau must be a number in \[0, 1\)"):
+        tau_assign_spherical(x, c, 1.0, tau=1.0)  # an explicit tau is still checked
+    with pytest.raises(ValueError, match=r"tau must be a number in \[0, 1\)"):
+        tau_assign_spherical(x, c, 1.0, tau=True)
+
+
 def test_soar_relative_ranking_divides_the_gap_by_the_primary_loss():
     # Gaps from test_soar_budget_keeps_the_most_negative_gaps: x0: -1.21 / 1.9075 = -0.634; x1: -0.605 / 1.421875
     # = -0.425. Scale x1's problem by 3 (all coordinates): its absolute gap becomes -5.445 (most negative), its
