@@ -76,15 +76,21 @@ def assert_close(name, got, ref, rtol):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every buffer the launchers allocate with torch.empty starts as NaN (floats) or -7 (ints)."""
-    real_empty = torch.empty
+    """Every buffer the launchers allocate with torch.empty or torch.empty_like starts as NaN (floats) or -7
+    (ints), so that a slot a kernel should write but does not shows up in the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
 
     def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        t.fill_(float("nan") if t.is_floating_point() else -7)
-        return t
+        return poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return poison(real_empty_like(*args, **kwargs))
 
     monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
     return empty
 
 
@@ -326,7 +332,7 @@ def test_work_lists_hold_every_set_bit_in_ascending_order(block, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("perm", [False, True], ids=["own-order", "permuted"])
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
-def test_reduce_partials_matches_a_float64_sum(diag, perm, dtype):
+def test_reduce_partials_matches_a_float64_sum(poisoned, diag, perm, dtype):
     # the fixed-order float64 reduction of pass 2's per-slab partials: sums over S slabs (19: not a multiple of the
     # slabs per load), units undone (INV), written back in the caller's component order, and for diag the
     # centring Sq = Sxx - 2 mu Sx + Nk mu^2 (clamped at 0), against float64 torch; float32 outputs rounded,
@@ -356,7 +362,7 @@ def test_reduce_partials_matches_a_float64_sum(diag, perm, dtype):
 
 @pytest.mark.parametrize("floor", [False, True], ids=["no-floor", "bf16-floor"])
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
-def test_fused_m_step_matches_the_torch_form(diag, floor):
+def test_fused_m_step_matches_the_torch_form(poisoned, diag, floor):
     # kernels.mstep.m_step against gmm.m_step (float64 torch): D = 20 pads to 32, 64 components per program, so
     # K = 150 spans three programs, the last one partial; components with nk = 0, nk just under, at and over
     # DEGENERATE_NK keep / move; some variances clamp at 0, some at the floor; diag bitwise (no contraction, the
@@ -803,7 +809,7 @@ def test_diag_tf32_one_em_step_is_within_the_issue_bound_on_uncentred_data():
 @pytest.mark.parametrize("bound", ["none", "float", "tensor"])
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16", "bf16x3"])
-def test_prepare_kernel_matches_the_torch_reference(precision, diag, bound):
+def test_prepare_kernel_matches_the_torch_reference(poisoned, precision, diag, bound):
     # prepare() runs one fused kernel; prepare_reference() is the float64 torch form it replaces. The operands
     # (rounded to the mode's format) must be identical; the float terms agree to the last fp32 bit on the CPU
     # interpreter and to 1e-6 on a GPU (libdevice's float64 log may differ from torch's in the last bit).
@@ -1179,7 +1185,7 @@ def test_pruned_seeding_equals_the_unpruned_one_bit_for_bit_and_keeps_nearest_se
     n = x.shape[0]
     d2a = torch.full((n,), math.inf, dtype=torch.float64, device=DEVICE)
     d2b = d2a.clone()
-    sa = torch.empty(ks.block_sums_size(n), dtype=torch.float64, device=DEVICE)
+    sa = torch.full((ks.block_sums_size(n),), math.nan, dtype=torch.float64, device=DEVICE)   # every slot written
     sb = sa.clone()
     nearest = torch.zeros(n, dtype=torch.int32, device=DEVICE)
     gaps = torch.zeros(K, dtype=torch.float64, device=DEVICE)
@@ -1191,6 +1197,7 @@ def test_pruned_seeding_equals_the_unpruned_one_bit_for_bit_and_keeps_nearest_se
         ks.pruned_min_sq_dist_(d2b, x, s, sb, nearest, gaps, j)
         assert torch.equal(d2a, d2b), k
         assert torch.equal(sa, sb), k
+        assert_close(f"block sums {k}", sa.sum(), d2a.sum(), 1e-6)   # per-tile sums (GPU: 2e-9 measured)
     near_rows = order.cpu()[nearest.cpu().long()]
     xc = x.cpu()
     dist = ((xc - xc[near_rows]) ** 2).sum(1).double()
@@ -1383,9 +1390,13 @@ def test_backend_methods_match_torch_backend(diag):
     log_norm, best = be.score(x, means, var, lw)
     assert_close("score", log_norm, ref.log_norm, 1e-6)
     counts, lists, resp = be.assign(x, means, var, lw, 0.1, 2)
-    assert counts.shape == (29,) and lists.shape == resp.shape
+    _check_assign_against_float64(x, means, var, lw, 0.1, 2, counts, lists, resp)
     lp = be.log_prob(x, means, var, lw)
-    assert lp.shape == (29, 6)
+    x64, m64, v64 = (t.double().cpu() for t in (x, means, var))
+    v64 = v64 if diag else v64[:, None].expand(-1, x.shape[1])
+    own = lw.double().cpu() - 0.5 * (((x64[:, None, :] - m64[None]) ** 2 / v64[None]).sum(-1)
+                                     + torch.log(2 * math.pi * v64).sum(-1)[None])   # broadcasting, no expansion
+    assert_close("log_prob", lp, own, 1e-6)
 
 
 # ------------------------------------------------------------------------------------------ GPU only

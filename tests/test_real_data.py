@@ -37,7 +37,7 @@ def test_mnist_gmm_multi_needs_fewer_dco_than_kmeans_at_recall_09():
     rows_gmm = sweep(gmm_ivf, xq, gt, k=10, nprobes=nprobes)
     dco_km = dco_at_recall(rows_km, 0.9)
     dco_gmm = dco_at_recall(rows_gmm, 0.9)
+    assert dco_km is not None and dco_gmm is not None, f"recall@10 = 0.9 not reached: {rows_km}, {rows_gmm}"
     print(f"\nMNIST K={K}: scan DCO/query at recall@10=0.9: k-means {dco_km:.0f}, GMM tau=1/K {dco_gmm:.0f} "
           f"(inflation {gmm_ivf.inflation:.3f}); ratio {dco_km / dco_gmm:.3f}")
-    assert dco_km is not None and dco_gmm is not None
     assert dco_gmm < dco_km
