@@ -48,6 +48,34 @@ class ConvergenceWarning(UserWarning):
     re-seeding a degenerate component; the message says which condition failed."""
 
 
+class PrecisionWarning(UserWarning):
+    """The Triton backend's float32 logits of some components may be inaccurate (see
+    :func:`expansion_error_bound`)."""
+
+
+# Triton backend: a fit warns when some component's bound of the float32 expansion error (expansion_error_bound)
+# exceeds this many nats; the torch backend recomputes such components itself (_torch_backend.EXPANSION_TOL).
+EXPANSION_WARN_NATS = 1.0
+
+
+def expansion_error_bound(x_absmax, means, var) -> np.ndarray:
+    """Per component, a bound (nats) of the float32 rounding error of the expanded logits
+    sum_d (x_d^2 - 2 x_d mu_kd + mu_kd^2) / (2 var_kd) over rows with |x_d| <= x_absmax_d (centred frame).
+
+    x_absmax : (D,) per-feature bound of the centred rows; means : (K, D) centred; var : (K,) or (K, D).
+    Returns (K,) float64: ``EXPANSION_ERROR * eps32 * (A + C)``, the bound of ``_torch_backend``'s recomputation
+    rule. It is large for a component collapsed onto duplicate rows (variance at the ``reg_covar`` floor in a
+    feature whose centred values are far from 0), where the Triton kernels' logits can be off by that much.
+    """
+    b2 = np.asarray(x_absmax, dtype=np.float64) ** 2
+    mu = np.asarray(means, dtype=np.float64)
+    v = np.asarray(var, dtype=np.float64)
+    p = 0.5 / (v[:, None] if v.ndim == 1 else v) * np.ones_like(mu)
+    a = np.minimum(p @ b2, b2.sum() * p.max(1))
+    terms = a + (mu * mu * p).sum(1)
+    return _torch_backend.EXPANSION_ERROR * float(np.finfo(np.float32).eps) * terms
+
+
 class NotFittedError(ValueError, AttributeError):
     """The estimator is used before ``fit``."""
 
@@ -420,6 +448,8 @@ class GaussianMixture:
 
         try:
             self._em(data, means, var, weights, n, rng)
+            if wants_bound:
+                self._warn_expansion_error(torch.maximum((hi - center).abs(), (lo - center).abs()))
         finally:
             if wants_bound:
                 impl.x_absmax = None   # inference streams other data: bound each chunk
@@ -782,6 +812,20 @@ class GaussianMixture:
         self.lower_bound_ = ll
         if self.max_iter > 0 and not self.converged_:
             warnings.warn(self._convergence_message(gain), ConvergenceWarning, stacklevel=3)
+
+    def _warn_expansion_error(self, x_absmax: torch.Tensor) -> None:
+        """Triton backend: a PrecisionWarning naming the components whose float32 logits may be off by more than
+        EXPANSION_WARN_NATS (``x_absmax``: (D,) per-feature bound of the centred fit data)."""
+        bound = expansion_error_bound(x_absmax.double().cpu().numpy(), self.means_ - self.center_,
+                                      self.covariances_)
+        bad = np.flatnonzero(bound > EXPANSION_WARN_NATS)
+        if bad.size:
+            warnings.warn(
+                f"{bad.size} of {bound.size} components (first: {bad[:5].tolist()}) have variances so small against "
+                f"the data's magnitude (e.g. collapsed onto duplicate rows, at the reg_covar floor) that the Triton "
+                f"kernels' float32 logits for them may be off by up to {bound.max():.3g} nats, which distorts the fit "
+                f"and its scores. Refit with backend='torch' (it recomputes such components in float64) or a larger "
+                f"reg_covar (now {self.reg_covar}).", PrecisionWarning, stacklevel=3)
 
     def _mean_log_likelihood(self, data: ChunkedMatrix, means, var, weights) -> float:
         """Mean per-sample log-likelihood of the fit data (float64 ``means``, ``var``, ``weights``, centred frame),

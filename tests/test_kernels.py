@@ -1936,3 +1936,44 @@ def test_estimator_on_the_kernels_matches_torch_backend(cov):
     oa, la, ra = a.assign(x)        # tau = 1/K, no cap: the threshold kernel
     ob, lb, rb = b.assign(x)
     assert (oa == ob).all() and (la == lb).all() and np.allclose(ra, rb, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::flashgmm_faiss.gmm.ConvergenceWarning")
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_triton_fit_warns_when_collapsed_components_make_float32_logits_inaccurate(cov):
+    # 5 distinct rows far from the data's centre, each repeated 20 times: the components collapse onto them
+    # (variance -> reg_covar), where the expanded float32 logits cancel by up to ~1e3 nats: the Triton backend, which
+    # does not recompute them (the torch backend does), must say so; a fit of blobs with unit spread must not
+    from flashgmm_faiss import GaussianMixture
+    from flashgmm_faiss.gmm import PrecisionWarning, expansion_error_bound
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 8, generator=g) * 5
+    x = rows.repeat_interleave(20, 0).numpy()
+    kw = dict(covariance_type=cov, kmeans_iter=0, max_iter=3, tol=0.0, device=DEVICE, backend="triton",
+              precision="ieee", reg_covar=1e-6)
+    with pytest.warns(PrecisionWarning, match="backend='torch'"):
+        fit = GaussianMixture(5, init=x[::20], **kw).fit(x)
+    bound = expansion_error_bound(np.abs(x - fit.center_).max(0), fit.means_ - fit.center_, fit.covariances_)
+    assert bound.max() > 1.0
+    blobs = (torch.randn(100, 8, generator=g) + torch.arange(5).repeat_interleave(20)[:, None] * 6.0).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        GaussianMixture(5, init=blobs[::20], **kw).fit(blobs)
+
+
+def test_expansion_error_bound_covers_the_float32_expansion():
+    # the float32 expanded logits (x^2 p - 2 x mu p + mu^2 p) against float64 direct differences, per component:
+    # the bound must hold for normal and collapsed components, and separate them
+    from flashgmm_faiss.gmm import expansion_error_bound
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((400, 16)) * 5).astype(np.float32)
+    mu = np.concatenate([x[:3], rng.standard_normal((3, 16)) * 5]).astype(np.float32)
+    var = np.concatenate([np.full((3, 16), 1e-6), rng.uniform(0.5, 30, (3, 16))]).astype(np.float32)
+    for v in (var, var.mean(1)):
+        p = (0.5 / (v[:, None] if v.ndim == 1 else v) * np.ones_like(mu)).astype(np.float32)
+        got = (x * x) @ p.T - 2 * (x @ (mu * p).T) + (mu * mu * p).sum(1)
+        x64, m64, p64 = x.astype(np.float64), mu.astype(np.float64), p.astype(np.float64)
+        ref = np.stack([((x64 - m64[k]) ** 2 * p64[k]).sum(1) for k in range(6)], 1)
+        bound = expansion_error_bound(np.abs(x).max(0), mu, v)
+        assert np.all(np.abs(got - ref).max(0) <= bound)
+        assert bound[:3].min() > 1.0 and bound[3:].max() < 1e-2
