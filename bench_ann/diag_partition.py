@@ -33,7 +33,7 @@ import numpy as np
 from bench_ann.sweep import load_data, make_index, nprobe_grid
 from flashgmm_faiss import GaussianMixture
 from flashgmm_faiss.evaluation import dco_at_recall, dedup_topk, recall_at_k
-from flashgmm_faiss.ivf import list_sizes, max_copies
+from flashgmm_faiss.ivf import csr_from_labels, list_sizes, max_copies
 
 TARGETS = (0.9, 0.95, 0.99)
 
@@ -91,7 +91,7 @@ def run(data, K, seed):
         _, nearest = quant.search(xb, 1)
         best = g.predict(xb).astype(np.int64)
         not_nearest = float(np.mean(best != nearest[:, 0]))
-        single = make_index(g.means_, xb, *csr([best[i:i + 1] for i in range(n)]))
+        single = make_index(g.means_, xb, *csr_from_labels(best))
         results.append(summary(cov, single, n, not_nearest, measure(single, xq, gt, K)))
         both = make_index(g.means_, xb, *csr([np.unique([best[i], nearest[i, 0]]) for i in range(n)]))
         results.append(summary(f"{cov}+nearest", both, n, 0.0, measure(both, xq, gt, K)))

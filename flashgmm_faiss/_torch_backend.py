@@ -103,6 +103,22 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def expansion_terms(x2_max: torch.Tensor | None, row_max, means: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(K,) bound of A_ik + C_k over rows (the expansion's positive terms, module docstring): the float32 error of
+    component k's expanded logits is at most about ``EXPANSION_ERROR * eps32`` times it.
+
+    x2_max : (D,) per-feature bound of the rows' squares (diag only; None for spherical); row_max : bound of the
+    rows' squared norms ||x_i||^2; means : (K, D); var : (K,) or (K, D). Shared by this backend's recomputation
+    rule and the Triton fit's :func:`flashgmm_faiss.gmm.expansion_error_bound`.
+    """
+    half = 0.5 / var
+    if var.ndim == 1:     # A_ik + C_k <= (max_i ||x_i||^2 + ||mu_k||^2) / (2 var_k)
+        return (row_max + (means * means).sum(1)) * half
+    # A_ik <= min(sum_d max_i x_id^2 p_kd, max_i ||x_i||^2 max_d p_kd), p = 1 / (2 var)
+    a = torch.minimum(half @ x2_max, row_max * half.amax(1))
+    return a + (means * means * half).sum(1)
+
+
 def _flag_async(x2: torch.Tensor, means: torch.Tensor, var: torch.Tensor):
     """Start choosing the components of a chunk whose expanded logits may be off by more than EXPANSION_TOL nats.
 
@@ -122,13 +138,8 @@ def _flag_async(x2: torch.Tensor, means: torch.Tensor, var: torch.Tensor):
     """
     if x2.dtype == torch.float64 or x2.shape[0] == 0:
         return lambda: None
-    half = 0.5 / var
     row_max = x2.sum(1).max() if x2.shape[1] > 1 else x2.max()
-    if var.ndim == 1:     # A_ik + C_k <= (max_i ||x_i||^2 + ||mu_k||^2) / (2 var_k)
-        terms = (row_max + (means * means).sum(1)) * half
-    else:                 # A_ik <= min(sum_d max_i x_id^2 p_kd, max_i ||x_i||^2 max_d p_kd), p = 1 / (2 var)
-        a = torch.minimum(half @ x2.amax(0), row_max * half.amax(1))
-        terms = a + (means * means * half).sum(1)
+    terms = expansion_terms(x2.amax(0) if var.ndim == 2 else None, row_max, means, var)
     mask = EXPANSION_ERROR * torch.finfo(x2.dtype).eps * terms > EXPANSION_TOL
     if _capturing(mask):    # no host sync: every component recomputed, the flagged ones kept
         flags = _Flagged(None, mask, ())

@@ -150,6 +150,12 @@ def is_real_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def default_tau(K: int) -> float:
+    """The default responsibility threshold of multi-assignment: 1 / K, or 0 for K = 1 (a single list: every
+    vector goes to it, tau plays no role)."""
+    return 1.0 / K if K > 1 else 0.0
+
+
 def check_real(value, name: str, minimum: float | None = None, below: float | None = None,
                finite: bool = True) -> float:
     """Return ``value`` as a Python float after checking it: a real number (Python or numpy, not a bool; else a

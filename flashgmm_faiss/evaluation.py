@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from ._validation import as_float32_matrix, check_positive_int
-from .ivf import GMMIVFIndex, _as_ivf, list_sizes, max_copies, normalize_rows
+from .ivf import GMMIVFIndex, _as_ivf, list_sizes, max_copies
 
 
 class DCO(NamedTuple):
@@ -101,11 +101,16 @@ def search_with_dco(index, xq, k: int = 10, nprobe: int = 1, *, copies: int | No
     nprobe = check_positive_int(nprobe, "nprobe")
     if copies is not None:
         copies = check_positive_int(copies, "copies")
-    xq = as_float32_matrix(xq, "xq", d=ivf.d)
-    if isinstance(index, GMMIVFIndex) and index.metric == "angular":
-        xq = normalize_rows(xq, "xq")
+    xq = _queries(index, ivf, xq)
     c = max_copies(index) if copies is None else copies
     return _search(ivf, xq, k, nprobe, c, dedup=copies is not None or c > 1)
+
+
+def _queries(index, ivf, xq) -> np.ndarray:
+    """(nq, d) float32 queries, checked against the index's d, unit-normalised for an angular GMMIVFIndex."""
+    if isinstance(index, GMMIVFIndex):
+        return index._prep(xq, "xq")
+    return as_float32_matrix(xq, "xq", d=ivf.d)
 
 
 def _search(ivf, xq: np.ndarray, k: int, nprobe: int, c: int, dedup: bool):
@@ -234,10 +239,8 @@ def sweep(index, xq, gt, k: int = 10, nprobes=None, *, verbose: bool = False) ->
     ivf = _as_ivf(index)
     k = check_positive_int(k, "k")
     nprobes = default_nprobes(ivf.nlist) if nprobes is None else _check_nprobes(nprobes)
-    xq = as_float32_matrix(xq, "xq", d=ivf.d)
+    xq = _queries(index, ivf, xq)
     gt = _check_gt(xq.shape[0], gt, k)
-    if isinstance(index, GMMIVFIndex) and index.metric == "angular":
-        xq = normalize_rows(xq, "xq")
     c = max_copies(index)
     rows = []
     for p in nprobes:

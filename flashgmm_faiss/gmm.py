@@ -30,7 +30,8 @@ from ._chunk_plan import ROW_ORDER_BYTES, ChunkPlan, plan_chunks
 from ._data import ChunkedMatrix
 from ._lookahead import MAX_SECONDS as MAX_LOOKAHEAD_SECONDS
 from ._lookahead import Launched
-from ._validation import as_float32_matrix, check_positive_int, check_real, check_seed, check_shape, is_torch_tensor
+from ._validation import (as_float32_matrix, check_positive_int, check_real, check_seed, check_shape, default_tau,
+                          is_torch_tensor)
 
 _COVARIANCE_TYPES = ("spherical", "diag")
 _BACKENDS = ("auto", "torch", "triton")
@@ -67,13 +68,11 @@ def expansion_error_bound(x_absmax, means, var) -> np.ndarray:
     rule. It is large for a component collapsed onto duplicate rows (variance at the ``reg_covar`` floor in a
     feature whose centred values are far from 0), where the Triton kernels' logits can be off by that much.
     """
-    b2 = np.asarray(x_absmax, dtype=np.float64) ** 2
-    mu = np.asarray(means, dtype=np.float64)
-    v = np.asarray(var, dtype=np.float64)
-    p = 0.5 / (v[:, None] if v.ndim == 1 else v) * np.ones_like(mu)
-    a = np.minimum(p @ b2, b2.sum() * p.max(1))
-    terms = a + (mu * mu * p).sum(1)
-    return _torch_backend.EXPANSION_ERROR * float(np.finfo(np.float32).eps) * terms
+    b2 = torch.as_tensor(np.asarray(x_absmax, dtype=np.float64)) ** 2
+    v = torch.as_tensor(np.asarray(var, dtype=np.float64))
+    terms = _torch_backend.expansion_terms(b2 if v.ndim == 2 else None, b2.sum(),
+                                           torch.as_tensor(np.asarray(means, dtype=np.float64)), v)
+    return _torch_backend.EXPANSION_ERROR * float(np.finfo(np.float32).eps) * terms.numpy()
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -414,7 +413,8 @@ class GaussianMixture:
         self.center_ = center64.cpu().numpy()
         # |x - center| bound of the fit data: no per-chunk reduction in the kernels' launches
         if wants_bound:
-            impl.x_absmax = float(torch.maximum((hi - center).abs(), (lo - center).abs()).max()) * (1 + 1e-6)
+            x_range = torch.maximum((hi - center).abs(), (lo - center).abs())   # (D,) |x - center| per feature
+            impl.x_absmax = float(x_range.max()) * (1 + 1e-6)
         self.n_features_in_ = d
         self._log(1, f"[flashgmm] fit: n={n} d={d} K={K} cov={self.covariance_type} backend={self.backend_} "
                      f"device={device} chunk={data.chunk_size}"
@@ -449,7 +449,7 @@ class GaussianMixture:
         try:
             self._em(data, means, var, weights, n, rng)
             if wants_bound:
-                self._warn_expansion_error(torch.maximum((hi - center).abs(), (lo - center).abs()))
+                self._warn_expansion_error(x_range)
         finally:
             if wants_bound:
                 impl.x_absmax = None   # inference streams other data: bound each chunk
@@ -973,7 +973,7 @@ class GaussianMixture:
         """
         self._check_fitted()
         K = self.means_.shape[0]
-        tau = (1.0 / K if K > 1 else 0.0) if tau is None else check_real(tau, "tau", minimum=0.0, below=1.0)
+        tau = default_tau(K) if tau is None else check_real(tau, "tau", minimum=0.0, below=1.0)
         max_assign = K if max_assign is None else check_positive_int(max_assign, "max_assign")
         data, means, var, lw = self._inference_setup(X)
         offsets = np.zeros(data.n + 1, dtype=np.int64)

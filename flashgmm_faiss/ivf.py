@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import sys
 import warnings
@@ -27,7 +26,7 @@ import weakref
 import faiss
 import numpy as np
 
-from ._validation import as_float32_matrix, check_ids, check_positive_int, check_shape
+from ._validation import as_float32_matrix, check_ids, check_positive_int, check_shape, default_tau, is_real_number
 from .gmm import GaussianMixture, NotFittedError
 
 METRICS = ("l2", "angular")
@@ -96,12 +95,8 @@ def _plain_ivf(index, caller: str) -> "faiss.IndexIVF":
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
-def _default_tau(K: int) -> float:
-    """1 / K, or 0 for K = 1 (a single list: every vector goes to it, tau plays no role)."""
-    return 1.0 / K if K > 1 else 0.0
+    """A finite real number (Python or numpy, not a bool)."""
+    return is_real_number(value) and math.isfinite(float(value))
 
 
 def _check_gmm(gmm) -> None:
@@ -322,7 +317,7 @@ def add_multi_assigned(index, xb, gmm: GaussianMixture, *, ids=None, tau=None, m
     _check_trained(ivf)
     xb = as_float32_matrix(xb, "xb", d=ivf.d)
     ids = _new_ids(ivf, ids, xb.shape[0])
-    offsets, lists, _ = gmm.assign(xb, tau=_default_tau(K) if tau is None else tau, max_assign=max_assign)
+    offsets, lists, _ = gmm.assign(xb, tau=tau, max_assign=max_assign)   # tau None: default_tau(K)
     nnz = _add_csr(ivf, xb, offsets, lists, ids)
     copies = np.diff(offsets)
     n = copies.shape[0]
@@ -502,7 +497,7 @@ class GMMIVFIndex:
     @property
     def tau_(self) -> float:
         """The threshold in use: ``tau``, or 1 / K by default (0 for K = 1)."""
-        return _default_tau(self.nlist) if self.tau is None else float(self.tau)
+        return default_tau(self.nlist) if self.tau is None else float(self.tau)
 
     def _prep(self, x, name):
         x = as_float32_matrix(x, name, d=self.d)

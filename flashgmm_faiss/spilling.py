@@ -24,6 +24,8 @@ import math
 import faiss
 import numpy as np
 
+from ._validation import default_tau, is_real_number
+
 __all__ = [
     "nearest_assign",
     "soar_l2_assign",
@@ -380,9 +382,8 @@ def tau_assign_spherical(xb, centroids, variance, tau=None, max_assign=None, wei
     n = _check_xb(xb, c.shape[1])
     K = c.shape[0]
     var, w = _check_var_weights(variance, weights, K)
-    if tau is None:
-        tau = 1.0 / K if K > 1 else 0.0
-    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not (0.0 <= float(tau) < 1.0):
+    tau = default_tau(K) if tau is None else tau
+    if not is_real_number(tau) or not (0.0 <= float(tau) < 1.0):
         raise ValueError(f"tau must be a number in [0, 1), got {tau!r}.")
     if max_assign is None:
         max_assign = K
