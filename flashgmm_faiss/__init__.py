@@ -14,7 +14,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GaussianMixture": "gmm", "ConvergenceWarning": "gmm", "NotFittedError": "gmm", "PrecisionWarning": "gmm",
+    "GaussianMixture": "gmm", "ConvergenceWarning": "gmm", "NotFittedError": "gmm",
     "GMMIVFIndex": "ivf", "build_gmm_ivf": "ivf", "train_ivf_with_gmm": "ivf", "add_multi_assigned": "ivf",
     "add_preassigned": "ivf",
     "DCO": "evaluation", "search_with_dco": "evaluation", "recall_at_k": "evaluation", "sweep": "evaluation",

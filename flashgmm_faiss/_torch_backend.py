@@ -109,7 +109,7 @@ def expansion_terms(x2_max: torch.Tensor | None, row_max, means: torch.Tensor, v
 
     x2_max : (D,) per-feature bound of the rows' squares (diag only; None for spherical); row_max : bound of the
     rows' squared norms ||x_i||^2; means : (K, D); var : (K,) or (K, D). Shared by this backend's recomputation
-    rule and the Triton fit's :func:`flashgmm_faiss.gmm.expansion_error_bound`.
+    rule and the test of :mod:`flashgmm_faiss._collapsed` (the Triton backend's).
     """
     half = 0.5 / var
     if var.ndim == 1:     # A_ik + C_k <= (max_i ||x_i||^2 + ||mu_k||^2) / (2 var_k)

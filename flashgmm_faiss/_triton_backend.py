@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _collapsed
 from . import _torch_backend as _tb
 from ._chunk_plan import ROW_ORDER_BYTES
 from ._torch_backend import EStepStats
@@ -117,6 +118,10 @@ class TritonBackend:
     pairs_kept : float or None
         The fraction of pairs the last probe's sparse E-steps visited (None before one ran, or where
         :attr:`dense_above` has no threshold for the fit's covariance type).
+    exact_components : tuple of int or None
+        The collapsed components of the parameters the next :meth:`fit_estep` calls get, set by
+        ``GaussianMixture.fit`` for each EM iteration (read from the previous iteration's summary, so the E-step needs
+        no host sync to find them); None (outside a fit) makes every call find them itself.
     """
 
     fuses_centering = True
@@ -141,6 +146,8 @@ class TritonBackend:
         self.order_stats = {"iterations": 0, "sparse_chunks": 0, "sorted_chunks": 0, "dense_chunks": 0,
                             "refreshes": 0, "fallback_chunks": 0}
         self.pairs_kept = None
+        self.exact_components = None
+        self._split_cache = None    # (key, _collapsed.Split or None) of the last parameters split
         self.end_fit()
 
     def __repr__(self) -> str:
@@ -256,7 +263,10 @@ class TritonBackend:
         some chunk of the previous iteration ran the dense E-step without the order it is due to get. Two iterations
         of one fit with the same key launch the same kernels on the same buffers (for the same chunks), so the
         estimator may replay the first one's CUDA graph (``GaussianMixture(cuda_graphs=True)``); ``"fallback"``
-        once the fit runs the dense E-step (:attr:`dense_above`)."""
+        once the fit runs the dense E-step (:attr:`dense_above`); None while some component is collapsed
+        (:attr:`exact_components`: such an iteration reads the rows to recompute on the host)."""
+        if self.exact_components:
+            return None                           # the collapsed components' rows are found with a host sync
         if self._dense:
             return "fallback"
         if self._iteration <= 1 or self._last_unordered:
@@ -284,14 +294,20 @@ class TritonBackend:
     def fit_estep(self, chunk, x, means, var, log_weights, center=None) -> EStepStats:
         """:meth:`estep` of the fit data's chunk ``chunk`` (a key: its first row), visited in that chunk's row order
         when one exists (sparse E-step, see the module docstring); same statistics up to terms below
-        2^-SKIP_LOG2[precision]."""
+        2^-SKIP_LOG2[precision]. The collapsed components are :attr:`exact_components` when set."""
         n, d = x.shape
         k = means.shape[0]
-        if d > MAX_D or not self._sparse_ok(k):
-            return self.estep(x, means, var, log_weights, center)
+        if d > MAX_D:
+            return self._torch_estep(x, means, var, log_weights, center)
+        sp = self._split(means, var, log_weights, self.exact_components)
+        if not self._sparse_ok(k):
+            return self._estep(x, means, var, log_weights, center, sp)
         if self._dense:
             self.order_stats["fallback_chunks"] += 1
-            return self.estep(x, means, var, log_weights, center)
+            return self._estep(x, means, var, log_weights, center, sp)
+        if sp is not None and sp.torch_only:
+            return self._torch_only_estep(x, means, var, log_weights, center)
+        kvar, klw = (var, log_weights) if sp is None else (sp.var, sp.log_weights)
         ke = self._k()
         order = self._orders.get(chunk)
         if order is not None and order.rows.shape[0] != n:
@@ -301,7 +317,7 @@ class TritonBackend:
         if transient and self._perm is None:
             self._perm = ke.component_order(means)     # the transient orders group the components as kept ones do
         perm = self._perm if order is not None or transient else None
-        params = self._params(means, var, log_weights, perm, x, center)
+        params = self._params(means, kvar, klw, perm, x, center)
         if self.order_key not in ("bits", "argmax"):
             raise ValueError(f"TritonBackend.order_key must be 'bits' or 'argmax', got {self.order_key!r}")
         by_bits = build and self.order_key == "bits"
@@ -312,7 +328,7 @@ class TritonBackend:
                 self._pairs = torch.zeros(2, dtype=torch.int64, device=x.device)
             counter = self._pairs
             self._counted |= self._probe
-        out = ke.estep(x, means, var, log_weights, precision=self.precision, center=center, params=params,
+        out = ke.estep(x, means, kvar, klw, precision=self.precision, center=center, params=params,
                        copy_rows=self.copy_rows, order=order, return_best=build, sort_rows=transient,
                        return_row_bits=by_bits, pair_counts=counter, stats_dtype=torch.float64)
         self.order_stats["sparse_chunks" if order is not None else
@@ -328,7 +344,68 @@ class TritonBackend:
             self.order_stats["refreshes"] += not self._built     # iterations that (re)built orders
             self._built = True
             out = out[:4]
-        return EStepStats(*out)
+        return self._repaired_estep(out, x, means, var, log_weights, center, sp)
+
+    # ------------------------------------------------------------------ collapsed components (module _collapsed)
+    @staticmethod
+    def collapsed(means, var):
+        """(K,) bool on the device, no host sync: the components kept out of the kernels
+        (:func:`flashgmm_faiss._collapsed.collapsed_mask`; means (K, D) centred, var (K,) or (K, D))."""
+        return _collapsed.collapsed_mask(means, var)
+
+    def _split(self, means, var, log_weights, cols=None):
+        """The kernels' variances and log weights with the collapsed components ``cols`` (None: found from the
+        parameters, one host sync) switched off (:func:`_collapsed.split`), or None when there are none. Reused for
+        the very same, unmodified tensors (and ``cols``), so that the chunks of one call share the split tensors and
+        hence their prepared :class:`Params`."""
+        key = (means, var, log_weights)
+        versions = tuple(t._version for t in key)
+        c = self._split_cache
+        if (c is not None and all(a is b for a, b in zip(c[0], key)) and c[1] == versions
+                and (cols is None or c[2] == cols)):
+            return c[3]
+        if cols is None:
+            cols = _collapsed.collapsed_components(means, var)
+        sp = _collapsed.split(var, log_weights, tuple(cols))
+        self._split_cache = (key, versions, tuple(cols), sp)
+        return sp
+
+    def _torch_rows(self, fn, rows, center, k, *args, per_row=None):
+        """``_torch_pieces`` of the torch backend's ``fn`` on the raw rows minus ``center``."""
+        return self._torch_pieces(lambda piece, *a: fn(piece, *a, center), rows, k, *args, per_row=per_row)
+
+    def _repaired_estep(self, out, x, means, var, log_weights, center, sp) -> EStepStats:
+        """The kernels' E-step ``out`` (run with ``sp``'s parameters) with the collapsed components' rows recomputed
+        (:func:`_collapsed.repair_estep`)."""
+        if sp is None:
+            return EStepStats(*out[:4])
+        k = means.shape[0]
+        return EStepStats(*_collapsed.repair_estep(
+            out, x, center, means, var, log_weights, sp.cols,
+            lambda xa: self._kernel_estep(xa, means, sp.var, sp.log_weights, center),
+            lambda xa: self._torch_rows(_tb.estep, xa, center, k, means, var, log_weights, per_row=1)))
+
+    def _torch_only_estep(self, x, means, var, log_weights, center) -> EStepStats:
+        """Most components collapsed: the torch backend's E-step of the whole chunk."""
+        return EStepStats(*self._torch_rows(_tb.estep, x, center, means.shape[0], means, var, log_weights,
+                                            per_row=1))
+
+    def _torch_estep(self, x, means, var, log_weights, center=None) -> EStepStats:
+        return EStepStats(*self._torch_pieces(_tb.estep, x, means.shape[0], means, var, log_weights, center,
+                                              per_row=1))
+
+    def _kernel_estep(self, x, means, var, log_weights, center=None):
+        return self._k().estep(x, means, var, log_weights, precision=self.precision, center=center,
+                               x_absmax=self.x_absmax, params=self._params(means, var, log_weights),
+                               copy_rows=self.copy_rows, stats_dtype=torch.float64)
+
+    def _estep(self, x, means, var, log_weights, center, sp) -> EStepStats:
+        """The dense E-step with the collapsed components ``sp`` (:meth:`_split`) recomputed."""
+        if sp is not None and sp.torch_only:
+            return self._torch_only_estep(x, means, var, log_weights, center)
+        kvar, klw = (var, log_weights) if sp is None else (sp.var, sp.log_weights)
+        return self._repaired_estep(self._kernel_estep(x, means, kvar, klw, center), x, means, var, log_weights,
+                                    center, sp)
 
     @staticmethod
     def _k():
@@ -375,17 +452,24 @@ class TritonBackend:
 
     def estep(self, x, means, var, log_weights, center=None) -> EStepStats:
         if x.shape[1] > MAX_D:
-            return EStepStats(*self._torch_pieces(_tb.estep, x, means.shape[0], means, var, log_weights, center,
-                                                  per_row=1))
-        return EStepStats(*self._k().estep(x, means, var, log_weights, precision=self.precision, center=center,
-                                           x_absmax=self.x_absmax, params=self._params(means, var, log_weights),
-                                           copy_rows=self.copy_rows, stats_dtype=torch.float64))
+            return self._torch_estep(x, means, var, log_weights, center)
+        return self._estep(x, means, var, log_weights, center, self._split(means, var, log_weights))
 
     def score(self, x, means, var, log_weights, center=None):
+        k = means.shape[0]
         if x.shape[1] > MAX_D:
-            return self._torch_pieces(_tb.score, x, means.shape[0], means, var, log_weights, center)
-        return self._k().score(x, means, var, log_weights, precision=self.precision, center=center,
-                               x_absmax=self.x_absmax)
+            return self._torch_pieces(_tb.score, x, k, means, var, log_weights, center)
+        sp = self._split(means, var, log_weights)
+        if sp is None:
+            return self._k().score(x, means, var, log_weights, precision=self.precision, center=center,
+                                   x_absmax=self.x_absmax)
+        if sp.torch_only:
+            return self._torch_rows(_tb.score, x, center, k, means, var, log_weights)
+        out = self._k().score(x, means, sp.var, sp.log_weights, precision=self.precision, center=center,
+                              x_absmax=self.x_absmax)
+        return _collapsed.repair_score(
+            out, x, center, means, var, log_weights, sp.cols,
+            lambda xa: self._torch_rows(_tb.score, xa, center, k, means, var, log_weights))
 
     def kmeans_step(self, x, centroids, center=None):
         if x.shape[1] > MAX_D:
@@ -393,8 +477,24 @@ class TritonBackend:
         return self._k().kmeans_step(x, centroids, precision=self.precision, center=center, x_absmax=self.x_absmax)
 
     def assign(self, x, means, var, log_weights, tau: float, max_assign: int, center=None):
+        k = means.shape[0]
+        cap = k if max_assign is None else max_assign
         if x.shape[1] > MAX_D:
-            return self._torch_pieces(_tb.assign, x, means.shape[0], means, var, log_weights, tau, max_assign,
-                                      center)
-        return self._k().assign(x, means, var, log_weights, tau, max_assign, precision=self.precision,
-                                center=center, x_absmax=self.x_absmax)
+            return self._torch_pieces(_tb.assign, x, k, means, var, log_weights, tau, cap, center)
+        sp = self._split(means, var, log_weights)
+        ke = self._k()
+        if sp is None:
+            return ke.assign(x, means, var, log_weights, tau, max_assign, precision=self.precision, center=center,
+                             x_absmax=self.x_absmax)
+
+        def torch_assign(rows):
+            return self._torch_rows(_tb.assign, rows, center, k, means, var, log_weights, tau, cap)
+
+        if sp.torch_only:
+            return torch_assign(x)
+        out = ke.assign(x, means, sp.var, sp.log_weights, tau, max_assign, precision=self.precision, center=center,
+                        x_absmax=self.x_absmax)
+        log_norm_safe = ke.score(x, means, sp.var, sp.log_weights, precision=self.precision, center=center,
+                                 x_absmax=self.x_absmax)[0]
+        return _collapsed.repair_assign(out, log_norm_safe, x, center, means, var, log_weights, sp.cols, tau,
+                                        torch_assign)

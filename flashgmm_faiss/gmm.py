@@ -49,32 +49,6 @@ class ConvergenceWarning(UserWarning):
     re-seeding a degenerate component; the message says which condition failed."""
 
 
-class PrecisionWarning(UserWarning):
-    """The Triton backend's float32 logits of some components may be inaccurate (see
-    :func:`expansion_error_bound`)."""
-
-
-# Triton backend: a fit warns when some component's bound of the float32 expansion error (expansion_error_bound)
-# exceeds this many nats; the torch backend recomputes such components itself (_torch_backend.EXPANSION_TOL).
-EXPANSION_WARN_NATS = 1.0
-
-
-def expansion_error_bound(x_absmax, means, var) -> np.ndarray:
-    """Per component, a bound (nats) of the float32 rounding error of the expanded logits
-    sum_d (x_d^2 - 2 x_d mu_kd + mu_kd^2) / (2 var_kd) over rows with |x_d| <= x_absmax_d (centred frame).
-
-    x_absmax : (D,) per-feature bound of the centred rows; means : (K, D) centred; var : (K,) or (K, D).
-    Returns (K,) float64: ``EXPANSION_ERROR * eps32 * (A + C)``, the bound of ``_torch_backend``'s recomputation
-    rule. It is large for a component collapsed onto duplicate rows (variance at the ``reg_covar`` floor in a
-    feature whose centred values are far from 0), where the Triton kernels' logits can be off by that much.
-    """
-    b2 = torch.as_tensor(np.asarray(x_absmax, dtype=np.float64)) ** 2
-    v = torch.as_tensor(np.asarray(var, dtype=np.float64))
-    terms = _torch_backend.expansion_terms(b2 if v.ndim == 2 else None, b2.sum(),
-                                           torch.as_tensor(np.asarray(means, dtype=np.float64)), v)
-    return _torch_backend.EXPANSION_ERROR * float(np.finfo(np.float32).eps) * terms.numpy()
-
-
 class NotFittedError(ValueError, AttributeError):
     """The estimator is used before ``fit``."""
 
@@ -448,8 +422,6 @@ class GaussianMixture:
 
         try:
             self._em(data, means, var, weights, n, rng)
-            if wants_bound:
-                self._warn_expansion_error(x_range)
         finally:
             if wants_bound:
                 impl.x_absmax = None   # inference streams other data: bound each chunk
@@ -457,6 +429,8 @@ class GaussianMixture:
                 impl.end_fit()         # the row orders of the sparse E-step belong to this fit's chunks
             if hasattr(impl, "copy_rows"):
                 impl.copy_rows, impl.order_bytes = True, ROW_ORDER_BYTES   # the defaults again
+            if hasattr(impl, "exact_components"):
+                impl.exact_components = None   # other calls find their collapsed components themselves
         return self
 
     def _device_copy(self, X, n: int, d: int, device: torch.device):
@@ -687,7 +661,8 @@ class GaussianMixture:
         (float64; a component with less than DEGENERATE_NK rows' worth of responsibility keeps its parameters;
         bf16 variances are floored at the resolution of the E-step's means, ``TritonBackend.floor_resolution``),
         ``degenerate`` (K,) bool (those components), ``summary`` (2,) float64 [log-likelihood sum, number of
-        degenerate components], and the float32 parameters ``(m32, v32, lw32)`` the E-step ran with."""
+        degenerate components] (Triton: (3,), then the number of the new parameters' collapsed components,
+        ``TritonBackend.collapsed``), and the float32 parameters ``(m32, v32, lw32)`` the E-step ran with."""
         n = data.n
         m32 = means.to(torch.float32).contiguous()
         v32 = var.to(torch.float32).contiguous()
@@ -698,6 +673,9 @@ class GaussianMixture:
         if out is None:
             res = getattr(self._impl, "floor_resolution", None)      # bf16 operands: their resolution of the means
             out = m_step(nk, sx, sq, ll_sum, means, var, n, self.reg_covar, res() if res is not None else None)
+        collapsed = getattr(self._impl, "collapsed", None)   # Triton: components its kernels leave to torch
+        if collapsed is not None:
+            out = (*out[:4], torch.cat([out[4], collapsed(out[0], out[1]).sum().double()[None]]))
         return (*out, (m32, v32, lw32))
 
     def _launchers(self, step, summary_index: int, ordered: bool, key=None):
@@ -753,7 +731,10 @@ class GaussianMixture:
         lookahead (:mod:`._lookahead`) iteration t + 1 is issued before iteration t's summary is read, and
         discarded when that summary stops the fit or re-seeds: same parameters and history as without."""
         ordered = hasattr(self._impl, "fit_estep")     # Triton: per-chunk row orders (sparse E-step)
+        exact = hasattr(self._impl, "exact_components")   # Triton: collapsed components, named per iteration
         lookahead = self._lookahead_on(data)
+        if exact:
+            self._impl.exact_components = self._collapsed_components(means, var)
         self.history_ = []
         self.converged_ = False
         prev = -math.inf
@@ -765,13 +746,25 @@ class GaussianMixture:
             launch, discard = self._launchers(step, 4, ordered)
 
             t_prev = time.perf_counter()
-            pending = launch((means, var, weights)) if self.max_iter > 0 else None
+            pending_in = (means, var, weights)
+            pending = launch(pending_in) if self.max_iter > 0 else None
             elapsed = math.inf
             for it in range(1, self.max_iter + 1):
                 ahead = None
                 if lookahead and it < self.max_iter and elapsed < MAX_LOOKAHEAD_SECONDS:
                     ahead = launch(pending.outputs[:3], ahead=True)
-                ll_sum, n_degenerate = pending.summary()
+                ll_sum, n_degenerate, *n_collapsed = pending.summary()
+                cols = self._collapsed_components(*pending.outputs[:2]) if exact and n_collapsed[0] else ()
+                while cols and set(cols) - set(self._impl.exact_components):
+                    # components collapsed in this iteration: the kernels formed their means and variances from
+                    # their operands' rounded rows, off the true rows by more than the new spread (they would lose
+                    # their rows and be re-seeded over and over); redo the iteration with them on the exact path
+                    ahead = discard(ahead)
+                    discard(pending)
+                    self._impl.exact_components = tuple(sorted(set(self._impl.exact_components) | set(cols)))
+                    pending = launch(pending_in)
+                    ll_sum, n_degenerate, *n_collapsed = pending.summary()
+                    cols = self._collapsed_components(*pending.outputs[:2]) if n_collapsed[0] else ()
                 means, var, weights, degenerate, _, used = pending.outputs
                 ll, n_reseeded = ll_sum / n, int(n_degenerate)
                 if not math.isfinite(ll):
@@ -785,6 +778,12 @@ class GaussianMixture:
                         data, n_reseeded, lambda x, kw: -self._impl.score(x, m32, v32, lw32, **kw)[0])  # noqa: B023
                     means, var, weights = self._reseed_components(means.clone(), var.clone(), weights.clone(),
                                                                   degenerate, worst, n)
+                    if exact:
+                        self._impl.exact_components = self._collapsed_components(means, var)
+                elif exact and cols != self._impl.exact_components:
+                    # the next iteration's collapsed components differ from those the lookahead ran with: redo it
+                    ahead = discard(ahead)
+                    self._impl.exact_components = cols
                 now = time.perf_counter()
                 elapsed, t_prev = now - t_prev, now
                 gain = ll - prev
@@ -800,7 +799,8 @@ class GaussianMixture:
                     break
                 prev = ll
                 if it < self.max_iter:
-                    pending = ahead if ahead is not None else launch((means, var, weights))
+                    pending_in = (means, var, weights)
+                    pending = ahead if ahead is not None else launch(pending_in)
             self._set_params(means, var, weights)
             if self.max_iter == 0:   # no EM iteration: the bound of the starting (fitted) parameters
                 ll = self._mean_log_likelihood(data, means, var, weights)
@@ -813,19 +813,10 @@ class GaussianMixture:
         if self.max_iter > 0 and not self.converged_:
             warnings.warn(self._convergence_message(gain), ConvergenceWarning, stacklevel=3)
 
-    def _warn_expansion_error(self, x_absmax: torch.Tensor) -> None:
-        """Triton backend: a PrecisionWarning naming the components whose float32 logits may be off by more than
-        EXPANSION_WARN_NATS (``x_absmax``: (D,) per-feature bound of the centred fit data)."""
-        bound = expansion_error_bound(x_absmax.double().cpu().numpy(), self.means_ - self.center_,
-                                      self.covariances_)
-        bad = np.flatnonzero(bound > EXPANSION_WARN_NATS)
-        if bad.size:
-            warnings.warn(
-                f"{bad.size} of {bound.size} components (first: {bad[:5].tolist()}) have variances so small against "
-                f"the data's magnitude (e.g. collapsed onto duplicate rows, at the reg_covar floor) that the Triton "
-                f"kernels' float32 logits for them may be off by up to {bound.max():.3g} nats, which distorts the fit "
-                f"and its scores. Refit with backend='torch' (it recomputes such components in float64) or a larger "
-                f"reg_covar (now {self.reg_covar}).", PrecisionWarning, stacklevel=3)
+    def _collapsed_components(self, means, var) -> tuple:
+        """Triton backend: the components of these parameters (centred frame) its kernels leave to torch (one host
+        read; ``TritonBackend.collapsed``)."""
+        return tuple(torch.nonzero(self._impl.collapsed(means, var)).flatten().tolist())
 
     def _mean_log_likelihood(self, data: ChunkedMatrix, means, var, weights) -> float:
         """Mean per-sample log-likelihood of the fit data (float64 ``means``, ``var``, ``weights``, centred frame),

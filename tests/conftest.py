@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FLASHGMM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def use_triton_interpreter_without_cuda() -> bool:
+    """For the kernel test modules, at import: without CUDA, set ``TRITON_INTERPRET=1`` (the kernels then run on CPU
+    tensors; it must be set before ``flashgmm_faiss.kernels`` is imported, else the module is skipped); skip the
+    module when Triton is missing. Returns whether CUDA is available."""
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        if "flashgmm_faiss.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            pytest.skip("flashgmm_faiss.kernels was imported before TRITON_INTERPRET=1 could be set",
+                        allow_module_level=True)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    return has_cuda
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -18,6 +33,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_collapsed_components(monkeypatch):
+    """The estimator sees no collapsed component (``TritonBackend.collapsed`` all False), so that every EM iteration
+    runs the kernels alone: for the tests of the iteration schedule (graph keys, lookahead discards, memory plans),
+    whose small clusters collapse components onto single rows (reg_covar 1e-6), which would make those iterations
+    eager and add discards. The collapsed components themselves are tested in test_collapsed.py."""
+    from flashgmm_faiss._triton_backend import TritonBackend
+    monkeypatch.setattr(TritonBackend, "collapsed", staticmethod(
+        lambda means, var: torch.zeros(means.shape[0], dtype=torch.bool, device=means.device)))
 
 
 @pytest.fixture

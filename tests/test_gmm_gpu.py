@@ -161,7 +161,8 @@ def test_auto_backend_and_inference_on_gpu():
     ("spherical", False, True, None), ("diag", True, False, 1.0), ("diag", True, False, 0.0)],
     ids=["spherical-sparse", "diag-sparse", "diag-kept-orders", "spherical-dense", "diag-sparse-probes",
          "diag-dense-fallback"])
-def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse, kept, dense_above, monkeypatch):
+def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse, kept, dense_above, monkeypatch,
+                                                     no_collapsed_components):
     # cuda_graphs=True (the default for X resident on the GPU) records each kind of E-step pass once and replays
     # it: the same kernels on the same buffers, so the fit must equal the eagerly launched one bit for bit, with
     # the same counts of sparse / dense chunks and order rebuilds. 10 iterations, 3 chunks, K = 256 (the sparse
@@ -205,7 +206,7 @@ def test_cuda_graph_replay_is_bitwise_the_eager_fit(cov, sparse, kept, dense_abo
         assert np.array_equal(m.means_, b.means_)
 
 
-def test_transient_row_orders_replay_as_cuda_graphs_and_match_kept_orders(monkeypatch):
+def test_transient_row_orders_replay_as_cuda_graphs_and_match_kept_orders(monkeypatch, no_collapsed_components):
     # a memory plan without room for kept row orders (as N=1e8 in 64 MiB): every E-step sorts its chunk itself
     # (sort_rows). Its iterations repeat from the 2nd on (key "dense": run, then 4 replays of 6 iterations), the
     # replays are bitwise the eager fit, and its first EM iterations are the default plan's (kept orders, row

@@ -11,22 +11,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-import os
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import use_triton_interpreter_without_cuda
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    if "flashgmm_faiss.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("flashgmm_faiss.kernels was imported before TRITON_INTERPRET=1 could be set",
-                    allow_module_level=True)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
+HAS_CUDA = use_triton_interpreter_without_cuda()
 
 from flashgmm_faiss import _torch_backend as tb  # noqa: E402
 from flashgmm_faiss._triton_backend import TritonBackend  # noqa: E402
@@ -1650,41 +1642,52 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d, precis
 
 
 # ------------------------------------------------------------------------------------------ estimator on the kernels
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
 @pytest.mark.parametrize("cov", ["diag", "spherical"])
-def test_bf16_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov):
+def test_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov, precision):
     # bf16 operands hold the means to 8 significant bits: a component that collapsed onto one isolated row (var ->
     # reg_covar) sat ~2^-9 |mu| per feature from it in the E-step, got no responsibility, was re-seeded onto the
     # same row and collapsed again (a diag bf16 fit at N=1e6, K=4096 re-seeded 4 components every other
     # iteration). EM floors bf16 variances at (2^-8 mu)^2 per feature (TritonBackend.floor_resolution), and the
-    # row's own responsibility, 1 up to rounding, does not count as degenerate (gmm.DEGENERATE_NK)
+    # row's own responsibility, 1 up to rounding, does not count as degenerate (gmm.DEGENERATE_NK). "tf32" (no floor):
+    # the iteration in which the component collapses is redone with it on the exact path (flashgmm_faiss._collapsed),
+    # so that its mean is the row itself, not the row as the kernels' 11-bit operands hold it (which it would lose)
     from flashgmm_faiss import GaussianMixture
     from flashgmm_faiss import _triton_backend as tbe
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(120, 8, generator=g) * 2 + 40, torch.randn(120, 8, generator=g) * 2 - 40,
-                   torch.full((1, 8), 500.0)]).numpy()
+                   60.0 + torch.rand(1, 8, generator=g)]).numpy()   # off the 11-bit grid, 10 sigma from a cluster
     kw = dict(covariance_type=cov, init=x[[0, 130, 240]], kmeans_iter=0, max_iter=6, tol=0.0, device=DEVICE,
-              backend="triton", precision="bf16")
+              backend="triton", precision=precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = GaussianMixture(3, **kw).fit(x)
     assert [h["n_reseeded"] for h in fit.history_] == [0] * 6
     own = int(np.argmax(fit.means_[:, 0]))
-    np.testing.assert_allclose(fit.means_[own], x[-1], rtol=1e-3)
+    np.testing.assert_allclose(fit.means_[own], x[-1], rtol=2.0 ** -8 if precision == "bf16" else 2.0 ** -11)
     assert fit.weights_[own] * len(x) == pytest.approx(1.0, rel=1e-4)
+    if precision == "tf32":
+        assert tbe.TritonBackend("tf32").floor_resolution() is None
+        return
     mu_c = torch.as_tensor(fit.means_[own] - fit.center_, dtype=torch.float64)
     floor = (tbe.BF16_MEAN_RESOLUTION * mu_c) ** 2
     assert np.all(fit.covariances_[own] >= (floor if cov == "diag" else floor.mean()).numpy() * (1 - 1e-6))
-    if cov == "diag":   # without the floor the component is lost to re-seeding
+    if cov == "diag":   # without the floor the variance falls to reg_covar: the component is collapsed, so the
+        # backend computes it in torch (flashgmm_faiss._collapsed) and it keeps its row too (before v46 it was lost
+        # to re-seeding)
         monkeypatch.setattr(tbe.TritonBackend, "floor_resolution", lambda self: None)    # torch and fused M-step
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bare = GaussianMixture(3, **kw).fit(x)
-        assert sum(h["n_reseeded"] for h in bare.history_) > 0
-    assert tbe.TritonBackend("tf32").floor_resolution() is None
+        assert [h["n_reseeded"] for h in bare.history_] == [0] * 6
+        own = int(np.argmax(bare.means_[:, 0]))
+        assert bare.weights_[own] * len(x) == pytest.approx(1.0, rel=1e-4)
+        assert own in tbe.TritonBackend.collapsed(torch.as_tensor(bare.means_ - bare.center_),
+                                                  torch.as_tensor(bare.covariances_)).nonzero().flatten().tolist()
 
 
 @pytest.mark.parametrize("order_key", ["bits", "argmax"])
-def test_estimator_sparse_estep_matches_dense(monkeypatch, order_key):
+def test_estimator_sparse_estep_matches_dense(monkeypatch, no_collapsed_components, order_key):
     # GaussianMixture(backend="triton") keeps a row order per chunk (rebuilt every ORDER_REFRESH iterations, sorted
     # by (best block, row bits) or by best component) and runs the sparse E-step under it: the fit must equal the
     # dense one (dropped terms < 2^-40), across chunks of unequal size, a refresh, and after the fit the orders are
@@ -1727,7 +1730,7 @@ def test_estimator_sparse_estep_matches_dense(monkeypatch, order_key):
         GaussianMixture(k, **{**kw, "max_iter": 1}).fit(x)
 
 
-def test_estimator_lookahead_on_the_kernels_gives_the_same_fit(monkeypatch):
+def test_estimator_lookahead_on_the_kernels_gives_the_same_fit(monkeypatch, no_collapsed_components):
     # lookahead (the next iteration issued before the host reads this one's summary) with the sparse E-step's row
     # orders, their refreshes and, on a GPU, CUDA-graph replays whose output buffers the step ahead overwrites:
     # bit-identical to the plain loop, with the same counters, through a re-seed (EM iteration 3 reports component
@@ -1816,7 +1819,8 @@ def _record_graph_keys(mp, key=lambda backend: backend.graph_key()):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0])
-def test_estimator_falls_back_to_the_dense_estep_when_the_sparse_one_skips_little(threshold, monkeypatch):
+def test_estimator_falls_back_to_the_dense_estep_when_the_sparse_one_skips_little(threshold, monkeypatch,
+                                                                                   no_collapsed_components):
     # TritonBackend.dense_above: a diag fit counts the (tile, block) pairs its sparse E-steps visit in the
     # iterations 1, 2, 4, ... (probes, one host read each; every sparse E-step counts, inside its work-list kernel,
     # so a probe replays the same CUDA graph) and runs the dense E-step from then on when more than the
@@ -1856,7 +1860,7 @@ def test_estimator_falls_back_to_the_dense_estep_when_the_sparse_one_skips_littl
 
 
 @pytest.mark.parametrize("cov", ["spherical", "diag"])
-def test_estimator_follows_the_working_memory_plan(cov, monkeypatch):
+def test_estimator_follows_the_working_memory_plan(cov, monkeypatch, no_collapsed_components):
     # GaussianMixture(working_memory=...) hands its plan to the backend: no 16-bit operand copy (pass 2 converts
     # the float32 rows) and no kept row orders when the budget leaves none, so that every E-step sorts its chunk
     # (sort_rows); same fit as the default plan (for diag also transient orders), and the backend's defaults are
@@ -1936,44 +1940,3 @@ def test_estimator_on_the_kernels_matches_torch_backend(cov):
     oa, la, ra = a.assign(x)        # tau = 1/K, no cap: the threshold kernel
     ob, lb, rb = b.assign(x)
     assert (oa == ob).all() and (la == lb).all() and np.allclose(ra, rb, rtol=1e-4)
-
-
-@pytest.mark.filterwarnings("ignore::flashgmm_faiss.gmm.ConvergenceWarning")
-@pytest.mark.parametrize("cov", ["spherical", "diag"])
-def test_triton_fit_warns_when_collapsed_components_make_float32_logits_inaccurate(cov):
-    # 5 distinct rows far from the data's centre, each repeated 20 times: the components collapse onto them
-    # (variance -> reg_covar), where the expanded float32 logits cancel by up to ~1e3 nats: the Triton backend, which
-    # does not recompute them (the torch backend does), must say so; a fit of blobs with unit spread must not
-    from flashgmm_faiss import GaussianMixture
-    from flashgmm_faiss.gmm import PrecisionWarning, expansion_error_bound
-    g = torch.Generator().manual_seed(3)
-    rows = torch.randn(5, 8, generator=g) * 5
-    x = rows.repeat_interleave(20, 0).numpy()
-    kw = dict(covariance_type=cov, kmeans_iter=0, max_iter=3, tol=0.0, device=DEVICE, backend="triton",
-              precision="ieee", reg_covar=1e-6)
-    with pytest.warns(PrecisionWarning, match="backend='torch'"):
-        fit = GaussianMixture(5, init=x[::20], **kw).fit(x)
-    bound = expansion_error_bound(np.abs(x - fit.center_).max(0), fit.means_ - fit.center_, fit.covariances_)
-    assert bound.max() > 1.0
-    blobs = (torch.randn(100, 8, generator=g) + torch.arange(5).repeat_interleave(20)[:, None] * 6.0).numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PrecisionWarning)
-        GaussianMixture(5, init=blobs[::20], **kw).fit(blobs)
-
-
-def test_expansion_error_bound_covers_the_float32_expansion():
-    # the float32 expanded logits (x^2 p - 2 x mu p + mu^2 p) against float64 direct differences, per component:
-    # the bound must hold for normal and collapsed components, and separate them
-    from flashgmm_faiss.gmm import expansion_error_bound
-    rng = np.random.default_rng(5)
-    x = (rng.standard_normal((400, 16)) * 5).astype(np.float32)
-    mu = np.concatenate([x[:3], rng.standard_normal((3, 16)) * 5]).astype(np.float32)
-    var = np.concatenate([np.full((3, 16), 1e-6), rng.uniform(0.5, 30, (3, 16))]).astype(np.float32)
-    for v in (var, var.mean(1)):
-        p = (0.5 / (v[:, None] if v.ndim == 1 else v) * np.ones_like(mu)).astype(np.float32)
-        got = (x * x) @ p.T - 2 * (x @ (mu * p).T) + (mu * mu * p).sum(1)
-        x64, m64, p64 = x.astype(np.float64), mu.astype(np.float64), p.astype(np.float64)
-        ref = np.stack([((x64 - m64[k]) ** 2 * p64[k]).sum(1) for k in range(6)], 1)
-        bound = expansion_error_bound(np.abs(x).max(0), mu, v)
-        assert np.all(np.abs(got - ref).max(0) <= bound)
-        assert bound[:3].min() > 1.0 and bound[3:].max() < 1e-2

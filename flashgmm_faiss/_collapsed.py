@@ -1,0 +1,199 @@
+"""Collapsed components: the Triton backend's exact path for components whose expanded logits cancel.
+
+The kernels compute every logit from one expansion, ``sum_d p_kd (x_d^2 - 2 x_d mu_kd + mu_kd^2)`` with
+``p = 1 / (2 var)``, accumulated in float32. Its rounding error for the pair (row i, component k) is at most about
+``EXPANSION_ERROR * eps32 * (A_ik + C_k)`` nats (``_torch_backend.expansion_terms``), where ``A_ik = sum_d x_id^2
+p_kd`` and ``C_k = sum_d mu_kd^2 p_kd``. Since ``x^2 <= 2 (x - mu)^2 + 2 mu^2``, ``A_ik <= 2 Q_ik + 2 C_k`` (``Q_ik``
+the exact quadratic form), so the error is at most ``EXPANSION_ERROR * eps32 * (2 Q_ik + 3 C_k)``: a relative
+~1e-6 of ``Q_ik`` (float32's resolution of any logit, and only large for pairs whose responsibility is 0 anyway)
+plus a per-component term. That term is large for a component with a variance far below its mean's squared
+magnitude in some feature: a component collapsed onto duplicate rows, its variance at the ``reg_covar`` floor in a
+feature whose centred value is far from 0. Real data have them in diag fits (SIFT, MNIST: features that are 0
+throughout a cluster, centred to minus the feature's mean; siftsmall, K=64: 11 of 64 components, bounds up to
+5.7e4 nats), and the kernels' logits of such a component's own rows were off by 1e2-1e5 nats (NOTES.md v45).
+
+The Triton backend keeps every component whose term ``3 EXPANSION_ERROR eps32 C_k`` exceeds ``COLLAPSED_NATS``
+out of the kernels and treats the rows those components explain in torch:
+
+1. the kernels run with the collapsed components switched off (:func:`split`: log weight ``OFF_LOG_WEIGHT``, a
+   finite -1e30 so that a block of them is harmless in the kernels' online log-sum-exp, and the largest variance,
+   so that the kernels' fp16 operand scales stay those of the other components);
+2. the collapsed components' log densities are computed in torch (:func:`collapsed_lse`: ``_torch_backend.log_prob``,
+   which recomputes them in float64 or as direct differences), giving ``lse_c`` per row;
+3. a row whose collapsed components hold more than ``exp(ROW_LOG_SHARE)`` of its likelihood (``lse_c - logZ_safe >
+   ROW_LOG_SHARE``) is recomputed by the torch backend: its kernel contribution is replaced by the torch backend's
+   (:func:`repair_estep`, :func:`repair_score`, :func:`repair_assign`); every other row's log-likelihood becomes
+   ``logaddexp(logZ_safe, lse_c)`` and its responsibilities are those of the kernels (the collapsed components'
+   share, below 1e-13, is dropped as the sparse E-step drops terms below 2^-24).
+
+In a fit (``GaussianMixture._em``) the M-step's summary counts the collapsed components of the new parameters, and
+the next iteration runs with them named (``TritonBackend.exact_components``). A component that collapses during an
+iteration the kernels computed has a mean formed from the rows as the kernels' operands hold them ("tf32": 11
+significant bits), off its own rows by more than its new spread: on the exact path it would lose them and be
+re-seeded every other iteration (siftsmall, diag, K=64, on an H100). So an iteration whose new parameters have
+collapsed components it did not run with is redone with them added to the exact path.
+
+In a normal problem no component is collapsed and none of this runs (one O(K D) test of the parameters). The
+rows recomputed are those of the collapsed components, a few percent of the data in the SIFT fits above; when most
+components are collapsed (diag fits of MNIST: all of them, bounds 1e5-1e6 nats) the backend runs the torch backend
+on the whole chunk, which is cheaper than recomputing most rows. The path synchronises with the host
+(the rows to recompute), so a fit runs its iterations with collapsed components eagerly (no CUDA-graph replay).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _torch_backend as _tb
+
+# a component whose per-component expansion error term (module docstring) exceeds this many nats is collapsed. On
+# normal data the term is far below it (SIFT-like benchmark data, K=1024: < 1e-3 nats); collapsed components of
+# real data are at 1e2-1e5
+COLLAPSED_NATS = 0.1
+# rows whose collapsed components hold more than exp(ROW_LOG_SHARE) of their likelihood are recomputed in torch
+ROW_LOG_SHARE = -30.0
+# the log weight that switches a component off inside the kernels: finite, so that a block of switched-off
+# components seen first by the kernels' online log-sum-exp gives no inf - inf; exp of it is 0 against any real logit
+OFF_LOG_WEIGHT = -1e30
+PIECE_ELEMENTS = 1 << 24     # float64 values of one row piece (rows x (m + D)) in collapsed_lse: 128 MiB
+
+
+def collapsed_mask(means: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(K,) bool on the parameters' device, no host sync: the components whose expanded float32 logits can be off
+    by more than COLLAPSED_NATS for their own rows (module docstring).
+
+    means : (K, D) in the centred frame; var : (K,) spherical or (K, D) diag."""
+    half = 0.5 / var.double()
+    m2 = means.double().square()
+    c = (m2 * half[:, None]).sum(1) if var.ndim == 1 else (m2 * half).sum(1)
+    return 3.0 * _tb.EXPANSION_ERROR * torch.finfo(torch.float32).eps * c > COLLAPSED_NATS
+
+
+def collapsed_components(means: torch.Tensor, var: torch.Tensor) -> tuple:
+    """:func:`collapsed_mask` as a tuple of component indices, read on the host (one sync)."""
+    return tuple(torch.nonzero(collapsed_mask(means, var)).flatten().tolist())
+
+
+class Split(NamedTuple):
+    """The parameters the kernels run with when some components are collapsed (:func:`split`)."""
+    cols: torch.Tensor          # (m,) int64, the collapsed components (on the parameters' device)
+    var: torch.Tensor           # (K,) or (K, D) float32: the collapsed components' variances replaced
+    log_weights: torch.Tensor   # (K,) float32: OFF_LOG_WEIGHT at the collapsed components
+    torch_only: bool            # most components are collapsed: the torch backend runs the whole chunk
+
+
+def split(var: torch.Tensor, log_weights: torch.Tensor, cols: tuple) -> Split | None:
+    """The kernels' parameters with the components ``cols`` (a tuple of indices) switched off; None when empty."""
+    if not cols:
+        return None
+    k = log_weights.shape[0]
+    idx = torch.tensor(cols, dtype=torch.int64, device=var.device)
+    off = torch.zeros(k, dtype=torch.bool, device=var.device)
+    off[idx] = True
+    widest = var.amax(0)                 # (D,) diag or () spherical: the largest variance, per feature
+    safe_var = torch.where(off[:, None] if var.ndim == 2 else off, widest, var).contiguous()
+    safe_lw = log_weights.masked_fill(off, OFF_LOG_WEIGHT).contiguous()
+    return Split(idx, safe_var, safe_lw, 2 * len(cols) > k)
+
+
+def collapsed_lse(x, center, means, var, log_weights, cols: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 log sum over the collapsed components ``cols`` of w_k N(x_i | mu_k, var_k): their quadratic forms
+    in float64 (``_torch_backend._exact_quad``: the expansion, whose error shrinks by 2^29 against float32's, or
+    direct differences for a component whose float64 term ``3 EXPANSION_ERROR eps64 C_k`` still exceeds
+    COLLAPSED_NATS), in row pieces of at most PIECE_ELEMENTS float64 values.
+
+    x (n, D) float32 raw rows, ``center`` (D,) or None; means (K, D), var, log_weights: all components."""
+    m64 = means[cols].double()
+    v64 = var[cols].double()
+    d = x.shape[1]
+    if var.ndim == 1:
+        prec = None
+        const = log_weights[cols].double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64))
+        scale = 0.5 / v64
+        c = (m64 * m64).sum(1) * scale
+    else:
+        prec = 1.0 / v64
+        const = log_weights[cols].double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
+        scale = torch.full_like(const, 0.5)
+        c = (m64 * m64 * prec).sum(1) * 0.5
+    direct = tuple(torch.nonzero(3.0 * _tb.EXPANSION_ERROR * torch.finfo(torch.float64).eps * c
+                                 > COLLAPSED_NATS).flatten().tolist())
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    step = max(1, PIECE_ELEMENTS // (cols.numel() + d))
+    for s in range(0, x.shape[0], step):
+        xs = x[s:s + step]
+        quad = _tb._exact_quad(xs if center is None else xs - center, m64, prec, direct)
+        out[s:s + step] = torch.logsumexp(const - scale * quad, dim=1)
+    return out
+
+
+def rows_to_redo(log_norm_safe: torch.Tensor, lse_c: torch.Tensor, threshold: float = ROW_LOG_SHARE):
+    """(r,) int64 ascending: the rows whose collapsed components hold more than exp(threshold) of their likelihood
+    (one host sync)."""
+    return torch.nonzero(lse_c - log_norm_safe > threshold).flatten()
+
+
+def repair_estep(out, x, center, means, var, log_weights, cols, kernel_estep, torch_estep):
+    """``(log_norm, nk, sx, sq)`` of the chunk with every component, from the kernels' E-step ``out`` (first four
+    fields) run with the collapsed components ``cols`` switched off: the rows the collapsed components explain are
+    replaced by the torch backend's E-step (their kernel contribution ``kernel_estep(rows)`` subtracted, then
+    ``torch_estep(rows)`` added; both callables take raw rows); the other rows' log-likelihoods gain the collapsed
+    components' ``lse_c``. Statistics keep the dtype of ``out``'s."""
+    log_norm, nk, sx, sq = out[:4]
+    lse_c = collapsed_lse(x, center, means, var, log_weights, cols)
+    rows = rows_to_redo(log_norm, lse_c)
+    log_norm = torch.logaddexp(log_norm, lse_c)
+    if rows.numel():
+        xa = x[rows]
+        ka = kernel_estep(xa)
+        ta = torch_estep(xa)
+        nk = nk - ka[1].to(nk.dtype) + ta[1].to(nk.dtype)
+        sx = sx - ka[2].to(sx.dtype) + ta[2].to(sx.dtype)
+        sq = (sq - ka[3].to(sq.dtype) + ta[3].to(sq.dtype)).clamp_min_(0.0)
+        log_norm[rows] = ta[0].to(log_norm.dtype)
+    return log_norm, nk, sx, sq
+
+
+def repair_score(out, x, center, means, var, log_weights, cols, torch_score):
+    """``(log_norm, best)`` with every component, from the kernels' ``out`` run with ``cols`` switched off: the rows
+    the collapsed components explain come from ``torch_score(raw rows)``."""
+    log_norm, best = out
+    lse_c = collapsed_lse(x, center, means, var, log_weights, cols)
+    rows = rows_to_redo(log_norm, lse_c)
+    log_norm = torch.logaddexp(log_norm, lse_c)
+    if rows.numel():
+        ta = torch_score(x[rows])
+        log_norm[rows] = ta[0].to(log_norm.dtype)
+        best = best.clone()
+        best[rows] = ta[1].to(best.dtype)
+    return log_norm, best
+
+
+def repair_assign(out, log_norm_safe, x, center, means, var, log_weights, cols, tau: float, torch_assign):
+    """CSR ``(counts, lists, resp)`` with every component, from the kernels' ``out`` run with ``cols`` switched off
+    (``log_norm_safe`` (n,): the kernels' log-likelihoods without the collapsed components): the rows where the
+    collapsed components could reach ``tau`` (their share above exp(ROW_LOG_SHARE), or above tau / 2 when that is
+    smaller; every row for tau = 0) are replaced by ``torch_assign(raw rows)``; the other rows keep their entries
+    and their order."""
+    counts, lists, resp = out
+    lse_c = collapsed_lse(x, center, means, var, log_weights, cols)
+    threshold = min(ROW_LOG_SHARE, math.log(tau / 2.0)) if tau > 0 else -math.inf
+    rows = rows_to_redo(log_norm_safe, lse_c, threshold)
+    if not rows.numel():
+        return counts, lists, resp
+    c2, l2, r2 = torch_assign(x[rows])
+    n = counts.numel()
+    redo = torch.zeros(n, dtype=torch.bool, device=counts.device)
+    redo[rows] = True
+    entry_row = torch.repeat_interleave(torch.arange(n, device=counts.device), counts)
+    keep = ~redo[entry_row]
+    order = torch.argsort(torch.cat([entry_row[keep], torch.repeat_interleave(rows, c2.to(counts.device))]),
+                          stable=True)
+    lists = torch.cat([lists[keep], l2.to(lists.dtype)])[order]
+    resp = torch.cat([resp[keep], r2.to(resp.dtype)])[order]
+    counts = counts.clone()
+    counts[rows] = c2.to(counts.dtype)
+    return counts, lists, resp
+
