@@ -60,15 +60,21 @@ OFF_LOG_WEIGHT = -1e30
 PIECE_ELEMENTS = 1 << 24     # float64 values of one row piece (rows x (m + D)) in collapsed_lse: 128 MiB
 
 
+def _cancels(means: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(K,) bool: the components whose per-component expansion error term ``3 EXPANSION_ERROR eps C_k`` (eps of
+    ``dtype``, C_k = sum_d mu_kd^2 / (2 var_kd)) exceeds COLLAPSED_NATS (module docstring)."""
+    half = 0.5 / var.double()
+    m2 = means.double().square()
+    c = (m2 * half[:, None]).sum(1) if var.ndim == 1 else (m2 * half).sum(1)
+    return 3.0 * _tb.EXPANSION_ERROR * torch.finfo(dtype).eps * c > COLLAPSED_NATS
+
+
 def collapsed_mask(means: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """(K,) bool on the parameters' device, no host sync: the components whose expanded float32 logits can be off
     by more than COLLAPSED_NATS for their own rows (module docstring).
 
     means : (K, D) in the centred frame; var : (K,) spherical or (K, D) diag."""
-    half = 0.5 / var.double()
-    m2 = means.double().square()
-    c = (m2 * half[:, None]).sum(1) if var.ndim == 1 else (m2 * half).sum(1)
-    return 3.0 * _tb.EXPANSION_ERROR * torch.finfo(torch.float32).eps * c > COLLAPSED_NATS
+    return _cancels(means, var, torch.float32)
 
 
 def collapsed_components(means: torch.Tensor, var: torch.Tensor) -> tuple:
@@ -112,14 +118,11 @@ def collapsed_lse(x, center, means, var, log_weights, cols: torch.Tensor) -> tor
         prec = None
         const = log_weights[cols].double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64))
         scale = 0.5 / v64
-        c = (m64 * m64).sum(1) * scale
     else:
         prec = 1.0 / v64
         const = log_weights[cols].double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
         scale = torch.full_like(const, 0.5)
-        c = (m64 * m64 * prec).sum(1) * 0.5
-    direct = tuple(torch.nonzero(3.0 * _tb.EXPANSION_ERROR * torch.finfo(torch.float64).eps * c
-                                 > COLLAPSED_NATS).flatten().tolist())
+    direct = tuple(torch.nonzero(_cancels(m64, v64, torch.float64)).flatten().tolist())
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     step = max(1, PIECE_ELEMENTS // (cols.numel() + d))
     for s in range(0, x.shape[0], step):

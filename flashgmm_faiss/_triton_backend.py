@@ -306,7 +306,7 @@ class TritonBackend:
             self.order_stats["fallback_chunks"] += 1
             return self._estep(x, means, var, log_weights, center, sp)
         if sp is not None and sp.torch_only:
-            return self._torch_only_estep(x, means, var, log_weights, center)
+            return self._torch_estep(x, means, var, log_weights, center)
         kvar, klw = (var, log_weights) if sp is None else (sp.var, sp.log_weights)
         ke = self._k()
         order = self._orders.get(chunk)
@@ -370,25 +370,15 @@ class TritonBackend:
         self._split_cache = (key, versions, tuple(cols), sp)
         return sp
 
-    def _torch_rows(self, fn, rows, center, k, *args, per_row=None):
-        """``_torch_pieces`` of the torch backend's ``fn`` on the raw rows minus ``center``."""
-        return self._torch_pieces(lambda piece, *a: fn(piece, *a, center), rows, k, *args, per_row=per_row)
-
     def _repaired_estep(self, out, x, means, var, log_weights, center, sp) -> EStepStats:
         """The kernels' E-step ``out`` (run with ``sp``'s parameters) with the collapsed components' rows recomputed
         (:func:`_collapsed.repair_estep`)."""
         if sp is None:
             return EStepStats(*out[:4])
-        k = means.shape[0]
         return EStepStats(*_collapsed.repair_estep(
             out, x, center, means, var, log_weights, sp.cols,
             lambda xa: self._kernel_estep(xa, means, sp.var, sp.log_weights, center),
-            lambda xa: self._torch_rows(_tb.estep, xa, center, k, means, var, log_weights, per_row=1)))
-
-    def _torch_only_estep(self, x, means, var, log_weights, center) -> EStepStats:
-        """Most components collapsed: the torch backend's E-step of the whole chunk."""
-        return EStepStats(*self._torch_rows(_tb.estep, x, center, means.shape[0], means, var, log_weights,
-                                            per_row=1))
+            lambda xa: self._torch_estep(xa, means, var, log_weights, center)))
 
     def _torch_estep(self, x, means, var, log_weights, center=None) -> EStepStats:
         return EStepStats(*self._torch_pieces(_tb.estep, x, means.shape[0], means, var, log_weights, center,
@@ -402,7 +392,7 @@ class TritonBackend:
     def _estep(self, x, means, var, log_weights, center, sp) -> EStepStats:
         """The dense E-step with the collapsed components ``sp`` (:meth:`_split`) recomputed."""
         if sp is not None and sp.torch_only:
-            return self._torch_only_estep(x, means, var, log_weights, center)
+            return self._torch_estep(x, means, var, log_weights, center)
         kvar, klw = (var, log_weights) if sp is None else (sp.var, sp.log_weights)
         return self._repaired_estep(self._kernel_estep(x, means, kvar, klw, center), x, means, var, log_weights,
                                     center, sp)
@@ -464,12 +454,12 @@ class TritonBackend:
             return self._k().score(x, means, var, log_weights, precision=self.precision, center=center,
                                    x_absmax=self.x_absmax)
         if sp.torch_only:
-            return self._torch_rows(_tb.score, x, center, k, means, var, log_weights)
+            return self._torch_pieces(_tb.score, x, k, means, var, log_weights, center)
         out = self._k().score(x, means, sp.var, sp.log_weights, precision=self.precision, center=center,
                               x_absmax=self.x_absmax)
         return _collapsed.repair_score(
             out, x, center, means, var, log_weights, sp.cols,
-            lambda xa: self._torch_rows(_tb.score, xa, center, k, means, var, log_weights))
+            lambda xa: self._torch_pieces(_tb.score, xa, k, means, var, log_weights, center))
 
     def kmeans_step(self, x, centroids, center=None):
         if x.shape[1] > MAX_D:
@@ -479,17 +469,17 @@ class TritonBackend:
     def assign(self, x, means, var, log_weights, tau: float, max_assign: int, center=None):
         k = means.shape[0]
         cap = k if max_assign is None else max_assign
+
+        def torch_assign(rows):
+            return self._torch_pieces(_tb.assign, rows, k, means, var, log_weights, tau, cap, center)
+
         if x.shape[1] > MAX_D:
-            return self._torch_pieces(_tb.assign, x, k, means, var, log_weights, tau, cap, center)
+            return torch_assign(x)
         sp = self._split(means, var, log_weights)
         ke = self._k()
         if sp is None:
             return ke.assign(x, means, var, log_weights, tau, max_assign, precision=self.precision, center=center,
                              x_absmax=self.x_absmax)
-
-        def torch_assign(rows):
-            return self._torch_rows(_tb.assign, rows, center, k, means, var, log_weights, tau, cap)
-
         if sp.torch_only:
             return torch_assign(x)
         out = ke.assign(x, means, sp.var, sp.log_weights, tau, max_assign, precision=self.precision, center=center,
