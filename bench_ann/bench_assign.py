@@ -161,8 +161,8 @@ def run(args):
                                                                                       **kw), cap)
         for cap in (min(caps), None):
             record("assign torch path (pieces)",
-                   lambda cap=cap: TritonBackend._torch_pieces(tb.assign, x, K, means, var, lw, tau,
-                                                               K if cap is None else cap, center), cap)
+                   lambda cap=cap: TritonBackend()._torch_pieces(tb.assign, x, K, means, var, lw, tau,
+                                                                 K if cap is None else cap, center), cap)
 
         # the estimator's methods, host copies included
         default_cap = min(caps)

@@ -12,11 +12,14 @@ collapsed components run eagerly).
 
 Problems: the duplicates reproducer of NOTES.md v45 (100 distinct N(0, 25) rows in D=32, 30 copies each, plus 1000
 random rows, K=64, 50 EM iterations), the bundled siftsmall (real SIFT: diag fits collapse in features that are 0
-throughout a cluster) at K=64 and 256, and SIFT-like data at the issue's shape (N=2^20, K=1024, D=128: nothing
-collapses; the cost of the test itself).
+throughout a cluster) at K=64 and 256, SIFT-like data at the issue's shape (N=2^20, K=1024, D=128: nothing
+collapses; the cost of the test itself), and siftsmall resampled to N=2^20 (:func:`resampled`: each row a siftsmall
+row with N(0, 2^2) added to its nonzero features, so that the zeros, which make diag components collapse, stay
+zeros) at K=1024: the exact path at scale, against the torch backend.
 
     python -m bench_ann.collapsed_components --out bench_ann/results/v46_collapsed
     python -m bench_ann.collapsed_components --quick --device cpu --out /tmp/cc     # CPU interpreter smoke run
+    python -m bench_ann.collapsed_components --only-large --out DIR                 # the N=2^20 problems only
 """
 from __future__ import annotations
 
@@ -40,6 +43,15 @@ def duplicates(n_distinct=100, copies=30, extra=1000, d=32, seed=0):
     rng = np.random.default_rng(seed)
     base = rng.standard_normal((n_distinct, d)).astype(np.float32) * 5
     return np.vstack([np.repeat(base, copies, 0), rng.standard_normal((extra, d)).astype(np.float32) * 5])
+
+
+def resampled(xb: np.ndarray, n: int, noise: float = 2.0, seed: int = 0) -> np.ndarray:
+    """(n, D) float32: rows of ``xb`` drawn with replacement, ``N(0, noise^2)`` added to their nonzero features and
+    clipped to 0..255 (SIFT's range); zero features stay zero."""
+    rng = np.random.default_rng(seed)
+    x = xb[rng.integers(0, len(xb), n)].astype(np.float32)
+    jitter = rng.standard_normal(x.shape, dtype=np.float32) * noise
+    return np.clip(np.where(x > 0, x + jitter, 0.0), 0.0, 255.0).astype(np.float32)
 
 
 def float64_scores(x, fit, rows: int, piece: int = 1024):
@@ -115,17 +127,18 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny problems (the CPU interpreter)")
     ap.add_argument("--check-rows", type=int, default=20000)
-    ap.add_argument("--skip-large", action="store_true", help="leave out the N=2^20 SIFT-like problem")
+    ap.add_argument("--skip-large", action="store_true", help="leave out the N=2^20 problems")
+    ap.add_argument("--only-large", action="store_true", help="only the N=2^20 problems")
     args = ap.parse_args(argv)
     quick = args.quick
     precisions = ("ieee",) if quick else ("tf32", "bf16")
     xb = load_siftsmall()[0]
     cases = []
     dup = duplicates(20, 10, 100, 16) if quick else duplicates()
-    for cov in ("spherical", "diag"):
+    for cov in ("spherical", "diag") if not args.only_large else ():
         for p in precisions:
             cases.append(("duplicates", dup, 12 if quick else 64, cov, p, 8 if quick else 50, 5, True))
-    for k in ((16,) if quick else (64, 256)):
+    for k in ((16,) if quick else (64, 256)) if not args.only_large else ():
         for cov in ("spherical", "diag"):
             cases.append(("siftsmall", xb[:1000] if quick else xb, k, cov, precisions[0], 5 if quick else 30, 5, True))
     if not quick and not args.skip_large:
@@ -133,6 +146,9 @@ def main(argv=None):
         x = sift_like(1 << 20, 128, 2000, device=args.device)
         for cov in ("spherical", "diag"):
             cases.append(("SIFT-like", x, 1024, cov, "tf32", 20, 10, False))
+        big = torch.as_tensor(resampled(xb, 1 << 20), device=args.device)
+        for p in precisions:
+            cases.append(("siftsmall-1M", big, 1024, "diag", p, 20, 10, True))
     rows = []
     head = (f"{'problem':<11} {'K':>5} {'cov':<9} {'prec':<5} {'coll.':>5} {'redo':>6} {'|err| max':>10} "
             f"{'mean':>9} {'ll triton':>11} {'ll torch':>11} {'var diff':>9} {'ms triton':>9} {'ms torch':>9} "

@@ -12,6 +12,10 @@ Everything :class:`~flashgmm_faiss.GaussianMixture` allocates on the device beyo
   sort run; the partial sums and ``PASS2_ROW_BYTES`` per row come after them, so such a chunk is sized for the
   larger of the two phases, not their sum).
 
+The Triton backend's torch paths (rows wider than the kernels' tile, and the recomputation of collapsed
+components, :mod:`flashgmm_faiss._collapsed`) run after a chunk's kernels, in row pieces of at most
+``ChunkPlan.torch_bytes``: what the E-step's transient buffers and partial sums leave free (2 GiB by default).
+
 By default the chunk buffers get 512 MiB (at most 1/8 of the free device memory) and the row orders up to 1 GiB;
 a fit that keeps no row orders by choice (diag, ``TritonBackend.kept_orders``) fills the 512 MiB with transient-order
 chunks and has no operand copy (:func:`default_transient_plan`).
@@ -56,17 +60,24 @@ KD_BYTES = 112
 MIN_COPY_ROWS = 1 << 20          # the operand copy pays for itself on chunks of at least this many rows
 MIN_CHUNK_ROWS = 1024
 MIB = 1 << 20
+# default bound of one piece of the Triton backend's torch paths (at most 1/4 of the free device memory): each piece
+# costs 3-5 ms beyond its rows' work (a wholly-torch diag E-step at N=2^20, K=1024 with 611 collapsed components on
+# an H100: 352 ms in 512 MiB pieces, 168 in 2 GiB ones, the torch backend's own chunks 158; bench_ann/results/
+# v47_torch_bytes)
+TORCH_BYTES = 2 << 30
 
 
 class ChunkPlan(NamedTuple):
     """rows: rows per chunk; copy_rows: the fused E-step writes the 16-bit operand copy (Triton only);
     order_bytes: bound of the sparse E-step's row orders (Triton only); kmeans_rows: rows per k-means step (each
-    chunk is cut into pieces of at most this many rows; None: whole chunks)."""
+    chunk is cut into pieces of at most this many rows; None: whole chunks); torch_bytes: bound of one piece of the
+    Triton backend's torch paths, which run after a chunk's kernels (``TritonBackend.torch_bytes``)."""
 
     rows: int
     copy_rows: bool = True
     order_bytes: int = ROW_ORDER_BYTES
     kmeans_rows: int | None = None
+    torch_bytes: int = TORCH_BYTES
 
 
 def default_chunk_rows(backend: str, device: torch.device, n_components: int, d: int, diag: bool = False,
@@ -92,6 +103,12 @@ def _triton_chunk_budget(free_bytes: int | None) -> int:
     return TRITON_CHUNK_BYTES if free_bytes is None else max(2 ** 26, min(TRITON_CHUNK_BYTES, free_bytes // 8))
 
 
+def _torch_budget(free_bytes: int | None) -> int:
+    """The default bound of one piece of the Triton backend's torch paths: TORCH_BYTES, at most 1/4 of the free
+    device memory when known, never below 64 MiB."""
+    return TORCH_BYTES if free_bytes is None else max(2 ** 26, min(TORCH_BYTES, free_bytes // 4))
+
+
 def default_transient_plan(d: int, resident: bool = False, free_bytes: int | None = None) -> ChunkPlan:
     """The Triton backend's default plan for a fit that keeps no row orders (each E-step sorts its chunk, see
     ``plan_chunks``'s ``kept_orders``): no operand copy, chunks whose E-step buffers (``ESTEP_ROW_BYTES`` and
@@ -101,7 +118,8 @@ def default_transient_plan(d: int, resident: bool = False, free_bytes: int | Non
     budget = _triton_chunk_budget(free_bytes)
     rows = max(MIN_CHUNK_ROWS, budget // (ESTEP_ROW_BYTES + SORT_ROW_BYTES + (0 if resident else 4 * d)))
     kmeans_rows = budget // KMEANS_ROW_BYTES
-    return ChunkPlan(rows, False, 0, None if kmeans_rows >= rows else max(MIN_CHUNK_ROWS, kmeans_rows))
+    return ChunkPlan(rows, False, 0, None if kmeans_rows >= rows else max(MIN_CHUNK_ROWS, kmeans_rows),
+                     _torch_budget(free_bytes))
 
 
 def partial_bytes(backend: str, diag: bool) -> int:
@@ -142,7 +160,8 @@ def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d
     if working_memory is None:
         if transient_only:
             return default_transient_plan(d, resident, free_bytes)
-        return ChunkPlan(default_chunk_rows(backend, device, n_components, d, diag, resident, free_bytes))
+        return ChunkPlan(default_chunk_rows(backend, device, n_components, d, diag, resident, free_bytes),
+                         torch_bytes=_torch_budget(free_bytes))
     budget = int(float(working_memory) * MIB)
     fixed = fixed_bytes(backend, n_components, d, diag)
     per_row = _row_bytes(backend, n_components, d, resident)
@@ -176,4 +195,8 @@ def plan_chunks(backend: str, device: torch.device, n: int, n_components: int, d
                                            (free // share) // (per_row + PASS2_ROW_BYTES))))
     # the k-means step allocates no partial sums
     kmeans_rows = int(max(MIN_CHUNK_ROWS, min(rows, (free + partials - rows * upload) // KMEANS_ROW_BYTES)))
-    return ChunkPlan(rows, copy, int(order_bytes), kmeans_rows)
+    # the torch paths run after the chunk's kernels: beside the chunk's per-row outputs (and upload) and the kept
+    # orders, in what the E-step's transient buffers (the operand copy among them) and partial sums leave (at
+    # least the partials' room)
+    torch_bytes = free + partials - order_bytes - rows * per_row
+    return ChunkPlan(rows, copy, int(order_bytes), kmeans_rows, int(torch_bytes))

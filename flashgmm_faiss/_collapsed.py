@@ -38,6 +38,8 @@ rows recomputed are those of the collapsed components, a few percent of the data
 components are collapsed (diag fits of MNIST: all of them, bounds 1e5-1e6 nats) the backend runs the torch backend
 on the whole chunk, which is cheaper than recomputing most rows. The path synchronises with the host
 (the rows to recompute), so a fit runs its iterations with collapsed components eagerly (no CUDA-graph replay).
+It runs after the chunk's kernels, within ``TritonBackend.torch_bytes`` (the fit's memory plan): the repairs stream
+over the chunk in pieces of :func:`lse_piece_rows` rows and recompute rows in batches (:func:`redo_batches`).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from typing import NamedTuple
 import torch
 
 from . import _torch_backend as _tb
+from ._chunk_plan import TORCH_BYTES
 
 # a component whose per-component expansion error term (module docstring) exceeds this many nats is collapsed. On
 # normal data the term is far below it (SIFT-like benchmark data, K=1024: < 1e-3 nats); collapsed components of
@@ -57,7 +60,12 @@ ROW_LOG_SHARE = -30.0
 # the log weight that switches a component off inside the kernels: finite, so that a block of switched-off
 # components seen first by the kernels' online log-sum-exp gives no inf - inf; exp of it is 0 against any real logit
 OFF_LOG_WEIGHT = -1e30
-PIECE_ELEMENTS = 1 << 24     # float64 values of one row piece (rows x (m + D)) in collapsed_lse: 128 MiB
+# device memory of collapsed_lse per row of a piece (upper estimates of its peak allocations; H100,
+# bench_ann/results/v47_torch_bytes: at most 2.96 kB per row at D=128 with 16 collapsed components, against 3.84 kB
+# here): per feature the centred float32 row, the float64 row, its square and a direct difference; per collapsed
+# component the float64 products, quadratic forms and logits
+LSE_FEATURE_BYTES = 24
+LSE_COMPONENT_BYTES = 48
 
 
 def _cancels(means: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -90,6 +98,11 @@ class Split(NamedTuple):
     torch_only: bool            # most components are collapsed: the torch backend runs the whole chunk
 
 
+def torch_only(n_collapsed: int, k: int) -> bool:
+    """Whether chunks run wholly in the torch backend (no kernel): most of the k components are collapsed."""
+    return 2 * n_collapsed > k
+
+
 def split(var: torch.Tensor, log_weights: torch.Tensor, cols: tuple) -> Split | None:
     """The kernels' parameters with the components ``cols`` (a tuple of indices) switched off; None when empty."""
     if not cols:
@@ -101,14 +114,21 @@ def split(var: torch.Tensor, log_weights: torch.Tensor, cols: tuple) -> Split | 
     widest = var.amax(0)                 # (D,) diag or () spherical: the largest variance, per feature
     safe_var = torch.where(off[:, None] if var.ndim == 2 else off, widest, var).contiguous()
     safe_lw = log_weights.masked_fill(off, OFF_LOG_WEIGHT).contiguous()
-    return Split(idx, safe_var, safe_lw, 2 * len(cols) > k)
+    return Split(idx, safe_var, safe_lw, torch_only(len(cols), k))
 
 
-def collapsed_lse(x, center, means, var, log_weights, cols: torch.Tensor) -> torch.Tensor:
+def lse_piece_rows(m: int, d: int, piece_bytes: int) -> int:
+    """Rows of one piece of :func:`collapsed_lse` for m collapsed components and d features: at most
+    ``piece_bytes`` of device memory."""
+    return max(1, piece_bytes // (LSE_FEATURE_BYTES * d + LSE_COMPONENT_BYTES * m))
+
+
+def collapsed_lse(x, center, means, var, log_weights, cols: torch.Tensor,
+                  piece_bytes: int = TORCH_BYTES) -> torch.Tensor:
     """(n,) float32 log sum over the collapsed components ``cols`` of w_k N(x_i | mu_k, var_k): their quadratic forms
     in float64 (``_torch_backend._exact_quad``: the expansion, whose error shrinks by 2^29 against float32's, or
     direct differences for a component whose float64 term ``3 EXPANSION_ERROR eps64 C_k`` still exceeds
-    COLLAPSED_NATS), in row pieces of at most PIECE_ELEMENTS float64 values.
+    COLLAPSED_NATS), in row pieces of at most ``piece_bytes`` (:func:`lse_piece_rows`).
 
     x (n, D) float32 raw rows, ``center`` (D,) or None; means (K, D), var, log_weights: all components."""
     m64 = means[cols].double()
@@ -124,7 +144,7 @@ def collapsed_lse(x, center, means, var, log_weights, cols: torch.Tensor) -> tor
         scale = torch.full_like(const, 0.5)
     direct = tuple(torch.nonzero(_cancels(m64, v64, torch.float64)).flatten().tolist())
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    step = max(1, PIECE_ELEMENTS // (cols.numel() + d))
+    step = lse_piece_rows(cols.numel(), d, piece_bytes)
     for s in range(0, x.shape[0], step):
         xs = x[s:s + step]
         quad = _tb._exact_quad(xs if center is None else xs - center, m64, prec, direct)
@@ -138,55 +158,95 @@ def rows_to_redo(log_norm_safe: torch.Tensor, lse_c: torch.Tensor, threshold: fl
     return torch.nonzero(lse_c - log_norm_safe > threshold).flatten()
 
 
-def repair_estep(out, x, center, means, var, log_weights, cols, kernel_estep, torch_estep):
+class Collapsed(NamedTuple):
+    """What the repairs need besides the kernels' outputs: the parameters of every component, the collapsed ones
+    (``cols``) and the memory of the torch paths."""
+    center: torch.Tensor | None     # (D,) or None: subtracted from the raw rows
+    means: torch.Tensor             # (K, D) centred frame
+    var: torch.Tensor               # (K,) or (K, D)
+    log_weights: torch.Tensor       # (K,)
+    cols: torch.Tensor              # (m,) int64
+    piece_bytes: int                # bound of one piece of collapsed_lse
+    batch_rows: int                 # rows recomputed by the torch backend at once
+
+    def lse(self, x):
+        return collapsed_lse(x, self.center, self.means, self.var, self.log_weights, self.cols, self.piece_bytes)
+
+
+def redo_batches(c: Collapsed, x, log_norm_safe, threshold: float = ROW_LOG_SHARE, log_norm_out=None):
+    """The rows of ``x`` to recompute, as (r,) int64 ascending index tensors of at most ``c.batch_rows`` rows: those
+    whose collapsed components hold more than exp(threshold) of their likelihood against the kernels'
+    ``log_norm_safe`` (n,). Streams over x in pieces of :func:`lse_piece_rows` rows (one host sync each), so that
+    it holds one piece and at most a batch of indices; ``log_norm_out`` (n,), when given, gets every row's
+    ``logaddexp(log_norm_safe, lse_c)`` (the rows yielded are then overwritten by their caller)."""
+    n = x.shape[0]
+    step = lse_piece_rows(c.cols.numel(), x.shape[1], c.piece_bytes)
+    pending, count = [], 0
+    for s in range(0, n, step):
+        lse_c = c.lse(x[s:s + step])
+        safe = log_norm_safe[s:s + step]
+        idx = rows_to_redo(safe, lse_c, threshold)
+        if log_norm_out is not None:
+            log_norm_out[s:s + step] = torch.logaddexp(safe, lse_c)
+        del lse_c
+        if idx.numel():
+            pending.append(idx + s)
+            count += idx.numel()
+        while count >= c.batch_rows:
+            rows = torch.cat(pending)
+            rest = rows[c.batch_rows:]
+            pending, count = ([rest] if rest.numel() else []), rest.numel()
+            yield rows[:c.batch_rows]
+    if count:
+        yield torch.cat(pending)
+
+
+def repair_estep(out, x, c: Collapsed, kernel_estep, torch_estep):
     """``(log_norm, nk, sx, sq)`` of the chunk with every component, from the kernels' E-step ``out`` (first four
-    fields) run with the collapsed components ``cols`` switched off: the rows the collapsed components explain are
-    replaced by the torch backend's E-step (their kernel contribution ``kernel_estep(rows)`` subtracted, then
-    ``torch_estep(rows)`` added; both callables take raw rows); the other rows' log-likelihoods gain the collapsed
-    components' ``lse_c``. Statistics keep the dtype of ``out``'s."""
-    log_norm, nk, sx, sq = out[:4]
-    lse_c = collapsed_lse(x, center, means, var, log_weights, cols)
-    rows = rows_to_redo(log_norm, lse_c)
-    log_norm = torch.logaddexp(log_norm, lse_c)
-    if rows.numel():
+    fields) run with the collapsed components ``c.cols`` switched off: the rows the collapsed components explain
+    are replaced by the torch backend's E-step (their kernel contribution ``kernel_estep(rows)`` subtracted, then
+    ``torch_estep(rows)`` added; both callables take raw rows), in batches (:func:`redo_batches`); the other rows'
+    log-likelihoods gain the collapsed components' ``lse_c``. Statistics keep the dtype of ``out``'s."""
+    log_norm_safe, nk, sx, sq = out[:4]
+    log_norm = torch.empty_like(log_norm_safe)
+    for rows in redo_batches(c, x, log_norm_safe, log_norm_out=log_norm):
         xa = x[rows]
         ka = kernel_estep(xa)
         ta = torch_estep(xa)
+        del xa
         nk = nk - ka[1].to(nk.dtype) + ta[1].to(nk.dtype)
         sx = sx - ka[2].to(sx.dtype) + ta[2].to(sx.dtype)
-        sq = (sq - ka[3].to(sq.dtype) + ta[3].to(sq.dtype)).clamp_min_(0.0)
+        sq = sq - ka[3].to(sq.dtype) + ta[3].to(sq.dtype)
         log_norm[rows] = ta[0].to(log_norm.dtype)
-    return log_norm, nk, sx, sq
+    return log_norm, nk, sx, sq.clamp_min_(0.0)
 
 
-def repair_score(out, x, center, means, var, log_weights, cols, torch_score):
-    """``(log_norm, best)`` with every component, from the kernels' ``out`` run with ``cols`` switched off: the rows
-    the collapsed components explain come from ``torch_score(raw rows)``."""
-    log_norm, best = out
-    lse_c = collapsed_lse(x, center, means, var, log_weights, cols)
-    rows = rows_to_redo(log_norm, lse_c)
-    log_norm = torch.logaddexp(log_norm, lse_c)
-    if rows.numel():
+def repair_score(out, x, c: Collapsed, torch_score):
+    """``(log_norm, best)`` with every component, from the kernels' ``out`` run with ``c.cols`` switched off: the
+    rows the collapsed components explain come from ``torch_score(raw rows)``, in batches."""
+    log_norm_safe, best = out
+    log_norm = torch.empty_like(log_norm_safe)
+    for i, rows in enumerate(redo_batches(c, x, log_norm_safe, log_norm_out=log_norm)):
         ta = torch_score(x[rows])
         log_norm[rows] = ta[0].to(log_norm.dtype)
-        best = best.clone()
+        if i == 0:
+            best = best.clone()
         best[rows] = ta[1].to(best.dtype)
     return log_norm, best
 
 
-def repair_assign(out, log_norm_safe, x, center, means, var, log_weights, cols, tau: float, torch_assign):
-    """CSR ``(counts, lists, resp)`` with every component, from the kernels' ``out`` run with ``cols`` switched off
-    (``log_norm_safe`` (n,): the kernels' log-likelihoods without the collapsed components): the rows where the
+def repair_assign(out, log_norm_safe, x, c: Collapsed, tau: float, torch_assign):
+    """CSR ``(counts, lists, resp)`` with every component, from the kernels' ``out`` run with ``c.cols`` switched
+    off (``log_norm_safe`` (n,): the kernels' log-likelihoods without the collapsed components): the rows where the
     collapsed components could reach ``tau`` (their share above exp(ROW_LOG_SHARE), or above tau / 2 when that is
-    smaller; every row for tau = 0) are replaced by ``torch_assign(raw rows)``; the other rows keep their entries
-    and their order."""
+    smaller; every row for tau = 0) are replaced by ``torch_assign(raw rows)``, in batches; the other rows keep
+    their entries and their order."""
     counts, lists, resp = out
-    lse_c = collapsed_lse(x, center, means, var, log_weights, cols)
     threshold = min(ROW_LOG_SHARE, math.log(tau / 2.0)) if tau > 0 else -math.inf
-    rows = rows_to_redo(log_norm_safe, lse_c, threshold)
-    if not rows.numel():
+    redone = [(rows, *torch_assign(x[rows])) for rows in redo_batches(c, x, log_norm_safe, threshold)]
+    if not redone:
         return counts, lists, resp
-    c2, l2, r2 = torch_assign(x[rows])
+    rows, c2, l2, r2 = (torch.cat(f) for f in zip(*redone))
     n = counts.numel()
     redo = torch.zeros(n, dtype=torch.bool, device=counts.device)
     redo[rows] = True
@@ -199,4 +259,3 @@ def repair_assign(out, log_norm_safe, x, center, means, var, log_weights, cols, 
     counts = counts.clone()
     counts[rows] = c2.to(counts.dtype)
     return counts, lists, resp
-

@@ -7,8 +7,9 @@ meaning of the same-named functions in ``_torch_backend``. The kernels live in `
 never touches Triton unless a method runs.
 
 Rows wider than the kernels' single-tile limit (D > 256) fall back to the torch implementation, run on pieces of
-the chunk whose (rows, K) matrices hold at most ``TORCH_PIECE_ELEMENTS`` entries (the chunks are sized for the
-kernels' O(rows D) buffers, not for O(rows K) ones). ``assign`` runs the top-M kernel for copy caps up to
+the chunk of at most ``TritonBackend.torch_bytes`` of device memory (``torch_piece_rows``: the chunks are sized for
+the kernels' O(rows D) buffers, not for O(rows K) ones), as is the recomputation of collapsed components
+(:mod:`flashgmm_faiss._collapsed`). ``assign`` runs the top-M kernel for copy caps up to
 ``kernels.assign.TOPK_MAX_ASSIGN`` and the threshold kernel for larger caps and no cap (O(rows + entries) memory).
 
 Sparse E-step during a fit: ``GaussianMixture.fit`` calls :meth:`TritonBackend.begin_em_iteration` before each EM
@@ -32,7 +33,7 @@ import torch
 
 from . import _collapsed
 from . import _torch_backend as _tb
-from ._chunk_plan import ROW_ORDER_BYTES
+from ._chunk_plan import ROW_ORDER_BYTES, TORCH_BYTES
 from ._torch_backend import EStepStats
 
 PRECISIONS = ("tf32", "bf16", "bf16x3", "ieee")
@@ -50,7 +51,13 @@ ORDER_REFRESH = 4
 # responsibility, is re-seeded, collapses again: at N=1e6, K=4096, D=128 a diag bf16 fit re-seeded 4 components
 # every other iteration (NOTES.md v30). EM floors bf16 variances at (BF16_MEAN_RESOLUTION * mu)^2 per feature.
 BF16_MEAN_RESOLUTION = 2.0 ** -8
-TORCH_PIECE_ELEMENTS = 1 << 25   # entries of one (rows, K) float32 matrix in the torch fallbacks: 128 MiB
+# device memory of the torch backend's E-step, score and assign on a piece of rows (upper estimates of peak
+# allocations; H100, bench_ann/results/v47_torch_bytes: at most 25.2 kB per row at K=1024, D=128 against 31.7 kB
+# here, 99 kB at K=4096, D=96 against 117 kB): bytes per (row, component) entry (logits, responsibilities, the
+# reductions' temporaries, the float64 recomputation of collapsed components) and per (row, feature) (the gathered
+# and centred rows, their squares)
+TORCH_ENTRY_BYTES = 28
+TORCH_FEATURE_BYTES = 24
 MIN_SPARSE_BLOCKS = 4
 # TritonBackend.dense_above["diag"]: a diag fit whose sparse E-step keeps more of the (tile, block) pairs runs the
 # dense E-step instead. Where the two cost the same, from diag "tf32" fits on an H100 (ms per EM iteration, sparse
@@ -118,6 +125,10 @@ class TritonBackend:
     pairs_kept : float or None
         The fraction of pairs the last probe's sparse E-steps visited (None before one ran, or where
         :attr:`dense_above` has no threshold for the fit's covariance type).
+    torch_bytes : int
+        Bound of the device memory of one piece of the torch paths (rows wider than the kernels' tile, the
+        collapsed components' recomputation), set by ``GaussianMixture.fit`` from its ``working_memory`` plan
+        (``ChunkPlan.torch_bytes``); default ``_chunk_plan.TORCH_BYTES`` (2 GiB).
     exact_components : tuple of int or None
         The collapsed components of the parameters the next :meth:`fit_estep` calls get, set by
         ``GaussianMixture.fit`` for each EM iteration (read from the previous iteration's summary, so the E-step needs
@@ -138,6 +149,7 @@ class TritonBackend:
         self.x_absmax = None
         self.copy_rows = True
         self.order_bytes = ROW_ORDER_BYTES
+        self.torch_bytes = TORCH_BYTES
         self.sort_rows = True
         self._cache = None      # (tensors, their versions, bound, perm, Params) of the last E-step parameters
         self._mstep_scalars = None      # (key, (4,) float64 device tensor) of m_step
@@ -353,6 +365,12 @@ class TritonBackend:
         (:func:`flashgmm_faiss._collapsed.collapsed_mask`; means (K, D) centred, var (K,) or (K, D))."""
         return _collapsed.collapsed_mask(means, var)
 
+    @staticmethod
+    def torch_only(cols: tuple, k: int) -> bool:
+        """Whether a chunk whose collapsed components are ``cols`` (of k) runs wholly in the torch backend
+        (:func:`_collapsed.torch_only`): its statistics then do not depend on which components ``cols`` names."""
+        return _collapsed.torch_only(len(cols), k)
+
     def _split(self, means, var, log_weights, cols=None):
         """The kernels' variances and log weights with the collapsed components ``cols`` (None: found from the
         parameters, one host sync) switched off (:func:`_collapsed.split`), or None when there are none. Reused for
@@ -376,9 +394,14 @@ class TritonBackend:
         if sp is None:
             return EStepStats(*out[:4])
         return EStepStats(*_collapsed.repair_estep(
-            out, x, center, means, var, log_weights, sp.cols,
+            out, x, self._collapsed_rows(x, means, var, log_weights, center, sp),
             lambda xa: self._kernel_estep(xa, means, sp.var, sp.log_weights, center),
             lambda xa: self._torch_estep(xa, means, var, log_weights, center)))
+
+    def _collapsed_rows(self, x, means, var, log_weights, center, sp) -> _collapsed.Collapsed:
+        """The repairs' view of the collapsed components ``sp``: pieces and batches within ``torch_bytes``."""
+        return _collapsed.Collapsed(center, means, var, log_weights, sp.cols, self.torch_bytes,
+                                    self.torch_piece_rows(means.shape[0], x.shape[1]))
 
     def _torch_estep(self, x, means, var, log_weights, center=None) -> EStepStats:
         return EStepStats(*self._torch_pieces(_tb.estep, x, means.shape[0], means, var, log_weights, center,
@@ -427,18 +450,24 @@ class TritonBackend:
         self._cache = (key, versions, self.x_absmax, perm, p)
         return p
 
-    @staticmethod
-    def _torch_pieces(fn, x, k, *args, per_row=None):
-        """``fn(piece, *args)`` of the torch backend on row pieces of x with at most TORCH_PIECE_ELEMENTS entries
-        in a (rows, K) matrix, combined into one result: its first ``per_row`` fields (all when None) are per-row
-        outputs, concatenated; the others are sums over rows, added."""
-        step = max(1, TORCH_PIECE_ELEMENTS // max(1, k))
-        parts = [fn(x[s:s + step], *args) for s in range(0, x.shape[0], step)]
-        if len(parts) == 1:
-            return parts[0]
-        fields = list(zip(*parts))
-        cut = len(fields) if per_row is None else per_row
-        return tuple(torch.cat(f) for f in fields[:cut]) + tuple(sum(f) for f in fields[cut:])
+    def torch_piece_rows(self, k: int, d: int) -> int:
+        """Rows of one piece of the torch paths for K=k components and d features: at most ``torch_bytes``."""
+        return max(1, self.torch_bytes // (TORCH_ENTRY_BYTES * max(1, k) + TORCH_FEATURE_BYTES * d))
+
+    def _torch_pieces(self, fn, x, k, *args, per_row=None):
+        """``fn(piece, *args)`` of the torch backend on row pieces of x (:meth:`torch_piece_rows`), combined into
+        one result: its first ``per_row`` fields (all when None) are per-row outputs, concatenated; the others are
+        sums over rows, added as the pieces come (one set of sums alive, not one per piece)."""
+        step = self.torch_piece_rows(k, x.shape[1])
+        rows, sums = None, None
+        for s in range(0, max(1, x.shape[0]), step):   # an empty x: one empty piece
+            out = fn(x[s:s + step], *args)
+            if s + step >= x.shape[0] and rows is None:
+                return out      # a single piece
+            cut = len(out) if per_row is None else per_row
+            rows = [[f] for f in out[:cut]] if rows is None else [r + [f] for r, f in zip(rows, out[:cut])]
+            sums = list(out[cut:]) if sums is None else [a + b for a, b in zip(sums, out[cut:])]
+        return tuple(torch.cat(r) for r in rows) + tuple(sums)
 
     def estep(self, x, means, var, log_weights, center=None) -> EStepStats:
         if x.shape[1] > MAX_D:
@@ -458,7 +487,7 @@ class TritonBackend:
         out = self._k().score(x, means, sp.var, sp.log_weights, precision=self.precision, center=center,
                               x_absmax=self.x_absmax)
         return _collapsed.repair_score(
-            out, x, center, means, var, log_weights, sp.cols,
+            out, x, self._collapsed_rows(x, means, var, log_weights, center, sp),
             lambda xa: self._torch_pieces(_tb.score, xa, k, means, var, log_weights, center))
 
     def kmeans_step(self, x, centroids, center=None):
@@ -486,5 +515,5 @@ class TritonBackend:
                         x_absmax=self.x_absmax)
         log_norm_safe = ke.score(x, means, sp.var, sp.log_weights, precision=self.precision, center=center,
                                  x_absmax=self.x_absmax)[0]
-        return _collapsed.repair_assign(out, log_norm_safe, x, center, means, var, log_weights, sp.cols, tau,
-                                        torch_assign)
+        return _collapsed.repair_assign(out, log_norm_safe, x, self._collapsed_rows(x, means, var, log_weights,
+                                                                                    center, sp), tau, torch_assign)

@@ -26,7 +26,7 @@ import torch
 
 from . import _torch_backend
 from ._cuda_graphs import GraphReplay
-from ._chunk_plan import ROW_ORDER_BYTES, ChunkPlan, plan_chunks
+from ._chunk_plan import ROW_ORDER_BYTES, TORCH_BYTES, ChunkPlan, plan_chunks
 from ._data import ChunkedMatrix
 from ._lookahead import MAX_SECONDS as MAX_LOOKAHEAD_SECONDS
 from ._lookahead import Launched
@@ -238,7 +238,10 @@ class GaussianMixture:
         A budget too small for the O(K D) part and a 1024-row chunk is refused with the minimum. Measured: N=1e8,
         K=1024, D=128 fits in 64 MiB (``bench_ann/results/``). None (default): 512 MiB of chunk buffers (at most
         1/8 of the free memory) and up to 1 GiB of row orders. ``chunk_size``, when given, overrides the plan's
-        rows. The k-means++ seeding holds a sample of max(50 K, 10000) rows (26 MB at K=1024, D=128).
+        rows. The k-means++ seeding holds a sample of max(50 K, 10000) rows (26 MB at K=1024, D=128). The torch
+        paths of the Triton backend (collapsed components, D > 256) run in pieces within what the chunk's kernels
+        leave. Not counted: Triton's compilation and autotuning, which the first fit of a (K, D, precision) runs
+        and whose benchmark allocates a 256 MB cache-flush buffer once.
 
     Attributes
     ----------
@@ -380,7 +383,7 @@ class GaussianMixture:
             data = ChunkedMatrix(copy, device, plan.rows, name="X")
         self._kmeans_rows = plan.kmeans_rows
         if hasattr(impl, "copy_rows"):  # the Triton backend's share of the plan
-            impl.copy_rows, impl.order_bytes = plan.copy_rows, plan.order_bytes
+            impl.copy_rows, impl.order_bytes, impl.torch_bytes = plan.copy_rows, plan.order_bytes, plan.torch_bytes
         center64 = total / n
         center = center64.to(torch.float32)
         data.center = center
@@ -428,7 +431,7 @@ class GaussianMixture:
             if hasattr(impl, "end_fit"):
                 impl.end_fit()         # the row orders of the sparse E-step belong to this fit's chunks
             if hasattr(impl, "copy_rows"):
-                impl.copy_rows, impl.order_bytes = True, ROW_ORDER_BYTES   # the defaults again
+                impl.copy_rows, impl.order_bytes, impl.torch_bytes = True, ROW_ORDER_BYTES, TORCH_BYTES   # defaults
             if hasattr(impl, "exact_components"):
                 impl.exact_components = None   # other calls find their collapsed components themselves
         return self
@@ -735,6 +738,10 @@ class GaussianMixture:
         lookahead = self._lookahead_on(data)
         if exact:
             self._impl.exact_components = self._collapsed_components(means, var)
+        k = means.shape[0]
+
+        def in_torch(cols) -> bool:     # chunks with these collapsed components run wholly in torch (no kernel)
+            return exact and self._impl.torch_only(cols, k)
         self.history_ = []
         self.converged_ = False
         prev = -math.inf
@@ -755,10 +762,12 @@ class GaussianMixture:
                     ahead = launch(pending.outputs[:3], ahead=True)
                 ll_sum, n_degenerate, *n_collapsed = pending.summary()
                 cols = self._collapsed_components(*pending.outputs[:2]) if exact and n_collapsed[0] else ()
-                while cols and set(cols) - set(self._impl.exact_components):
+                while (cols and set(cols) - set(self._impl.exact_components)
+                       and not in_torch(self._impl.exact_components)):
                     # components collapsed in this iteration: the kernels formed their means and variances from
                     # their operands' rounded rows, off the true rows by more than the new spread (they would lose
-                    # their rows and be re-seeded over and over); redo the iteration with them on the exact path
+                    # their rows and be re-seeded over and over); redo the iteration with them on the exact path.
+                    # Not when the iteration ran wholly in torch (most components collapsed): no rounded operands
                     ahead = discard(ahead)
                     discard(pending)
                     self._impl.exact_components = tuple(sorted(set(self._impl.exact_components) | set(cols)))
@@ -781,8 +790,10 @@ class GaussianMixture:
                     if exact:
                         self._impl.exact_components = self._collapsed_components(means, var)
                 elif exact and cols != self._impl.exact_components:
-                    # the next iteration's collapsed components differ from those the lookahead ran with: redo it
-                    ahead = discard(ahead)
+                    # the next iteration's collapsed components differ from those the lookahead ran with: redo it,
+                    # unless both sets run it wholly in torch (the same computation whichever components they name)
+                    if not (in_torch(cols) and in_torch(self._impl.exact_components)):
+                        ahead = discard(ahead)
                     self._impl.exact_components = cols
                 now = time.perf_counter()
                 elapsed, t_prev = now - t_prev, now

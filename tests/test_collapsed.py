@@ -17,7 +17,8 @@ from flashgmm_faiss import GaussianMixture  # noqa: E402
 from flashgmm_faiss import _collapsed  # noqa: E402
 from flashgmm_faiss import _torch_backend as tb  # noqa: E402
 from flashgmm_faiss import gmm as gmm_module  # noqa: E402
-from flashgmm_faiss._triton_backend import MIN_SPARSE_BLOCKS, TritonBackend  # noqa: E402
+from flashgmm_faiss._triton_backend import (MIN_SPARSE_BLOCKS, TORCH_ENTRY_BYTES, TORCH_FEATURE_BYTES,  # noqa: E402
+                                            TritonBackend)
 
 kestep = importlib.import_module("flashgmm_faiss.kernels.estep")   # the module, not the re-exported launcher
 
@@ -114,6 +115,45 @@ def test_triton_backend_recomputes_collapsed_components(diag):
 
 
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_collapsed_repairs_stay_within_the_torch_memory_bound(diag, monkeypatch):
+    # TritonBackend.torch_bytes (a fit's working_memory plan) bounds the repairs: collapsed_lse's float64 pieces and
+    # the batches of rows the torch backend recomputes; a bound of ~17 rows gives the results of one piece
+    k = 2 * kestep.FLAG_K + 8
+    x, means, var, lw = _collapsed_problem(k, kestep.FLAG_K, 8, diag, seed=1, repeats=6, extra=2 * k)
+    whole = TritonBackend("ieee")
+    want = (whole.estep(x, means, var, lw), whole.score(x, means, var, lw),
+            whole.assign(x, means, var, lw, 1.0 / k, None))
+    b = TritonBackend("ieee")
+    b.torch_bytes = 17 * (TORCH_ENTRY_BYTES * k + TORCH_FEATURE_BYTES * 8)
+    batch = b.torch_piece_rows(k, 8)
+    piece = _collapsed.lse_piece_rows(kestep.FLAG_K, 8, b.torch_bytes)
+    assert batch == 17 and 10 < piece < 40 and len(x) > 4 * piece
+    seen = {"quad": [], "torch": []}
+
+    def spy(name, fn):
+        def wrapped(xs, *args, **kwargs):
+            seen[name].append(xs.shape[0])
+            return fn(xs, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(tb, "_exact_quad", spy("quad", tb._exact_quad))
+    for fn in ("estep", "score", "assign"):
+        monkeypatch.setattr(tb, fn, spy("torch", getattr(tb, fn)))
+    got = (b.estep(x, means, var, lw), b.score(x, means, var, lw), b.assign(x, means, var, lw, 1.0 / k, None))
+    assert max(seen["quad"]) == piece and max(seen["torch"]) <= batch and len(seen["torch"]) >= 3 * 6
+    ref = _estep64(x, means, var, lw)
+    assert (got[0].log_norm.double().cpu() - ref[0]).abs().max() < 1e-3
+    for name, g, w, r in zip(("nk", "sx", "sq"), got[0][1:], want[0][1:], ref[1:]):
+        # each batch's kernel statistics are subtracted from the chunk's float32 partial sums: within float32
+        # rounding of the single-piece result, and float64's as closely as that one (the test above)
+        assert (g.double().cpu() - r).abs().max() / r.abs().max() < 1e-5, name
+        assert (g.double().cpu() - w.double().cpu()).abs().max() / r.abs().max() < 1e-5, name
+    assert torch.allclose(got[1][0], want[1][0], rtol=1e-6, atol=1e-4) and torch.equal(got[1][1], want[1][1])
+    assert torch.equal(got[2][0], want[2][0]) and torch.equal(got[2][1], want[2][1])
+    assert torch.allclose(got[2][2], want[2][2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_triton_fit_estep_with_a_component_order_and_collapsed_components(diag):
     # the fit's sparse E-step (kept row orders, the component permutation) with collapsed components named by the
     # estimator (exact_components): float64's statistics
@@ -177,6 +217,43 @@ def test_triton_fit_with_collapsing_components(cov, monkeypatch):
     ref = torch.logsumexp(lp, 1).numpy()
     assert np.abs(a.score_samples(x) - ref).max() < 1e-2
     assert (a.predict(x) == lp.argmax(1).numpy()).all()
+
+
+@pytest.mark.filterwarnings("ignore::flashgmm_faiss.gmm.ConvergenceWarning")
+def test_triton_fit_with_most_components_collapsed_runs_each_iteration_once(monkeypatch):
+    # most components collapsed (as diag fits of SIFT at K=1024 or MNIST): every chunk runs wholly in torch, whose
+    # statistics do not depend on which components are named collapsed, so no iteration is redone or discarded when
+    # more collapse (siftsmall resampled to 2^20 rows, K=1024 diag on an H100: 434 ms per iteration with the redos,
+    # the torch backend 158). The fit is the torch backend's. Here 7 distinct rows repeated 30 times among 40 random
+    # ones, K=9: 5 components start collapsed onto them (5 of 9: wholly torch), 2 more collapse during EM (the same
+    # fit with redos launched 8 iterations)
+    g = torch.Generator().manual_seed(1)
+    dup = torch.randn(7, 8, generator=g) * 5
+    x = torch.cat([dup.repeat_interleave(30, 0), torch.randn(40, 8, generator=g) * 5]).numpy()
+    cov = np.full((9, 8), 25.0)
+    cov[:5] = 1e-6
+    kw = dict(covariance_type="diag", init=np.concatenate([dup.numpy(), x[-2:]]), covariances_init=cov,
+              kmeans_iter=0, max_iter=6, tol=0.0, device=DEVICE, reg_covar=1e-6)
+    runs = []
+    monkeypatch.setattr(TritonBackend, "begin_em_iteration",
+                        lambda self, _f=TritonBackend.begin_em_iteration: (runs.append(1), _f(self))[1])
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the kernels' E-step ran")
+
+    monkeypatch.setattr(importlib.import_module("flashgmm_faiss.kernels"), "estep", no_kernel)  # the launcher
+    for lookahead in (False, True):
+        runs.clear()
+        fit = GaussianMixture(9, backend="triton", precision="ieee", **kw)
+        fit._lookahead = lookahead
+        a = fit.fit(x)
+        assert len(runs) == 6, lookahead      # each iteration launched once
+        assert [h["n_reseeded"] for h in a.history_] == [0] * 6
+    cols = _collapsed.collapsed_components(torch.as_tensor(a.means_ - a.center_), torch.as_tensor(a.covariances_))
+    assert len(cols) == 7 and TritonBackend.torch_only(cols, 9)
+    b = GaussianMixture(9, backend="torch", **kw).fit(x)
+    assert np.abs(a.means_ - b.means_).max() < 1e-4
+    assert a.lower_bound_ == pytest.approx(b.lower_bound_, abs=1e-4)
 
 
 @gpu

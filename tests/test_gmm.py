@@ -470,6 +470,10 @@ def test_working_memory_plan_stays_within_the_budget(backend):
                         upload = 0 if resident else 4 * d
                         kmeans = fixed - partials + p.rows * upload + p.kmeans_rows * cp.KMEANS_ROW_BYTES
                         assert em <= budget and kmeans <= budget, (n, k, d, diag, resident, mib, p)
+                        # the torch paths (collapsed components) after the kernels: beside the chunk's outputs and
+                        # the kept orders, in at least the room of the partial sums
+                        torch_paths = fixed - partials + p.order_bytes + p.torch_bytes + p.rows * per_row
+                        assert torch_paths <= budget and p.torch_bytes >= partials, (n, k, d, diag, resident, mib, p)
                         assert p.kmeans_rows <= p.rows and (p.order_bytes == 0 or p.order_bytes >= 8 * p.rows)
                         share = 1 if resident else 2
                         fits_copy = fixed + share * min(n, cp.MIN_COPY_ROWS) * (per_row + copy_row) <= budget
@@ -490,7 +494,7 @@ def test_working_memory_plan_stays_within_the_budget(backend):
     assert not q.copy_rows and q.order_bytes == 0 and q.rows > 2 ** 20 and q.kmeans_rows < q.rows
     # without a budget: the defaults
     assert cp.plan_chunks("triton", dev, 10 ** 8, 1024, 128) == (2 ** 29 // (6 * 128), True, cp.ROW_ORDER_BYTES,
-                                                                 None)
+                                                                 None, cp.TORCH_BYTES)
 
 
 def test_plan_without_kept_orders_sizes_chunks_for_transient_orders():
@@ -556,17 +560,18 @@ def test_working_memory_is_validated_and_sets_the_chunks():
         assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, what=name)
 
 
-def test_triton_backend_torch_fallbacks_run_in_bounded_pieces(monkeypatch):
+def test_triton_backend_torch_fallbacks_run_in_bounded_pieces():
     # rows wider than the kernels' tile (D > 256) take the torch path, on pieces whose (rows, K) matrices stay
-    # under TORCH_PIECE_ELEMENTS: same results as the whole chunk at once
+    # of at most TritonBackend.torch_bytes: same results as the whole chunk at once
     from flashgmm_faiss import _torch_backend as tb
     from flashgmm_faiss import _triton_backend as tbe
-    monkeypatch.setattr(tbe, "TORCH_PIECE_ELEMENTS", 5 * 11)      # pieces of 11 rows for K = 5
     g = torch.Generator().manual_seed(0)
     x = torch.randn(47, 260, generator=g)
     means, center = torch.randn(5, 260, generator=g), 0.1 * torch.randn(260, generator=g)
     lw = torch.log_softmax(torch.randn(5, generator=g), 0)
     be = tbe.TritonBackend("ieee")
+    be.torch_bytes = 11 * (tbe.TORCH_ENTRY_BYTES * 5 + tbe.TORCH_FEATURE_BYTES * 260) + 7
+    assert be.torch_piece_rows(5, 260) == 11    # pieces of 11 rows
     for var in (torch.rand(5, generator=g) * 50 + 250, torch.rand(5, 260, generator=g) + 1.5):
         for got, want in ((be.estep(x, means, var, lw, center), tb.estep(x, means, var, lw, center)),
                           (be.score(x, means, var, lw, center), tb.score(x, means, var, lw, center)),

@@ -265,7 +265,9 @@ def test_working_memory_peak_stays_within_the_budget(cov):
               working_memory=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        GaussianMixture(1024, **{**kw, "max_iter": 1, "kmeans_iter": 1}).fit(X[:1_600_000])   # compile, autotune
+        # compile and autotune every kernel the fit runs (with collapsed components, as these clamped rows give
+        # diag fits, also the dense E-step of the recomputed rows): Triton's benchmark allocates 244 MiB once
+        GaussianMixture(1024, **kw).fit(X)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
