@@ -18,8 +18,8 @@ out of the kernels and treats the rows those components explain in torch:
 1. the kernels run with the collapsed components switched off (:func:`split`: log weight ``OFF_LOG_WEIGHT``, a
    finite -1e30 so that a block of them is harmless in the kernels' online log-sum-exp, and the largest variance,
    so that the kernels' fp16 operand scales stay those of the other components);
-2. the collapsed components' log densities are computed in torch (:func:`collapsed_lse`: ``_torch_backend.log_prob``,
-   which recomputes them in float64 or as direct differences), giving ``lse_c`` per row;
+2. the collapsed components' log densities are computed in torch (:func:`collapsed_lse`: float64 quadratic forms,
+   ``_torch_backend._exact_quad``, or direct differences), giving ``lse_c`` per row;
 3. a row whose collapsed components hold more than ``exp(ROW_LOG_SHARE)`` of its likelihood (``lse_c - logZ_safe >
    ROW_LOG_SHARE``) is recomputed by the torch backend: its kernel contribution is replaced by the torch backend's
    (:func:`repair_estep`, :func:`repair_score`, :func:`repair_assign`); every other row's log-likelihood becomes

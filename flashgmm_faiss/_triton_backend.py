@@ -459,15 +459,15 @@ class TritonBackend:
         one result: its first ``per_row`` fields (all when None) are per-row outputs, concatenated; the others are
         sums over rows, added as the pieces come (one set of sums alive, not one per piece)."""
         step = self.torch_piece_rows(k, x.shape[1])
-        rows, sums = None, None
-        for s in range(0, max(1, x.shape[0]), step):   # an empty x: one empty piece
+        if x.shape[0] <= step:
+            return fn(x, *args)
+        rows, sums = [], None
+        for s in range(0, x.shape[0], step):
             out = fn(x[s:s + step], *args)
-            if s + step >= x.shape[0] and rows is None:
-                return out      # a single piece
             cut = len(out) if per_row is None else per_row
-            rows = [[f] for f in out[:cut]] if rows is None else [r + [f] for r, f in zip(rows, out[:cut])]
+            rows.append(out[:cut])
             sums = list(out[cut:]) if sums is None else [a + b for a, b in zip(sums, out[cut:])]
-        return tuple(torch.cat(r) for r in rows) + tuple(sums)
+        return tuple(torch.cat(f) for f in zip(*rows)) + tuple(sums)
 
     def estep(self, x, means, var, log_weights, center=None) -> EStepStats:
         if x.shape[1] > MAX_D:
