@@ -129,7 +129,12 @@ def main(argv=None):
     ap.add_argument("--check-rows", type=int, default=20000)
     ap.add_argument("--skip-large", action="store_true", help="leave out the N=2^20 problems")
     ap.add_argument("--only-large", action="store_true", help="only the N=2^20 problems")
+    ap.add_argument("--no-bf16-floor", action="store_true",
+                    help="fit bf16 without the variance floor (TritonBackend.floor_resolution -> None)")
     args = ap.parse_args(argv)
+    if args.no_bf16_floor:
+        from flashgmm_faiss._triton_backend import TritonBackend
+        TritonBackend.floor_resolution = lambda self: None
     quick = args.quick
     precisions = ("ieee",) if quick else ("tf32", "bf16")
     xb = load_siftsmall()[0]

@@ -47,9 +47,11 @@ MAX_D = 256        # kernels.estep.MAX_D: one padded row per tile
 ORDER_REFRESH = 4
 # The bf16 E-step rounds each mean (as A = -2 mu / var, diag, or -2 mu, spherical) to 8 significant bits: it sees a
 # component up to ~2^-9 |mu| per feature away from where the M-step put it. A component narrower than that
-# (one that collapsed onto a single row, var -> reg_covar) then no longer explains its own row, gets no
-# responsibility, is re-seeded, collapses again: at N=1e6, K=4096, D=128 a diag bf16 fit re-seeded 4 components
-# every other iteration (NOTES.md v30). EM floors bf16 variances at (BF16_MEAN_RESOLUTION * mu)^2 per feature.
+# (one that collapsed onto a single row, var -> reg_covar) then no longer explained its own row, got no
+# responsibility, was re-seeded, collapsed again: at N=1e6, K=4096, D=128 a diag bf16 fit re-seeded 4 components
+# every other iteration (NOTES.md v30), so v30 floored bf16 variances at (BF16_MEAN_RESOLUTION * mu)^2 per feature.
+# Since v46 such a component is collapsed and computed on the exact path (flashgmm_faiss._collapsed): the same fit
+# re-seeds nothing without the floor (v48), so the floor is off by default (TritonBackend.bf16_variance_floor).
 BF16_MEAN_RESOLUTION = 2.0 ** -8
 # device memory of the torch backend's E-step, score and assign on a piece of rows (upper estimates of peak
 # allocations; H100, bench_ann/results/v47_torch_bytes: at most 25.2 kB per row at K=1024, D=128 against 31.7 kB
@@ -139,6 +141,7 @@ class TritonBackend:
     order_key = "bits"
     kept_orders = ("spherical",)
     fused_m_step = True     # m_step as one kernel; False: the torch form (for benchmarks)
+    bf16_variance_floor = False     # floor bf16 variances at (BF16_MEAN_RESOLUTION mu)^2 (floor_resolution)
     dense_above = {"diag": DIAG_DENSE_ABOVE}
 
     def __init__(self, precision: str = "tf32", sparse: bool = True):
@@ -166,13 +169,16 @@ class TritonBackend:
         return f"TritonBackend(precision={self.precision!r}, sparse={self.sparse})"
 
     def floor_resolution(self):
-        """The relative resolution ``res`` of the means in this precision's E-step operands: the M-step (``gmm.m_step``
-        and the fused :meth:`m_step`) floors the variances at ``(res mu)^2`` per feature (centred frame; spherical:
-        their mean over the features), the smallest the E-step resolves. ``BF16_MEAN_RESOLUTION`` for bf16; None
-        where the operands hold the means to fp32's resolution or near it ("tf32" diag and "bf16x3" split them into
-        two terms, "ieee" is exact); spherical "tf32" (one fp16 term, 2^-11) has no floor: no re-seed cycle was
-        seen there."""
-        return BF16_MEAN_RESOLUTION if self.precision == "bf16" else None
+        """The variance floor's relative resolution ``res``, or None (the default): with :attr:`bf16_variance_floor`
+        set and ``precision="bf16"``, ``BF16_MEAN_RESOLUTION``, the resolution of the means in the bf16 E-step's
+        operands, and the M-step (``gmm.m_step`` and the fused :meth:`m_step`) floors the variances at ``(res
+        mu)^2`` per feature (centred frame; spherical: their mean over the features), the smallest the E-step
+        resolves. Off by default since v48: the fit that needed it (v30) re-seeds nothing without it now that
+        collapsed components run on the exact path, and it moved bf16 fits off the model the other precisions
+        fit (siftsmall resampled to 2^20 rows, K=1024 diag: mean log-likelihood -471 with it, -454.7 without, the
+        torch backend -454.3). A class attribute, so that a user who meets re-seed cycles in bf16 can switch it
+        back on."""
+        return BF16_MEAN_RESOLUTION if self.precision == "bf16" and self.bf16_variance_floor else None
 
     def m_step(self, nk, sx, sq, ll_sum, means, var, n: int, reg_covar: float, degenerate_nk: float):
         """``gmm.m_step`` as one kernel (``kernels/mstep.py``; the floor of :meth:`floor_resolution` included), or None

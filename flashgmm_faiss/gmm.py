@@ -168,9 +168,9 @@ class GaussianMixture:
         EM stops when the mean per-sample log-likelihood changes by less than ``tol`` in an iteration that
         re-seeded no component. Any real number (Python or numpy scalar).
     reg_covar : float >= 0, finite
-        Added to every variance: the floor that keeps collapsing components finite. With ``precision="bf16"`` the
-        variances are also floored at (2^-8 mu)^2 per feature, the resolution of the bf16 means (below it a
-        component no longer explains its own rows and would be re-seeded over and over).
+        Added to every variance: the floor that keeps collapsing components finite. (A component collapsed onto
+        duplicate rows is computed exactly on the Triton backend too, see ``flashgmm_faiss._collapsed``;
+        ``TritonBackend.bf16_variance_floor`` adds a bf16 floor of (2^-8 mu)^2 per feature, off by default.)
     init : {"k-means++", "random"} or array of shape (K, D)
         Seeding of the means before k-means / EM. k-means++ runs on a random subsample of at most
         ``max(50 * K, 10000)`` rows.
@@ -662,7 +662,7 @@ class GaussianMixture:
 
         means (K, D), var (K,) or (K, D), weights (K,): float64. Returns the M-step's ``means, var, weights``
         (float64; a component with less than DEGENERATE_NK rows' worth of responsibility keeps its parameters;
-        bf16 variances are floored at the resolution of the E-step's means, ``TritonBackend.floor_resolution``),
+        variances floored at ``TritonBackend.floor_resolution`` when it gives one),
         ``degenerate`` (K,) bool (those components), ``summary`` (2,) float64 [log-likelihood sum, number of
         degenerate components] (Triton: (3,), then the number of the new parameters' collapsed components,
         ``TritonBackend.collapsed``), and the float32 parameters ``(m32, v32, lw32)`` the E-step ran with."""
@@ -674,7 +674,7 @@ class GaussianMixture:
         fused = getattr(self._impl, "m_step", None)      # Triton: one kernel (kernels/mstep.py)
         out = fused(nk, sx, sq, ll_sum, means, var, n, self.reg_covar, DEGENERATE_NK) if fused is not None else None
         if out is None:
-            res = getattr(self._impl, "floor_resolution", None)      # bf16 operands: their resolution of the means
+            res = getattr(self._impl, "floor_resolution", None)      # an opt-in bf16 floor (None by default)
             out = m_step(nk, sx, sq, ll_sum, means, var, n, self.reg_covar, res() if res is not None else None)
         collapsed = getattr(self._impl, "collapsed", None)   # Triton: components its kernels leave to torch
         if collapsed is not None:

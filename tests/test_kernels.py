@@ -1642,18 +1642,21 @@ def test_gpu_gluon_diag_pass1_matches_triton_kernel(monkeypatch, n, k, d, precis
 
 
 # ------------------------------------------------------------------------------------------ estimator on the kernels
-@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+@pytest.mark.parametrize("precision,floor", [("bf16", False), ("bf16", True), ("tf32", False)],
+                         ids=["bf16", "bf16-floor", "tf32"])
 @pytest.mark.parametrize("cov", ["diag", "spherical"])
-def test_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov, precision):
-    # bf16 operands hold the means to 8 significant bits: a component that collapsed onto one isolated row (var ->
-    # reg_covar) sat ~2^-9 |mu| per feature from it in the E-step, got no responsibility, was re-seeded onto the
-    # same row and collapsed again (a diag bf16 fit at N=1e6, K=4096 re-seeded 4 components every other
-    # iteration). EM floors bf16 variances at (2^-8 mu)^2 per feature (TritonBackend.floor_resolution), and the
-    # row's own responsibility, 1 up to rounding, does not count as degenerate (gmm.DEGENERATE_NK). "tf32" (no floor):
-    # the iteration in which the component collapses is redone with it on the exact path (flashgmm_faiss._collapsed),
-    # so that its mean is the row itself, not the row as the kernels' 11-bit operands hold it (which it would lose)
+def test_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov, precision, floor):
+    # A component that collapses onto one isolated row (var -> reg_covar) must keep it. The kernels' operands hold
+    # the means to 11 ("tf32") or 8 (bf16) significant bits: computed by them, the component would sit ~2^-12 or
+    # 2^-9 |mu| per feature from its row, get no responsibility, be re-seeded onto the same row and collapse again
+    # (a diag bf16 fit at N=1e6, K=4096 re-seeded 4 components every other iteration before v30). The component is
+    # collapsed, so the backend computes it on the exact path (flashgmm_faiss._collapsed), and the iteration in
+    # which it collapses is redone with it there, so that its mean is the row itself. The row's own responsibility,
+    # 1 up to rounding, does not count as degenerate (gmm.DEGENERATE_NK). TritonBackend.bf16_variance_floor (off by
+    # default since v48) floors bf16 variances at (2^-8 mu)^2 per feature instead, as v30-v47 did.
     from flashgmm_faiss import GaussianMixture
     from flashgmm_faiss import _triton_backend as tbe
+    monkeypatch.setattr(tbe.TritonBackend, "bf16_variance_floor", floor)
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(120, 8, generator=g) * 2 + 40, torch.randn(120, 8, generator=g) * 2 - 40,
                    60.0 + torch.rand(1, 8, generator=g)]).numpy()   # off the 11-bit grid, 10 sigma from a cluster
@@ -1664,26 +1667,17 @@ def test_fit_keeps_a_component_on_an_isolated_row(monkeypatch, cov, precision):
         fit = GaussianMixture(3, **kw).fit(x)
     assert [h["n_reseeded"] for h in fit.history_] == [0] * 6
     own = int(np.argmax(fit.means_[:, 0]))
-    np.testing.assert_allclose(fit.means_[own], x[-1], rtol=2.0 ** -8 if precision == "bf16" else 2.0 ** -11)
+    np.testing.assert_allclose(fit.means_[own], x[-1], rtol=2.0 ** -8 if floor else 2.0 ** -11)
     assert fit.weights_[own] * len(x) == pytest.approx(1.0, rel=1e-4)
-    if precision == "tf32":
-        assert tbe.TritonBackend("tf32").floor_resolution() is None
+    mu_c = torch.as_tensor(fit.means_ - fit.center_, dtype=torch.float64)
+    var = torch.as_tensor(fit.covariances_)
+    if not floor:
+        assert tbe.TritonBackend(precision).floor_resolution() is None
+        assert own in tbe.TritonBackend.collapsed(mu_c, var).nonzero().flatten().tolist()
         return
-    mu_c = torch.as_tensor(fit.means_[own] - fit.center_, dtype=torch.float64)
-    floor = (tbe.BF16_MEAN_RESOLUTION * mu_c) ** 2
-    assert np.all(fit.covariances_[own] >= (floor if cov == "diag" else floor.mean()).numpy() * (1 - 1e-6))
-    if cov == "diag":   # without the floor the variance falls to reg_covar: the component is collapsed, so the
-        # backend computes it in torch (flashgmm_faiss._collapsed) and it keeps its row too (before v46 it was lost
-        # to re-seeding)
-        monkeypatch.setattr(tbe.TritonBackend, "floor_resolution", lambda self: None)    # torch and fused M-step
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bare = GaussianMixture(3, **kw).fit(x)
-        assert [h["n_reseeded"] for h in bare.history_] == [0] * 6
-        own = int(np.argmax(bare.means_[:, 0]))
-        assert bare.weights_[own] * len(x) == pytest.approx(1.0, rel=1e-4)
-        assert own in tbe.TritonBackend.collapsed(torch.as_tensor(bare.means_ - bare.center_),
-                                                  torch.as_tensor(bare.covariances_)).nonzero().flatten().tolist()
+    assert tbe.TritonBackend(precision).floor_resolution() == tbe.BF16_MEAN_RESOLUTION
+    lowest = (tbe.BF16_MEAN_RESOLUTION * mu_c[own]) ** 2
+    assert np.all(fit.covariances_[own] >= (lowest if cov == "diag" else lowest.mean()).numpy() * (1 - 1e-6))
 
 
 @pytest.mark.parametrize("order_key", ["bits", "argmax"])
