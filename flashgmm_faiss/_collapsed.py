@@ -26,6 +26,15 @@ out of the kernels and treats the rows those components explain in torch:
    ``logaddexp(logZ_safe, lse_c)`` and its responsibilities are those of the kernels (the collapsed components'
    share, below 1e-13, is dropped as the sparse E-step drops terms below 2^-24).
 
+Step 2 costs a float64 pass over every row, while a collapsed component explains few of them (at K=4096 on 2000
+SIFT-like clusters, N=1e6: 3-4 components collapsed onto single rows, +8 to +15 ms per EM iteration against the
+kernels' 3-8 ms). So a :func:`screen` runs first: per collapsed component the squared differences in its
+SCREEN_FEATURES narrowest features alone, a lower bound of its quadratic form, give an upper bound ``ub`` of
+``lse_c``. Rows with ``ub - logZ_safe <= threshold - SCREEN_MARGIN`` cannot be recomputed; their collapsed
+components hold less than ``exp(-31)`` of their likelihood, which is dropped (log-likelihood ``logZ_safe``). The
+exact ``lse_c`` is computed for the other rows only. The rule depends on each row's own values, so the results do not
+depend on the chunking or the pieces.
+
 In a fit (``GaussianMixture._em``) the M-step's summary counts the collapsed components of the new parameters, and
 the next iteration runs with them named (``TritonBackend.exact_components``). A component that collapses during an
 iteration the kernels computed has a mean formed from the rows as the kernels' operands hold them ("tf32": 11
@@ -66,6 +75,17 @@ OFF_LOG_WEIGHT = -1e30
 # component the float64 products, quadratic forms and logits
 LSE_FEATURE_BYTES = 24
 LSE_COMPONENT_BYTES = 48
+# the screen (:func:`screen`): a row is a candidate for the exact log densities only where an upper bound of its
+# collapsed components' log-likelihood, from at most SCREEN_FEATURES features per component (the narrowest), comes
+# within SCREEN_MARGIN nats of the redo threshold; each (row, component, feature) entry of the bound takes at most
+# SCREEN_ENTRY_BYTES of device memory (the gathered float32 value, its float64 difference and weighted square)
+SCREEN_FEATURES = 16
+SCREEN_MARGIN = 1.0
+SCREEN_ENTRY_BYTES = 32
+# device memory of :func:`direct_estep` per (row, component, feature) entry: the float64 squared differences and
+# one temporary of the same size. A batch of recomputed rows that fits in the torch paths' piece bytes runs it
+# instead of the torch backend's E-step (~15 operations instead of ~140: the batches are usually a few rows)
+DIRECT_ENTRY_BYTES = 24
 
 
 def _cancels(means: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,21 +193,81 @@ class Collapsed(NamedTuple):
         return collapsed_lse(x, self.center, self.means, self.var, self.log_weights, self.cols, self.piece_bytes)
 
 
+class Screen(NamedTuple):
+    """Per collapsed component, the features of :func:`screen_bound` (centred frame)."""
+    features: torch.Tensor      # (m * r,) int64: component j's r features at j*r .. j*r + r - 1
+    means: torch.Tensor         # (m, r) float64: its means there
+    weights: torch.Tensor       # (m, r) float64: the coefficients of (x - mu)^2 in its log density there
+    const: torch.Tensor         # (m,) float64: log w - 0.5 (D log 2 pi + log det var)
+
+
+def screen(c: Collapsed, d: int) -> Screen:
+    """The screen of the collapsed components ``c.cols`` (module docstring): per component its ``r`` narrowest
+    features (largest ``1 / var``; ties by feature index, so the choice is deterministic), ``r`` at most
+    SCREEN_FEATURES and small enough that a row's bound takes no more memory than a row of :func:`collapsed_lse`."""
+    m = c.cols.numel()
+    r = max(1, min(SCREEN_FEATURES, d, (LSE_FEATURE_BYTES * d + LSE_COMPONENT_BYTES * m) // (SCREEN_ENTRY_BYTES * m)))
+    v64 = c.var[c.cols].double()
+    if v64.ndim == 1:
+        coef = (0.5 / v64)[:, None].expand(m, d)
+        const = c.log_weights[c.cols].double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64))
+    else:
+        coef = 0.5 / v64
+        const = c.log_weights[c.cols].double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
+    feats = torch.argsort(coef, dim=1, descending=True, stable=True)[:, :r]
+    return Screen(feats.reshape(-1), c.means[c.cols].double().gather(1, feats), coef.gather(1, feats), const)
+
+
+def screen_bound(xs: torch.Tensor, center, scr: Screen) -> torch.Tensor:
+    """(n,) float64: an upper bound of the collapsed components' log-likelihood ``lse_c`` of the raw rows xs (n, D)
+    (the quadratic forms restricted to the screen's features, from the same float32 centred values as
+    :func:`collapsed_lse`)."""
+    m, r = scr.means.shape
+    xc = xs[:, scr.features] if center is None else xs[:, scr.features] - center[scr.features]
+    diff = xc.double().view(-1, m, r) - scr.means
+    return torch.logsumexp(scr.const - (diff * diff * scr.weights).sum(2), dim=1)
+
+
 def redo_batches(c: Collapsed, x, log_norm_safe, threshold: float = ROW_LOG_SHARE, log_norm_out=None):
     """The rows of ``x`` to recompute, as (r,) int64 ascending index tensors of at most ``c.batch_rows`` rows: those
     whose collapsed components hold more than exp(threshold) of their likelihood against the kernels'
-    ``log_norm_safe`` (n,). Streams over x in pieces of :func:`lse_piece_rows` rows (one host sync each), so that
-    it holds one piece and at most a batch of indices; ``log_norm_out`` (n,), when given, gets every row's
-    ``logaddexp(log_norm_safe, lse_c)`` (the rows yielded are then overwritten by their caller)."""
-    n = x.shape[0]
-    step = lse_piece_rows(c.cols.numel(), x.shape[1], c.piece_bytes)
+    ``log_norm_safe`` (n,). Streams over x in pieces of :func:`lse_piece_rows` rows (host syncs in each), so that
+    it holds one piece and at most a batch of indices. A finite ``threshold`` screens the rows first
+    (:func:`screen`; module docstring): the exact ``lse_c`` is computed for the candidates only, or for the whole
+    piece when most of it is. ``log_norm_out`` (n,), when given, gets every row's log-likelihood:
+    ``logaddexp(log_norm_safe, lse_c)`` for the candidates, ``log_norm_safe`` for the others (the rows yielded are
+    then overwritten by their caller)."""
+    n, d = x.shape
+    step = lse_piece_rows(c.cols.numel(), d, c.piece_bytes)
+    scr = screen(c, d) if math.isfinite(threshold) else None
     pending, count = [], 0
     for s in range(0, n, step):
-        lse_c = c.lse(x[s:s + step])
+        xs = x[s:s + step]
         safe = log_norm_safe[s:s + step]
-        idx = rows_to_redo(safe, lse_c, threshold)
-        if log_norm_out is not None:
-            log_norm_out[s:s + step] = torch.logaddexp(safe, lse_c)
+        lse_c = None
+        if scr is None:
+            lse_c = c.lse(xs)
+            idx = rows_to_redo(safe, lse_c, threshold)
+            if log_norm_out is not None:
+                log_norm_out[s:s + step] = torch.logaddexp(safe, lse_c)
+        else:
+            near = screen_bound(xs, c.center, scr) - safe > threshold - SCREEN_MARGIN
+            cand = torch.nonzero(near).flatten()
+            if 2 * cand.numel() > xs.shape[0]:       # most rows: the whole piece, no gathers
+                lse_c = torch.where(near, c.lse(xs), -math.inf)
+                idx = rows_to_redo(safe, lse_c, threshold)
+                if log_norm_out is not None:
+                    log_norm_out[s:s + step] = torch.logaddexp(safe, lse_c)
+            else:
+                if log_norm_out is not None:
+                    log_norm_out[s:s + step] = safe
+                idx = cand
+                if cand.numel():
+                    lse_c = c.lse(xs[cand])
+                    sc = safe[cand]
+                    idx = cand[rows_to_redo(sc, lse_c, threshold)]
+                    if log_norm_out is not None:
+                        log_norm_out[s + cand] = torch.logaddexp(sc, lse_c)
         del lse_c
         if idx.numel():
             pending.append(idx + s)
@@ -201,18 +281,44 @@ def redo_batches(c: Collapsed, x, log_norm_safe, threshold: float = ROW_LOG_SHAR
         yield torch.cat(pending)
 
 
+def direct_estep(x, center, means, var, log_weights):
+    """The E-step of rows x (n, D) float32 raw (``center`` (D,) or None subtracted) over every component, in float64
+    direct differences (no expansion, so exact for collapsed components too): ``(log_norm (n,) float32, nk (K,),
+    sx (K, D), sq (K, D) diag or (K,) spherical)`` float64, sq = sum r (x - mu)^2 around the given means.
+    Memory: n K D DIRECT_ENTRY_BYTES bytes; for the repairs' few rows."""
+    x64 = (x if center is None else x - center).double()
+    m64, v64 = means.double(), var.double()
+    d = x.shape[1]
+    diff2 = (x64[:, None, :] - m64[None]).square_()                  # (n, K, D)
+    if v64.ndim == 1:
+        dist = diff2.sum(2)
+        lp = log_weights.double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64)) - 0.5 * dist / v64
+    else:
+        lp = (log_weights.double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
+              - 0.5 * torch.einsum("nkd,kd->nk", diff2, 1.0 / v64))
+    log_norm = torch.logsumexp(lp, dim=1)
+    r = torch.exp(lp - log_norm[:, None])
+    sq = (r * dist).sum(0) if v64.ndim == 1 else torch.einsum("nk,nkd->kd", r, diff2)
+    return log_norm.float(), r.sum(0), r.T @ x64, sq
+
+
 def repair_estep(out, x, c: Collapsed, kernel_estep, torch_estep):
     """``(log_norm, nk, sx, sq)`` of the chunk with every component, from the kernels' E-step ``out`` (first four
     fields) run with the collapsed components ``c.cols`` switched off: the rows the collapsed components explain
-    are replaced by the torch backend's E-step (their kernel contribution ``kernel_estep(rows)`` subtracted, then
-    ``torch_estep(rows)`` added; both callables take raw rows), in batches (:func:`redo_batches`); the other rows'
-    log-likelihoods gain the collapsed components' ``lse_c``. Statistics keep the dtype of ``out``'s."""
+    are replaced by an exact E-step (their kernel contribution ``kernel_estep(rows)`` subtracted, then the exact one
+    added: :func:`direct_estep` for a batch within ``c.piece_bytes``, else ``torch_estep(rows)``, the torch
+    backend's; both callables take raw rows), in batches (:func:`redo_batches`); the other rows' log-likelihoods
+    gain the collapsed components' ``lse_c``. Statistics keep the dtype of ``out``'s."""
     log_norm_safe, nk, sx, sq = out[:4]
     log_norm = torch.empty_like(log_norm_safe)
+    k, d = c.means.shape
     for rows in redo_batches(c, x, log_norm_safe, log_norm_out=log_norm):
         xa = x[rows]
         ka = kernel_estep(xa)
-        ta = torch_estep(xa)
+        if rows.numel() * k * d * DIRECT_ENTRY_BYTES <= c.piece_bytes:
+            ta = direct_estep(xa, c.center, c.means, c.var, c.log_weights)
+        else:
+            ta = torch_estep(xa)
         del xa
         nk = nk - ka[1].to(nk.dtype) + ta[1].to(nk.dtype)
         sx = sx - ka[2].to(sx.dtype) + ta[2].to(sx.dtype)

@@ -154,6 +154,60 @@ def test_collapsed_repairs_stay_within_the_torch_memory_bound(diag, monkeypatch)
 
 
 @pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_screen_bounds_the_collapsed_likelihood_and_leaves_the_exact_path_to_few_rows(diag, monkeypatch):
+    # the screen's bound (the quadratic forms on each collapsed component's narrowest features) is above the float64
+    # log-likelihood of the collapsed components for every row; redo_batches computes the exact one only for rows
+    # near their own (here the 3 x 4 rows they sit on, out of 212) and yields the rows and log-likelihoods of the
+    # unscreened rule (float64 reference: rows with lse_c - logZ_safe > ROW_LOG_SHARE; every other row
+    # logaddexp(logZ_safe, lse_c), which is logZ_safe to float32 for the rows the screen drops)
+    k, m, d = 12, 3, 8
+    x, means, var, lw = _collapsed_problem(k, m, d, diag, seed=3, repeats=4, extra=200)
+    center = x.mean(0)
+    means = means - center
+    cols = torch.arange(m, device=x.device)
+    c = _collapsed.Collapsed(center, means, var, lw, cols, 1 << 20, 1 << 20)
+    lp = _log_prob64(x - center, means, var, lw)
+    lse64 = torch.logsumexp(lp[:, :m], 1)
+    safe64 = torch.logsumexp(lp[:, m:], 1)
+    ub = _collapsed.screen_bound(x, center, _collapsed.screen(c, d)).cpu()
+    assert torch.all(ub >= lse64 - 1e-9 * lse64.abs())
+    seen = []
+    exact = _collapsed.collapsed_lse
+    monkeypatch.setattr(_collapsed, "collapsed_lse",
+                        lambda xs, *a, **kw: seen.append(xs.shape[0]) or exact(xs, *a, **kw))
+    safe = safe64.float().to(x.device)
+    out = torch.empty_like(safe)
+    rows = torch.cat(list(_collapsed.redo_batches(c, x, safe, log_norm_out=out))).cpu()
+    want = torch.nonzero(lse64 - safe.double().cpu() > _collapsed.ROW_LOG_SHARE).flatten()
+    assert rows.tolist() == want.tolist() == list(range(m * 4))
+    assert sum(seen) < 2 * m * 4
+    ref = torch.logaddexp(safe.double().cpu(), lse64)
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[rows] = False
+    assert torch.allclose(out.double().cpu()[keep], ref[keep], rtol=1e-6, atol=1e-6)
+    # a threshold no row misses: every row is a candidate, the whole piece runs the exact path, same rule
+    seen.clear()
+    out2 = torch.empty_like(safe)
+    rows2 = torch.cat(list(_collapsed.redo_batches(c, x, safe, -1e9, log_norm_out=out2))).cpu()
+    assert rows2.tolist() == list(range(len(x))) and seen == [len(x)]
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
+def test_direct_estep_of_recomputed_rows_matches_float64(diag):
+    # the repairs' E-step of a few rows (direct float64 differences over every component, collapsed ones included)
+    # against the float64 reference, with the rows given raw and the centre subtracted inside
+    k, m, d = 10, 2, 8
+    x, means, var, lw = _collapsed_problem(k, m, d, diag, seed=4, repeats=3, extra=20)
+    center = x.mean(0)
+    got = _collapsed.direct_estep(x, center, means - center, var, lw)
+    ref = _estep64(x - center, means - center, var, lw)
+    assert got[0].dtype == torch.float32 and all(t.dtype == torch.float64 for t in got[1:])
+    assert torch.allclose(got[0].double().cpu(), ref[0], rtol=1e-6, atol=1e-4)
+    for g, r in zip(got[1:], ref[1:]):
+        assert torch.allclose(g.cpu(), r, rtol=1e-9, atol=1e-9 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("diag", [False, True], ids=["spherical", "diag"])
 def test_triton_fit_estep_with_a_component_order_and_collapsed_components(diag):
     # the fit's sparse E-step (kept row orders, the component permutation) with collapsed components named by the
     # estimator (exact_components): float64's statistics
