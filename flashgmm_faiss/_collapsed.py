@@ -98,6 +98,15 @@ def _cancels(means: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> torc
     return 3.0 * _tb.EXPANSION_ERROR * torch.finfo(dtype).eps * c > COLLAPSED_NATS
 
 
+def _log_const(log_weights: torch.Tensor, var: torch.Tensor, d: int) -> torch.Tensor:
+    """(m,) float64 ``log w_k - 0.5 (D log 2 pi + log det var_k)`` of components with log weights (m,) and variances
+    (m,) spherical or (m, D) diag: the log density at the mean."""
+    v64 = var.double()
+    if v64.ndim == 1:
+        return log_weights.double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64))
+    return log_weights.double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
+
+
 def collapsed_mask(means: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """(K,) bool on the parameters' device, no host sync: the components whose expanded float32 logits can be off
     by more than COLLAPSED_NATS for their own rows (module docstring).
@@ -155,13 +164,12 @@ def collapsed_lse(x, center, means, var, log_weights, cols: torch.Tensor,
     m64 = means[cols].double()
     v64 = var[cols].double()
     d = x.shape[1]
+    const = _log_const(log_weights[cols], v64, d)
     if var.ndim == 1:
         prec = None
-        const = log_weights[cols].double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64))
         scale = 0.5 / v64
     else:
         prec = 1.0 / v64
-        const = log_weights[cols].double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
         scale = torch.full_like(const, 0.5)
     direct = tuple(torch.nonzero(_cancels(m64, v64, torch.float64)).flatten().tolist())
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -209,12 +217,8 @@ def screen(c: Collapsed, d: int) -> Screen:
     m = c.cols.numel()
     r = max(1, min(SCREEN_FEATURES, d, (LSE_FEATURE_BYTES * d + LSE_COMPONENT_BYTES * m) // (SCREEN_ENTRY_BYTES * m)))
     v64 = c.var[c.cols].double()
-    if v64.ndim == 1:
-        coef = (0.5 / v64)[:, None].expand(m, d)
-        const = c.log_weights[c.cols].double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64))
-    else:
-        coef = 0.5 / v64
-        const = c.log_weights[c.cols].double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
+    coef = (0.5 / v64)[:, None].expand(m, d) if v64.ndim == 1 else 0.5 / v64
+    const = _log_const(c.log_weights[c.cols], v64, d)
     feats = torch.argsort(coef, dim=1, descending=True, stable=True)[:, :r]
     return Screen(feats.reshape(-1), c.means[c.cols].double().gather(1, feats), coef.gather(1, feats), const)
 
@@ -245,30 +249,27 @@ def redo_batches(c: Collapsed, x, log_norm_safe, threshold: float = ROW_LOG_SHAR
     for s in range(0, n, step):
         xs = x[s:s + step]
         safe = log_norm_safe[s:s + step]
-        lse_c = None
-        if scr is None:
+        lse_c, near, cand = None, None, None
+        if scr is not None:
+            near = screen_bound(xs, c.center, scr) - safe > threshold - SCREEN_MARGIN
+            cand = torch.nonzero(near).flatten()
+        if cand is None or 2 * cand.numel() > xs.shape[0]:       # the whole piece (most rows: no gathers)
             lse_c = c.lse(xs)
+            if near is not None:
+                lse_c = torch.where(near, lse_c, -math.inf)
             idx = rows_to_redo(safe, lse_c, threshold)
             if log_norm_out is not None:
                 log_norm_out[s:s + step] = torch.logaddexp(safe, lse_c)
         else:
-            near = screen_bound(xs, c.center, scr) - safe > threshold - SCREEN_MARGIN
-            cand = torch.nonzero(near).flatten()
-            if 2 * cand.numel() > xs.shape[0]:       # most rows: the whole piece, no gathers
-                lse_c = torch.where(near, c.lse(xs), -math.inf)
-                idx = rows_to_redo(safe, lse_c, threshold)
+            if log_norm_out is not None:
+                log_norm_out[s:s + step] = safe
+            idx = cand
+            if cand.numel():
+                lse_c = c.lse(xs[cand])
+                sc = safe[cand]
+                idx = cand[rows_to_redo(sc, lse_c, threshold)]
                 if log_norm_out is not None:
-                    log_norm_out[s:s + step] = torch.logaddexp(safe, lse_c)
-            else:
-                if log_norm_out is not None:
-                    log_norm_out[s:s + step] = safe
-                idx = cand
-                if cand.numel():
-                    lse_c = c.lse(xs[cand])
-                    sc = safe[cand]
-                    idx = cand[rows_to_redo(sc, lse_c, threshold)]
-                    if log_norm_out is not None:
-                        log_norm_out[s + cand] = torch.logaddexp(sc, lse_c)
+                    log_norm_out[s + cand] = torch.logaddexp(sc, lse_c)
         del lse_c
         if idx.numel():
             pending.append(idx + s)
@@ -293,10 +294,9 @@ def direct_estep(x, center, means, var, log_weights):
     diff2 = (x64[:, None, :] - m64[None]).square_()                  # (n, K, D)
     if v64.ndim == 1:
         dist = diff2.sum(2)
-        lp = log_weights.double() - 0.5 * d * (_tb.LOG_2PI + torch.log(v64)) - 0.5 * dist / v64
+        lp = _log_const(log_weights, v64, d) - 0.5 * dist / v64
     else:
-        lp = (log_weights.double() - 0.5 * (d * _tb.LOG_2PI + torch.log(v64).sum(1))
-              - 0.5 * torch.einsum("nkd,kd->nk", diff2, 1.0 / v64))
+        lp = _log_const(log_weights, v64, d) - 0.5 * torch.einsum("nkd,kd->nk", diff2, 1.0 / v64)
     log_norm = torch.logsumexp(lp, dim=1)
     r = torch.exp(lp - log_norm[:, None])
     sq = (r * dist).sum(0) if v64.ndim == 1 else torch.einsum("nk,nkd->kd", r, diff2)
